@@ -1,0 +1,521 @@
+"""
+The GPT being trained, the frozen concept source, and the CoCoMix parts.
+
+A plain GPT-2 (learned positions, pre-LayerNorm blocks, causal attention, GELU
+MLP, LM head tied to the token embedding), in the layout and naming of
+nanoGPT and Hugging Face's GPT-2 so that GPT-2 weights load directly.
+
+With `n_concepts > 0` (or `mix='pause'`) the model becomes a CoCoMix student
+(../shared/SPEC.md section 3): at the input of block `insert_layer` it predicts
+concept logits z from the standardised hidden state, keeps the `concept_topk`
+largest, compresses them back to a d-vector c_t and interleaves
+h_1, c_1, ..., h_T, c_T through the remaining blocks. The next token is read
+from the concept slots.
+"""
+
+import json
+import math
+import os
+import struct
+from dataclasses import dataclass
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+MIX_MODES = ("interleave", "add", "none", "pause")
+
+
+@dataclass
+class GPTConfig:
+    block_size: int = 1024
+    vocab_size: int = 50257  # GPT-2 BPE; no padding so logits match the concept source's
+    n_layer: int = 12
+    n_head: int = 12
+    n_embd: int = 768
+    dropout: float = 0.0
+    bias: bool = True
+    ln_eps: float = 1e-5
+    # CoCoMix (0 concepts = plain GPT)
+    n_concepts: int = 0       # C, the number of SAE latents the student predicts
+    concept_topk: int = 32    # K, concepts kept per token for mixing
+    insert_layer: int = 3     # concept head sits at the input of this block (0-based)
+    mix: str = "interleave"   # interleave | add | none | pause
+
+    def __post_init__(self):
+        # config errors are cheaper to read here than as a shape error deep inside forward
+        if self.n_embd % self.n_head != 0:
+            raise ValueError(f"n_embd={self.n_embd} must be divisible by n_head={self.n_head}")
+        for k in ("block_size", "vocab_size", "n_layer", "n_head", "n_embd"):
+            if getattr(self, k) <= 0:
+                raise ValueError(f"{k} must be positive, got {getattr(self, k)}")
+        if self.mix not in MIX_MODES:
+            raise ValueError(f"mix must be one of {MIX_MODES}, got {self.mix!r}")
+        if self.cocomix:
+            if not 0 <= self.insert_layer < self.n_layer:
+                raise ValueError(f"insert_layer={self.insert_layer} is outside the model's {self.n_layer} blocks")
+            if self.n_concepts and not 0 < self.concept_topk <= self.n_concepts:
+                raise ValueError(f"concept_topk={self.concept_topk} must be in [1, n_concepts={self.n_concepts}]")
+
+    @property
+    def cocomix(self):
+        return self.n_concepts > 0 or self.mix == "pause"
+
+    @property
+    def interleaved(self):
+        return self.cocomix and self.mix in ("interleave", "pause")
+
+
+# -----------------------------------------------------------------------------
+# The transformer
+
+
+class CausalSelfAttention(nn.Module):
+
+    def __init__(self, config):
+        super().__init__()
+        self.c_attn = nn.Linear(config.n_embd, 3 * config.n_embd, bias=config.bias)
+        self.c_proj = nn.Linear(config.n_embd, config.n_embd, bias=config.bias)
+        self.resid_dropout = nn.Dropout(config.dropout)
+        self.n_head = config.n_head
+        self.dropout = config.dropout
+
+    def forward(self, x, kv_cache=None):
+        B, T, C = x.size()
+        q, k, v = self.c_attn(x).split(C, dim=2)
+        q, k, v = (t.view(B, T, self.n_head, C // self.n_head).transpose(1, 2) for t in (q, k, v))
+        if kv_cache is not None:
+            # incremental decoding: the new positions attend to everything cached plus themselves
+            k, v = kv_cache.update(k, v)
+        Tk = k.size(2)
+        if Tk == T:
+            y = F.scaled_dot_product_attention(q, k, v, dropout_p=self.dropout if self.training else 0.0, is_causal=True)
+        else:  # T new queries after Tk - T cached keys: query i sees keys up to Tk - T + i
+            mask = torch.ones(T, Tk, dtype=torch.bool, device=x.device).tril(Tk - T)
+            y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+        y = y.transpose(1, 2).contiguous().view(B, T, C)
+        return self.resid_dropout(self.c_proj(y))
+
+
+class MLP(nn.Module):
+
+    def __init__(self, config):
+        super().__init__()
+        self.c_fc = nn.Linear(config.n_embd, 4 * config.n_embd, bias=config.bias)
+        self.c_proj = nn.Linear(4 * config.n_embd, config.n_embd, bias=config.bias)
+        self.dropout = nn.Dropout(config.dropout)
+
+    def forward(self, x):
+        # GPT-2's own GELU is the tanh approximation; the exact erf form would shift its logits
+        return self.dropout(self.c_proj(F.gelu(self.c_fc(x), approximate="tanh")))
+
+
+class Block(nn.Module):
+
+    def __init__(self, config):
+        super().__init__()
+        self.ln_1 = nn.LayerNorm(config.n_embd, eps=config.ln_eps, bias=config.bias)
+        self.attn = CausalSelfAttention(config)
+        self.ln_2 = nn.LayerNorm(config.n_embd, eps=config.ln_eps, bias=config.bias)
+        self.mlp = MLP(config)
+
+    def forward(self, x, kv_cache=None):
+        x = x + self.attn(self.ln_1(x), kv_cache)
+        return x + self.mlp(self.ln_2(x))
+
+
+# -----------------------------------------------------------------------------
+# CoCoMix parts (SPEC section 3)
+
+
+def standardise(h, eps=1e-5):
+    """Per-token standardisation shared by the SAE and the concept head: x = (h - mu) / (std + eps)."""
+    mu = h.mean(dim=-1, keepdim=True)
+    std = h.std(dim=-1, keepdim=True)  # Bessel-corrected, as the SAE's
+    return (h - mu) / (std + eps), mu, std
+
+
+class SparseMix(torch.autograd.Function):
+    """out[n] = sum_k values[n, k] * W[indices[n, k]]: a gather of K rows of W (C x d), never the
+    dense N x C masked matrix. Backward scatter-adds into those K rows only."""
+
+    @staticmethod
+    def forward(ctx, values, indices, W):
+        ctx.save_for_backward(values, indices, W)
+        # embedding_bag is a fused gather + weighted sum: no N x K x d intermediate
+        return F.embedding_bag(indices, W, per_sample_weights=values, mode="sum")
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        values, indices, W = ctx.saved_tensors
+        N, K = indices.shape
+        grad_values = torch.empty_like(values) if ctx.needs_input_grad[0] else None
+        grad_W = torch.zeros_like(W) if ctx.needs_input_grad[2] else None
+        # chunk over tokens so the N x K x d gathered rows never exist at once
+        step = max(1, (1 << 22) // max(1, K * W.size(1)))
+        for s in range(0, N, step):
+            g, idx, v = grad_out[s:s + step], indices[s:s + step], values[s:s + step]
+            if grad_values is not None:  # d out / d values[n, k] = W[indices[n, k]] . g[n]
+                grad_values[s:s + step] = torch.bmm(W[idx], g.unsqueeze(2)).squeeze(2).to(values.dtype)
+            if grad_W is not None:       # d out / d W[c] = sum of values[n, k] g[n] over (n, k) that chose c
+                grad_W.index_add_(0, idx.reshape(-1), (v.unsqueeze(2) * g.unsqueeze(1)).reshape(-1, W.size(1)).to(W.dtype))
+        return grad_values, None, grad_W
+
+
+def sparse_mix(values, indices, W):
+    """(..., K) values and indices into the rows of W (C x d) -> (..., d)."""
+    shape = values.shape[:-1]
+    K = values.size(-1)
+    out = SparseMix.apply(values.reshape(-1, K), indices.reshape(-1, K), W)
+    return out.view(*shape, W.size(1))
+
+
+class ConceptMixer(nn.Module):
+    """Concept head z = W_pred (x - b_pre) + b_pred on the standardised hidden state x, and the
+    sparse compression c = (W_cmp TopK(z) + b_cmp + b_pre) * std + mu back to width d."""
+
+    def __init__(self, config):
+        super().__init__()
+        d, C = config.n_embd, config.n_concepts
+        self.topk = config.concept_topk
+        self.b_pre = nn.Parameter(torch.zeros(d))
+        self.concept_head = nn.Linear(d, C)                  # W_pred, b_pred
+        self.W_cmp = nn.Parameter(torch.empty(C, d))         # stored C x d so a concept is one row to gather
+        self.b_cmp = nn.Parameter(torch.zeros(d))
+
+    def forward(self, h, steer=None):
+        x, mu, std = standardise(h)
+        z = self.concept_head(x - self.b_pre)                # B x T x C concept logits
+        if steer:  # the paper's steering: scale chosen concept logits before the TopK
+            z = z.clone()
+            for i, factor in steer.items():
+                z[..., i] = z[..., i] * factor
+        values, indices = torch.topk(z, self.topk, dim=-1)   # raw values: no ReLU, no softmax
+        c = sparse_mix(values, indices, self.W_cmp) + self.b_cmp + self.b_pre
+        c = c * std + mu
+        return z, c
+
+
+def interleave(h, c):
+    """h_1, c_1, h_2, c_2, ...: (B, T, d) x 2 -> (B, 2T, d)."""
+    B, T, d = h.shape
+    return torch.stack((h, c.to(h.dtype)), dim=2).view(B, 2 * T, d)
+
+
+def concept_loss(z, labels):
+    """Mean cross-entropy of the concept logits z (N x C) at the K_attr labels (N x K_attr, -1 =
+    no label). One log-softmax serves all K_attr labels; invalid labels are ignored."""
+    logp = F.log_softmax(z.float(), dim=-1)
+    valid = labels >= 0
+    nll = -logp.gather(-1, labels.clamp(min=0)) * valid
+    return nll.sum() / valid.sum().clamp(min=1)
+
+
+@torch.no_grad()
+def concept_recall(z, labels):
+    """Fraction of valid labels that are among the K_attr highest concept logits."""
+    valid = labels >= 0
+    top = z.topk(labels.size(-1), dim=-1).indices
+    hit = (labels.unsqueeze(-1) == top.unsqueeze(-2)).any(-1) & valid
+    return hit.sum().float() / valid.sum().clamp(min=1)
+
+
+# -----------------------------------------------------------------------------
+# The model
+
+
+class GPT(nn.Module):
+
+    def __init__(self, config):
+        super().__init__()
+        self.config = config
+        self.transformer = nn.ModuleDict(dict(
+            wte=nn.Embedding(config.vocab_size, config.n_embd),
+            wpe=nn.Embedding(config.block_size, config.n_embd),
+            drop=nn.Dropout(config.dropout),
+            h=nn.ModuleList([Block(config) for _ in range(config.n_layer)]),
+            ln_f=nn.LayerNorm(config.n_embd, eps=config.ln_eps, bias=config.bias),
+        ))
+        self.lm_head = nn.Linear(config.n_embd, config.vocab_size, bias=False)
+        self.transformer.wte.weight = self.lm_head.weight  # weight tying
+        if config.n_concepts > 0:
+            self.mixer = ConceptMixer(config)
+        if config.mix == "pause":
+            self.pause = nn.Parameter(torch.zeros(config.n_embd))
+        self.apply(self._init_weights)
+        for pn, p in self.named_parameters():  # GPT-2's scaled init of the residual projections
+            if pn.endswith("c_proj.weight"):
+                torch.nn.init.normal_(p, mean=0.0, std=0.02 / math.sqrt(2 * config.n_layer))
+        if config.n_concepts > 0:
+            torch.nn.init.normal_(self.mixer.W_cmp, mean=0.0, std=0.02)
+        if config.mix == "pause":
+            torch.nn.init.normal_(self.pause, mean=0.0, std=0.02)
+
+    def _init_weights(self, module):
+        if isinstance(module, nn.Linear):
+            torch.nn.init.normal_(module.weight, mean=0.0, std=0.02)
+            if module.bias is not None:
+                torch.nn.init.zeros_(module.bias)
+        elif isinstance(module, nn.Embedding):
+            torch.nn.init.normal_(module.weight, mean=0.0, std=0.02)
+
+    def get_num_params(self, non_embedding=True):
+        n = sum(p.numel() for p in self.parameters())
+        if non_embedding:
+            n -= self.transformer.wpe.weight.numel()
+        return n
+
+    def hidden(self, idx, pos_offset=0):
+        """Token + position embeddings (B x T x d)."""
+        T = idx.size(1)
+        if pos_offset + T > self.config.block_size:
+            raise ValueError(f"sequence of length {pos_offset + T} is longer than block_size={self.config.block_size}")
+        pos = torch.arange(pos_offset, pos_offset + T, dtype=torch.long, device=idx.device)
+        return self.transformer.drop(self.transformer.wte(idx) + self.transformer.wpe(pos))
+
+    def mix_concepts(self, h, steer=None):
+        """At the input of block insert_layer: returns (concept logits or None, new hidden state)."""
+        mix = self.config.mix
+        if mix == "pause":
+            return None, interleave(h, self.pause.expand_as(h))
+        z, c = self.mixer(h, steer)
+        if mix == "interleave":
+            return z, interleave(h, c)
+        if mix == "add":
+            return z, h + c.to(h.dtype)
+        return z, h  # "none": concept prediction only
+
+    def forward(self, idx, targets=None, concept_labels=None, lam=0.1, steer=None, return_aux=False):
+        """idx (B, T) -> (logits (B, T, V), loss). With targets the loss is next-token cross-entropy
+        (plus lam * concept loss when concept_labels (B, T, K_attr) are given). return_aux adds a
+        dict with 'ntp', 'concept', 'recall' and the concept logits 'z'."""
+        cfg = self.config
+        x = self.hidden(idx)
+        z = None
+        for i, block in enumerate(self.transformer.h):
+            if cfg.cocomix and i == cfg.insert_layer:
+                z, x = self.mix_concepts(x, steer)
+            x = block(x)
+        if cfg.interleaved:
+            x = x[:, 1::2]  # the concept (or pause) slot c_t predicts x_{t+1}; token slots are discarded
+        logits = self.lm_head(self.transformer.ln_f(x))
+        if targets is None:
+            return (logits, None, {"z": z}) if return_aux else (logits, None)
+        ntp = F.cross_entropy(logits.float().view(-1, logits.size(-1)), targets.reshape(-1), ignore_index=-1)
+        loss, aux = ntp, {"ntp": ntp.detach(), "z": z}
+        if concept_labels is not None and z is not None:
+            flat_z, flat_labels = z.view(-1, z.size(-1)), concept_labels.view(-1, concept_labels.size(-1))
+            lc = concept_loss(flat_z, flat_labels)
+            loss = ntp + lam * lc
+            aux.update(concept=lc.detach(), recall=concept_recall(flat_z, flat_labels))
+        return (logits, loss, aux) if return_aux else (logits, loss)
+
+    # -------------------------------------------------------------------------
+    # concept source: hidden state at a block output, and the rest of the pass
+
+    def forward_to(self, idx, layer):
+        """Residual stream after block `layer` (0-based), B x T x d. Plain GPT only."""
+        x = self.hidden(idx)
+        for block in self.transformer.h[:layer + 1]:
+            x = block(x)
+        return x
+
+    def forward_from(self, h, layer):
+        """Logits from the residual stream h after block `layer`."""
+        for block in self.transformer.h[layer + 1:]:
+            h = block(h)
+        return self.lm_head(self.transformer.ln_f(h))
+
+    # -------------------------------------------------------------------------
+    # optimisation helpers
+
+    def configure_optimizers(self, weight_decay, learning_rate, betas, device_type, eps=1e-8):
+        # decay every 2D weight (matmuls, embeddings); not biases, LayerNorm gains or the d-vectors
+        params = [p for p in self.parameters() if p.requires_grad]
+        decay = [p for p in params if p.dim() >= 2]
+        no_decay = [p for p in params if p.dim() < 2]
+        groups = [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+        fused = device_type == "cuda"
+        return torch.optim.AdamW(groups, lr=learning_rate, betas=betas, eps=eps, fused=fused)
+
+    def flops_per_token(self, T):
+        """Training FLOPs per token (6N plus attention), with the doubled sequence above insert_layer
+        and the concept head and mixing for CoCoMix (PaLM appendix B accounting)."""
+        cfg = self.config
+        d, L = cfg.n_embd, cfg.n_layer
+        block = 12 * d * d  # attention + MLP matmul parameters of one block
+        L_below = cfg.insert_layer if cfg.cocomix else L
+        L_above = L - L_below
+        seq = 2 if cfg.interleaved else 1
+        flops = 6 * (block * (L_below + seq * L_above) + d * cfg.vocab_size)
+        flops += 6 * 2 * d * T * L_below / 2 + 6 * 2 * d * (seq * T) * L_above * seq / 2  # causal attention, half the square
+        if cfg.n_concepts:
+            flops += 6 * d * cfg.n_concepts + 6 * cfg.concept_topk * d
+        return flops
+
+    def estimate_mfu(self, tokens_per_iter, T, dt, device=None):
+        """Model FLOPs utilisation: achieved training FLOP/s over the device's bf16 peak."""
+        return self.flops_per_token(T) * tokens_per_iter / dt / device_peak_flops(device)
+
+    # -------------------------------------------------------------------------
+    # loading GPT-2
+
+    @classmethod
+    def from_pretrained(cls, path, **overrides):
+        """GPT-2 from a local Hugging Face checkpoint folder (config.json plus model.safetensors or
+        pytorch_model.bin), or 'gpt2' to download it when online. No `transformers` needed."""
+        if path in ("gpt2", "gpt2-medium", "gpt2-large", "gpt2-xl") and not os.path.isdir(path):
+            path = download_gpt2(path)
+        with open(os.path.join(path, "config.json")) as f:
+            hf = json.load(f)
+        if hf.get("activation_function", "gelu_new") not in ("gelu_new", "gelu_pytorch_tanh"):
+            raise ValueError(f"{path}: activation_function {hf['activation_function']!r} is not GPT-2's tanh GELU")
+        config = GPTConfig(block_size=hf["n_positions"], vocab_size=hf["vocab_size"], n_layer=hf["n_layer"],
+                           n_head=hf["n_head"], n_embd=hf["n_embd"], ln_eps=hf.get("layer_norm_epsilon", 1e-5),
+                           bias=True, **overrides)
+        model = cls(config)
+        sd = load_hf_state_dict(path)
+        sd = {k.removeprefix("transformer."): v for k, v in sd.items()}
+        # the published gpt2 files carry attention-mask buffers; they are not weights
+        sd = {k: v for k, v in sd.items() if not k.endswith((".attn.bias", ".attn.masked_bias"))}
+        sd.pop("lm_head.weight", None)  # tied to wte
+        own = {k.removeprefix("transformer."): p for k, p in model.state_dict().items()
+               if k != "lm_head.weight" and not k.startswith(("mixer.", "pause"))}
+        missing, unexpected = set(own) - set(sd), set(sd) - set(own)
+        if missing or unexpected:
+            raise ValueError(f"{path}: not a GPT-2 checkpoint (missing {sorted(missing)[:3]}, unexpected {sorted(unexpected)[:3]})")
+        conv1d = ("attn.c_attn.weight", "attn.c_proj.weight", "mlp.c_fc.weight", "mlp.c_proj.weight")
+        with torch.no_grad():
+            for k, p in own.items():
+                w = sd[k].t() if k.endswith(conv1d) else sd[k]  # HF's Conv1D stores (in, out)
+                if w.shape != p.shape:
+                    raise ValueError(f"{path}: {k} has shape {tuple(w.shape)}, expected {tuple(p.shape)}")
+                p.copy_(w)
+        return model
+
+    @torch.no_grad()
+    def generate(self, idx, max_new_tokens, temperature=1.0, top_k=None, steer=None):
+        """Sample max_new_tokens tokens after idx (B, T), recomputing the whole window each step."""
+        for _ in range(max_new_tokens):
+            idx_cond = idx[:, -self.config.block_size:]
+            logits, _ = self(idx_cond, steer=steer)
+            idx = torch.cat((idx, sample_next(logits[:, -1, :], temperature, top_k)), dim=1)
+        return idx
+
+
+def sample_next(logits, temperature=1.0, top_k=None):
+    """One token per row from the last position's logits; temperature 0 is greedy."""
+    if temperature == 0:
+        return logits.argmax(dim=-1, keepdim=True)
+    logits = logits / temperature
+    if top_k is not None:
+        v, _ = torch.topk(logits, min(top_k, logits.size(-1)))
+        logits[logits < v[:, [-1]]] = -float("inf")
+    return torch.multinomial(F.softmax(logits.float(), dim=-1), num_samples=1)
+
+
+# -----------------------------------------------------------------------------
+# device peaks for MFU (dense bf16 tensor FLOP/s, no sparsity)
+
+PEAK_FLOPS = {
+    "H200": 989e12, "H100": 989e12, "A100": 312e12, "A10G": 125e12, "L4": 121e12,
+    "4090": 165e12, "3090": 71e12, "V100": 125e12, "T4": 65e12,
+}
+CPU_PEAK_FLOPS = 1e12  # a rough figure for a few cores with AVX-512; only a yardstick
+
+
+def device_peak_flops(device=None):
+    if device is not None and str(device).startswith("cuda") and torch.cuda.is_available():
+        name = torch.cuda.get_device_name(device)
+        for key, peak in PEAK_FLOPS.items():
+            if key in name:
+                return peak
+        return 100e12
+    return CPU_PEAK_FLOPS
+
+
+# -----------------------------------------------------------------------------
+# safe weight files: safetensors without pickle, torch.load only with weights_only
+
+SAFETENSORS_DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
+                      "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8,
+                      "U8": torch.uint8, "BOOL": torch.bool}
+
+
+def load_safetensors(path):
+    """Read a .safetensors file into a dict of tensors, validating the header first."""
+    size = os.path.getsize(path)
+    with open(path, "rb") as f:
+        raw = f.read(8)
+        if len(raw) != 8:
+            raise ValueError(f"{path}: not a safetensors file (shorter than its 8-byte header length)")
+        (n,) = struct.unpack("<Q", raw)
+        if n > size - 8 or n > 100_000_000:
+            raise ValueError(f"{path}: safetensors header length {n} runs past the end of the file ({size} bytes)")
+        try:
+            header = json.loads(f.read(n))
+        except (UnicodeDecodeError, json.JSONDecodeError) as e:
+            raise ValueError(f"{path}: safetensors header is not valid JSON ({e})") from None
+        data = f.read()
+    if not isinstance(header, dict):
+        raise ValueError(f"{path}: safetensors header is not a JSON object")
+    out = {}
+    for name, info in header.items():
+        if name == "__metadata__":
+            continue
+        try:
+            dtype = SAFETENSORS_DTYPES[info["dtype"]]
+            shape = [int(s) for s in info["shape"]]
+            start, end = (int(o) for o in info["data_offsets"])
+        except (KeyError, TypeError, ValueError):
+            raise ValueError(f"{path}: tensor {name!r} has a malformed header entry {info!r}") from None
+        nbytes = math.prod(shape) * torch.empty(0, dtype=dtype).element_size()
+        if min(shape, default=0) < 0 or not 0 <= start <= end <= len(data) or end - start != nbytes:
+            raise ValueError(f"{path}: tensor {name!r} has offsets {start}..{end} that do not fit its shape "
+                             f"{shape} or the file's {len(data)} data bytes")
+        out[name] = torch.frombuffer(bytearray(data[start:end]), dtype=dtype).view(shape) if nbytes else torch.empty(shape, dtype=dtype)
+    return out
+
+
+def load_hf_state_dict(path):
+    st, pt = os.path.join(path, "model.safetensors"), os.path.join(path, "pytorch_model.bin")
+    if os.path.exists(st):
+        return load_safetensors(st)
+    if os.path.exists(pt):
+        return torch.load(pt, map_location="cpu", weights_only=True)
+    raise FileNotFoundError(f"{path}: neither model.safetensors nor pytorch_model.bin found")
+
+
+def download_gpt2(name, cache_dir=None):
+    """Fetch config.json and model.safetensors of a GPT-2 from the Hugging Face hub into a cache."""
+    import urllib.request
+    cache_dir = cache_dir or os.path.join(os.path.expanduser("~"), ".cache", "cocomix", name)
+    os.makedirs(cache_dir, exist_ok=True)
+    for fname in ("config.json", "model.safetensors"):
+        dst = os.path.join(cache_dir, fname)
+        if os.path.exists(dst):
+            continue
+        url = f"https://huggingface.co/{name}/resolve/main/{fname}"
+        try:
+            urllib.request.urlretrieve(url, dst + ".tmp")
+        except OSError as e:
+            raise RuntimeError(f"could not download {url} ({e}); pass a local folder with config.json and "
+                               f"model.safetensors instead, e.g. --init_from=/path/to/gpt2") from None
+        os.replace(dst + ".tmp", dst)
+    return cache_dir
+
+
+def load_checkpoint(path, device="cpu"):
+    """A model saved by train.py (or sae.py's host): returns (model, checkpoint dict)."""
+    try:
+        ckpt = torch.load(path, map_location=device, weights_only=True)
+    except FileNotFoundError:
+        raise
+    except Exception as e:  # truncated or foreign files fail here, never by running their code
+        raise ValueError(f"{path}: not a readable checkpoint ({type(e).__name__}: {str(e).splitlines()[0][:200]})") from None
+    if not isinstance(ckpt, dict) or "model" not in ckpt or "model_args" not in ckpt:
+        raise ValueError(f"{path}: not a cocomix checkpoint (no 'model' and 'model_args' entries)")
+    model = GPT(GPTConfig(**ckpt["model_args"]))
+    sd = {k.removeprefix("_orig_mod.").removeprefix("module."): v for k, v in ckpt["model"].items()}
+    model.load_state_dict(sd)
+    return model.to(device), ckpt
