@@ -1,0 +1,93 @@
+"""
+Concept labels by attribution (../shared/SPEC.md section 2).
+
+For a batch of tokens, the frozen concept source f_con runs forward; at the output
+of block `sae_layer` its hidden state h_con becomes the leaf we differentiate the
+next-token loss against. The SAE encodes h_con into K_sae active latents a, and
+each active latent is scored by how much it moves the loss:
+
+    s = a * (g . W_dec)        g = dL/dh_con,  g . W_dec taken at the active latents only
+
+The K_attr highest-scoring active latents are the token's concept labels. Tokens
+with fewer than K_attr active latents get -1 for the missing labels, which the
+concept loss ignores.
+"""
+
+import os
+
+import torch
+import torch.nn.functional as F
+
+from model import GPT, load_checkpoint
+
+LABEL_RULES = ("attribution", "attribution_pre", "neg_attribution", "abs_attribution", "activation")
+
+
+def load_concept_source(path, device="cpu"):
+    """A frozen GPT: our checkpoint (a ckpt.pt) or GPT-2 weights (a Hugging Face folder or 'gpt2')."""
+    if os.path.isdir(path) and os.path.exists(os.path.join(path, "config.json")) or path.startswith("gpt2"):
+        model = GPT.from_pretrained(path)
+    else:
+        if os.path.isdir(path):
+            path = os.path.join(path, "ckpt.pt")
+        model, _ = load_checkpoint(path)
+    if model.config.cocomix:
+        raise ValueError(f"{path}: the concept source must be a plain GPT, not a CoCoMix student")
+    model.eval().requires_grad_(False)  # frozen: no parameter ever needs a gradient
+    return model.to(device)
+
+
+class ConceptLabeler:
+    """Per batch: top-K_attr concept labels (B, T, K_attr), -1 where a token has too few active latents."""
+
+    def __init__(self, source, sae, layer, k_attr=4, rule="attribution"):
+        if rule not in LABEL_RULES:
+            raise ValueError(f"label_rule must be one of {LABEL_RULES}, got {rule!r}")
+        if not 0 <= layer < source.config.n_layer:
+            raise ValueError(f"sae_layer={layer} is outside the concept source's {source.config.n_layer} blocks")
+        if not 0 < k_attr <= sae.k:
+            raise ValueError(f"k_attr={k_attr} must be in [1, the SAE's k={sae.k}]")
+        sae.check_host(source, layer)
+        self.source, self.sae, self.layer, self.k_attr, self.rule = source, sae, layer, k_attr, rule
+
+    def hidden_and_grad(self, idx, targets):
+        """h_con after block `layer` and g = dL/dh_con for the mean next-token loss L."""
+        with torch.no_grad():  # blocks below the SAE layer need no graph
+            h = self.source.forward_to(idx, self.layer)
+        if self.rule == "activation":
+            return h, None
+        h = h.detach().requires_grad_(True)
+        with torch.enable_grad():
+            logits = self.source.forward_from(h, self.layer)
+            loss = F.cross_entropy(logits.float().view(-1, logits.size(-1)), targets.reshape(-1), ignore_index=-1)
+            (g,) = torch.autograd.grad(loss, h)  # activation gradient only: no parameter grads exist
+        return h.detach(), g
+
+    @torch.no_grad()
+    def scores(self, h, g):
+        """Scores of the K_sae active latents: (values, indices, s), each (..., K_sae)."""
+        sae = self.sae
+        values, indices, mu, std = sae.encode(h.float())
+        if self.rule == "activation":
+            return values, indices, values
+        # g . W_dec at the active latents only: gather K_sae decoder rows instead of a dense tokens x C product
+        gW = (sae.W_dec[indices] * g.float().unsqueeze(-2)).sum(-1)
+        if self.rule == "attribution_pre":  # the paper's equation: pre-activations instead of post-TopK latents
+            x, _, _ = sae.standardise(h.float())
+            a = sae.encode_pre(x).gather(-1, indices)
+        else:
+            a = values
+        s = a * gW
+        if self.rule == "neg_attribution":
+            s = -s
+        elif self.rule == "abs_attribution":
+            s = s.abs()
+        return values, indices, s
+
+    def __call__(self, idx, targets):
+        h, g = self.hidden_and_grad(idx, targets)
+        values, indices, s = self.scores(h, g)
+        s = s.masked_fill(values <= 0, float("-inf"))  # choose among the active latents only
+        top, pos = s.topk(self.k_attr, dim=-1)
+        labels = indices.gather(-1, pos)
+        return labels.masked_fill(torch.isinf(top), -1)
