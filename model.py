@@ -211,6 +211,13 @@ def concept_loss(z, labels):
     return nll.sum() / valid.sum().clamp(min=1)
 
 
+def kd_loss(student_logits, teacher_logits):
+    """Mean over tokens of KL(p_con || p_student) at temperature 1 (SPEC section 5)."""
+    logq = F.log_softmax(student_logits.float(), dim=-1).flatten(0, -2)
+    logp = F.log_softmax(teacher_logits.float(), dim=-1).flatten(0, -2)
+    return F.kl_div(logq, logp, log_target=True, reduction="batchmean")
+
+
 @torch.no_grad()
 def concept_recall(z, labels):
     """Fraction of valid labels that are among the K_attr highest concept logits."""

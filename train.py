@@ -16,6 +16,7 @@ step s is drawn from a generator seeded with (seed, s), which also makes resume 
 import json
 import math
 import os
+import random
 import signal
 import sys
 import time
@@ -27,7 +28,7 @@ import torch.nn.functional as F
 from torch.distributed import destroy_process_group, init_process_group
 from torch.nn.parallel import DistributedDataParallel as DDP
 
-from model import GPT, GPTConfig, load_checkpoint
+from model import GPT, GPTConfig, kd_loss, load_checkpoint
 
 # -----------------------------------------------------------------------------
 # default config: a small GPT on a laptop CPU
@@ -147,6 +148,9 @@ if meta.get('tokenizer', 'gpt2') != 'gpt2':
 vocab_size = 50257
 if meta.get('vocab_size', vocab_size) != vocab_size:
     fail(f"{data_dir} was prepared with vocab_size {meta['vocab_size']}, the model uses GPT-2's {vocab_size}")
+for s in ('train', 'val'):
+    if os.path.getsize(os.path.join(data_dir, f'{s}.bin')) % 2:
+        fail(f"{data_dir}/{s}.bin has an odd number of bytes: not a file of uint16 tokens written by prepare.py")
 data = {s: np.memmap(os.path.join(data_dir, f'{s}.bin'), dtype=np.uint16, mode='r') for s in ('train', 'val')}
 for s, d in data.items():
     if len(d) <= block_size + 1:
@@ -209,6 +213,7 @@ if mode == 'cocomix':
     model_args.update(n_concepts=n_concepts, concept_topk=concept_topk, insert_layer=insert_layer, mix=mix)
 elif mode == 'pause':
     model_args.update(insert_layer=insert_layer, mix='pause')
+torch.manual_seed(seed)  # the same initial weights on every process; dropout streams differ below
 iter_num, best_val_loss, checkpoint = 0, 1e9, None
 ckpt_path = os.path.join(out_dir, 'ckpt.pt')
 if init_from == 'resume':
@@ -233,8 +238,8 @@ elif init_from == 'scratch':
 else:
     model = GPT.from_pretrained(init_from, dropout=dropout)
     model_args = {k: getattr(model.config, k) for k in GPTConfig.__dataclass_fields__}
-torch.manual_seed(seed + rank)
 model.to(device)
+torch.manual_seed(seed + rank)
 scaler = torch.amp.GradScaler(device_type, enabled=(dtype == 'float16'))
 optimizer = model.configure_optimizers(weight_decay, learning_rate, (beta1, beta2), device_type)
 if checkpoint is not None:
@@ -242,7 +247,9 @@ if checkpoint is not None:
     scaler.load_state_dict(checkpoint['scaler'])
     rng = checkpoint['rng']
     torch.set_rng_state(rng['torch'])
-    np.random.set_state(rng['numpy'])
+    random.setstate(rng['python'])
+    name, keys, pos, has_gauss, cached = rng['numpy']
+    np.random.set_state((name, np.array(keys, dtype=np.uint32), pos, has_gauss, cached))
     if rng.get('cuda') is not None and device_type == 'cuda':
         torch.cuda.set_rng_state(rng['cuda'])
 checkpoint = None
@@ -292,13 +299,6 @@ def step_loss(X, Y, net=None):
     return loss, aux
 
 
-def kd_loss(student_logits, teacher_logits):
-    """Mean over tokens of KL(p_con || p_student) at temperature 1 (SPEC section 5)."""
-    logq = F.log_softmax(student_logits.float(), dim=-1).flatten(0, -2)
-    logp = F.log_softmax(teacher_logits.float(), dim=-1).flatten(0, -2)
-    return F.kl_div(logq, logp, log_target=True, reduction='batchmean')
-
-
 # per-token UTF-8 byte lengths, for bits per byte (<|endoftext|> is not text: 0 bytes)
 try:
     import tiktoken
@@ -344,11 +344,17 @@ def save_checkpoint():
         return
     ckpt = {'model': sd, 'optimizer': optimizer.state_dict(), 'scaler': scaler.state_dict(),
             'model_args': model_args, 'iter_num': iter_num, 'best_val_loss': best_val_loss, 'config': config,
-            'rng': {'torch': torch.get_rng_state(), 'numpy': np.random.get_state(),
+            'rng': {'torch': torch.get_rng_state(), 'python': random.getstate(), 'numpy': numpy_rng_state(),
                     'cuda': torch.cuda.get_rng_state() if device_type == 'cuda' else None}}
     tmp = ckpt_path + '.tmp'
     torch.save(ckpt, tmp)
     os.replace(tmp, ckpt_path)
+
+
+def numpy_rng_state():
+    # as plain Python values, so the checkpoint loads with weights_only=True
+    name, keys, pos, has_gauss, cached = np.random.get_state()
+    return [name, keys.tolist(), pos, has_gauss, cached]
 
 
 def log(record):

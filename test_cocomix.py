@@ -1,0 +1,381 @@
+"""Tests of the model and the training loop. Run: python -m pytest -q"""
+
+import dataclasses
+import json
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+
+from model import (GPT, GPTConfig, MIX_MODES, SparseMix, concept_loss, concept_recall, kd_loss, load_checkpoint,
+                   load_safetensors, sparse_mix)
+
+ROOT = os.path.dirname(os.path.abspath(__file__))
+SHARED = os.path.join(os.path.dirname(ROOT), "shared")
+ENV = dict(os.environ, TIKTOKEN_CACHE_DIR=os.environ.get("TIKTOKEN_CACHE_DIR", os.path.join(SHARED, "tiktoken")))
+
+
+def tiny_config(**kw):
+    args = dict(block_size=32, vocab_size=50257, n_layer=3, n_head=2, n_embd=32)
+    args.update(kw)
+    return GPTConfig(**args)
+
+
+def run(*args, cwd=ROOT, check=True):
+    p = subprocess.run([sys.executable, *args], cwd=cwd, env=ENV, capture_output=True, text=True, timeout=600)
+    if check and p.returncode != 0:
+        raise AssertionError(f"{args} failed:\n{p.stdout[-2000:]}\n{p.stderr[-3000:]}")
+    return p
+
+
+# -----------------------------------------------------------------------------
+# GPT-2 equivalence
+
+
+def hf_reference(tmp_path):
+    transformers = pytest.importorskip("transformers")
+    torch.manual_seed(0)
+    hc = transformers.GPT2Config(n_positions=64, n_embd=48, n_layer=2, n_head=4, vocab_size=50257)
+    ref = transformers.GPT2LMHeadModel(hc).eval()
+    for p in ref.parameters():  # random biases and LayerNorm gains too, not just the init's zeros and ones
+        p.data.add_(0.02 * torch.randn_like(p))
+    return ref
+
+
+def test_logits_match_transformers_save_pretrained(tmp_path):
+    ref = hf_reference(tmp_path)
+    ref.save_pretrained(tmp_path)
+    model = GPT.from_pretrained(str(tmp_path)).eval()
+    idx = torch.randint(0, 50257, (2, 40))
+    with torch.no_grad():
+        expected = ref(idx).logits
+        logits, _ = model(idx)
+    torch.testing.assert_close(logits, expected, atol=1e-5, rtol=1e-5)
+
+
+def test_logits_match_transformers_published_layout(tmp_path):
+    """The published gpt2 files: no 'transformer.' prefix, attention-mask buffers, pytorch_model.bin."""
+    ref = hf_reference(tmp_path)
+    ref.config.to_json_file(str(tmp_path / "config.json"))
+    sd = {k.removeprefix("transformer."): v for k, v in ref.state_dict().items() if k != "lm_head.weight"}
+    for i in range(ref.config.n_layer):
+        sd[f"h.{i}.attn.bias"] = torch.tril(torch.ones(64, 64)).view(1, 1, 64, 64)
+        sd[f"h.{i}.attn.masked_bias"] = torch.tensor(-1e4)
+    torch.save(sd, tmp_path / "pytorch_model.bin")
+    model = GPT.from_pretrained(str(tmp_path)).eval()
+    idx = torch.randint(0, 50257, (1, 64))
+    with torch.no_grad():
+        torch.testing.assert_close(model(idx)[0], ref(idx).logits, atol=1e-5, rtol=1e-5)
+
+
+def test_forward_returns_logits_for_every_position_with_targets():
+    model = GPT(tiny_config())
+    idx = torch.randint(0, 50257, (2, 16))
+    logits, loss = model(idx, idx)
+    assert logits.shape == (2, 16, 50257)
+    torch.testing.assert_close(loss, F.cross_entropy(logits.view(-1, 50257), idx.view(-1)))
+
+
+# -----------------------------------------------------------------------------
+# CoCoMix parts
+
+
+@pytest.mark.parametrize("mix", MIX_MODES)
+def test_causality_every_mix(mix):
+    torch.manual_seed(0)
+    cfg = tiny_config(n_concepts=0 if mix == "pause" else 64, concept_topk=4, insert_layer=1, mix=mix)
+    model = GPT(cfg).eval()
+    idx = torch.randint(0, 50257, (1, 20))
+    changed = idx.clone()
+    t = 11
+    changed[0, t + 1:] = torch.randint(0, 50257, (20 - t - 1,))
+    with torch.no_grad():
+        a, _, aux_a = model(idx, return_aux=True)
+        b, _, aux_b = model(changed, return_aux=True)
+    torch.testing.assert_close(a[:, :t + 1], b[:, :t + 1], atol=0, rtol=0)
+    assert not torch.allclose(a[:, t + 1:], b[:, t + 1:])
+    if aux_a["z"] is not None:
+        torch.testing.assert_close(aux_a["z"][:, :t + 1], aux_b["z"][:, :t + 1], atol=0, rtol=0)
+
+
+def dense_mix(values, indices, W):
+    """The released code's way: a dense N x C masked matrix times W."""
+    dense = torch.zeros(values.size(0), W.size(0), dtype=values.dtype).scatter(1, indices, values)
+    return dense @ W
+
+
+def test_sparse_mix_equals_dense_and_gradcheck():
+    torch.manual_seed(0)
+    N, K, C, d = 7, 4, 50, 6
+    values = torch.randn(N, K, dtype=torch.float64, requires_grad=True)
+    indices = torch.stack([torch.randperm(C)[:K] for _ in range(N)])
+    W = torch.randn(C, d, dtype=torch.float64, requires_grad=True)
+    assert torch.autograd.gradcheck(lambda v, w: SparseMix.apply(v, indices, w), (values, W))
+    out = sparse_mix(values, indices, W)
+    g = torch.randn_like(out)
+    gv, gW = torch.autograd.grad(out, (values, W), g)
+    ref = dense_mix(values, indices, W)
+    rv, rW = torch.autograd.grad(ref, (values, W), g)
+    torch.testing.assert_close(out, ref)
+    torch.testing.assert_close(gv, rv)
+    torch.testing.assert_close(gW, rW)
+
+
+def test_sparse_mix_chunked_backward_with_repeated_indices():
+    """Many tokens choosing the same concept: the scatter-add must accumulate across chunks."""
+    torch.manual_seed(0)
+    N, K, C, d = 3000, 8, 16, 600  # chunking kicks in at 4M / (K d) = 873 tokens
+    values = torch.randn(N, K, dtype=torch.float64, requires_grad=True)
+    indices = torch.rand(N, C).argsort(dim=1)[:, :K]  # distinct per token, as TopK gives
+    W = torch.randn(C, d, dtype=torch.float64, requires_grad=True)
+    g = torch.randn(N, d, dtype=torch.float64)
+    gv, gW = torch.autograd.grad(sparse_mix(values, indices, W), (values, W), g)
+    rv, rW = torch.autograd.grad(dense_mix(values, indices, W), (values, W), g)
+    torch.testing.assert_close(gv, rv)
+    torch.testing.assert_close(gW, rW)
+
+
+def test_concept_loss_equals_separate_cross_entropies():
+    torch.manual_seed(0)
+    z = torch.randn(10, 30)
+    labels = torch.randint(0, 30, (10, 4))
+    separate = sum(F.cross_entropy(z, labels[:, j]) for j in range(4)) / 4  # the released code's way
+    torch.testing.assert_close(concept_loss(z, labels), separate)
+    # invalid labels (-1) are ignored: the mean is over the valid ones
+    labels[0, 2:] = -1
+    valid = labels >= 0
+    per = -F.log_softmax(z, -1).gather(1, labels.clamp(min=0))
+    torch.testing.assert_close(concept_loss(z, labels), per[valid].mean())
+
+
+def test_concept_recall():
+    z = torch.tensor([[5.0, 4.0, 3.0, 0.0, 1.0]])
+    assert concept_recall(z, torch.tensor([[0, 3]])).item() == 0.5  # top-2 is {0, 1}
+    assert concept_recall(z, torch.tensor([[1, -1]])).item() == 1.0
+
+
+def test_kd_loss_equals_hand_computed_kl():
+    torch.manual_seed(0)
+    s, t = torch.randn(2, 3, 11), torch.randn(2, 3, 11)
+    p, q = t.softmax(-1), s.softmax(-1)
+    kl = (p * (p.log() - q.log())).sum(-1).mean()
+    torch.testing.assert_close(kd_loss(s, t), kl)
+
+
+def test_mix_none_with_zero_lambda_trains_like_ntp():
+    """Concept prediction only, lam = 0: the shared weights follow exactly the plain GPT's trajectory."""
+    torch.manual_seed(0)
+    ntp = GPT(tiny_config())
+    coco = GPT(tiny_config(n_concepts=64, concept_topk=4, insert_layer=1, mix="none"))
+    coco.load_state_dict(ntp.state_dict(), strict=False)
+    opts = [m.configure_optimizers(0.1, 1e-3, (0.9, 0.95), "cpu") for m in (ntp, coco)]
+    for step in range(3):
+        idx = torch.randint(0, 50257, (2, 16))
+        labels = torch.randint(0, 64, (2, 16, 4))
+        for m, opt in zip((ntp, coco), opts):
+            _, loss = m(idx, idx, concept_labels=labels if m is coco else None, lam=0.0)
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(m.parameters(), 1.0)
+            opt.step()
+            opt.zero_grad()
+    coco_sd = coco.state_dict()
+    for k, v in ntp.state_dict().items():
+        torch.testing.assert_close(coco_sd[k], v, atol=0, rtol=0)
+
+
+def test_interleave_reads_concept_slots():
+    """h_1, c_1, ...: what the LM head reads at position t is the concept slot c_t, not h_t."""
+    torch.manual_seed(0)
+    model = GPT(tiny_config(n_concepts=64, concept_topk=4, insert_layer=2, mix="interleave")).eval()
+    idx = torch.randint(0, 50257, (1, 8))
+    seen = {}
+    model.transformer.h[2].register_forward_hook(lambda m, i, o: seen.update(x=o))
+    with torch.no_grad():
+        logits, _ = model(idx)
+    assert seen["x"].shape[1] == 16
+    expected = model.lm_head(model.transformer.ln_f(seen["x"][:, 1::2]))
+    torch.testing.assert_close(logits, expected)
+
+
+def test_config_errors():
+    with pytest.raises(ValueError, match="insert_layer=5 is outside"):
+        tiny_config(n_concepts=8, insert_layer=5)
+    with pytest.raises(ValueError, match="concept_topk=9"):
+        tiny_config(n_concepts=8, concept_topk=9, insert_layer=1)
+    with pytest.raises(ValueError, match="mix must be"):
+        tiny_config(mix="concat")
+
+
+# -----------------------------------------------------------------------------
+# safe loading
+
+
+def test_safetensors_bad_headers(tmp_path):
+    import struct
+    good = tmp_path / "ok.safetensors"
+    header = json.dumps({"w": {"dtype": "F32", "shape": [2, 2], "data_offsets": [0, 16]}}).encode()
+    good.write_bytes(struct.pack("<Q", len(header)) + header + np.arange(4, dtype=np.float32).tobytes())
+    assert load_safetensors(str(good))["w"].tolist() == [[0, 1], [2, 3]]
+    cases = {
+        "short": (b"\x01\x02", "shorter than"),
+        "long_header": (struct.pack("<Q", 10**9) + b"{}", "runs past the end"),
+        "not_json": (struct.pack("<Q", 4) + b"abcd", "not valid JSON"),
+        "bad_offsets": (struct.pack("<Q", len(header)) + header + b"\0" * 8, "do not fit"),
+    }
+    for name, (raw, msg) in cases.items():
+        p = tmp_path / f"{name}.safetensors"
+        p.write_bytes(raw)
+        with pytest.raises(ValueError, match=msg):
+            load_safetensors(str(p))
+
+
+def test_truncated_checkpoint_is_a_clear_error(tmp_path):
+    cfg = tiny_config()
+    path = tmp_path / "ckpt.pt"
+    torch.save({"model": GPT(cfg).state_dict(), "model_args": dataclasses.asdict(cfg)}, path)
+    model, _ = load_checkpoint(str(path))
+    raw = path.read_bytes()
+    path.write_bytes(raw[: len(raw) // 2])
+    with pytest.raises(ValueError, match="not a readable checkpoint"):
+        load_checkpoint(str(path))
+
+
+def test_checkpoint_cannot_run_code(tmp_path):
+    class Evil:
+        def __reduce__(self):
+            return (os.system, (f"touch {tmp_path}/pwned",))
+    path = tmp_path / "evil.pt"
+    torch.save({"model": Evil(), "model_args": {}}, path)
+    with pytest.raises(ValueError):
+        load_checkpoint(str(path))
+    assert not (tmp_path / "pwned").exists()
+
+
+# -----------------------------------------------------------------------------
+# the training loop, end to end
+
+TINY = ["--n_layer=2", "--n_head=2", "--n_embd=32", "--block_size=32", "--batch_size=4", "--device=cpu",
+        "--dtype=float32", "--progress=False", "--eval_iters=2", "--log_interval=1"]
+
+
+@pytest.fixture(scope="session")
+def data_dir(tmp_path_factory):
+    """TinyShakespeare when ../shared/data is there, else a generated text."""
+    from prepare import prepare
+    out = tmp_path_factory.mktemp("data")
+    src = os.path.join(SHARED, "data", "tinyshakespeare", "input.txt")
+    if not os.path.exists(src):
+        src = str(out / "text.txt")
+        rng = np.random.default_rng(0)
+        words = ["the", "cat", "sat", "on", "a", "mat", "and", "dog", "ran", "far", "away", "home"]
+        with open(src, "w") as f:
+            f.write(" ".join(rng.choice(words, 200_000)))
+    os.environ.setdefault("TIKTOKEN_CACHE_DIR", ENV["TIKTOKEN_CACHE_DIR"])
+    prepare([src], str(out / "prepared"), verbose=False)
+    return str(out / "prepared")
+
+
+def read_log(out_dir):
+    with open(os.path.join(out_dir, "log.jsonl")) as f:
+        return [json.loads(line) for line in f]
+
+
+def test_tiny_run_loss_goes_down_and_checkpoint_samples(data_dir, tmp_path):
+    out = str(tmp_path / "run")
+    run("train.py", f"--data_dir={data_dir}", f"--out_dir={out}", "--max_iters=40", "--eval_interval=20",
+        "--learning_rate=3e-3", *TINY)
+    evals = [r for r in read_log(out) if "val/loss" in r]
+    assert [r["iter"] for r in evals] == [0, 20, 40]
+    assert evals[-1]["val/loss"] < evals[0]["val/loss"] - 1.0
+    assert evals[-1]["val/bpb"] > 0 and evals[-1]["val/ppl"] == pytest.approx(np.exp(evals[-1]["val/loss"]))
+    model, ckpt = load_checkpoint(os.path.join(out, "ckpt.pt"))
+    assert ckpt["iter_num"] == 40 and model.config.n_embd == 32
+
+
+def test_resume_is_exact(data_dir, tmp_path):
+    """Stopped at step 6 and resumed: the same losses, bit for bit (fp32, CPU), as one run of 12 steps."""
+    common = [f"--data_dir={data_dir}", "--eval_interval=6", "--dropout=0.1", "--lr_decay_iters=12",
+              "--warmup_iters=2", *TINY]
+    a, b = str(tmp_path / "a"), str(tmp_path / "b")
+    run("train.py", f"--out_dir={a}", "--max_iters=12", *common)
+    run("train.py", f"--out_dir={b}", "--max_iters=6", *common)
+    run("train.py", f"--out_dir={b}", "--max_iters=12", "--init_from=resume", *common)
+    steps = lambda out: {r["train_step"]: r["loss"] for r in read_log(out) if "train_step" in r}
+    evals = lambda out: {r["iter"]: r["val/loss"] for r in read_log(out) if "val/loss" in r}
+    sa, sb = steps(a), steps(b)
+    assert [sb[i] for i in range(7, 13)] == [sa[i] for i in range(7, 13)]
+    assert evals(a)[12] == evals(b)[12]
+
+
+def test_sigterm_saves_a_checkpoint_and_resumes(data_dir, tmp_path):
+    import signal
+    import time
+    out = str(tmp_path / "run")
+    p = subprocess.Popen([sys.executable, "train.py", f"--data_dir={data_dir}", f"--out_dir={out}",
+                          "--max_iters=100000", "--eval_interval=100000", *TINY], cwd=ROOT, env=ENV,
+                         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    log = os.path.join(out, "log.jsonl")
+    deadline = time.time() + 120
+    while time.time() < deadline and not (os.path.exists(log) and sum(1 for _ in open(log)) >= 4):
+        time.sleep(0.2)
+    p.send_signal(signal.SIGTERM)
+    stdout, _ = p.communicate(timeout=60)
+    assert p.returncode == 0 and "checkpoint saved" in stdout
+    _, ckpt = load_checkpoint(os.path.join(out, "ckpt.pt"))
+    assert ckpt["iter_num"] >= 3
+
+
+def test_ddp_two_cpu_processes_match_one(data_dir, tmp_path):
+    """torchrun with 2 gloo processes trains to the losses of 1 process with the same global batch."""
+    common = [f"--data_dir={data_dir}", "--max_iters=6", "--eval_interval=6", "--gradient_accumulation_steps=2", *TINY]
+    one, two = str(tmp_path / "one"), str(tmp_path / "two")
+    run("train.py", f"--out_dir={one}", *common)
+    run("-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "train.py", f"--out_dir={two}", *common)
+    l1 = {r["iter"]: r["val/loss"] for r in read_log(one) if "val/loss" in r}
+    l2 = {r["iter"]: r["val/loss"] for r in read_log(two) if "val/loss" in r}
+    assert l1[6] == pytest.approx(l2[6], abs=1e-4)
+    s1 = [r["loss"] for r in read_log(one) if "train_step" in r]
+    s2 = [r["loss"] for r in read_log(two) if "train_step" in r]
+    assert s1 == pytest.approx(s2, abs=1e-4)
+
+
+def test_bad_inputs_fail_clearly_and_touch_nothing(data_dir, tmp_path):
+    out = str(tmp_path / "run")
+    run("train.py", f"--data_dir={data_dir}", f"--out_dir={out}", "--max_iters=2", "--eval_interval=2", *TINY)
+    ckpt = os.path.join(out, "ckpt.pt")
+    before = open(ckpt, "rb").read()
+    garbage = tmp_path / "garbage"
+    garbage.mkdir()
+    (garbage / "train.bin").write_bytes(b"\x01\x02\x03")
+    (garbage / "val.bin").write_bytes(b"\x01\x02\x03")
+    other_vocab = tmp_path / "other_vocab"
+    other_vocab.mkdir()
+    for s in ("train", "val"):
+        (other_vocab / f"{s}.bin").write_bytes(np.ones(1000, np.uint16).tobytes())
+    (other_vocab / "meta.json").write_text(json.dumps({"tokenizer": "gpt2", "vocab_size": 32000}))
+    bad_ckpt = tmp_path / "bad"
+    bad_ckpt.mkdir()
+    (bad_ckpt / "ckpt.pt").write_bytes(before[:1000])
+    cases = [
+        (["--insert_layer=7", "--mode=pause"], "insert_layer=7 is outside"),
+        (["--batch_size=0"], "must be positive"),
+        (["--block_size=100000"], "fewer than block_size"),
+        (["--no_such_key=1"], "unknown config key 'no_such_key'"),
+        (["--n_layer=two"], "--n_layer expects a int"),
+        (["--mode=cocomix"], "needs --concept_source"),
+        (["--init_from=resume", "--n_embd=64"], "resume config disagrees"),
+        ([f"--data_dir={garbage}"], "odd number of bytes"),
+        ([f"--data_dir={other_vocab}"], "vocab_size 32000"),
+        ([f"--data_dir={tmp_path}/missing"], "prepare a corpus first"),
+        ([f"--out_dir={bad_ckpt}", "--init_from=resume"], "not a readable checkpoint"),
+    ]
+    for args, msg in cases:
+        p = run("train.py", f"--data_dir={data_dir}", f"--out_dir={out}", "--max_iters=4", *TINY, *args, check=False)
+        assert p.returncode != 0, args
+        assert msg in p.stderr, (args, p.stderr[-500:])
+        assert "Traceback" not in p.stderr, (args, p.stderr[-1500:])
+        assert open(ckpt, "rb").read() == before
