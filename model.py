@@ -410,6 +410,19 @@ class GPT(nn.Module):
         return idx
 
 
+def ntp_matched_width(config):
+    """The plain-GPT width (a multiple of n_head) whose parameter count is closest to the CoCoMix
+    student's, for the paper's parameter-matched NTP baseline (it widens 512 to 624)."""
+    target = GPT(config).get_num_params() if config.cocomix else None
+    if target is None:
+        return config.n_embd
+    def count(d):  # embeddings, blocks, final LayerNorm; lm_head tied
+        L, V, T = config.n_layer, config.vocab_size, config.block_size
+        return V * d + T * d + L * (12 * d * d + 13 * d) + 2 * d - T * d
+    widths = range(config.n_head, 4 * config.n_embd + 1, config.n_head)
+    return min(widths, key=lambda d: abs(count(d) - target))
+
+
 def sample_next(logits, temperature=1.0, top_k=None):
     """One token per row from the last position's logits; temperature 0 is greedy."""
     if temperature == 0:

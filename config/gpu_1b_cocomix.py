@@ -1,0 +1,10 @@
+# The paper's 1.38B setup (SPEC section 6): 24 layers, d=2048, 16 heads, insert layer 5, 1M tokens per step.
+exec(open('config/gpu_69m_cocomix.py').read())
+out_dir = 'out/gpu_1b_cocomix'
+n_layer = 24
+n_head = 16
+n_embd = 2048
+insert_layer = 5
+learning_rate = 2e-4
+batch_size = 8
+gradient_accumulation_steps = 128
