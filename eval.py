@@ -74,6 +74,7 @@ def evaluate_tokens(model, tokens, block_size, batch_size, device, max_tokens=No
     if n < 2:
         raise EvalError(f"need at least 2 tokens to evaluate, got {n}")
     check_tokens(tokens[:n], model.config.vocab_size, "the token stream")
+    was_training = model.training  # a training loop may call this mid-run: give its mode back
     model.eval()
     # full windows go in batches; the one short window at the end (if any) is run on its own
     full = list(range(0, n - block_size, block_size))
@@ -88,6 +89,7 @@ def evaluate_tokens(model, tokens, block_size, batch_size, device, max_tokens=No
         nll = F.cross_entropy(logits.float().reshape(-1, logits.size(-1)), win[:, 1:].reshape(-1), reduction="sum")
         total_nll += nll.item()  # a Python float: float64 accumulation over the whole stream
         total += win[:, 1:].numel()
+    model.train(was_training)
     loss = total_nll / total
     out = dict(loss=loss, ppl=math.exp(loss), tokens=total)
     if token_bytes is not None:
@@ -151,6 +153,7 @@ def score_continuations(model, pairs, block_size, batch_size, device, progress=T
     """For each (context tokens, continuation tokens): (summed NLL of the continuation, whether
     greedy decoding reproduces it). Batched: sequences sorted by length, padded on the right
     (causal attention, so padding never affects the positions we read)."""
+    was_training = model.training
     model.eval()
     check_tokens(np.array([t for pair in pairs for part in pair for t in part] or [0]), model.config.vocab_size, "an example")
     seqs = []
@@ -172,12 +175,17 @@ def score_continuations(model, pairs, block_size, batch_size, device, progress=T
             tgt[r, len(seq) - 1 - n_cont:len(seq) - 1] = torch.tensor(seq[-n_cont:])
         inp, tgt = inp.to(device), tgt.to(device)
         logits, _ = model(inp)
-        logp = F.log_softmax(logits.float(), dim=-1)
+        # only the continuation positions: a log-softmax over every position would cost far more
         mask = tgt >= 0
-        nll = -(logp.gather(-1, tgt.clamp(min=0).unsqueeze(-1)).squeeze(-1) * mask).sum(1)
-        greedy = ((logp.argmax(-1) == tgt) | ~mask).all(1)
+        rows = torch.arange(len(idx), device=inp.device).unsqueeze(1).expand_as(tgt)[mask]
+        sel, t = logits[mask].float(), tgt[mask]
+        tok_nll = -F.log_softmax(sel, dim=-1).gather(-1, t.unsqueeze(-1)).squeeze(-1)
+        nll = torch.zeros(len(idx), device=inp.device).index_add_(0, rows, tok_nll)
+        misses = torch.zeros(len(idx), device=inp.device).index_add_(0, rows, (sel.argmax(-1) != t).float())
+        greedy = misses == 0
         for r, i in enumerate(idx):
             results[i] = (nll[r].item(), bool(greedy[r]))
+    model.train(was_training)
     return results
 
 

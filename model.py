@@ -97,6 +97,25 @@ class CausalSelfAttention(nn.Module):
         return self.resid_dropout(self.c_proj(y))
 
 
+class KVCache:
+    """Keys and values (B, n_head, T, head_dim) of one attention layer for incremental decoding, in a
+    buffer that grows by doubling so that a step writes only its new positions."""
+    def __init__(self):
+        self.k, self.v, self.n = None, None, 0  # n: positions held
+
+    def update(self, k, v):
+        n = self.n + k.size(2)
+        if self.k is None or n > self.k.size(2):
+            cap = max(n, 64, 2 * self.n)
+            k_buf, v_buf = (t.new_empty(*t.shape[:2], cap, t.size(3)) for t in (k, v))
+            if self.n:
+                k_buf[:, :, :self.n], v_buf[:, :, :self.n] = self.k[:, :, :self.n], self.v[:, :, :self.n]
+            self.k, self.v = k_buf, v_buf
+        self.k[:, :, self.n:n], self.v[:, :, self.n:n] = k, v
+        self.n = n
+        return self.k[:, :, :n], self.v[:, :, :n]
+
+
 class MLP(nn.Module):
 
     def __init__(self, config):
@@ -191,7 +210,7 @@ class ConceptMixer(nn.Module):
             for i, factor in steer.items():
                 z[..., i] = z[..., i] * factor
         values, indices = torch.topk(z, self.topk, dim=-1)   # raw values: no ReLU, no softmax
-        c = sparse_mix(values, indices, self.W_cmp) + self.b_cmp + self.b_pre
+        c = sparse_mix(values.to(self.W_cmp.dtype), indices, self.W_cmp) + self.b_cmp + self.b_pre  # sparse: cheap in fp32
         c = c * std + mu
         return z, c
 
@@ -401,11 +420,38 @@ class GPT(nn.Module):
         return model
 
     @torch.no_grad()
-    def generate(self, idx, max_new_tokens, temperature=1.0, top_k=None, steer=None):
-        """Sample max_new_tokens tokens after idx (B, T), recomputing the whole window each step."""
+    def forward_step(self, idx, caches, steer=None, last_only=False):
+        """The new tokens idx (B, T) after those held in `caches` (one KVCache per block, extended here);
+        above insert_layer an interleaved model adds two slots (h_t, c_t) per token, while positions count
+        tokens. Returns (logits (B, T or 1, V), z of the new tokens or None)."""
+        cfg = self.config
+        x, z = self.hidden(idx, caches[-1].n // (2 if cfg.interleaved else 1)), None
+        for i, (block, cache) in enumerate(zip(self.transformer.h, caches)):
+            if cfg.cocomix and i == cfg.insert_layer:
+                z, x = self.mix_concepts(x, steer)  # per token: the new tokens' c_t need no cache
+            x = block(x, cache)
+        x = x[:, 1::2] if cfg.interleaved else x
+        return self.lm_head(self.transformer.ln_f(x[:, -1:] if last_only else x)), z
+
+    @torch.no_grad()
+    def generate(self, idx, max_new_tokens, temperature=1.0, top_k=None, steer=None, use_cache=True, shift=0):
+        """Sample max_new_tokens tokens after idx (B, T). use_cache: each step runs only the newest token
+        (KV cache), else the whole window is recomputed. Past block_size tokens every learned position
+        moves as the window slides: shift=0 then recomputes the last block_size tokens per step, as the
+        uncached path does; shift=s > 0 rebuilds the cache from the last block_size - s tokens and
+        goes on cached for s steps (faster, shorter context)."""
+        bs, caches = self.config.block_size, None
+        if not 0 <= shift < bs:
+            raise ValueError(f"shift={shift} must be in [0, block_size={bs})")
         for _ in range(max_new_tokens):
-            idx_cond = idx[:, -self.config.block_size:]
-            logits, _ = self(idx_cond, steer=steer)
+            T = idx.size(1)
+            if use_cache and caches is not None and caches[-1].n < (2 if self.config.interleaved else 1) * bs:
+                logits, _ = self.forward_step(idx[:, -1:], caches, steer, last_only=True)
+            elif use_cache and (T <= bs or shift):
+                caches = [KVCache() for _ in self.transformer.h]
+                logits, _ = self.forward_step(idx[:, -(T if T <= bs else bs - shift):], caches, steer, last_only=True)
+            else:
+                logits, _ = self(idx[:, -bs:], steer=steer)
             idx = torch.cat((idx, sample_next(logits[:, -1, :], temperature, top_k)), dim=1)
         return idx
 
