@@ -194,11 +194,10 @@ if mode in ('cocomix', 'kd'):
 if mode == 'cocomix':
     from sae import SAE
     try:
-        sae = SAE.load(sae_path).to(device)
-        if sae_layer < 0:
-            sae_layer = sae.meta.get('layer', -1)
-            if sae_layer < 0:
-                fail(f"{sae_path} does not say which layer it was trained on: pass --sae_layer")
+        sae = SAE.load(sae_path, layer=sae_layer if sae_layer >= 0 else None).to(device)
+        if sae.meta.get('layer') is None:
+            fail(f"{sae_path} does not say which layer it was trained on: pass --sae_layer")
+        sae_layer = sae.meta['layer']
         labeler = ConceptLabeler(source, sae, sae_layer, k_attr, label_rule)
     except (OSError, ValueError) as e:
         fail(str(e))
