@@ -1,0 +1,374 @@
+"""Tests of KV-cache generation, concept steering and inspection (sample.py). Run: python -m pytest test_sample.py -q"""
+
+import dataclasses
+import json
+import os
+import re
+import subprocess
+import sys
+
+import pytest
+import torch
+
+import sample
+from model import GPT, GPTConfig, KVCache
+
+ROOT = os.path.dirname(os.path.abspath(__file__))
+ENV = dict(os.environ, OMP_NUM_THREADS="1", TIKTOKEN_CACHE_DIR=os.environ.get("TIKTOKEN_CACHE_DIR", os.path.join(os.path.dirname(ROOT), "shared", "tiktoken")))
+os.environ.setdefault("TIKTOKEN_CACHE_DIR", ENV["TIKTOKEN_CACHE_DIR"])
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    """Tiny models run fastest on one thread, and far faster than on two when other jobs share the CPUs."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+KINDS = {
+    "plain": dict(),
+    "interleave": dict(n_concepts=64, mix="interleave"),
+    "add": dict(n_concepts=64, mix="add"),
+    "none": dict(n_concepts=64, mix="none"),
+    "pause": dict(mix="pause"),
+}
+
+
+def tiny(kind="interleave", seed=0, vocab_size=512, **kw):
+    """A small random model; the CLI tests use the full GPT-2 vocabulary for tiktoken's ids."""
+    args = dict(block_size=32, vocab_size=vocab_size, n_layer=3, n_head=2, n_embd=32, concept_topk=4, insert_layer=1)
+    args.update(KINDS[kind], **kw)
+    torch.manual_seed(seed)
+    model = GPT(GPTConfig(**args)).eval()
+    with torch.no_grad():  # random biases and gains too, so no part of the model is a no-op
+        for p in model.parameters():
+            p.add_(0.05 * torch.randn_like(p))
+        if hasattr(model, "mixer"):  # concepts strong enough that steering them shows in greedy text
+            model.mixer.W_cmp.mul_(20)
+    return model
+
+
+def prompt(T=5, B=2, seed=1, V=512):
+    return torch.randint(0, V, (B, T), generator=torch.Generator().manual_seed(seed))
+
+
+def strongest_concept(model, idx):
+    """The concept with the highest mean predicted logit: multiplying it by 10 moves it into the TopK."""
+    with torch.no_grad():
+        return int(model(idx, return_aux=True)[2]["z"].mean((0, 1)).argmax())
+
+
+# -----------------------------------------------------------------------------
+# KV cache
+
+
+@pytest.mark.parametrize("insert_layer", [0, 1, 2])
+@pytest.mark.parametrize("kind", list(KINDS))
+def test_incremental_logits_match_full_forward(kind, insert_layer):
+    """Prefill, then one token per step through the cache: the logits (and z) of every position equal
+    those of one full forward pass over the sequence."""
+    model = tiny(kind, insert_layer=insert_layer)
+    idx = prompt(T=20)
+    with torch.no_grad():
+        full, _, aux = model(idx, return_aux=True)
+        caches = [KVCache() for _ in model.transformer.h]
+        first, z0 = model.forward_step(idx[:, :7], caches)
+        steps = [model.forward_step(idx[:, t:t + 1], caches) for t in range(7, 20)]
+    got = torch.cat([first] + [s[0] for s in steps], dim=1)
+    torch.testing.assert_close(got, full, atol=1e-5, rtol=1e-5)
+    if aux["z"] is not None:
+        torch.testing.assert_close(torch.cat([z0] + [s[1] for s in steps], dim=1), aux["z"], atol=1e-5, rtol=1e-5)
+    slots = 2 if model.config.interleaved else 1
+    assert caches[-1].n == 20 * slots and caches[0].n == 20 * (slots if insert_layer == 0 else 1)
+
+
+@pytest.mark.parametrize("kind", list(KINDS))
+def test_cached_greedy_generation_equals_uncached_past_block_size(kind):
+    model = tiny(kind)
+    idx = prompt(T=5)
+    n = 40  # 45 tokens > block_size 32: the window slides for the last 13 steps
+    cached = model.generate(idx, n, temperature=0, use_cache=True)
+    uncached = model.generate(idx, n, temperature=0, use_cache=False)
+    assert cached.shape == (2, 45)
+    assert torch.equal(cached, uncached)
+    if kind != "pause":  # (a random pause model reads the same pause vector everywhere and repeats one token)
+        assert len(set(uncached[:, 5:].flatten().tolist())) > 2  # not a degenerate constant sequence
+    # a prompt already longer than the window, and sampling with a seed
+    long = prompt(T=40)
+    assert torch.equal(model.generate(long, 5, temperature=0), model.generate(long, 5, temperature=0, use_cache=False))
+    torch.manual_seed(3)
+    a = model.generate(idx, 30, temperature=1.0, top_k=50)
+    torch.manual_seed(3)
+    b = model.generate(idx, 30, temperature=1.0, top_k=50, use_cache=False)
+    assert torch.equal(a, b)
+
+
+@pytest.mark.parametrize("kind", ["plain", "interleave"])
+def test_shifted_cache_rebuild(kind):
+    """shift > 0 rebuilds the cache from the last block_size - shift tokens: identical to the exact path
+    until the window is full, and each later step sees between block_size - shift and block_size tokens."""
+    model = tiny(kind)
+    idx = prompt(T=5)
+    exact = model.generate(idx, 50, temperature=0, use_cache=False)
+    shifted = model.generate(idx, 50, temperature=0, shift=8)
+    assert shifted.shape == exact.shape
+    assert torch.equal(shifted[:, :33], exact[:, :33])  # the token after a full window is still exact
+    # reference for the shifted semantics: recompute over the context the rebuild keeps
+    ref, bs, s, n = idx.clone(), 32, 8, 0
+    for _ in range(50):
+        T = ref.size(1)
+        if T > bs:  # the cache was last rebuilt when the context first exceeded the window
+            ctx_len = (bs - s) + (T - bs - 1) % (s + 1)
+            ctx = ref[:, -ctx_len:]
+        else:
+            ctx = ref
+        logits, _ = model(ctx)
+        ref = torch.cat((ref, logits[:, -1].argmax(-1, keepdim=True)), dim=1)
+    assert torch.equal(shifted, ref)
+    with pytest.raises(ValueError):
+        model.generate(idx, 1, shift=32)
+
+
+def test_kv_cache_grows_without_losing_entries():
+    cache = KVCache()
+    ks = [torch.randn(1, 2, t, 4) for t in (50, 1, 30, 2)]  # crosses the initial capacity of 64 and a doubling
+    for k in ks:
+        full_k, full_v = cache.update(k, 2 * k)
+    torch.testing.assert_close(full_k, torch.cat(ks, dim=2))
+    torch.testing.assert_close(full_v, 2 * torch.cat(ks, dim=2))
+    assert cache.n == 83
+
+
+# -----------------------------------------------------------------------------
+# steering
+
+
+def capture_z(model):
+    zs = []
+    handle = model.mixer.register_forward_hook(lambda mod, inp, out: zs.append(out[0].detach().clone()))
+    return zs, handle
+
+
+@pytest.mark.parametrize("kind", ["interleave", "add", "none"])
+def test_steering_scales_only_the_named_concept_logits(kind):
+    model = tiny(kind)
+    idx = prompt(T=10)
+    with torch.no_grad():
+        base, _, aux = model(idx, return_aux=True)
+        same, _, aux1 = model(idx, steer={3: 1.0, 7: 1.0}, return_aux=True)
+    assert torch.equal(same, base) and torch.equal(aux1["z"], aux["z"])  # factor 1 changes nothing
+    # the cached path at the mixing step: hook the mixer's z
+    zs, handle = capture_z(model)
+    try:
+        with torch.no_grad():
+            for steer in (None, {3: 5.0, 7: -2.0}):
+                model.forward_step(idx, [KVCache() for _ in model.transformer.h], steer)
+    finally:
+        handle.remove()
+    z, zs_ = zs
+    other = [c for c in range(64) if c not in (3, 7)]
+    assert torch.equal(zs_[..., other], z[..., other])
+    torch.testing.assert_close(zs_[..., 3], 5.0 * z[..., 3])
+    torch.testing.assert_close(zs_[..., 7], -2.0 * z[..., 7])
+    # and the steered generation is the same cached or not
+    steer = {strongest_concept(model, idx): 10.0}
+    a = model.generate(idx[:, :4], 36, temperature=0, steer=steer)
+    b = model.generate(idx[:, :4], 36, temperature=0, steer=steer, use_cache=False)
+    assert torch.equal(a, b)
+    if kind != "none":  # with mixing, a strong steer changes the text
+        assert not torch.equal(a, model.generate(idx[:, :4], 36, temperature=0))
+
+
+def test_parse_steer_checks_ids_and_range():
+    assert sample.parse_steer(["3:2.5,7:-1", "9:4"], 64, "--steer") == {3: 2.5, 7: -1.0, 9: 4.0}
+    for bad in (["64:2"], ["-1:2"], ["3:10.5"], ["3:-11"], ["3"], ["a:b"]):
+        with pytest.raises(sample.UsageError):
+            sample.parse_steer(bad, 64, "--steer")
+
+
+class StubSAE:
+    """The SAE API sample.py relies on (standardise, encode_pre, topk, decode_sparse, k, n_latents, meta)."""
+
+    def __init__(self, d, n_latents, k, layer, seed=0):
+        g = torch.Generator().manual_seed(seed)
+        self.W_enc = torch.randn(n_latents, d, generator=g) / d ** 0.5
+        self.W = torch.randn(n_latents, d, generator=g) / d ** 0.5
+        self.b_pre, self.k, self.n_latents, self.d = 0.1 * torch.randn(d, generator=g), k, n_latents, d
+        self.meta = {"layer": layer}
+
+    @staticmethod
+    def standardise(h):
+        mu, std = h.mean(-1, keepdim=True), h.std(-1, keepdim=True)
+        return (h - mu) / (std + 1e-5), mu, std
+
+    def encode_pre(self, x):
+        return (x - self.b_pre) @ self.W_enc.t()
+
+    def topk(self, pre):
+        v, i = pre.topk(self.k, dim=-1)
+        return torch.relu(v), i
+
+    def decode_sparse(self, values, indices):
+        return (values.unsqueeze(-1) * self.W[indices]).sum(-2) + self.b_pre
+
+    def check_host(self, host, layer):
+        assert host.config.n_embd == self.d
+
+
+def saes(layer=1):
+    out = [StubSAE(32, 64, 4, layer)]
+    try:
+        from sae import SAE
+    except ImportError:
+        return out
+    torch.manual_seed(0)
+    real = SAE(32, 64, 4, {"layer": layer})
+    with torch.no_grad():
+        real.pre_bias.normal_(0, 0.1)
+    return out + [real]
+
+
+@pytest.mark.parametrize("sae_i", range(len(saes())))
+def test_source_steering_through_the_sae(sae_i):
+    sae = saes()[sae_i]
+    source = tiny("plain")
+    idx = prompt(T=12)
+    with torch.no_grad():
+        base, _ = source(idx)
+        h = source.forward_to(idx, 1)
+        x, mu, std = sae.standardise(h)
+        pre = sae.encode_pre(x)
+        latent = int(pre.argmax(-1)[0, 0])  # active on the first token at least
+        with sample.SourceSteering(source, sae, 1, {latent: 1.0}):
+            same, _ = source(idx)
+        assert torch.equal(same, base)  # factor 1: the hook adds exactly zero
+        steer = {latent: -3.0}
+        with sample.SourceSteering(source, sae, 1, steer):
+            steered, _ = source(idx)
+            a = source.generate(idx[:, :4], 36, temperature=0)
+            b = source.generate(idx[:, :4], 36, temperature=0, use_cache=False)
+        assert torch.equal(a, b)
+        # by hand: h + (h_hat with the latent's pre-activation scaled) - h_hat, then the rest of the model
+        pre_s = pre.clone()
+        pre_s[..., latent] *= -3.0
+        dec = lambda p: sae.decode_sparse(*sae.topk(p))
+        expected = source.forward_from(h + (dec(pre_s) - dec(pre)) * std, 1)
+    torch.testing.assert_close(steered, expected, atol=1e-5, rtol=1e-5)
+    assert not torch.allclose(steered, base)
+    assert not source.transformer.h[1]._forward_hooks  # the hook is removed afterwards
+
+
+# -----------------------------------------------------------------------------
+# inspection
+
+
+def concept_dict(path, n=64):
+    entries = [{"id": i, "freq": 0.01, "top_tokens": [[f" c{i}x", 5], [f"c{i}y", 2]]} for i in range(n)]
+    with open(path, "w") as f:
+        json.dump(entries, f)
+    return path
+
+
+def test_inspection_names_valid_concepts(tmp_path):
+    model = tiny("interleave")
+    names = sample.load_concept_names(concept_dict(tmp_path / "c.json"))
+    ids = prompt(T=10, B=1)[0].tolist() + prompt(T=30, B=1, seed=2)[0].tolist()  # 40 > block_size
+    rows = sample.inspect_tokens(model, ids, 10, top=3, names=names)
+    assert len(rows) == 40 and [r["prompt"] for r in rows] == [True] * 10 + [False] * 30
+    with torch.no_grad():
+        z = model(torch.tensor([ids[:32]]), return_aux=True)[2]["z"][0]
+    for r in rows:
+        assert len(r["concepts"]) == 3
+        for cid, logit, name in r["concepts"]:
+            assert 0 <= cid < 64 and name == f"c{cid}x/c{cid}y"
+        if r["pos"] < 32:
+            assert r["concepts"][0][0] == int(z[r["pos"]].argmax())
+    enc = sample.tokenizer()
+    text = sample.format_inspection(rows, enc, "t")
+    assert len(re.findall(r"\[c(\d+)x/c\1y\]", text)) == 120
+
+
+def test_html_page_is_self_contained_and_has_the_tokens(tmp_path):
+    model = tiny("add", vocab_size=50257)
+    enc = sample.tokenizer()
+    ids = enc.encode("The cat sat on the <mat> & slept.")
+    rows = sample.inspect_tokens(model, ids, 4, top=2, names=sample.load_concept_names(concept_dict(tmp_path / "c.json")))
+    page = sample.html_page([("a & b", rows)], enc)
+    for tok in ids:
+        assert sample.html.escape(enc.decode([tok])) in page
+    assert "&lt;" in page and "&amp;" in page and "c" + str(rows[0]["concepts"][0][0]) + "x" in page
+    assert "<script src" not in page and "<link" not in page and "http" not in page
+
+
+# -----------------------------------------------------------------------------
+# command line
+
+
+def save_ckpt(tmp_path, kind="interleave", **kw):
+    model = tiny(kind, vocab_size=50257, **kw)
+    out = tmp_path / kind
+    out.mkdir()
+    torch.save({"model": model.state_dict(), "model_args": dataclasses.asdict(model.config)}, out / "ckpt.pt")
+    return out, model
+
+
+def test_cli_prints_text(tmp_path):
+    out, _ = save_ckpt(tmp_path)
+    p = subprocess.run([sys.executable, "sample.py", f"--out_dir={out}", "--start=Once upon a time", "--num_samples=2",
+                        "--max_new_tokens=12", "--temperature=0.9", "--top_k=40", "--seed=7", "--device=cpu"],
+                       cwd=ROOT, env=ENV, capture_output=True, text=True, timeout=120)
+    assert p.returncode == 0, p.stderr
+    assert p.stdout.count("Once upon a time") == 2 and "---------------" in p.stdout
+
+
+def test_cli_cached_and_uncached_agree_and_steering_prints_side_by_side(tmp_path, capsys, monkeypatch):
+    out, model = save_ckpt(tmp_path)
+    (tmp_path / "prompt.txt").write_text("A story about the sea")
+    common = [f"--out_dir={out}", "--start=FILE:" + str(tmp_path / "prompt.txt"), "--max_new_tokens=30", "--temperature=0"]
+    runs = sample.main(common)
+    no_cache = sample.main(common + ["--no_cache"])
+    assert runs[0][3] == no_cache[0][3]
+    capsys.readouterr()
+    # both steerings from one command: the student's concept logit and the source's SAE latent
+    source = tiny("plain", seed=5, vocab_size=50257)
+    torch.save({"model": source.state_dict(), "model_args": dataclasses.asdict(source.config)}, tmp_path / "src.pt")
+    monkeypatch.setattr(sample, "load_sae", lambda path, device="cpu": StubSAE(32, 64, 4, layer=1))
+    concept_dict(str(tmp_path / "sae.pt") + ".concepts.json")
+    html_path = tmp_path / "page.html"
+    c = strongest_concept(model, torch.tensor([sample.tokenizer().encode("A story about the sea")]))
+    c2 = (c + 1) % 64
+    runs = sample.main(common + [f"--steer={c}:10", f"--steer={c2}:-4", "--steer_source=2:8", f"--concept_source={tmp_path / 'src.pt'}",
+                                 f"--sae_path={tmp_path / 'sae.pt'}", "--width=200", "--inspect", f"--html={html_path}"])
+    text = capsys.readouterr().out
+    assert [r[0] for r in runs] == ["model", f"model steered {c}:10,{c2}:-4", "concept source", "source steered 2:8"]
+    header = next(line for line in text.splitlines() if line.startswith("model "))
+    assert f"model steered {c}:10,{c2}:-4" in header and "source steered 2:8" in header  # one row, side by side
+    assert runs[1][3] != runs[0][3]
+    # inspection of both student runs, names from <sae_path>.concepts.json, the steered one showing concept 3 on top
+    assert text.count("== concepts:") == 2 and re.search(r"\[c\d+x/c\d+y\]", text)
+    base_part, steered_part = text.split("== concepts: model (")[1].split("== concepts: model steered")
+    tops = lambda part: [m.group(1) for m in re.finditer(r"\s(\d+):[+-]\d+\.\d\d", part)]
+    assert tops(steered_part).count(str(c)) > tops(base_part).count(str(c)) + 5  # z[..., c] * 10 tops the list
+    page = html_path.read_text()
+    assert page.startswith("<!DOCTYPE html>") and "sea" in page
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--steer=3:11"], "outside [-10, 10]"),
+    (["--steer=64:2"], "outside [0, 64)"),
+    (["--steer_source=1:2"], "needs --sae_path"),
+])
+def test_cli_rejects_bad_steering(tmp_path, capsys, argv, message):
+    out, _ = save_ckpt(tmp_path)
+    with pytest.raises(SystemExit) as e:
+        sample.main([f"--out_dir={out}", "--max_new_tokens=2"] + argv)
+    assert e.value.code == 2 and message in capsys.readouterr().err
+
+
+def test_cli_rejects_steering_and_inspection_without_a_concept_head(tmp_path, capsys):
+    out, _ = save_ckpt(tmp_path, "pause")
+    for flag in ("--steer=1:2", "--inspect"):
+        with pytest.raises(SystemExit):
+            sample.main([f"--out_dir={out}", "--max_new_tokens=2", flag])
+        assert "concept head" in capsys.readouterr().err
