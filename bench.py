@@ -15,7 +15,7 @@ import time
 
 import torch
 
-from model import GPT, GPTConfig
+from model import GPT, GPTConfig, sparse_mix
 
 
 def parse():
@@ -28,6 +28,8 @@ def parse():
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--compile", action="store_true")
     p.add_argument("--compare", action="store_true", help="NTP vs CoCoMix at the same student config")
+    p.add_argument("--mixing", action="store_true", help="sparse top-k mixing vs the dense masked product, fwd+bwd")
+    p.add_argument("--tokens", type=int, default=4096, help="tokens for --mixing")
     return p.parse_args()
 
 
@@ -55,8 +57,41 @@ def make_step(model, args, dtype, device):
     return step
 
 
+def bench_mixing(args):
+    """Sparse mixing (gather K rows of W_cmp, scatter-add back) against the released code's dense
+    tokens x C masked matrix times W_cmp, forward + backward, alternating, medians."""
+    C, K, d, N = args.n_concepts or 32768, args.concept_topk, args.n_embd, args.tokens
+    z = torch.randn(N, C, device=args.device)
+    values, indices = z.topk(K, dim=-1)
+    values.requires_grad_(True)
+    W = torch.randn(C, d, device=args.device, requires_grad=True)
+    g = torch.randn(N, d, device=args.device)
+
+    def sparse():
+        torch.autograd.grad(sparse_mix(values, indices, W), (values, W), g)
+
+    def dense():
+        masked = torch.zeros(N, C, device=args.device).scatter(1, indices, values)
+        torch.autograd.grad(masked @ W, (values, W), g)
+    times = {"sparse": [], "dense": []}
+    for fn in (sparse, dense):
+        fn()  # warm-up
+    for _ in range(args.rounds):
+        for name, fn in (("sparse", sparse), ("dense", dense)):
+            t0 = time.perf_counter()
+            fn()
+            if "cuda" in args.device:
+                torch.cuda.synchronize()
+            times[name].append(time.perf_counter() - t0)
+    s, dn = statistics.median(times["sparse"]), statistics.median(times["dense"])
+    print(f"mixing fwd+bwd, C={C} K={K} d={d} tokens={N} on {args.device}: sparse {s * 1e3:.1f} ms, "
+          f"dense {dn * 1e3:.1f} ms, speed-up {dn / s:.1f}x (medians of {args.rounds})")
+
+
 def main():
     args = parse()
+    if args.mixing:
+        return bench_mixing(args)
     torch.manual_seed(0)
     base = dict(n_layer=args.n_layer, n_head=args.n_head, n_embd=args.n_embd, block_size=args.block_size)
     variants = {}

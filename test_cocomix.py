@@ -466,7 +466,7 @@ def test_every_objective_trains_and_its_checkpoint_samples(data_dir, source_and_
     ckpt, sae = source_and_sae
     out = str(tmp_path / mode)
     run("train.py", f"--data_dir={data_dir}", f"--out_dir={out}", f"--mode={mode}", f"--concept_source={ckpt}",
-        f"--sae_path={sae}", "--max_iters=20", "--eval_interval=10", "--concept_topk=8", "--learning_rate=3e-3",
+        f"--sae_path={sae}", "--max_iters=12", "--eval_interval=6", "--concept_topk=8", "--learning_rate=3e-3",
         *TINY, *extra)
     evals = [r for r in read_log(out) if "val/loss" in r]
     assert evals[-1]["val/loss"] < evals[0]["val/loss"]
