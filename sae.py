@@ -21,6 +21,7 @@ import hashlib
 import json
 import math
 import os
+import pickle
 import time
 
 import numpy as np
@@ -120,7 +121,9 @@ class SAE(nn.Module):
             obj = torch.load(path, map_location=map_location, weights_only=True)
         except FileNotFoundError:
             raise
-        except Exception as e:  # truncated, foreign or pickled-code files fail here, never by running them
+        except pickle.UnpicklingError:  # torch's own message advises weights_only=False, which would run its code
+            raise ValueError(f"{path}: not a readable SAE file (not a torch file of plain tensors, or truncated)") from None
+        except Exception as e:  # truncated or foreign files fail here, never by running them
             raise ValueError(f"{path}: not a readable SAE file ({type(e).__name__}: {str(e).splitlines()[0][:200]})") from None
         if isinstance(obj, dict) and "state_dict" in obj and "n_latents" in obj:
             sae = cls._from_ours(obj, path)
@@ -563,4 +566,7 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    main()
+    try:
+        main()
+    except (ValueError, FileNotFoundError) as e:  # expected failures read better as one line than a traceback
+        raise SystemExit(f"error: {e}")
