@@ -37,6 +37,17 @@ def load_concept_source(path, device="cpu"):
     return model.to(device)
 
 
+def gathered_dot(W, indices, g, chunk=1024):
+    """(W[indices] . g) for rows W (C x d), indices (..., K), g (..., d) -> (..., K), in token chunks
+    so the tokens x K x d gathered rows never exist all at once."""
+    K, d = indices.size(-1), g.size(-1)
+    flat_i, flat_g = indices.reshape(-1, K), g.reshape(-1, d)
+    out = torch.empty(flat_i.shape, dtype=g.dtype, device=g.device)
+    for s in range(0, flat_i.size(0), chunk):
+        out[s:s + chunk] = torch.bmm(W[flat_i[s:s + chunk]], flat_g[s:s + chunk].unsqueeze(2)).squeeze(2)
+    return out.view(indices.shape)
+
+
 class ConceptLabeler:
     """Per batch: top-K_attr concept labels (B, T, K_attr), -1 where a token has too few active latents."""
 
@@ -71,7 +82,7 @@ class ConceptLabeler:
         if self.rule == "activation":
             return values, indices, values
         # g . W_dec at the active latents only: gather K_sae decoder rows instead of a dense tokens x C product
-        gW = (sae.W_dec[indices] * g.float().unsqueeze(-2)).sum(-1)
+        gW = gathered_dot(sae.W_dec.contiguous(), indices, g.float())
         if self.rule == "attribution_pre":  # the paper's equation: pre-activations instead of post-TopK latents
             x, _, _ = sae.standardise(h.float())
             a = sae.encode_pre(x).gather(-1, indices)
