@@ -407,7 +407,7 @@ while True:
         break
 
     # one optimizer step over the global batch of this step
-    loss_sum = 0.0
+    loss_sum, parts = 0.0, {}
     for micro in range(micro_batches):
         X, Y = get_batch('train', iter_num, micro)
         if ddp:  # sync gradients only on the last micro-batch
@@ -416,6 +416,9 @@ while True:
         loss = loss / micro_batches
         scaler.scale(loss).backward()
         loss_sum += loss.item()
+        for key in ('ntp', 'concept', 'recall', 'kd'):  # logged as means over the micro-batches
+            if key in aux:
+                parts[key] = parts.get(key, 0.0) + aux[key].item() / micro_batches
     if ddp:  # the mean over all processes, so every rank takes the same skip decision
         t = torch.tensor(loss_sum, device=device)
         torch.distributed.all_reduce(t)
@@ -441,9 +444,7 @@ while True:
 
     if master:
         record = {'iter': iter_num, 'loss': loss_sum, 'lr': lr}
-        for key in ('ntp', 'concept', 'recall', 'kd'):
-            if key in aux:
-                record[key] = aux[key].item()
+        record.update(parts)
         if iter_num % log_interval == 0:
             log({'train_step': iter_num, **record})
         if pbar:

@@ -1,0 +1,481 @@
+"""
+The paper's comparison (../shared/SPEC.md sections 5 and 7) at small scale, in one command:
+
+    python reproduce.py --preset=tiny                  # smoke test, ~3 minutes on a 2-core CPU
+    python reproduce.py --preset=cpu --seeds 1,2,3     # gutenberg, ~2.5 hours per seed on 2 cores
+    python reproduce.py --preset=gpu                   # the 69M setup, GPT-2 + OpenAI SAE, one H100
+    python reproduce.py --preset=tiny --ablation label_rule=activation mix=add lam=0
+
+Stages, each skipped when its output exists and its stage.json records the same settings (a
+finished stage with other settings stops the run: use another --out_dir, or --force to redo it):
+  1. data     prepare.prepare(--input) -> OUT/data
+  2. source   the concept source, train.py --mode=ntp -> OUT/source
+  3. sae      sae.py on the source + its concept dictionary -> OUT/sae
+  4. train    every method x seed for the same token budget and batches -> OUT/runs/{method}_s{seed}
+  5. eval     val loss/ppl/bpb, out-of-domain loss, LAMBADA -> OUT/runs/*/eval.json
+  6. report   OUT/results.md, OUT/curves.csv (and OUT/curves.png with matplotlib)
+"""
+
+import argparse
+import hashlib
+import json
+import math
+import os
+import re
+import signal
+import subprocess
+import sys
+import time
+
+REPO = os.path.dirname(os.path.abspath(__file__))
+DATA = os.path.join(REPO, '..', 'shared', 'data')  # the project's offline data; used only when present
+
+# -----------------------------------------------------------------------------
+# presets. 'source'/'student' are train.py keys, 'sae' sae.py flags, 'eval' this file's evaluation.
+# GPT-2's 50257-token LM head dominates the cost of these small models: time scales with tokens.
+PRESETS = {
+    # Smoke test of the whole pipeline: ~2-3 minutes on a loaded 2-core CPU. The numbers mean nothing.
+    'tiny': dict(
+        input=[f'{DATA}/tinyshakespeare/input.txt'], ood=f'{DATA}/gutenberg/Carroll__Through_the_Looking_Glass.txt',
+        lambada=f'{DATA}/lambada/lambada_test.jsonl', seeds='1',
+        threads=1,  # tiny matrices: a second thread costs more in synchronisation than it saves
+        source=dict(n_layer=2, n_head=2, n_embd=64, block_size=32, batch_size=4, max_iters=60, eval_interval=30,
+                    eval_iters=2, learning_rate=3e-3, log_interval=5),
+        sae=dict(layer=0, n_latents=256, k=8, tokens=16384, batch_size=1024, buffer=8192, eval_tokens=2048),
+        student=dict(n_layer=2, n_head=2, n_embd=64, block_size=32, batch_size=4, max_iters=40, eval_interval=10,
+                     eval_iters=2, learning_rate=3e-3, insert_layer=1, concept_topk=8, log_interval=2),
+        eval=dict(max_tokens=2048, lambada_max=50, batch_size=16)),
+    # Gutenberg on a 2-core CPU, ~2.5 hours per seed. Measured with OMP_NUM_THREADS=1 on a shared, loaded
+    # 2-core machine (where 2 threads were 1.3-1.8x slower): source 210 tok/s, SAE ~2000 activations/s,
+    # students NTP 320, CoCoMix 143, KD 142, pause 305 tok/s. So: source 410k tokens ~35 min, SAE 1M
+    # activations ~12 min, 246k tokens per student ~96 min for the four (15% of it the periodic evals),
+    # final evaluation ~8 min. On an idle machine try OMP_NUM_THREADS=2. SAE: 4096 latents = 16 per dimension (the paper's 32k on d=768 is ~43);
+    # 8192 would double the SAE's cost and the student's concept head, and 1M activations cannot train
+    # that many well. SAE on block 2 of 6, as the paper's 5 of 12.
+    'cpu': dict(
+        input=[f'{DATA}/gutenberg'], ood=f'{DATA}/tinyshakespeare/input.txt',
+        lambada=f'{DATA}/lambada/lambada_test.jsonl', seeds='1', threads=1,
+        source=dict(n_layer=6, n_head=4, n_embd=256, block_size=256, batch_size=8, max_iters=200, eval_interval=50,
+                    eval_iters=5, learning_rate=1e-3, log_interval=5),
+        sae=dict(layer=2, n_latents=4096, k=32, tokens=1_048_576, batch_size=4096, buffer=131072, eval_tokens=32768),
+        student=dict(n_layer=4, n_head=4, n_embd=192, block_size=256, batch_size=8, max_iters=120, eval_interval=15,
+                     eval_iters=4, learning_rate=1e-3, insert_layer=1, concept_topk=32, log_interval=2),
+        eval=dict(max_tokens=32768, lambada_max=500, batch_size=8)),
+    # The paper's 69M setup (SPEC section 6), GPT-2 124M + OpenAI's layer-5 32k SAE as the concept source,
+    # OpenWebText (needs `datasets`; train.py needs the GPT-2 weights). 1000 steps of 0.5M tokens = 0.52B
+    # tokens per method (the paper: 20B). Not measured: at a guessed ~400k tok/s (NTP) to ~150k tok/s
+    # (CoCoMix) on one H100 in bf16, ~2.5 hours for the four methods.
+    'gpu': dict(
+        input='source:openwebtext', ood=f'{DATA}/tinyshakespeare/input.txt',
+        lambada=f'{DATA}/lambada/lambada_test.jsonl', seeds='1', threads=0,
+        concept_source='gpt2', sae_path='openai:resid_post_mlp_v5_32k/5', sae_layer=5, n_concepts=32768,
+        student=dict(n_layer=8, n_head=8, n_embd=512, block_size=1024, batch_size=32, gradient_accumulation_steps=16,
+                     max_iters=1000, eval_interval=100, eval_iters=20, learning_rate=6e-4, weight_decay=0.1,
+                     insert_layer=3, concept_topk=32, log_interval=10, compile=True),
+        eval=dict(max_tokens=2_000_000, lambada_max=None, batch_size=32)),
+}
+METHODS = ('ntp', 'cocomix', 'kd', 'pause')
+# -----------------------------------------------------------------------------
+
+
+def fail(msg):
+    print(f"error: {msg}", file=sys.stderr)
+    sys.exit(1)
+
+
+def digest(obj):
+    return hashlib.sha256(json.dumps(obj, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def read_json(path):
+    try:
+        with open(path) as f:
+            return json.load(f)
+    except (OSError, ValueError):
+        return None
+
+
+def write_json(path, obj):
+    with open(path + '.tmp', 'w') as f:
+        json.dump(obj, f, indent=1)
+    os.replace(path + '.tmp', path)  # a stage counts as done only once its record is whole
+
+
+def read_log(run_dir):
+    with open(os.path.join(run_dir, 'log.jsonl')) as f:
+        return [json.loads(line) for line in f if line.strip()]
+
+
+def done(name, record, settings, outputs, force):
+    """True when `record` holds these settings and the outputs exist. Other settings stop the run
+    (unless force): silently mixing two configurations in one out_dir would make the table a lie."""
+    rec = read_json(record)
+    settings = json.loads(json.dumps(settings))  # compare as JSON sees it (tuples -> lists)
+    if rec is not None and rec.get('settings') != settings:
+        if not force:
+            old = rec.get('settings', {})
+            diff = sorted(k for k in set(old) | set(settings) if old.get(k) != settings.get(k))
+            fail(f"stage {name}: {record} was made with other settings ({', '.join(diff)}); "
+                 "use another --out_dir, or --force to redo it")
+    elif rec is not None and all(os.path.exists(o) for o in outputs):
+        print(f"skip {name}: done ({os.path.dirname(record)})")
+        return True
+    if os.path.exists(record):
+        os.remove(record)  # an interrupted redo must not look finished
+    print(f"== stage {name}", flush=True)
+    return False
+
+
+def run_logged(stage, cmd, log_path, env):
+    """Runs cmd from the repo root, streaming its output (progress bars included) to us and log_path."""
+    print(' '.join(cmd), flush=True)
+    with open(log_path, 'ab') as log:
+        log.write((' '.join(cmd) + '\n').encode())
+        proc = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+        try:
+            while chunk := proc.stdout.read1(65536):  # read1: whatever is there, so '\r' updates flow
+                sys.stdout.buffer.write(chunk)
+                sys.stdout.flush()
+                log.write(chunk)
+            rc = proc.wait()
+        except KeyboardInterrupt:
+            proc.send_signal(signal.SIGINT)  # a terminal's Ctrl-C reached it already; a lone SIGINT to us did not
+            proc.wait()  # train.py finishes its step, saves and exits; let it
+            fail(f"interrupted in stage {stage}; run the same command again to redo that stage")
+    if rc:
+        fail(f"stage {stage} failed (exit {rc}); see {log_path}")
+
+
+def command_stage(name, folder, settings, outputs, cmds, a, env, log_name, check=None):
+    """A stage made of subprocesses writing into `folder`; returns its record. Earlier outputs go first:
+    train.py and sae.py append to their logs, and a half-finished attempt must not leak into this one."""
+    record = os.path.join(folder, 'stage.json')
+    if done(name, record, settings, outputs, a.force):
+        return read_json(record)
+    os.makedirs(folder, exist_ok=True)
+    for f in os.listdir(folder):
+        if f.split('.')[0] in ('ckpt', 'log', 'train', 'sae', 'eval'):
+            os.remove(os.path.join(folder, f))
+    t0 = time.time()
+    for cmd in cmds:
+        cmd = cmd() if callable(cmd) else cmd  # a callable decides after the previous command
+        if cmd:
+            run_logged(name, [sys.executable, *cmd], os.path.join(folder, log_name), env)
+    if check:
+        check()
+    rec = {'settings': settings, 'wall': time.time() - t0}
+    write_json(record, rec)
+    return rec
+
+
+def flags(d):
+    return [f'--{k}={v}' for k, v in d.items() if v is not None]
+
+
+def parse_ablation(spec):
+    """'label_rule=activation' or 'mix=add,lam=0' -> ('cocomix[...]', {key: value})."""
+    pairs = [p.split('=', 1) for p in spec.split(',')]
+    if not all(len(p) == 2 and p[0] and p[1] for p in pairs):
+        fail(f"--ablation {spec!r}: expected KEY=VALUE[,KEY=VALUE] (train.py config keys)")
+    return f'cocomix[{spec}]', dict(pairs)
+
+# -----------------------------------------------------------------------------
+# evaluation and report
+
+
+def evaluate_run(run_dir, data_dir, ev, device):
+    import torch
+    from eval import evaluate_lambada, evaluate_text, evaluate_tokens, get_encoding, load_split, token_byte_lengths
+    from model import load_checkpoint
+    model, _ = load_checkpoint(os.path.join(run_dir, 'ckpt.pt'), device)
+    model.eval()
+    enc = get_encoding()
+    tb = token_byte_lengths(enc)
+    T, B = model.config.block_size, ev['batch_size']
+    with torch.no_grad():
+        val = evaluate_tokens(model, load_split(data_dir, 'val', model.config.vocab_size), T, B, device,
+                              ev['max_tokens'], tb)
+        out = {'params': model.get_num_params(), 'val': val}
+        if ev['ood']:
+            out['ood'] = evaluate_text(model, ev['ood'], enc, T, B, device, ev['max_tokens'], tb)
+        if ev['lambada']:
+            out['lambada'] = evaluate_lambada(model, ev['lambada'], enc, T, B, device, ev['lambada_max'])
+    return out
+
+
+def stats(xs, digits=3):
+    xs = [x for x in xs if x is not None]
+    if not xs:
+        return '–'
+    m = sum(xs) / len(xs)
+    if len(xs) == 1:
+        return f'{m:.{digits}f}'
+    sd = math.sqrt(sum((x - m) ** 2 for x in xs) / (len(xs) - 1))
+    return f'{m:.{digits}f} ± {sd:.{digits}f}'
+
+
+def tokens_to_reach(curve, target):
+    """First point where the val-loss curve [(tokens, loss)] reaches target, linearly interpolated."""
+    for i, (t, loss) in enumerate(curve):
+        if loss <= target:
+            if i == 0:
+                return t
+            t0, l0 = curve[i - 1]
+            return t0 + (l0 - target) / (l0 - loss) * (t - t0)
+    return None
+
+
+def report(out_dir, runs, methods, seeds, notes):
+    """runs[(method, seed)] = dict(eval=..., train=..., log=[...]) -> results.md, curves.csv, curves.png."""
+    curves = {k: [(r['tokens'], r['val/loss']) for r in v['log'] if 'val/loss' in r] for k, v in runs.items()}
+    train_loss = {k: {r['train_step']: r.get('ntp', r['loss']) for r in v['log'] if 'train_step' in r}
+                  for k, v in runs.items()}
+    with open(os.path.join(out_dir, 'curves.csv'), 'w') as f:
+        f.write('method,seed,iter,tokens,train_loss,val_loss,val_bpb,time\n')
+        for (m, s), v in runs.items():
+            for r in v['log']:
+                if 'val/loss' in r:
+                    f.write(f"{m},{s},{r['iter']},{r['tokens']},{r['train/loss']},{r['val/loss']},"
+                            f"{r.get('val/bpb', '')},{r['time']:.1f}\n")
+    get = lambda m, f: [f(runs[m, s]) for s in seeds]
+    opt = lambda key, sub: (lambda r: r['eval'][key][sub] if key in r['eval'] else None)
+    lines = ['# CoCoMix reproduction: results', '', *notes, '',
+             f"Mean ± sample std over seeds {', '.join(map(str, seeds))}. Val: the prepared val split "
+             "(eval.evaluate_tokens); OOD: loss on another text; wall: the train.py process, "
+             "tokens/s = training tokens / wall.", '',
+             '| method | params | tokens | val loss | val ppl | val bpb | OOD loss | LAMBADA acc | LAMBADA ppl | wall (s) | tokens/s |',
+             '|---|---|---|---|---|---|---|---|---|---|---|']
+    for m in methods:
+        tokens = [curves[m, s][-1][0] for s in seeds]
+        wall = get(m, lambda r: r['train']['wall'])
+        lines.append(f"| {m} | {runs[m, seeds[0]]['eval']['params'] / 1e6:.2f}M | {tokens[0]:,} | "
+                     f"{stats(get(m, opt('val', 'loss')))} | {stats(get(m, opt('val', 'ppl')), 1)} | "
+                     f"{stats(get(m, opt('val', 'bpb')))} | {stats(get(m, opt('ood', 'loss')))} | "
+                     f"{stats(get(m, opt('lambada', 'acc')))} | {stats(get(m, opt('lambada', 'ppl')), 1)} | "
+                     f"{stats(wall, 0)} | {stats([t / w for t, w in zip(tokens, wall)], 0)} |")
+    if 'ntp' in methods and len(methods) > 1:
+        lines += ['', "## Paired differences to NTP (same seed, same batches)", '',
+                  "Δ val loss: method − NTP on the val split (negative = better). Δ train loss: mean over the run "
+                  "of the per-step next-token loss difference (train.py's log, every log_interval steps; the "
+                  "concept/KD terms are not included). Tokens to NTP's final val loss: on the eval curves of "
+                  "train.py's val estimate, linearly interpolated; 'fewer' = 1 − that / NTP's budget.", '',
+                  '| method | Δ val loss | Δ train loss | wins (val) | tokens to NTP final val loss | fewer tokens |',
+                  '|---|---|---|---|---|---|']
+        efficiency = {}
+        for m in methods:
+            if m == 'ntp':
+                continue
+            dval = [runs[m, s]['eval']['val']['loss'] - runs['ntp', s]['eval']['val']['loss'] for s in seeds]
+            dtrain = []
+            for s in seeds:
+                a, b = train_loss[m, s], train_loss['ntp', s]
+                common = sorted(set(a) & set(b))
+                dtrain.append(sum(a[i] - b[i] for i in common) / len(common) if common else None)
+            reach = []
+            for s in seeds:
+                target = curves['ntp', s][-1][1]
+                t = tokens_to_reach(curves[m, s], target)
+                reach.append(None if t is None else (t, 1 - t / curves['ntp', s][-1][0]))
+            got = [r for r in reach if r is not None]
+            efficiency[m] = (got, len(reach))
+            lines.append(f"| {m} | {stats(dval, 4)} | {stats(dtrain, 4)} | {sum(d < 0 for d in dval)}/{len(dval)} | "
+                         f"{stats([r[0] for r in got], 0) if got else 'not reached'} ({len(got)}/{len(reach)} seeds) | "
+                         f"{stats([100 * r[1] for r in got], 1) + '%' if got else '–'} |")
+        if 'cocomix' in efficiency:
+            got, n = efficiency['cocomix']
+            lines += ['', "**Sample efficiency** (paper: CoCoMix reaches NTP's final val perplexity with 21.5% fewer "
+                      "tokens at 1.38B/200B tokens): "
+                      + (f"CoCoMix reaches NTP's final val loss with {stats([100 * r[1] for r in got], 1)}% fewer tokens "
+                         f"({len(got)}/{n} seeds reach it)." if got else
+                         "CoCoMix never reaches NTP's final val loss within the budget.")]
+    try:
+        import matplotlib
+        matplotlib.use('Agg')
+        import matplotlib.pyplot as plt
+        fig, ax = plt.subplots(figsize=(7, 4.5))
+        for i, m in enumerate(methods):
+            for j, s in enumerate(seeds):
+                t, l = zip(*curves[m, s])
+                ax.plot(t, l, color=f'C{i}', alpha=0.8, label=m if j == 0 else None)
+        ax.set_xlabel('training tokens'), ax.set_ylabel('val loss (train.py estimate)'), ax.legend()
+        fig.savefig(os.path.join(out_dir, 'curves.png'), dpi=120, bbox_inches='tight')
+        plt.close(fig)
+        lines += ['', '![val loss vs tokens](curves.png)']
+    except ImportError:
+        lines += ['', '(matplotlib is not installed: no curves.png; the curves are in curves.csv)']
+    with open(os.path.join(out_dir, 'results.md'), 'w') as f:
+        f.write('\n'.join(lines) + '\n')
+
+
+# -----------------------------------------------------------------------------
+
+
+def main():
+    p = argparse.ArgumentParser(description="CoCoMix vs NTP, KD and pause at small scale, end to end.")
+    p.add_argument('--preset', choices=sorted(PRESETS), required=True)
+    p.add_argument('--input', nargs='+', help="text files/folders (default: the preset's)")
+    p.add_argument('--out_dir', help='default out/reproduce_{preset}')
+    p.add_argument('--seeds', help="comma-separated (default: the preset's)")
+    p.add_argument('--methods', default=','.join(METHODS), help=f"subset of {','.join(METHODS)}")
+    p.add_argument('--ablation', nargs='+', action='extend', default=[], metavar='KEY=VALUE',
+                   help='extra CoCoMix runs with these train.py keys, e.g. label_rule=activation mix=add lam=0')
+    p.add_argument('--ood', help="out-of-domain text file ('' to skip; default: the preset's)")
+    p.add_argument('--force', action='store_true', help='redo stages whose recorded settings differ')
+    a = p.parse_args()
+    P = PRESETS[a.preset]
+    out = os.path.abspath(a.out_dir or os.path.join(REPO, 'out', f'reproduce_{a.preset}'))
+    seeds = [int(s) for s in (a.seeds or P['seeds']).split(',') if s.strip()]
+    methods = [m.strip() for m in a.methods.split(',') if m.strip()]
+    if bad := [m for m in methods if m not in METHODS]:
+        fail(f"unknown method(s) {', '.join(bad)}; choose from {', '.join(METHODS)}")
+    ablations = dict(parse_ablation(s) for s in a.ablation)
+    methods += list(ablations)
+    if not seeds or not methods:
+        fail('nothing to run: give at least one seed and one method')
+    # child processes: unbuffered (progress shows as it happens), the offline tokenizer cache if there is one
+    tok = os.path.join(REPO, '..', 'shared', 'tiktoken')
+    if os.path.isdir(tok):
+        os.environ.setdefault('TIKTOKEN_CACHE_DIR', os.path.abspath(tok))
+    env = dict(os.environ, PYTHONUNBUFFERED='1')
+    import torch
+    if P['threads'] and 'OMP_NUM_THREADS' not in os.environ:  # the user's setting wins
+        env['OMP_NUM_THREADS'] = str(P['threads'])
+        torch.set_num_threads(P['threads'])
+    device = 'cuda' if torch.cuda.is_available() else 'cpu'
+    rel = lambda v: os.path.relpath(v, out) if isinstance(v, str) and v.startswith(out) else v  # survive a move
+
+    # 1. data
+    data_dir = os.path.join(out, 'data')
+    inputs = [os.path.abspath(x) for x in a.input] if a.input else P['input']
+    if isinstance(inputs, list):
+        if missing := [x for x in inputs if not os.path.exists(x)]:
+            fail(f"input not found: {', '.join(missing)}" + ('' if a.input else '; pass --input FILES'))
+        size = lambda x: os.path.getsize(x) if os.path.isfile(x) else sum(
+            os.path.getsize(os.path.join(d, f)) for d, _, fs in os.walk(x) for f in fs if f.endswith('.txt'))
+        data_settings = {'inputs': [[os.path.abspath(x), size(x)] for x in inputs]}  # sizes: a cheap change check
+    else:
+        data_settings = {'inputs': inputs}
+    if not done('data', os.path.join(data_dir, 'stage.json'), data_settings,
+                [os.path.join(data_dir, f) for f in ('train.bin', 'val.bin', 'meta.json')], a.force):
+        import prepare
+        try:
+            if isinstance(inputs, list):
+                prepare.prepare(inputs, data_dir, overwrite=a.force)
+            else:
+                prepare.prepare_source(inputs.removeprefix('source:'), data_dir, overwrite=a.force)
+        except prepare.PrepareError as e:
+            fail(f"stage data failed: {e}")
+        write_json(os.path.join(data_dir, 'stage.json'), {'settings': data_settings})
+    deps = {'data': digest(data_settings)}
+    D = f'--data_dir={data_dir}'
+
+    # 2. concept source (trained here, or GPT-2)
+    if P.get('concept_source'):
+        source = deps['source'] = P['concept_source']
+        print(f"skip source: the concept source is {source}")
+    else:
+        src_dir = os.path.join(out, 'source')
+        source, cfg = os.path.join(src_dir, 'ckpt.pt'), dict(mode='ntp', seed=1337, **P['source'])
+        settings = {'train': cfg, 'deps': dict(deps)}
+        command_stage('source', src_dir, settings, [source],
+                      [['train.py', *flags(cfg), D, f'--out_dir={src_dir}']], a, env, 'train.log')
+        deps['source'] = digest(settings)
+
+    # 3. SAE (trained here, or OpenAI's) and its concept dictionary
+    sae_dir = os.path.join(out, 'sae')
+    if P.get('sae_path'):  # the dictionary goes next to the downloaded file
+        sae_path, n_concepts, sae_layer = P['sae_path'], P['n_concepts'], P['sae_layer']
+        settings, outputs = {'sae': sae_path, 'deps': dict(deps)}, []
+        cmds = [['sae.py', '--describe', f'--sae={sae_path}', f'--ckpt={source}', f'--layer={sae_layer}', D,
+                 f'--device={device}']]
+    else:
+        sae_path, n_concepts, sae_layer = os.path.join(sae_dir, 'sae.pt'), P['sae']['n_latents'], P['sae']['layer']
+        settings = {'sae': P['sae'], 'deps': dict(deps)}
+        concepts = os.path.join(sae_dir, 'sae.concepts.json')
+        outputs = [sae_path, concepts]
+        cmds = [['sae.py', f'--ckpt={source}', f'--out={sae_path}', '--seed=1337', *flags(P['sae']), D, f'--device={device}'],
+                # training writes the dictionary itself; describe only if it did not
+                lambda: None if os.path.exists(concepts) else ['sae.py', '--describe', f'--sae={sae_path}', D]]
+    command_stage('sae', sae_dir, settings, outputs, cmds, a, env, 'sae.log')
+    deps['sae'] = digest(settings)
+
+    # 4. every method x seed: the same student config, token budget and seed, hence the same batches
+    from model import GPTConfig, ntp_matched_width
+    student = P['student']
+    width = ntp_matched_width(GPTConfig(
+        **{k: student[k] for k in ('n_layer', 'n_head', 'n_embd', 'block_size', 'concept_topk', 'insert_layer')},
+        n_concepts=n_concepts))
+    print(f"NTP baseline width {width}: parameter-matched to the CoCoMix student (d={student['n_embd']}, "
+          f"{n_concepts} concepts)")
+    method_cfg = {'ntp': (dict(mode='ntp', n_embd=width), ('data',)),
+                  'cocomix': (dict(mode='cocomix', concept_source=source, sae_path=sae_path, sae_layer=sae_layer),
+                              ('data', 'source', 'sae')),
+                  'kd': (dict(mode='kd', concept_source=source), ('data', 'source')),
+                  'pause': (dict(mode='pause'), ('data',))}
+    for label, over in ablations.items():
+        method_cfg[label] = ({**method_cfg['cocomix'][0], **over}, method_cfg['cocomix'][1])
+    runs = {}
+    for seed in seeds:
+        for m in methods:
+            run_dir = os.path.join(out, 'runs', re.sub(r'[^A-Za-z0-9_.-]+', '_', m).strip('_') + f'_s{seed}')
+            over, needs = method_cfg[m]
+            cfg = {**student, **over, 'seed': seed}
+            settings = {'train': {k: rel(v) for k, v in cfg.items()}, 'deps': {k: deps[k] for k in needs}}
+            name = f'train {m} seed {seed}'
+
+            def finished():  # train.py exits 0 after a SIGINT too, with a checkpoint of where it stopped
+                last = [r for r in read_log(run_dir) if 'val/loss' in r][-1:]
+                if not last or last[0]['iter'] != cfg['max_iters']:
+                    fail(f"stage {name} stopped before max_iters={cfg['max_iters']}; see {run_dir}/train.log")
+            rec = command_stage(name, run_dir, settings, [os.path.join(run_dir, 'ckpt.pt')],
+                                [['train.py', *flags(cfg), D, f'--out_dir={run_dir}']], a, env, 'train.log', finished)
+            runs[m, seed] = {'dir': run_dir, 'settings': settings, 'train': rec}
+
+    # 5. evaluate every final checkpoint
+    ood, notes = (a.ood if a.ood is not None else P['ood']), []
+    if ood and not os.path.isfile(ood):
+        notes.append(f"- OOD text {ood} is not there: no OOD loss.")
+        ood = ''
+    elif ood and isinstance(inputs, list) and any(os.path.abspath(ood) == x or os.path.abspath(ood).startswith(x + os.sep)
+                                                  for x in map(os.path.abspath, inputs)):
+        notes.append(f"- OOD text {ood} is part of the training input: no OOD loss.")
+        ood = ''
+    lambada = P['lambada'] if os.path.isfile(P['lambada']) else ''
+    if not lambada:
+        notes.append(f"- LAMBADA ({P['lambada']}) is not there: no LAMBADA numbers.")
+    ev = {**P['eval'], 'ood': ood and os.path.abspath(ood), 'lambada': lambada and os.path.abspath(lambada)}
+    notes += [f"- OOD: `{os.path.basename(ood)}`, first {ev['max_tokens']:,} tokens."] if ood else []
+    notes += [f"- LAMBADA: first {ev['lambada_max'] or 'all'} examples, contexts cut to the model's window."] \
+        if lambada else []
+    for (m, seed), r in runs.items():
+        record, settings = os.path.join(r['dir'], 'eval.json'), {'eval': ev, 'run': digest(r['settings'])}
+        if not done(f'eval {m} seed {seed}', record, settings, [], a.force):
+            try:
+                res = evaluate_run(r['dir'], data_dir, ev, device)
+            except Exception as e:  # eval.EvalError, or a broken checkpoint
+                fail(f"stage eval {m} seed {seed} failed: {type(e).__name__}: {e}")
+            write_json(record, {'settings': settings, 'result': res})
+            print(f"{m} seed {seed}: val loss {res['val']['loss']:.4f}")
+        r['eval'], r['log'] = read_json(record)['result'], read_log(r['dir'])
+
+    # 6. report
+    s = student
+    notes.insert(0, f"Preset `{a.preset}`. Students: {s['n_layer']} layers, d={s['n_embd']} (NTP d={width}, "
+                    f"parameter-matched), block {s['block_size']}, {s['max_iters']} steps of "
+                    f"{s['batch_size'] * s.get('gradient_accumulation_steps', 1) * s['block_size']:,} tokens; "
+                    f"concept source `{rel(source)}`, SAE `{rel(sae_path)}` ({n_concepts} concepts).")
+    sae_eval = [json.loads(x)['eval'] for x in open(os.path.join(sae_dir, 'sae.metrics.jsonl')) if '"eval"' in x][-1:] \
+        if os.path.exists(os.path.join(sae_dir, 'sae.metrics.jsonl')) else []
+    for e in sae_eval:
+        notes.insert(1, f"- SAE on held-out text: FVU {e['fvu']:.3f}, L0 {e['l0']:.1f}, dead fraction {e['dead']:.3f}.")
+    settings = {'runs': {f'{m}_s{s}': digest(r['eval']) for (m, s), r in runs.items()}, 'notes': notes}
+    record = os.path.join(out, 'report.json')
+    # derived from the records above only, so other settings (more seeds or methods) just redo it
+    if not done('report', record, settings, [os.path.join(out, f) for f in ('results.md', 'curves.csv')], True):
+        report(out, runs, methods, seeds, notes)
+        write_json(record, {'settings': settings})
+    print(f"results: {os.path.join(out, 'results.md')}")
+
+
+if __name__ == '__main__':
+    main()

@@ -1,0 +1,102 @@
+"""reproduce.py end to end on the tiny preset (~2 minutes on a 2-core CPU), plus its small helpers."""
+
+import csv
+import math
+import os
+import random
+import subprocess
+import sys
+import time
+
+import pytest
+
+from reproduce import stats, tokens_to_reach
+
+REPO = os.path.dirname(os.path.abspath(__file__))
+SHAKESPEARE = os.path.join(REPO, '..', 'shared', 'data', 'tinyshakespeare', 'input.txt')
+TIKTOKEN_DIR = os.path.join(REPO, '..', 'shared', 'tiktoken')
+
+
+def run(*args, timeout=600):
+    env = dict(os.environ)
+    if os.path.isdir(TIKTOKEN_DIR):
+        env.setdefault('TIKTOKEN_CACHE_DIR', os.path.abspath(TIKTOKEN_DIR))
+    return subprocess.run([sys.executable, 'reproduce.py', *args], cwd=REPO, env=env, capture_output=True,
+                          text=True, timeout=timeout)
+
+
+def table_rows(path):
+    """First Markdown table of results.md: {method: [cells]}."""
+    rows = {}
+    with open(path) as f:
+        for line in f:
+            if line.startswith('| ') and not line.startswith('| method'):
+                cells = [c.strip() for c in line.strip().strip('|').split('|')]
+                rows.setdefault(cells[0], cells)
+            elif rows:
+                break
+    return rows
+
+
+def number(cell):
+    return float(cell.split(' ± ')[0].rstrip('M%').replace(',', ''))
+
+
+def test_tiny_end_to_end(tmp_path):
+    out = tmp_path / 'out'
+    args = ['--preset=tiny', f'--out_dir={out}']
+    if not os.path.exists(SHAKESPEARE):  # no shared data: any English-ish text will do for a smoke test
+        words = 'the king and queen of a far land went to see the old man by the sea who said'.split()
+        rng = random.Random(0)
+        text = '\n'.join(' '.join(rng.choice(words) for _ in range(12)) + '.' for _ in range(4000))
+        (tmp_path / 'input.txt').write_text(text)
+        args.append(f'--input={tmp_path / "input.txt"}')
+    t0 = time.time()
+    r = run(*args)
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    print(f"tiny preset: {time.time() - t0:.0f}s")
+
+    rows = table_rows(out / 'results.md')
+    header = ['method', 'params', 'tokens', 'val loss', 'val ppl', 'val bpb', 'OOD loss', 'LAMBADA acc',
+              'LAMBADA ppl', 'wall (s)', 'tokens/s']
+    for m in ('ntp', 'cocomix', 'kd', 'pause'):
+        assert m in rows, f"no row for {m} in results.md"
+        cells = dict(zip(header, rows[m]))
+        for key in ('params', 'tokens', 'val loss', 'val ppl', 'val bpb', 'wall (s)', 'tokens/s'):
+            assert math.isfinite(number(cells[key])), (m, key, cells[key])
+        for key in ('OOD loss', 'LAMBADA acc', 'LAMBADA ppl'):  # '–' where the shared data is missing
+            assert cells[key] == '–' or math.isfinite(number(cells[key])), (m, key, cells[key])
+        assert 0 < number(cells['val loss']) < 12
+    # every method saw the same token budget
+    assert len({rows[m][2] for m in ('ntp', 'cocomix', 'kd', 'pause')}) == 1
+    text = (out / 'results.md').read_text()
+    assert 'Paired differences to NTP' in text and 'Sample efficiency' in text
+
+    with open(out / 'curves.csv') as f:
+        curves = list(csv.DictReader(f))
+    assert {c['method'] for c in curves} == {'ntp', 'cocomix', 'kd', 'pause'}
+    assert all(math.isfinite(float(c['val_loss'])) for c in curves)
+
+    # everything is done: a second run skips every stage and only re-reads the records
+    t0 = time.time()
+    r = run(*args, timeout=120)
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert '== stage' not in r.stdout, r.stdout
+    assert r.stdout.count('skip ') >= 2 + 1 + 4 + 4 + 1  # data, source, sae, 4 trains, 4 evals, report
+    assert time.time() - t0 < 60
+
+    # other settings in the same out_dir: a one-line error, nothing overwritten
+    other = tmp_path / 'other.txt'
+    other.write_text('a different corpus entirely. ' * 2000)
+    r = run(f'--out_dir={out}', '--preset=tiny', f'--input={other}', timeout=120)
+    assert r.returncode != 0 and 'use another --out_dir' in r.stderr, r.stderr
+
+
+def test_stats_and_tokens_to_reach():
+    assert stats([1.0]) == '1.000'
+    assert stats([1.0, 3.0], 1) == '2.0 ± 1.4'
+    assert stats([None]) == '–'
+    curve = [(0, 10.0), (100, 8.0), (200, 6.0), (300, 5.0)]
+    assert tokens_to_reach(curve, 7.0) == pytest.approx(150)
+    assert tokens_to_reach(curve, 5.0) == pytest.approx(300)
+    assert tokens_to_reach(curve, 4.0) is None
