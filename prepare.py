@@ -35,13 +35,13 @@ import os
 import re
 import sys
 import time
-import urllib.error
-import urllib.request
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import numpy as np
 from tqdm import tqdm
+
+import weights
 
 TOKENIZER = "gpt2"
 VOCAB_SIZE = 50257
@@ -330,26 +330,11 @@ def prepare(inputs, out_dir, val_fraction=VAL_FRACTION, num_proc=None, overwrite
 # named sources
 
 def download(url, path, hint):
-    """Downloads url to path (via a temporary file, so the cache never holds half a file)."""
-    path = Path(path)
-    if path.exists():
-        return path
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + f".tmp-{os.getpid()}")
+    """Downloads url to path once (weights.download: cached, atomic, with a progress bar)."""
     try:
-        with urllib.request.urlopen(url, timeout=60) as r, open(tmp, "wb") as f:
-            total = int(r.headers.get("Content-Length") or 0) or None
-            with tqdm(total=total, unit="B", unit_scale=True, desc=f"downloading {path.name}") as bar:
-                while chunk := r.read(1 << 20):
-                    f.write(chunk)
-                    bar.update(len(chunk))
-        os.replace(tmp, path)
-    except (urllib.error.URLError, OSError) as e:
-        raise PrepareError(f"could not download {url} ({getattr(e, 'reason', e)}); offline? use a local copy: {hint}") from None
-    finally:
-        if tmp.exists():
-            tmp.unlink()
-    return path
+        return Path(weights.download(url, str(path), hint))
+    except RuntimeError as e:
+        raise PrepareError(str(e)) from None
 
 
 def fetch_source(name, cache_dir=DEFAULT_CACHE_DIR):

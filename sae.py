@@ -30,6 +30,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from model import GPT, load_checkpoint, sparse_mix, standardise
+from weights import download
 from tqdm import tqdm
 
 OPENAI_URL = "https://openaipublic.blob.core.windows.net/sparse-autoencoder/gpt2-small/{location}/autoencoders/{layer}.pt"
@@ -199,18 +200,9 @@ def project_decoder_grad(sae):
 
 def download_openai_sae(location="resid_post_mlp_v5_32k", layer=5, cache_dir=None):
     """Fetch one of OpenAI's GPT-2 small SAEs (the paper's: resid_post_mlp_v5_32k, layer 5) into a cache."""
-    import urllib.request
-    url = OPENAI_URL.format(location=location, layer=layer)
     dst = os.path.join(cache_dir or CACHE_DIR, "openai_sae", location, f"{layer}.pt")
-    if not os.path.exists(dst):
-        os.makedirs(os.path.dirname(dst), exist_ok=True)
-        try:
-            urllib.request.urlretrieve(url, dst + ".tmp")
-        except OSError as e:
-            raise RuntimeError(f"could not download {url} ({e}); fetch it elsewhere and pass the local file instead, "
-                               f"e.g. SAE.load('/path/to/{layer}.pt', layer={layer})") from None
-        os.replace(dst + ".tmp", dst)
-    return dst
+    return download(OPENAI_URL.format(location=location, layer=layer), dst,
+                    f"SAE.load('/path/to/{layer}.pt', layer={layer})")
 
 
 # -----------------------------------------------------------------------------

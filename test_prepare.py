@@ -7,6 +7,7 @@ import random
 import subprocess
 import sys
 import urllib.error
+import urllib.request
 from pathlib import Path
 
 import numpy as np
@@ -230,7 +231,7 @@ def test_failure_midway_removes_temp_files(tmp_path, monkeypatch):
 def test_offline_source_gives_clear_error(tmp_path, monkeypatch, capsys):
     def offline(*args, **kwargs):
         raise urllib.error.URLError("[Errno -3] Temporary failure in name resolution")
-    monkeypatch.setattr(P.urllib.request, "urlopen", offline)
+    monkeypatch.setattr(urllib.request, "urlopen", offline)
     with pytest.raises(P.PrepareError) as e:
         P.fetch_source("shakespeare", cache_dir=tmp_path / "cache")
     msg = str(e.value)
@@ -257,7 +258,7 @@ def test_download_is_cached(tmp_path, monkeypatch):
             return self
         def __exit__(self, *exc):
             return False
-    monkeypatch.setattr(P.urllib.request, "urlopen", lambda url, timeout: calls.append(url) or FakeResponse())
+    monkeypatch.setattr(urllib.request, "urlopen", lambda url, timeout: calls.append(url) or FakeResponse())
     path, sep = P.fetch_source("shakespeare", cache_dir=tmp_path)
     assert path.read_bytes() == b"To be, or no" and sep is None and len(calls) == 1
     assert P.fetch_source("shakespeare", cache_dir=tmp_path)[0] == path and len(calls) == 1

@@ -59,20 +59,36 @@ def load_hf_state_dict(path):
     raise FileNotFoundError(f"{path}: neither model.safetensors nor pytorch_model.bin found")
 
 
-def download_gpt2(name, cache_dir=None):
-    """Fetch config.json and model.safetensors of a GPT-2 from the Hugging Face hub into a cache."""
+def download(url, path, hint):
+    """Fetch url to path once (cached), with a progress bar, through a temporary file so the cache
+    never holds half a file. Offline, a one-line RuntimeError names the local-path alternative."""
+    import urllib.error
     import urllib.request
+    from tqdm import tqdm
+    if os.path.exists(path):
+        return path
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    tmp = f"{path}.tmp-{os.getpid()}"
+    try:
+        with urllib.request.urlopen(url, timeout=60) as r, open(tmp, "wb") as f:
+            total = int(r.headers.get("Content-Length") or 0) or None
+            with tqdm(total=total, unit="B", unit_scale=True, desc=f"downloading {os.path.basename(path)}") as bar:
+                while chunk := r.read(1 << 20):
+                    f.write(chunk)
+                    bar.update(len(chunk))
+        os.replace(tmp, path)
+    except (urllib.error.URLError, OSError) as e:
+        raise RuntimeError(f"could not download {url} ({getattr(e, 'reason', e)}); offline? use a local copy: {hint}") from None
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+    return path
+
+
+def download_gpt2(name, cache_dir=None):
+    """config.json and model.safetensors of a GPT-2 from the Hugging Face hub, cached."""
     cache_dir = cache_dir or os.path.join(os.path.expanduser("~"), ".cache", "cocomix", name)
-    os.makedirs(cache_dir, exist_ok=True)
     for fname in ("config.json", "model.safetensors"):
-        dst = os.path.join(cache_dir, fname)
-        if os.path.exists(dst):
-            continue
-        url = f"https://huggingface.co/{name}/resolve/main/{fname}"
-        try:
-            urllib.request.urlretrieve(url, dst + ".tmp")
-        except OSError as e:
-            raise RuntimeError(f"could not download {url} ({e}); pass a local folder with config.json and "
-                               f"model.safetensors instead, e.g. --init_from=/path/to/gpt2") from None
-        os.replace(dst + ".tmp", dst)
+        download(f"https://huggingface.co/{name}/resolve/main/{fname}", os.path.join(cache_dir, fname),
+                 "a folder with config.json and model.safetensors, e.g. --init_from=/path/to/gpt2")
     return cache_dir

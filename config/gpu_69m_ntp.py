@@ -1,24 +1,8 @@
-# The paper's 69M setup (SPEC section 6): 8 layers, d=512, insert layer 3, GPT-2 124M as the
-# concept source with OpenAI's layer-5 32k SAE, OpenWebText, 0.5M tokens per step.
-# python prepare.py --source openwebtext --out_dir data/openwebtext
-# python train.py config/gpu_69m_ntp.py --concept_source=gpt2 --sae_path=PATH/5.pt
-data_dir = 'data/openwebtext'
+# The NTP baseline of the paper's 69M setup: the same run, plain next-token prediction, widened
+# to d=624 so parameter counts match (the paper's choice; model.ntp_matched_width gives 712 by
+# our count of the CoCoMix student, see README).
+# python train.py config/gpu_69m_ntp.py
+exec(open('config/gpu_69m_cocomix.py').read())
 out_dir = 'out/gpu_69m_ntp'
 mode = 'ntp'
-n_layer = 8
-n_head = 8
-n_embd = 624  # the paper widens NTP so parameter counts match
-block_size = 1024
-batch_size = 32
-gradient_accumulation_steps = 16  # 32 * 16 * 1024 = 0.5M tokens per step
-insert_layer = 3
-sae_layer = 5
-concept_topk = 32
-k_attr = 4
-lam = 0.1
-learning_rate = 6e-4
-max_iters = 40000  # 20B tokens, the paper's budget; lower it for an affordable run
-eval_interval = 1000
-eval_iters = 100
-weight_decay = 0.1
-compile = True
+n_embd = 624
