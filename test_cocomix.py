@@ -476,3 +476,13 @@ def test_every_objective_trains_and_its_checkpoint_samples(data_dir, source_and_
     assert model.config.cocomix == (mode in ("cocomix", "pause"))
     p = run("sample.py", f"--out_dir={out}", "--num_samples=1", "--max_new_tokens=5", "--device=cpu", "--start=The")
     assert p.stdout.strip()
+
+
+def test_non_finite_steps_are_skipped_then_stop_without_a_nan_checkpoint(data_dir, tmp_path):
+    out = str(tmp_path / "nan")
+    p = run("train.py", f"--data_dir={data_dir}", f"--out_dir={out}", "--max_iters=30", "--eval_interval=1000",
+            "--learning_rate=1e30", "--warmup_iters=0", "--decay_lr=False", *TINY, check=False)
+    assert p.returncode != 0
+    assert "non-finite loss or gradients, step skipped" in p.stdout
+    assert "10 non-finite steps; stopping" in p.stderr
+    assert not os.path.exists(os.path.join(out, "ckpt.pt"))
