@@ -16,6 +16,7 @@ from the concept slots.
 import json
 import math
 import os
+import warnings
 from dataclasses import dataclass
 
 import torch
@@ -169,16 +170,28 @@ class SparseMix(torch.autograd.Function):
     def backward(ctx, grad_out):
         values, indices, W = ctx.saved_tensors
         N, K = indices.shape
-        grad_values = torch.empty_like(values) if ctx.needs_input_grad[0] else None
-        grad_W = torch.zeros_like(W) if ctx.needs_input_grad[2] else None
-        # chunk over tokens so the N x K x d gathered rows never exist at once
-        step = max(1, (1 << 22) // max(1, K * W.size(1)))
-        for s in range(0, N, step):
-            g, idx, v = grad_out[s:s + step], indices[s:s + step], values[s:s + step]
-            if grad_values is not None:  # d out / d values[n, k] = W[indices[n, k]] . g[n]
-                grad_values[s:s + step] = torch.bmm(W[idx], g.unsqueeze(2)).squeeze(2).to(values.dtype)
-            if grad_W is not None:       # d out / d W[c] = sum of values[n, k] g[n] over (n, k) that chose c
-                grad_W.index_add_(0, idx.reshape(-1), (v.unsqueeze(2) * g.unsqueeze(1)).reshape(-1, W.size(1)).to(W.dtype))
+        grad_values = grad_W = None
+        if ctx.needs_input_grad[0]:
+            # d out / d values[n, k] = W[indices[n, k]] . g[n]: the product g W^T sampled at the chosen
+            # (token, concept) pairs only (a sampled dense-dense matmul, no gathered N x K x d rows)
+            sorted_idx, perm = indices.sort(dim=1)
+            with warnings.catch_warnings():  # "sparse CSR is in beta": it is exact here, and tested
+                warnings.simplefilter("ignore", UserWarning)
+                pattern = torch.sparse_csr_tensor(torch.arange(0, N * K + 1, K, device=W.device), sorted_idx.reshape(-1),
+                                                  torch.zeros(N * K, dtype=grad_out.dtype, device=W.device),
+                                                  (N, W.size(0)), check_invariants=False)
+            dots = torch.sparse.sampled_addmm(pattern, grad_out, W.t().to(grad_out.dtype), beta=0.0).values().view(N, K)
+            grad_values = torch.empty_like(dots).scatter_(1, perm, dots).to(values.dtype)
+        if ctx.needs_input_grad[2]:
+            # d out / d W[c] = sum of values[n, k] g[n] over the (n, k) that chose c: group the pairs by
+            # concept and let embedding_bag sum the weighted token gradients of each group
+            flat = indices.reshape(-1)
+            order = flat.argsort()
+            counts = torch.bincount(flat, minlength=W.size(0))
+            offsets = torch.cumsum(counts, 0) - counts
+            tokens = torch.div(order, K, rounding_mode="floor")
+            grad_W = F.embedding_bag(tokens, grad_out.to(W.dtype), offsets, mode="sum",
+                                     per_sample_weights=values.reshape(-1)[order].to(W.dtype))
         return grad_values, None, grad_W
 
 
