@@ -36,7 +36,8 @@ DATA = os.path.join(REPO, '..', 'shared', 'data')  # the project's offline data;
 PRESETS = {
     # Smoke test of the whole pipeline: ~2-3 minutes on a loaded 2-core CPU. The numbers mean nothing.
     'tiny': dict(
-        input=[f'{DATA}/tinyshakespeare/input.txt'], ood=f'{DATA}/gutenberg/Carroll__Through_the_Looking_Glass.txt',
+        input=[f'{DATA}/tinyshakespeare/input.txt'], offline_fallback='source:shakespeare',  # no ../shared: download
+        ood=f'{DATA}/gutenberg/Carroll__Through_the_Looking_Glass.txt',
         lambada=f'{DATA}/lambada/lambada_test.jsonl', seeds='1',
         threads=1,  # tiny matrices: a second thread costs more in synchronisation than it saves
         source=dict(n_layer=2, n_head=2, n_embd=64, block_size=32, batch_size=4, max_iters=60, eval_interval=30,
@@ -347,6 +348,8 @@ def main():
     # 1. data
     data_dir = os.path.join(out, 'data')
     inputs = [os.path.abspath(x) for x in a.input] if a.input else P['input']
+    if not a.input and 'offline_fallback' in P and not all(os.path.exists(x) for x in inputs):
+        inputs = P['offline_fallback']
     if isinstance(inputs, list):
         if missing := [x for x in inputs if not os.path.exists(x)]:
             fail(f"input not found: {', '.join(missing)}" + ('' if a.input else '; pass --input FILES'))
