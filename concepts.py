@@ -13,28 +13,11 @@ with fewer than K_attr active latents get -1 for the missing labels, which the
 concept loss ignores.
 """
 
-import os
 
 import torch
 import torch.nn.functional as F
 
-from model import GPT, load_checkpoint
-
 LABEL_RULES = ("attribution", "attribution_pre", "neg_attribution", "abs_attribution", "activation")
-
-
-def load_concept_source(path, device="cpu"):
-    """A frozen GPT: our checkpoint (a ckpt.pt) or GPT-2 weights (a Hugging Face folder or 'gpt2')."""
-    if os.path.isdir(path) and os.path.exists(os.path.join(path, "config.json")) or path.startswith("gpt2"):
-        model = GPT.from_pretrained(path)
-    else:
-        if os.path.isdir(path):
-            path = os.path.join(path, "ckpt.pt")
-        model, _ = load_checkpoint(path)
-    if model.config.cocomix:
-        raise ValueError(f"{path}: the concept source must be a plain GPT, not a CoCoMix student")
-    model.eval().requires_grad_(False)  # frozen: no parameter ever needs a gradient
-    return model.to(device)
 
 
 def gathered_dot(W, indices, g, chunk=1024):

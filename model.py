@@ -26,6 +26,7 @@ import torch.nn.functional as F
 from weights import download_gpt2, load_hf_state_dict, load_safetensors  # noqa: F401 (re-exported)
 
 MIX_MODES = ("interleave", "add", "none", "pause")
+GPT2_NAMES = ("gpt2", "gpt2-medium", "gpt2-large", "gpt2-xl")  # downloaded by from_pretrained when online
 
 
 @dataclass
@@ -404,7 +405,7 @@ class GPT(nn.Module):
     def from_pretrained(cls, path, **overrides):
         """GPT-2 from a local Hugging Face checkpoint folder (config.json plus model.safetensors or
         pytorch_model.bin), or 'gpt2' to download it when online. No `transformers` needed."""
-        if path in ("gpt2", "gpt2-medium", "gpt2-large", "gpt2-xl") and not os.path.isdir(path):
+        if path in GPT2_NAMES and not os.path.isdir(path):
             path = download_gpt2(path)
         with open(os.path.join(path, "config.json")) as f:
             hf = json.load(f)
@@ -528,3 +529,15 @@ def load_checkpoint(path, device="cpu"):
     sd = {k.removeprefix("_orig_mod.").removeprefix("module."): v for k, v in ckpt["model"].items()}
     model.load_state_dict(sd)
     return model.to(device), ckpt
+
+
+def load_frozen_gpt(path, device="cpu"):
+    """A frozen plain GPT (concept source, SAE host): our ckpt.pt or its folder, a Hugging Face GPT-2
+    folder, or a GPT-2 name to download. No parameter of it ever needs a gradient."""
+    if path in GPT2_NAMES or os.path.exists(os.path.join(path, "config.json")):
+        model = GPT.from_pretrained(path)
+    else:
+        model, _ = load_checkpoint(os.path.join(path, "ckpt.pt") if os.path.isdir(path) else path)
+    if model.config.cocomix:
+        raise ValueError(f"{path}: a concept source or SAE host must be a plain GPT, not a CoCoMix student")
+    return model.to(device).eval().requires_grad_(False)

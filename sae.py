@@ -29,7 +29,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from model import GPT, load_checkpoint, sparse_mix, standardise
+from model import load_frozen_gpt, sparse_mix, standardise
 from weights import download
 from tqdm import tqdm
 
@@ -207,17 +207,6 @@ def download_openai_sae(location="resid_post_mlp_v5_32k", layer=5, cache_dir=Non
 
 # -----------------------------------------------------------------------------
 # Activations: the host's standardised hidden states on random windows of the token files
-
-
-def load_host(path, device="cpu"):
-    """A frozen plain GPT: our checkpoint, or GPT-2 (a Hugging Face folder or 'gpt2')."""
-    if path.startswith("gpt2") or os.path.exists(os.path.join(path, "config.json")):
-        model = GPT.from_pretrained(path)
-    else:
-        model, _ = load_checkpoint(os.path.join(path, "ckpt.pt") if os.path.isdir(path) else path)
-    if model.config.cocomix:
-        raise ValueError(f"{path}: the SAE's host must be a plain GPT, not a CoCoMix student")
-    return model.to(device).eval().requires_grad_(False)
 
 
 def load_tokens(data_dir, split):
@@ -509,7 +498,7 @@ def main(argv=None):
         ckpt = a.ckpt or sae.meta.get("host")
         if layer is None or ckpt is None:
             raise SystemExit(f"error: {sae.path} does not record its host and layer; pass --ckpt and --layer")
-        model = load_host(ckpt, a.device)
+        model = load_frozen_gpt(ckpt, a.device)
         sae.check_host(model, layer)
         if a.describe:
             out = os.path.splitext(sae.path)[0] + ".concepts.json"
@@ -521,7 +510,7 @@ def main(argv=None):
 
     if a.ckpt is None or a.layer is None:
         raise SystemExit("error: training needs --ckpt and --layer")
-    model = load_host(a.ckpt, a.device)
+    model = load_frozen_gpt(a.ckpt, a.device)
     cfg = model.config
     if not 0 <= a.layer < cfg.n_layer:
         raise SystemExit(f"error: --layer={a.layer} is outside the host's {cfg.n_layer} blocks")

@@ -345,8 +345,8 @@ def run(args):
             raise UsageError(f"{sae_path} does not record its layer: pass --sae_layer")
         src_path = args.concept_source or train_config.get("concept_source", "") or sae.meta.get("host") or ""
         if src_path:
-            from concepts import load_concept_source
-            source = load_concept_source(src_path, args.device)
+            from model import load_frozen_gpt
+            source = load_frozen_gpt(src_path, args.device)
         elif not cfg.cocomix:
             source = model  # a plain GPT is its own concept source
         else:

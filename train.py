@@ -24,7 +24,6 @@ from contextlib import nullcontext
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from torch.distributed import destroy_process_group, init_process_group
 from torch.nn.parallel import DistributedDataParallel as DDP
 
@@ -182,9 +181,10 @@ def get_batch(split, step, micro):
 # ---- concept source, SAE and labels
 source, labeler = None, None
 if mode in ('cocomix', 'kd'):
-    from concepts import ConceptLabeler, load_concept_source
+    from concepts import ConceptLabeler
+    from model import load_frozen_gpt
     try:
-        source = load_concept_source(concept_source, device)
+        source = load_frozen_gpt(concept_source, device)
     except (OSError, ValueError, RuntimeError) as e:
         fail(str(e))
     if source.config.vocab_size != vocab_size:
