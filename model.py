@@ -252,6 +252,55 @@ def kd_loss(student_logits, teacher_logits):
     return F.kl_div(logq, logp, log_target=True, reduction="batchmean")
 
 
+class ChunkedLMLoss(torch.autograd.Function):
+    """Mean next-token cross-entropy of logits x W^T (x: N x d, W: V x d, targets: N, -1 = ignore),
+    computed in row chunks so the N x V logits never exist at once. The gradients are computed in
+    the forward, chunk by chunk, while each chunk's logits are at hand (softmax - onehot), and the
+    backward only scales them: the logits are never stored for the backward at all."""
+
+    @staticmethod
+    def forward(ctx, x, W, targets, chunk):
+        dev = x.device.type
+        cdt = torch.get_autocast_dtype(dev) if torch.is_autocast_enabled(dev) else x.dtype  # matmul precision
+        acc = torch.promote_types(cdt, torch.float32)  # softmax and sums: at least fp32
+        with torch.autocast(dev, enabled=False):
+            Wc = W.to(cdt)
+            valid = targets >= 0
+            n = valid.sum().clamp(min=1)
+            loss = torch.zeros((), dtype=acc, device=x.device)
+            grad_x = torch.empty_like(x)
+            grad_W = torch.zeros(W.shape, dtype=acc, device=W.device)
+            for s in range(0, x.size(0), chunk):
+                xs, t, v = x[s:s + chunk].to(cdt), targets[s:s + chunk].clamp(min=0), valid[s:s + chunk]
+                logits = (xs @ Wc.t()).to(acc)
+                lse = torch.logsumexp(logits, dim=-1)
+                loss += ((lse - logits.gather(1, t[:, None]).squeeze(1)) * v).sum()
+                p = logits.sub_(lse[:, None]).exp_()  # softmax, in place of the logits
+                p[torch.arange(len(t), device=p.device), t] -= 1.0
+                p.mul_((v / n)[:, None])
+                p = p.to(cdt)
+                grad_x[s:s + chunk] = (p @ Wc).to(x.dtype)
+                grad_W += (p.t() @ xs).to(acc)
+        ctx.save_for_backward(grad_x, grad_W.to(W.dtype))
+        return loss / n
+
+    @staticmethod
+    def backward(ctx, g):
+        grad_x, grad_W = ctx.saved_tensors
+        return grad_x * g, grad_W * g, None, None
+
+
+def lm_loss(x, W, targets, chunk=256):
+    """Next-token cross-entropy of the LM head without its full logits (see ChunkedLMLoss). Without
+    autograd (evaluation) the chunks are simply summed."""
+    x, targets = x.reshape(-1, x.size(-1)), targets.reshape(-1)
+    if torch.is_grad_enabled() and (x.requires_grad or W.requires_grad):
+        return ChunkedLMLoss.apply(x, W, targets, chunk)
+    total = sum(F.cross_entropy((x[s:s + chunk] @ W.t()).float(), targets[s:s + chunk], ignore_index=-1,
+                                reduction="sum") for s in range(0, x.size(0), chunk))
+    return total / (targets >= 0).sum().clamp(min=1)
+
+
 @torch.no_grad()
 def concept_recall(z, labels):
     """Fraction of valid labels that are among the K_attr highest concept logits."""
@@ -326,10 +375,13 @@ class GPT(nn.Module):
             return z, h + c.to(h.dtype)
         return z, h  # "none": concept prediction only
 
-    def forward(self, idx, targets=None, concept_labels=None, lam=0.1, steer=None, return_aux=False):
+    def forward(self, idx, targets=None, concept_labels=None, lam=0.1, steer=None, return_aux=False,
+                return_logits=True):
         """idx (B, T) -> (logits (B, T, V), loss). With targets the loss is next-token cross-entropy
         (plus lam * concept loss when concept_labels (B, T, K_attr) are given). return_aux adds a
-        dict with 'ntp', 'concept', 'recall' and the concept logits 'z'."""
+        dict with 'ntp', 'concept', 'recall' and the concept logits 'z'. return_logits=False (with
+        targets) returns None for the logits and computes the loss in chunks, never holding the
+        B x T x V logits: training's fast path."""
         cfg = self.config
         x = self.hidden(idx)
         z = None
@@ -339,10 +391,14 @@ class GPT(nn.Module):
             x = block(x)
         if cfg.interleaved:
             x = x[:, 1::2]  # the concept (or pause) slot c_t predicts x_{t+1}; token slots are discarded
-        logits = self.lm_head(self.transformer.ln_f(x))
-        if targets is None:
-            return (logits, None, {"z": z}) if return_aux else (logits, None)
-        ntp = F.cross_entropy(logits.float().view(-1, logits.size(-1)), targets.reshape(-1), ignore_index=-1)
+        x = self.transformer.ln_f(x)
+        if targets is not None and not return_logits:
+            logits, ntp = None, lm_loss(x, self.lm_head.weight, targets)
+        else:
+            logits = self.lm_head(x)
+            if targets is None:
+                return (logits, None, {"z": z}) if return_aux else (logits, None)
+            ntp = F.cross_entropy(logits.float().view(-1, logits.size(-1)), targets.reshape(-1), ignore_index=-1)
         loss, aux = ntp, {"ntp": ntp.detach(), "z": z}
         if concept_labels is not None and z is not None:
             flat_z, flat_labels = z.view(-1, z.size(-1)), concept_labels.view(-1, concept_labels.size(-1))

@@ -2,7 +2,7 @@
 The paper's comparison (../shared/SPEC.md sections 5 and 7) at small scale, in one command:
 
     python reproduce.py --preset=tiny                  # smoke test, ~3 minutes on a 2-core CPU
-    python reproduce.py --preset=cpu --seeds 1,2,3     # gutenberg, ~2.5 hours per seed on 2 cores
+    python reproduce.py --preset=cpu --seeds 1,2,3     # gutenberg, source + SAE ~35 min, ~25 min per seed, 2 cores
     python reproduce.py --preset=gpu                   # the 69M setup, GPT-2 + OpenAI SAE, one H100
     python reproduce.py --preset=tiny --ablation label_rule=activation mix=add lam=0
 
@@ -46,19 +46,16 @@ PRESETS = {
         student=dict(n_layer=2, n_head=2, n_embd=64, block_size=32, batch_size=4, max_iters=40, eval_interval=10,
                      eval_iters=2, learning_rate=3e-3, insert_layer=1, concept_topk=8, log_interval=2),
         eval=dict(max_tokens=2048, lambada_max=50, batch_size=16)),
-    # Gutenberg on a 2-core CPU, ~2.5 hours per seed. Measured with OMP_NUM_THREADS=1 on a shared, loaded
-    # 2-core machine (where 2 threads were 1.3-1.8x slower): source 210 tok/s, SAE ~2000 activations/s,
-    # students NTP 320, CoCoMix 143, KD 142, pause 305 tok/s. So: source 410k tokens ~35 min, SAE 1M
-    # activations ~12 min, 246k tokens per student ~96 min for the four (15% of it the periodic evals),
-    # final evaluation ~8 min. On an idle machine try OMP_NUM_THREADS=2. SAE: 4096 latents = 16 per dimension (the paper's 32k on d=768 is ~43);
-    # 8192 would double the SAE's cost and the student's concept head, and 1M activations cannot train
-    # that many well. SAE on block 2 of 6, as the paper's 5 of 12.
+    # Gutenberg on a 2-core CPU. Measured on an idle 2-core EPYC (2 threads, fp32; 2 threads were ~2x one):
+    # source ~900 tok/s -> 1.2M tokens ~25 min; SAE ~? ; per seed the four students (246k tokens each)
+    # ~25 min. SAE: 8192 latents = 32 per model dimension, k = 32 (the SAE issue's bar), on block 2 of 6,
+    # as the paper's block 5 of 12.
     'cpu': dict(
         input=[f'{DATA}/gutenberg'], ood=f'{DATA}/tinyshakespeare/input.txt',
-        lambada=f'{DATA}/lambada/lambada_test.jsonl', seeds='1', threads=1,
-        source=dict(n_layer=6, n_head=4, n_embd=256, block_size=256, batch_size=8, max_iters=200, eval_interval=50,
-                    eval_iters=5, learning_rate=1e-3, log_interval=5),
-        sae=dict(layer=2, n_latents=4096, k=32, tokens=1_048_576, batch_size=4096, buffer=131072, eval_tokens=32768),
+        lambada=f'{DATA}/lambada/lambada_test.jsonl', seeds='1', threads=2,
+        source=dict(n_layer=6, n_head=4, n_embd=256, block_size=256, batch_size=16, max_iters=300, eval_interval=100,
+                    eval_iters=10, learning_rate=1e-3, log_interval=5),
+        sae=dict(layer=2, n_latents=8192, k=32, tokens=2_097_152, batch_size=4096, buffer=131072, eval_tokens=32768),
         student=dict(n_layer=4, n_head=4, n_embd=192, block_size=256, batch_size=8, max_iters=120, eval_interval=15,
                      eval_iters=4, learning_rate=1e-3, insert_layer=1, concept_topk=32, log_interval=2),
         eval=dict(max_tokens=32768, lambada_max=500, batch_size=8)),

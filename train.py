@@ -288,7 +288,8 @@ def step_loss(X, Y, net=None):
             p_con = source(X)[0]
     t1 = time.perf_counter()
     with ctx:
-        logits, loss, aux = net(X, Y, concept_labels=labels, lam=lam, return_aux=True)
+        # the LM head's loss in chunks, without the B x T x V logits, unless KD needs them
+        logits, loss, aux = net(X, Y, concept_labels=labels, lam=lam, return_aux=True, return_logits=mode == 'kd')
         if mode == 'kd':
             kd = kd_loss(logits, p_con)
             loss = loss + lam_kd * kd
