@@ -161,9 +161,12 @@ tokens_per_iter = gradient_accumulation_steps * batch_size * block_size
 
 
 def batch_offsets(split, step):
-    """Window starts for the whole global batch of `step`: a pure function of (seed, step)."""
+    """Window starts for the whole global batch of `step`: a pure function of (seed, step). Windows lie
+    on a fixed grid (multiples of block_size), so anything computed per window, such as concept labels,
+    can be cached and reused by every run that sees the same window."""
     rng = np.random.default_rng([seed, step, 0 if split == 'train' else 1])
-    return rng.integers(0, len(data[split]) - block_size - 1, size=gradient_accumulation_steps * batch_size)
+    n_windows = (len(data[split]) - 1) // block_size  # window w holds tokens [w T, w T + T + 1)
+    return rng.integers(0, n_windows, size=gradient_accumulation_steps * batch_size) * block_size
 
 
 def get_batch(split, step, micro):
