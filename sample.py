@@ -8,6 +8,9 @@ Sample from a trained model, steer it through its concepts, and look at the conc
     python sample.py --out_dir=out/cocomix --steer=123:8 --steer_source=123:8 --temperature=0
     # which concepts the model predicts, per token, in the terminal and as an HTML page
     python sample.py --out_dir=out/cocomix --inspect --html=concepts.html
+    # how often concept 123 fires in text generated with and without --steer=123:8 (paired seeds), read by
+    # the SAE on the concept source, by the concept's top tokens and by the student's own TopK
+    python sample.py --out_dir=out/cocomix --measure_steer=123:8 --measure_steer_source=123:8 --num_samples=8
 
 Generation uses the model's KV cache (GPT.generate, use_cache=True); --no_cache recomputes the whole
 window every step. Steered runs are printed next to an unsteered run with the same seed.
@@ -66,6 +69,12 @@ def parse_args(argv=None):
     p.add_argument("--inspect_top", type=int, default=3, help="concepts shown per token")
     p.add_argument("--concepts", default="", help="concept dictionary JSON (default <sae_path>.concepts.json if present)")
     p.add_argument("--html", default="", help="write the inspection as a self-contained HTML page (implies --inspect)")
+    p.add_argument("--measure_steer", default="", metavar="ID:FACTOR", help="measure how often concept ID fires "
+                   "in text generated with and without --steer=ID:FACTOR (paired seeds), over --prompts")
+    p.add_argument("--measure_steer_source", default="", metavar="ID:FACTOR",
+                   help="the same for --steer_source=ID:FACTOR (the concept source writes)")
+    p.add_argument("--prompts", default="", help="text file whose first non-empty lines are the prompts (default: a few short ones)")
+    p.add_argument("--n_prompts", type=int, default=8, help="prompts used from --prompts")
     p.add_argument("--width", type=int, default=0, help="terminal width for side-by-side output (0 = detect)")
     return p.parse_args(argv)
 
@@ -110,6 +119,32 @@ def load_model(args):
 def load_sae(path, device="cpu"):
     from sae import SAE
     return SAE.load(path, map_location=device)
+
+
+def load_source_and_sae(args, train_config, model, what="--steer_source"):
+    """(concept source, SAE, layer, sae_path) from the flags, else from the checkpoint's training config."""
+    sae_path = args.sae_path or train_config.get("sae_path", "")
+    if not sae_path:
+        raise UsageError(f"{what} needs --sae_path (or a checkpoint trained with one)")
+    sae = load_sae(sae_path, args.device)
+    layer = args.sae_layer if args.sae_layer >= 0 else sae.meta.get("layer")
+    if layer is None or layer < 0:
+        layer = train_config.get("sae_layer", -1)
+    if layer is None or layer < 0:
+        raise UsageError(f"{sae_path} does not record its layer: pass --sae_layer")
+    src_path = args.concept_source or train_config.get("concept_source", "") or sae.meta.get("host") or ""
+    if src_path:
+        from model import load_frozen_gpt
+        source = load_frozen_gpt(src_path, args.device)
+    elif not model.config.cocomix:
+        source = model  # a plain GPT is its own concept source
+    else:
+        raise UsageError(f"{what} needs --concept_source (the plain GPT the SAE reads)")
+    if hasattr(sae, "check_host"):
+        sae.check_host(source, layer)
+    if not 0 <= layer < source.config.n_layer:
+        raise UsageError(f"SAE layer {layer} is outside the concept source's {source.config.n_layer} blocks")
+    return source, sae, layer, sae_path
 
 
 def tokenizer():
@@ -199,9 +234,10 @@ class SourceSteering:
 # generation and inspection
 
 
-def generate(model, ids, args, steer=None, ctx=nullcontext()):
-    """num_samples continuations of the prompt ids, one batch, reseeded so runs compare like for like."""
-    torch.manual_seed(args.seed)
+def generate(model, ids, args, steer=None, ctx=nullcontext(), seed=None):
+    """num_samples continuations of the prompt ids, one batch, reseeded so runs compare like for like:
+    sampling draws its noise in a fixed pattern, so two runs with one seed share their random numbers."""
+    torch.manual_seed(args.seed if seed is None else seed)
     idx = torch.tensor([ids] * args.num_samples, dtype=torch.long, device=args.device)
     with ctx:
         out = model.generate(idx, args.max_new_tokens, temperature=args.temperature, top_k=args.top_k or None,
@@ -209,17 +245,21 @@ def generate(model, ids, args, steer=None, ctx=nullcontext()):
     return out.tolist()
 
 
-@torch.no_grad()
-def concept_logits(model, idx, steer=None):
-    """Concept logits z (B, T, C) at insert_layer for every token of idx (B, T). Longer than
-    block_size: windows of block_size tokens, each token seeing at least half a window of context."""
-    bs, T = model.config.block_size, idx.size(1)
-    zs = [model(idx[:, :bs], steer=steer or None, return_aux=True)[2]["z"]]
-    step = max(1, bs // 2)
+def windowed(fn, idx, bs):
+    """fn (B, t <= bs) -> (B, t, ...) applied to idx (B, T) of any length: windows of bs tokens, each
+    token past the first window seeing at least half a window of context."""
+    outs, T, step = [fn(idx[:, :bs])], idx.size(1), max(1, bs // 2)
     for s in range(bs, T, step):
         e = min(s + step, T)
-        zs.append(model(idx[:, max(0, e - bs):e], steer=steer or None, return_aux=True)[2]["z"][:, -(e - s):])
-    return torch.cat(zs, dim=1).float()
+        outs.append(fn(idx[:, max(0, e - bs):e])[:, -(e - s):])
+    return torch.cat(outs, dim=1)
+
+
+@torch.no_grad()
+def concept_logits(model, idx, steer=None):
+    """Concept logits z (B, T, C) at insert_layer for every token of idx (B, T)."""
+    z = lambda w: model(w, steer=steer or None, return_aux=True)[2]["z"]
+    return windowed(z, idx, model.config.block_size).float()
 
 
 def inspect_tokens(model, ids, n_prompt, steer=None, top=3, names=None):
@@ -256,33 +296,43 @@ HTML_HEAD = """<!DOCTYPE html>
 <style>
 body { font-family: sans-serif; margin: 2em; max-width: 70em; }
 .text { font-family: monospace; white-space: pre-wrap; line-height: 1.9; border: 1px solid #ccc; padding: 1em; }
-.tok { position: relative; border-radius: 3px; padding: 1px 0; cursor: default; }
+/* scroll-margin: a #rNtM link lands 40% down the window, context above it, and near the top does not scroll */
+.tok { position: relative; border-radius: 3px; padding: 1px 0; cursor: default; scroll-margin-top: 40vh; }
+.nl { color: #999; }
 .tok.prompt { text-decoration: underline dotted #888; }
 .tok:hover { outline: 2px solid #333; }
 .tok .tip { display: none; position: absolute; left: 0; top: 1.8em; z-index: 10; background: #222; color: #eee;
   font-size: 12px; padding: 6px 8px; border-radius: 4px; white-space: pre; }
-.tok:hover .tip { display: block; }
+.tok:hover .tip, .tok:target .tip { display: block; }
+.tok:target { outline: 2px solid #c00; }
 table { border-collapse: collapse; margin-top: 1em; font-size: 13px; }
 td, th { border: 1px solid #ccc; padding: 2px 6px; text-align: left; }
 </style></head><body>
 """
 
 
+def visible(text):
+    """A newline alone would leave its token no coloured area to see or hover: show it as a grey arrow too."""
+    return html.escape(text).replace("\n", "<span class=\"nl\">\u21b5</span>\n")
+
+
 def html_page(runs, enc):
-    """runs: [(title, rows)] -> a self-contained page (inline CSS only, no scripts or external files)."""
+    """runs: [(title, rows)] -> a self-contained page (inline CSS only, no scripts or external files). Token
+    pos of run r has id r{r}t{pos}: page.html#r0t5 opens with its concepts shown, as on hover (for links and
+    headless screenshots, which cannot hover)."""
     out = [HTML_HEAD, "<h1>Predicted concepts per token</h1>",
            "<p>Each token is coloured by its top predicted concept (logits of the concept head at insert_layer); "
            "hover for the top concepts. Dotted underline: prompt.</p>"]
-    for title, rows in runs:
+    for n, (title, rows) in enumerate(runs):
         out.append(f"<h2>{html.escape(title)}</h2><div class=\"text\">")
         counts = {}
         for r in rows:
             cid, v, name = r["concepts"][0]
             counts[cid] = (counts.get(cid, (0, name))[0] + 1, name)
             tip = "\n".join(f"{i}: {val:+.3f}  {nm}" for i, val, nm in r["concepts"])
-            tip = f"pos {r['pos']} token {r['token']}{' (prompt)' if r['prompt'] else ''}\n{tip}"
-            out.append(f"<span class=\"tok{' prompt' if r['prompt'] else ''}\" style=\"background:{concept_colour(cid)}\" "
-                       f"title=\"{html.escape(tip)}\">{html.escape(token_text(enc, r['token']))}"
+            tip = f"pos {r['pos']} token {r['token']} {token_text(enc, r['token'])!r}{' (prompt)' if r['prompt'] else ''}\n{tip}"
+            out.append(f"<span id=\"r{n}t{r['pos']}\" class=\"tok{' prompt' if r['prompt'] else ''}\" style=\"background:{concept_colour(cid)}\" "
+                       f"title=\"{html.escape(tip)}\">{visible(token_text(enc, r['token']))}"
                        f"<span class=\"tip\">{html.escape(tip)}</span></span>")
         out.append("</div><table><tr><th>concept</th><th>name</th><th>tokens it tops</th></tr>")
         for cid, (n, name) in sorted(counts.items(), key=lambda kv: -kv[1][0]):
@@ -312,6 +362,135 @@ def side_by_side(columns, width):
 
 
 # -----------------------------------------------------------------------------
+# measuring steering: how often one concept fires in the generated text, steered vs not
+
+DEFAULT_PROMPTS = ["The", "In the morning", "Once upon a time", "It was", "I think that", "The first thing",
+                   "She said", "After a while"]  # short and neutral, so the concept is not already in the prompt
+
+
+def read_prompts(path, n):
+    """The first n non-empty lines of a text file, or the default prompts."""
+    if not path:
+        return DEFAULT_PROMPTS[:n]
+    with open(path, encoding="utf-8") as f:
+        lines = [line.strip() for line in f if line.strip()][:n]
+    if not lines:
+        raise UsageError(f"{path} has no non-empty line to use as a prompt")
+    return lines
+
+
+@torch.no_grad()
+def sae_fires(source, sae, layer, idx, cid):
+    """(B, T) bool: latent cid is among the SAE's active TopK latents on the unsteered concept source's
+    hidden state after block `layer` (value > 0, as the dictionary's freq counts it)."""
+    def fires(w):
+        x, _, _ = sae.standardise(source.forward_to(w, layer).float())
+        values, indices = sae.topk(sae.encode_pre(x))
+        return ((indices == cid) & (values > 0)).any(-1)
+    return windowed(fires, idx, source.config.block_size)
+
+
+def student_fires(model, idx, cid, steer=None):
+    """(B, T) bool: concept cid is among the student's concept_topk predicted concepts, with the steer
+    applied as in generation, so this is what the model mixed in."""
+    return (concept_logits(model, idx, steer).topk(model.config.concept_topk, dim=-1).indices == cid).any(-1)
+
+
+def measure_steering(gen_model, prompts, args, cid, steer=None, steer_ctx=nullcontext, source=None, sae=None,
+                     layer=None, top_texts=None, student=None, enc=None, amp=nullcontext()):
+    """Per condition ('unsteered', 'steered'): per generated sample the fraction of its new tokens on which
+    concept cid fires (a) under the SAE on the concept source ('sae'), (b) by being one of the concept's
+    top tokens in the dictionary ('tokens'), (c) in the student's own TopK ('student'). Prompt p uses
+    seed args.seed + p in both conditions, so each steered sample has an unsteered twin.
+    gen_model generates; steer goes to its concept head, steer_ctx() wraps the steered generation."""
+    enc = enc or tokenizer()
+    out = {c: {"sae": [], "tokens": [], "student": [], "seqs": [], "prompt": []} for c in ("unsteered", "steered")}
+    for p, text in enumerate(prompts):
+        ids = encode_prompt(enc, text, gen_model.config.vocab_size)
+        for cond, st, ctx in (("unsteered", None, nullcontext), ("steered", steer, steer_ctx)):
+            with ctx():
+                seqs = generate(gen_model, ids, args, st, amp, seed=args.seed + p)
+            idx = torch.tensor(seqs, dtype=torch.long, device=args.device)
+            new = slice(len(ids), idx.size(1))
+            r = out[cond]
+            with amp:
+                if sae is not None:
+                    r["sae"].append(sae_fires(source, sae, layer, idx, cid)[:, new].float().mean(1).cpu())
+                if student is not None:
+                    r["student"].append(student_fires(student, idx, cid, st)[:, new].float().mean(1).cpu())
+            if top_texts is not None:
+                r["tokens"].append(torch.tensor([sum(token_text(enc, t) in top_texts for t in s[new]) / len(s[new])
+                                                 for s in seqs]))
+            r["seqs"] += seqs
+            r["prompt"] += [p] * len(seqs)
+    for r in out.values():
+        for k in ("sae", "tokens", "student"):
+            r[k] = torch.cat(r[k]).double() if r[k] else None
+        r["n_tokens"] = len(r["seqs"]) * args.max_new_tokens
+    return out
+
+
+def paired_difference(a, b, groups):
+    """Mean of b - a over pairs and its standard error over the per-prompt means (the samples of one
+    prompt are not independent of each other), or over pairs when there is one prompt."""
+    d, groups = b - a, torch.tensor(groups)
+    units = torch.stack([d[groups == g].mean() for g in groups.unique()]) if groups.unique().numel() > 1 else d
+    se = units.std().item() / units.numel() ** 0.5 if units.numel() > 1 else float("nan")
+    return d.mean().item(), se
+
+
+def format_measurement(res, title):
+    cols = [("sae", "SAE on source"), ("tokens", "top tokens"), ("student", "student TopK")]
+    line = lambda name, vals: f"{name:<20}" + "".join(f"{v:>18}" for v in vals)
+    lines = [f"== {title} ==", line("condition", [c for _, c in cols] + ["tokens"])]
+    for cond in ("unsteered", "steered"):
+        r = res[cond]
+        lines.append(line(cond, ["-" if r[k] is None else f"{r[k].mean().item():.4f}" for k, _ in cols] + [r["n_tokens"]]))
+    diffs = []
+    for k, _ in cols:
+        a, b = res["unsteered"][k], res["steered"][k]
+        diffs.append("-" if a is None else "{:+.4f} ± {:.4f}".format(*paired_difference(a, b, res["steered"]["prompt"])))
+    lines.append(line("steered - unsteered", diffs + [""]))
+    return "\n".join(lines)
+
+
+def run_measurements(args, model, train_config, enc, amp):
+    """--measure_steer / --measure_steer_source: one table each."""
+    source, sae, layer, sae_path = load_source_and_sae(args, train_config, model, "--measure_steer")
+    student = model if has_concept_head(model) else None
+    names = load_concept_names(concepts_path(args, sae_path))
+    prompts = read_prompts(args.prompts, args.n_prompts)
+    results = {}
+    for flag, spec in (("--measure_steer", args.measure_steer), ("--measure_steer_source", args.measure_steer_source)):
+        if not spec:
+            continue
+        if flag == "--measure_steer" and student is None:
+            raise UsageError("--measure_steer needs a model with a concept head (a CoCoMix checkpoint with n_concepts > 0)")
+        n = student.config.n_concepts if flag == "--measure_steer" else sae.n_latents
+        steer = parse_steer([spec], n, flag)
+        if len(steer) != 1:
+            raise UsageError(f"{flag} takes one ID:FACTOR")
+        (cid, factor), = steer.items()
+        if cid >= sae.n_latents:
+            raise UsageError(f"{flag}: concept {cid} is outside the SAE's {sae.n_latents} latents")
+        entry = names.get(cid)
+        top_texts = {t for t, *_ in entry.get("top_tokens", [])} if entry else None
+        kw = dict(source=source, sae=sae, layer=layer, top_texts=top_texts, student=student, enc=enc, amp=amp)
+        if flag == "--measure_steer":
+            res = measure_steering(model, prompts, args, cid, steer=steer, **kw)
+        else:  # the source writes; the student still reads its text, unsteered
+            res = measure_steering(source, prompts, args, cid, steer_ctx=lambda: SourceSteering(source, sae, layer, steer), **kw)
+        where = "student's concept logit" if flag == "--measure_steer" else "concept source's SAE latent"
+        print(format_measurement(res, f"concept {cid} [{concept_label(entry) or 'no dictionary'}] x{factor:g} on the "
+                                 f"{where}: {len(prompts)} prompts x {args.num_samples} samples x {args.max_new_tokens} tokens"))
+        results[flag] = res
+    print("# fraction of generated tokens on which the concept fires; ± is one standard error of the paired difference "
+          "over prompts;\n# student TopK: the student's predicted concepts, steered as it generated (unsteered on the "
+          "source's text)")
+    return results
+
+
+# -----------------------------------------------------------------------------
 
 
 def run(args):
@@ -324,6 +503,8 @@ def run(args):
     enc = tokenizer()
     ids = encode_prompt(enc, read_prompt(args.start), cfg.vocab_size)
     inspect = args.inspect or bool(args.html)
+    if args.measure_steer or args.measure_steer_source:
+        return run_measurements(args, model, train_config, enc, amp)
 
     steer = {}
     if args.steer:
@@ -333,30 +514,11 @@ def run(args):
     if inspect and not has_concept_head(model):
         raise UsageError("--inspect/--html need a model with a concept head (a CoCoMix checkpoint with n_concepts > 0)")
 
-    sae_path = args.sae_path or train_config.get("sae_path", "")
-    source = sae = None
+    source = sae = layer = None
     src_steer = {}
     if args.steer_source:
-        if not sae_path:
-            raise UsageError("--steer_source needs --sae_path (or a checkpoint trained with one)")
-        sae = load_sae(sae_path, args.device)
-        layer = args.sae_layer if args.sae_layer >= 0 else sae.meta.get("layer")
-        if layer is None or layer < 0:
-            raise UsageError(f"{sae_path} does not record its layer: pass --sae_layer")
-        src_path = args.concept_source or train_config.get("concept_source", "") or sae.meta.get("host") or ""
-        if src_path:
-            from model import load_frozen_gpt
-            source = load_frozen_gpt(src_path, args.device)
-        elif not cfg.cocomix:
-            source = model  # a plain GPT is its own concept source
-        else:
-            raise UsageError("--steer_source needs --concept_source (the plain GPT the SAE reads)")
-        if hasattr(sae, "check_host"):
-            sae.check_host(source, layer)
-        if not 0 <= layer < source.config.n_layer:
-            raise UsageError(f"SAE layer {layer} is outside the concept source's {source.config.n_layer} blocks")
+        source, sae, layer, sae_path = load_source_and_sae(args, train_config, model)
         src_steer = parse_steer(args.steer_source, sae.n_latents, "--steer_source")
-
     kind = "plain GPT" if not cfg.cocomix else f"CoCoMix mix={cfg.mix}"
     print(f"# {kind}, {cfg.n_layer} layers, d={cfg.n_embd}; {'KV cache' if not args.no_cache else 'no cache'}; "
           f"prompt {len(ids)} tokens", file=sys.stderr)
@@ -383,7 +545,7 @@ def run(args):
             print(side_by_side(cols, width))
 
     if inspect:
-        names = load_concept_names(concepts_path(args, sae_path))
+        names = load_concept_names(concepts_path(args, args.sae_path or train_config.get("sae_path", "")))
         if names and len(names) != cfg.n_concepts:
             print(f"# warning: the concept dictionary has {len(names)} entries, the model {cfg.n_concepts} concepts",
                   file=sys.stderr)

@@ -4,6 +4,7 @@ import dataclasses
 import json
 import os
 import re
+import shutil
 import subprocess
 import sys
 
@@ -292,13 +293,28 @@ def test_inspection_names_valid_concepts(tmp_path):
 def test_html_page_is_self_contained_and_has_the_tokens(tmp_path):
     model = tiny("add", vocab_size=50257)
     enc = sample.tokenizer()
-    ids = enc.encode("The cat sat on the <mat> & slept.")
+    ids = enc.encode("The cat sat on the <mat> & slept.\nThen")
     rows = sample.inspect_tokens(model, ids, 4, top=2, names=sample.load_concept_names(concept_dict(tmp_path / "c.json")))
-    page = sample.html_page([("a & b", rows)], enc)
+    page = sample.html_page([("a & b", rows), ("again", rows)], enc)
     for tok in ids:
         assert sample.html.escape(enc.decode([tok])) in page
     assert "&lt;" in page and "&amp;" in page and "c" + str(rows[0]["concepts"][0][0]) + "x" in page
     assert "<script src" not in page and "<link" not in page and "http" not in page
+    # every token has an anchor (page.html#r1t3 shows its concepts without hovering); a newline token is visible
+    anchors = re.findall(r'<span id="(r\d+t\d+)" class="tok', page)
+    assert anchors == [f"r{r}t{t}" for r in range(2) for t in range(len(ids))] and ":target .tip" in page
+    assert page.count("\u21b5</span>\n") == 2
+
+
+@pytest.mark.skipif(not any(map(shutil.which, ("chromium", "chromium-browser", "google-chrome", "chrome-headless-shell"))),
+                    reason="no headless browser (apt-get install -y chromium)")
+def test_screenshot_script_renders_the_page(tmp_path):
+    out, _ = save_ckpt(tmp_path)
+    png = tmp_path / "shot.png"
+    p = subprocess.run(["bash", "docs/screenshot.sh", str(out), str(png), "--device=cpu"], cwd=ROOT,
+                       env=dict(ENV, TOKENS="12", HOVER="3"), capture_output=True, text=True, timeout=300)
+    assert p.returncode == 0, p.stderr
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and png.stat().st_size > 5000 and "tooltip on r0t" in p.stdout
 
 
 # -----------------------------------------------------------------------------
@@ -372,3 +388,141 @@ def test_cli_rejects_steering_and_inspection_without_a_concept_head(tmp_path, ca
         with pytest.raises(SystemExit):
             sample.main([f"--out_dir={out}", "--max_new_tokens=2", flag])
         assert "concept head" in capsys.readouterr().err
+
+
+# -----------------------------------------------------------------------------
+# measuring steering
+
+
+def measure_args(*extra):
+    return sample.parse_args(["--device=cpu", "--num_samples=3", "--max_new_tokens=12", "--temperature=1.0",
+                              "--top_k=0", "--seed=11", *extra])
+
+
+def sae_reference(source, sae, idx, cid, layer=1):
+    """Fraction of tokens per row on which latent cid is active, by one plain forward (rows <= block_size)."""
+    x, _, _ = sae.standardise(source.forward_to(idx, layer))
+    values, indices = sae.topk(sae.encode_pre(x))
+    return ((indices == cid) & (values > 0)).any(-1)
+
+
+def test_windowed_aligns_tokens_and_keeps_half_a_window_of_context():
+    idx = torch.arange(3 * 77).view(3, 77)
+    seen = lambda w: torch.stack((w, torch.arange(1, w.size(1) + 1).expand_as(w)), -1)  # (token, context length)
+    out = sample.windowed(seen, idx, 32)
+    assert torch.equal(out[..., 0], idx)
+    ctx = out[0, :, 1]
+    assert torch.equal(ctx[:32], torch.arange(1, 33)) and bool((ctx[32:] >= 17).all()) and bool((ctx <= 32).all())
+
+
+def test_measure_steering_counts_what_it_says(tmp_path):
+    """Both steerings end to end on tiny models: fractions in [0, 1], n_tokens right, and each column equal
+    to a recount from the generated sequences (SAE on the source, dictionary top tokens, student TopK)."""
+    student, source = tiny("interleave", vocab_size=50257), tiny("plain", seed=5, vocab_size=50257)
+    sae, enc, args = StubSAE(32, 64, 4, layer=1), sample.tokenizer(), measure_args()
+    prompts = ["The", "Once upon a time"]
+    c = strongest_concept(student, torch.tensor([enc.encode("Once upon a time")]))
+    with torch.no_grad():  # a latent the SAE finds on the prompt, so that scaling it changes the source
+        x, _, _ = sae.standardise(source.forward_to(torch.tensor([enc.encode("The")]), 1))
+        latent = int(sae.encode_pre(x)[0, -1].argmax())
+    top_texts = {" the", ",", "."}
+    kw = dict(source=source, sae=sae, layer=1, top_texts=top_texts, student=student, enc=enc)
+    runs = {"student": sample.measure_steering(student, prompts, args, c, steer={c: 10.0}, **kw),
+            "source": sample.measure_steering(source, prompts, args, latent, **kw,
+                                              steer_ctx=lambda: sample.SourceSteering(source, sae, 1, {latent: 8.0}))}
+    for name, res in runs.items():
+        cid = c if name == "student" else latent
+        for cond in ("unsteered", "steered"):
+            r = res[cond]
+            assert r["n_tokens"] == 2 * 3 * 12 and len(r["seqs"]) == 6 and r["prompt"] == [0] * 3 + [1] * 3
+            for k in ("sae", "tokens", "student"):
+                assert r[k].shape == (6,) and bool(((r[k] >= 0) & (r[k] <= 1)).all())
+            n_prompt = [1, len(enc.encode("Once upon a time"))]
+            for i, s in enumerate(r["seqs"]):
+                new, row = slice(n_prompt[r["prompt"][i]], None), torch.tensor([s])
+                assert len(s[new]) == 12
+                assert r["tokens"][i] == sum(sample.token_text(enc, t) in top_texts for t in s[new]) / 12
+                assert r["sae"][i] == sae_reference(source, sae, row, cid)[0, new].float().mean()
+                steer = {c: 10.0} if name == "student" and cond == "steered" else None
+                with torch.no_grad():
+                    z = student(row, steer=steer, return_aux=True)[2]["z"][0, new]
+                assert r["student"][i] == (z.topk(4).indices == cid).any(-1).float().mean()
+        # the unsteered run is the same whichever steering it is paired with
+        assert res["unsteered"]["seqs"] == runs["student"]["unsteered"]["seqs"] or name == "source"
+        assert res["steered"]["seqs"] != res["unsteered"]["seqs"]  # the steering did change the text
+    text = sample.format_measurement(runs["student"], "t")
+    assert text.count("\n") == 4 and "steered - unsteered" in text and "±" in text
+
+
+def test_factor_one_changes_nothing_with_paired_seeds():
+    """Factor 1 on either side: each steered sample is its unsteered twin, token for token, although the
+    samples differ from each other (temperature 1, a seed per prompt shared by both conditions)."""
+    student, source = tiny("add", vocab_size=50257), tiny("plain", seed=5, vocab_size=50257)
+    sae, args = StubSAE(32, 64, 4, layer=1), measure_args()
+    kw = dict(source=source, sae=sae, layer=1, top_texts={" the"}, student=student)
+    for gen, steer, ctx in ((student, {7: 1.0}, sample.nullcontext),
+                            (source, None, lambda: sample.SourceSteering(source, sae, 1, {7: 1.0}))):
+        res = sample.measure_steering(gen, ["The", "It was"], args, 7, steer=steer, steer_ctx=ctx, **kw)
+        a, b = res["unsteered"], res["steered"]
+        assert a["seqs"] == b["seqs"] and len({tuple(s) for s in a["seqs"]}) == 6
+        for k in ("sae", "tokens", "student"):
+            assert torch.equal(a[k], b[k])
+            assert sample.paired_difference(a[k], b[k], a["prompt"]) == (0.0, 0.0)
+
+
+def test_strong_steer_puts_a_constant_concept_in_every_topk():
+    """A concept whose logit is a constant b > 0 (zero row in the concept head) scaled by 10 beats every other
+    logit whenever 10 b exceeds their bound |W_i| (|x| + |b_pre|) + |b_i|, |x| < sqrt(d) after
+    standardisation: then the steered student puts it in its TopK at every generated token, whatever text
+    the steering makes. Unsteered (b a fifth of the bound) it tops the list only sometimes."""
+    model = tiny("interleave", vocab_size=50257)
+    head, c = model.mixer.concept_head, 9
+    with torch.no_grad():
+        others = torch.arange(64) != c
+        bound = (head.weight.norm(dim=1) * (32 ** 0.5 + model.mixer.b_pre.norm()) + head.bias.abs())[others].max()
+        head.weight[c] = 0
+        head.bias[c] = bound / 5
+    res = sample.measure_steering(model, ["The", "She said", "After a while"], measure_args(), c, steer={c: 10.0},
+                                  student=model)
+    base, steered = res["unsteered"]["student"], res["steered"]["student"]
+    assert bool((steered == 1).all())
+    assert 0 < base.mean() < 1  # not vacuous: without the steer the concept is in some TopKs, not all
+    assert res["unsteered"]["sae"] is None and res["unsteered"]["tokens"] is None  # no SAE, no dictionary given
+    d, se = sample.paired_difference(base, steered, res["unsteered"]["prompt"])
+    assert abs(d - (1 - base.mean().item())) < 1e-12 and se >= 0
+
+
+def test_paired_difference_standard_error_is_over_prompts():
+    a = torch.zeros(6, dtype=torch.float64)
+    b = torch.tensor([0.1, 0.3, 0.5, 0.7, 0.2, 0.2], dtype=torch.float64)
+    d, se = sample.paired_difference(a, b, [0, 0, 1, 1, 2, 2])  # per-prompt means 0.2, 0.6, 0.2
+    assert abs(d - 2 / 3 * 0.5) < 1e-12 and abs(se - torch.tensor([0.2, 0.6, 0.2]).std().item() / 3 ** 0.5) < 1e-7
+    d1, se1 = sample.paired_difference(a, b, [0] * 6)  # one prompt: over the samples
+    assert abs(se1 - b.std().item() / 6 ** 0.5) < 1e-12
+
+
+def test_cli_measures_from_the_checkpoint_config(tmp_path, capsys, monkeypatch):
+    """--measure_steer and --measure_steer_source find the source and SAE in the checkpoint's training config,
+    the dictionary next to the SAE, and the prompts in a file; one table each."""
+    model = tiny("interleave", vocab_size=50257)
+    source = tiny("plain", seed=5, vocab_size=50257)
+    torch.save({"model": source.state_dict(), "model_args": dataclasses.asdict(source.config)}, tmp_path / "src.pt")
+    out = tmp_path / "cocomix"
+    out.mkdir()
+    config = {"concept_source": str(tmp_path / "src.pt"), "sae_path": str(tmp_path / "sae.pt"), "sae_layer": 1}
+    torch.save({"model": model.state_dict(), "model_args": dataclasses.asdict(model.config), "config": config}, out / "ckpt.pt")
+    concept_dict(str(tmp_path / "sae.pt") + ".concepts.json")
+    monkeypatch.setattr(sample, "load_sae", lambda path, device="cpu": StubSAE(32, 64, 4, layer=1))
+    (tmp_path / "prompts.txt").write_text("\nFirst line here\n\nSecond line\nThird line\n")
+    res = sample.main([f"--out_dir={out}", "--measure_steer=3:8", "--measure_steer_source=3:-2", "--num_samples=2",
+                       "--max_new_tokens=6", f"--prompts={tmp_path / 'prompts.txt'}", "--n_prompts=2"])
+    text = capsys.readouterr().out
+    assert set(res) == {"--measure_steer", "--measure_steer_source"}
+    assert text.count("== concept 3 [c3x/c3y] x8 on the student's") == 1 and "x-2 on the concept source's" in text
+    for r in res.values():
+        assert r["steered"]["n_tokens"] == 2 * 2 * 6 and r["steered"]["prompt"] == [0, 0, 1, 1]
+        assert all(s[:3] == sample.tokenizer().encode("First line here") for s in r["steered"]["seqs"][:2])
+    for argv, message in ((["--measure_steer=3:11"], "outside [-10, 10]"), (["--measure_steer=3:2,4:2"], "one ID:FACTOR")):
+        with pytest.raises(SystemExit):
+            sample.main([f"--out_dir={out}", "--max_new_tokens=2"] + argv)
+        assert message in capsys.readouterr().err
