@@ -269,7 +269,8 @@ class ChunkedLMLoss(torch.autograd.Function):
             n = valid.sum().clamp(min=1)
             loss = torch.zeros((), dtype=acc, device=x.device)
             grad_x = torch.empty_like(x)
-            grad_W = torch.zeros(W.shape, dtype=acc, device=W.device)
+            need_W = ctx.needs_input_grad[1]  # a frozen head (the concept labeler's source) needs no weight gradient
+            grad_W = torch.zeros(W.shape, dtype=acc, device=W.device) if need_W else None
             for s in range(0, x.size(0), chunk):
                 xs, t, v = x[s:s + chunk].to(cdt), targets[s:s + chunk].clamp(min=0), valid[s:s + chunk]
                 logits = (xs @ Wc.t()).to(acc)
@@ -280,14 +281,15 @@ class ChunkedLMLoss(torch.autograd.Function):
                 p.mul_((v / n)[:, None])
                 p = p.to(cdt)
                 grad_x[s:s + chunk] = (p @ Wc).to(x.dtype)
-                grad_W += (p.t() @ xs).to(acc)
-        ctx.save_for_backward(grad_x, grad_W.to(W.dtype))
+                if need_W:
+                    grad_W += (p.t() @ xs).to(acc)
+        ctx.save_for_backward(grad_x, grad_W.to(W.dtype) if need_W else None)
         return loss / n
 
     @staticmethod
     def backward(ctx, g):
         grad_x, grad_W = ctx.saved_tensors
-        return grad_x * g, grad_W * g, None, None
+        return grad_x * g, None if grad_W is None else grad_W * g, None, None
 
 
 def lm_loss(x, W, targets, chunk=256):

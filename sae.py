@@ -22,6 +22,7 @@ import json
 import math
 import os
 import pickle
+import signal
 import time
 
 import numpy as np
@@ -216,9 +217,9 @@ def load_tokens(data_dir, split):
     return np.memmap(path, dtype=np.uint16, mode="r")
 
 
-def random_windows(data, T, B, gen):
-    """B windows of T tokens at random offsets: (B, T) int64."""
-    ix = torch.randint(len(data) - T + 1, (B,), generator=gen).tolist()
+def random_windows(data, T, B, rng):
+    """B windows of T tokens at offsets drawn by the numpy Generator `rng`: (B, T) int64."""
+    ix = rng.integers(0, len(data) - T + 1, B).tolist()
     return torch.from_numpy(np.stack([data[i:i + T].astype(np.int64) for i in ix]))
 
 
@@ -234,51 +235,67 @@ def val_windows(data, T, tokens, B):
 
 
 @torch.no_grad()
-def activations(model, layer, data, T, B, gen, device="cpu"):
-    """Endless stream of standardised hidden states after block `layer`, (B*T, d) per chunk."""
-    while True:
-        h = model.forward_to(random_windows(data, T, B, gen).to(device), layer)
-        yield standardise(h.float())[0].view(-1, h.size(-1))
+def activation_chunk(model, layer, data, T, B, seed, c, device="cpu"):
+    """Chunk c of the activation stream: standardised hidden states after block `layer` on B windows whose
+    offsets come from a generator seeded with (seed, c), (B*T, d). A pure function of (seed, c), so a resumed
+    run can recompute any chunk instead of saving the activations."""
+    h = model.forward_to(random_windows(data, T, B, np.random.default_rng([seed, c])).to(device), layer)
+    return standardise(h.float())[0].view(-1, h.size(-1))
 
 
 class ShuffleBuffer:
     """Minibatches drawn at random from a pool of `size` activations. Neighbouring tokens of one window
     are highly correlated, so a minibatch straight from the host would be a few documents; the pool mixes
-    many. Once half the pool has been served, the served rows are replaced by fresh ones."""
+    many. Once half the pool has been served, the served rows are replaced by fresh ones.
 
-    def __init__(self, stream, size, batch_size, gen):
+    Rows are numbered along the stream (row i is row i % chunk_rows of `chunk(i // chunk_rows)`) and the
+    pool keeps the number of every row it holds, so its state is a few index tensors and `state` rebuilds
+    it exactly: the pool itself is GBs at GPT-2 scale, too big to save every few minutes. The rebuild costs
+    one host pass per chunk still represented in the pool, about log2(chunk_rows) pools' worth."""
+
+    def __init__(self, chunk, chunk_rows, size, batch_size, gen, state=None):
         if batch_size > size // 2:
             raise ValueError(f"batch_size={batch_size} must be at most half the buffer ({size})")
-        self.stream, self.batch_size, self.gen, self.rest = stream, batch_size, gen, None
-        self.pool = self.take(size)
-        self.reshuffle()
+        self.chunk, self.chunk_rows, self.batch_size, self.gen, self.cached = chunk, chunk_rows, batch_size, gen, (None, None)
+        if state is None:
+            self.ids, self.next = torch.arange(size), size
+            self.reshuffle()
+        else:
+            self.ids, self.order, self.pos, self.next = state["ids"], state["order"], state["pos"], state["next"]
+            gen.set_state(state["gen"])
+        self.pool = self.rows(self.ids)
 
-    def take(self, n):
-        chunks, have = [], 0
-        while have < n:
-            chunk = self.rest if self.rest is not None else next(self.stream)
-            self.rest = None
-            chunks.append(chunk)
-            have += len(chunk)
-        out = torch.cat(chunks)
-        if len(out) > n:
-            self.rest = out[n:]
-        return out[:n]
+    def state_dict(self):
+        return {"ids": self.ids.clone(), "order": self.order.clone(), "pos": self.pos, "next": self.next, "gen": self.gen.get_state()}
+
+    def rows(self, ids):
+        """The activations numbered `ids`, one host pass per chunk; the last chunk is kept, since one
+        refill ends in the chunk where the next begins."""
+        chunk_of, out = ids // self.chunk_rows, None
+        for c in chunk_of.unique().tolist():
+            if self.cached[0] != c:
+                self.cached = (c, self.chunk(c))
+            x, m = self.cached[1], chunk_of == c
+            out = x.new_empty(len(ids), x.size(1)) if out is None else out
+            out[m.to(x.device)] = x[(ids[m] % self.chunk_rows).to(x.device)]
+        return out
 
     def reshuffle(self):
-        self.order, self.pos = torch.randperm(len(self.pool), generator=self.gen).to(self.pool.device), 0
+        self.order, self.pos = torch.randperm(len(self.ids), generator=self.gen), 0
 
     def __iter__(self):
         return self
 
     def __next__(self):
-        if self.pos + self.batch_size > len(self.pool) // 2:
+        if self.pos + self.batch_size > len(self.ids) // 2:
             served = self.order[:self.pos]
-            self.pool[served] = self.take(len(served))
+            self.ids[served] = fresh = torch.arange(self.next, self.next + len(served))
+            self.pool[served.to(self.pool.device)] = self.rows(fresh)
+            self.next += len(served)
             self.reshuffle()
         rows = self.order[self.pos:self.pos + self.batch_size]
         self.pos += self.batch_size
-        return self.pool[rows]
+        return self.pool[rows.to(self.pool.device)]
 
 
 # -----------------------------------------------------------------------------
@@ -322,34 +339,55 @@ def lr_at(step, steps, lr):
     return lr * min(1.0, (steps - step) / (0.2 * steps))
 
 
-def train(sae, batches, steps, lr, dead_tokens, k_aux=None, aux_coef=1 / 32, log=None, progress=True):
+def train(sae, batches, steps, lr, dead_tokens, k_aux=None, aux_coef=1 / 32, log=None, progress=True,
+          log_interval=10, state=None, checkpoint=None, ckpt_interval=0):
     """Adam on standardised activation minibatches `batches` (an iterator of (N, d)); returns the last
-    step's metrics. `log(dict)` is called every 10 steps. Dead = no activation in the last dead_tokens tokens."""
+    logged step's metrics. `log(dict)` is called every log_interval steps. Dead = no activation in the last
+    dead_tokens tokens. `checkpoint(state)` receives everything the loop carries from step to step every
+    ckpt_interval steps, at the end, and on SIGINT/SIGTERM, which stop training after the current step
+    (the metrics then say "stopped"); `state` continues from such a state."""
     k_aux = k_aux or sae.d // 2
     opt = torch.optim.Adam(sae.parameters(), lr=lr, betas=(0.9, 0.999), eps=6.25e-10)  # Gao et al.'s eps
     since_fired = torch.zeros(sae.n_latents, dtype=torch.long, device=sae.pre_bias.device)
-    tokens, t0 = 0, time.time()
-    bar = tqdm(range(steps), disable=not progress, desc="sae")
-    for step in bar:
-        x = next(batches)
-        for group in opt.param_groups:
-            group["lr"] = lr_at(step, steps, lr)
-        dead = since_fired >= dead_tokens
-        loss, fvu, aux, values, indices = sae_loss(sae, x, dead, k_aux, aux_coef)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        project_decoder_grad(sae)
-        opt.step()
-        normalise_decoder(sae)
-        since_fired += len(x)
-        since_fired[indices[values > 0]] = 0
-        tokens += len(x)
-        if step % 10 == 0 or step == steps - 1:
-            m = {"step": step, "tokens": tokens, "fvu": fvu.item(), "auxk": aux.item(), "l0": (values > 0).sum(-1).float().mean().item(),
-                 "dead": dead.float().mean().item(), "lr": lr_at(step, steps, lr), "time": round(time.time() - t0, 2)}
-            bar.set_postfix(fvu=f"{m['fvu']:.4f}", l0=f"{m['l0']:.1f}", dead=f"{m['dead']:.3f}")
-            if log:
-                log(m)
+    start, tokens, m, t0 = 0, 0, None, time.time()
+    if state is not None:
+        sae.load_state_dict(state["sae"])
+        opt.load_state_dict(state["opt"])
+        since_fired.copy_(state["since_fired"])
+        torch.set_rng_state(state["torch_rng"])  # unused by the loop today; kept so that adding noise stays exact
+        start, tokens, m = state["step"], state["tokens"] + 1, state["metrics"]
+    stop = []  # signals only set a flag: the step in progress finishes, so the saved state is a consistent one
+    handlers = {s: signal.signal(s, lambda *_: stop.append(1)) for s in (signal.SIGINT, signal.SIGTERM)} if checkpoint else {}
+    bar = tqdm(range(start, steps), initial=start, total=steps, disable=not progress, desc="sae")
+    try:
+        for step in bar:
+            x = next(batches)
+            for group in opt.param_groups:
+                group["lr"] = lr_at(step, steps, lr)
+            dead = since_fired >= dead_tokens
+            loss, fvu, aux, values, indices = sae_loss(sae, x, dead, k_aux, aux_coef)
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            project_decoder_grad(sae)
+            opt.step()
+            normalise_decoder(sae)
+            since_fired += len(x)
+            since_fired[indices[values > 0]] = 0
+            tokens += len(x)
+            if step % log_interval == 0 or step == steps - 1:
+                m = {"step": step, "tokens": tokens, "fvu": fvu.item(), "auxk": aux.item(), "l0": (values > 0).sum(-1).float().mean().item(),
+                     "dead": dead.float().mean().item(), "lr": lr_at(step, steps, lr), "time": round(time.time() - t0, 2)}
+                bar.set_postfix(fvu=f"{m['fvu']:.4f}", l0=f"{m['l0']:.1f}", dead=f"{m['dead']:.3f}")
+                if log:
+                    log(m)
+            if checkpoint and (stop or step + 1 == steps or ckpt_interval and (step + 1) % ckpt_interval == 0):
+                checkpoint({"step": step + 1, "tokens": tokens, "metrics": m, "sae": sae.state_dict(), "opt": opt.state_dict(),
+                            "since_fired": since_fired, "torch_rng": torch.get_rng_state()})
+            if stop:
+                return {**m, "stopped": step + 1}
+    finally:
+        for s, h in handlers.items():
+            signal.signal(s, h)
     return m
 
 
@@ -487,6 +525,9 @@ def main(argv=None):
     p.add_argument("--block_size", type=int, default=None, help="window length; default the host's")
     p.add_argument("--host_batch", type=int, default=8, help="windows per host forward pass")
     p.add_argument("--eval_tokens", type=int, default=65536)
+    p.add_argument("--log_interval", type=int, default=10, help="steps between lines of <out>.metrics.jsonl")
+    p.add_argument("--ckpt_interval", type=int, default=500, help="steps between saves of <out>.resume.pt "
+                   "(0: only at the end and on SIGINT/SIGTERM); a run with that file and the same settings resumes")
     p.add_argument("--seed", type=int, default=1337)
     p.add_argument("--device", default="cpu")
     a = p.parse_args(argv)
@@ -524,25 +565,53 @@ def main(argv=None):
             "host_sha256": file_sha256(host) if os.path.isfile(host) else None,
             "layer": a.layer, "d": cfg.n_embd, "tokenizer": "gpt2", "data_dir": os.path.abspath(a.data_dir),
             "train": settings}
+    # Resume: everything the trained SAE depends on must match; where files go, how often and where it runs need not
+    same = {k: v for k, v in settings.items() if k not in ("ckpt", "data_dir", "out", "sae", "eval_only", "describe",
+                                                           "eval_tokens", "device", "log_interval", "ckpt_interval")}
+    same.update(host=meta["host_sha256"] or meta["host"], data_dir=meta["data_dir"])
+    resume_path, saved = os.path.splitext(a.out)[0] + ".resume.pt", None
+    if os.path.exists(resume_path):  # checked before anything is written, so a refusal leaves every file as it was
+        try:
+            saved = torch.load(resume_path, map_location="cpu", weights_only=True)
+            old = saved["settings"]
+        except Exception as e:
+            raise SystemExit(f"error: {resume_path} is not a readable resume file ({type(e).__name__}); delete it to start over")
+        diff = [f"{k}={same.get(k)!r} (resume file: {old.get(k)!r})" for k in sorted(set(old) | set(same)) if old.get(k) != same.get(k)]
+        if diff:
+            raise SystemExit(f"error: {resume_path} was written with other settings: {', '.join(diff)}; "
+                             "use those, or delete it to start over")
     sae = SAE(cfg.n_embd, a.n_latents, a.k, meta).to(a.device)
     sae.path = a.out
-    gen = torch.Generator().manual_seed(a.seed)
-    stream = activations(model, a.layer, load_tokens(a.data_dir, "train"), T, a.host_batch, gen, a.device)
-    buffer = ShuffleBuffer(stream, a.buffer, a.batch_size, gen)
-    with torch.no_grad():  # b_pre at the data's centre, so the encoder starts by looking at deviations from it
-        sae.pre_bias.copy_(geometric_median(buffer.pool[:min(len(buffer.pool), 32768)]))
+    data = load_tokens(a.data_dir, "train")
+    chunk = lambda c: activation_chunk(model, a.layer, data, T, a.host_batch, a.seed, c, a.device)
+    buffer = ShuffleBuffer(chunk, a.host_batch * T, a.buffer, a.batch_size, torch.Generator().manual_seed(a.seed),
+                           saved and saved["buffer"])
+    if saved is None:
+        with torch.no_grad():  # b_pre at the data's centre, so the encoder starts by looking at deviations from it
+            sae.pre_bias.copy_(geometric_median(buffer.pool[:min(len(buffer.pool), 32768)]))
+
+    def checkpoint(state):  # to a temporary file, then renamed: a crash while writing keeps the previous one
+        torch.save({"settings": same, "train": state, "buffer": buffer.state_dict()}, resume_path + ".tmp")
+        os.replace(resume_path + ".tmp", resume_path)
+
     log_path = os.path.splitext(a.out)[0] + ".metrics.jsonl"
     os.makedirs(os.path.dirname(os.path.abspath(a.out)), exist_ok=True)
-    with open(log_path, "a") as f:
+    with open(log_path, "a") as f:  # after a resume, steps since the last save appear twice, identically
         log = lambda m: (f.write(json.dumps(m) + "\n"), f.flush())
-        log({"settings": settings})
-        sae.meta["train_final"] = train(sae, buffer, steps, lr, dead_tokens, a.k_aux, a.aux_coef, log=log)
+        log({"settings": settings} if saved is None else {"resume": saved["train"]["step"]})
+        m = train(sae, buffer, steps, lr, dead_tokens, a.k_aux, a.aux_coef, log=log, log_interval=a.log_interval,
+                  state=saved and saved["train"], checkpoint=checkpoint, ckpt_interval=a.ckpt_interval)
+        if "stopped" in m:
+            print(f"stopped at step {m['stopped']} of {steps}; run the same command to resume from {resume_path}")
+            return
+        sae.meta["train_final"] = m
         sae.meta["eval"] = evaluate(sae, model, a.layer, a.data_dir, a.eval_tokens, a.host_batch, T, a.device)
         log({"eval": sae.meta["eval"]})
     sae.save(a.out)
     print(json.dumps(sae.meta["eval"]))
     out = os.path.splitext(a.out)[0] + ".concepts.json"
     describe(sae, model, a.layer, a.data_dir, a.eval_tokens, block_size=T, device=a.device, out=out)
+    os.remove(resume_path)  # only now: a crash in evaluate or describe resumes at the end instead of retraining
     print(f"wrote {a.out}, {log_path}, {out}")
 
 

@@ -4,12 +4,14 @@ import collections
 import dataclasses
 import json
 import os
+import signal
 
 import numpy as np
 import pytest
 import torch
 
 from model import GPT, GPTConfig
+import sae as sae_module
 from sae import SAE, ShuffleBuffer, evaluate, load_concepts, concept_name, main, train
 
 TIKTOKEN_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "shared", "tiktoken")
@@ -200,26 +202,31 @@ def test_bad_files_raise_value_error_with_path(tmp_path):
             SAE.load(path)
 
 
-def test_shuffle_buffer_mixes_and_refills():
-    def stream():  # chunks of consecutive ids, like one window of tokens at a time
-        i = 0
-        while True:
-            yield torch.arange(i, i + 16, dtype=torch.float32)[:, None]
-            i += 16
-
-    buf = ShuffleBuffer(stream(), 64, 8, torch.Generator().manual_seed(0))
+def test_shuffle_buffer_mixes_refills_and_resumes():
+    chunk = lambda c: torch.arange(16 * c, 16 * c + 16, dtype=torch.float32)[:, None]  # consecutive ids, like one window
+    buf = ShuffleBuffer(chunk, 16, 64, 8, torch.Generator().manual_seed(0))
     first_round = torch.cat([next(buf) for _ in range(4)]).flatten()
     assert len(first_round.unique()) == 32 and first_round.max() < 64  # half the pool, no repeats
     assert not torch.equal(first_round[:8].sort().values, torch.arange(8.0))  # not in stream order
-    later = torch.cat([next(buf) for _ in range(40)]).flatten()
+    later = torch.cat([next(buf) for _ in range(37)]).flatten()
     assert later.max() >= 64 * 4  # refilled from the stream as it is served
+    # the state is row numbers: a buffer rebuilt from it recomputes the pool and serves the same batches
+    calls = []
+    back = ShuffleBuffer(lambda c: calls.append(c) or chunk(c), 16, 64, 8, torch.Generator(), buf.state_dict())
+    assert torch.equal(back.pool, buf.pool) and calls == sorted(set(calls))  # one pass per chunk
+    for _ in range(30):
+        assert torch.equal(next(back), next(buf))
 
 
 def write_tokens(path, n, vocab, seed):
     np.random.default_rng(seed).integers(0, vocab, n, dtype=np.uint16).tofile(path)
 
 
-def test_cli_train_eval_describe(tmp_path, monkeypatch):
+def tiny_host_and_data(tmp_path, monkeypatch):
+    """A 2-layer GPT checkpoint and random token files; returns (host, data dir, sae.py flags up to --out)."""
+    if not os.path.isdir(TIKTOKEN_DIR):  # training ends by writing the concept dictionary, which needs tiktoken's gpt2 files
+        pytest.skip("no tiktoken cache for gpt2")
+    monkeypatch.setenv("TIKTOKEN_CACHE_DIR", TIKTOKEN_DIR)
     torch.manual_seed(0)
     cfg = GPTConfig(block_size=32, n_layer=2, n_head=2, n_embd=32)
     host = GPT(cfg)
@@ -229,15 +236,15 @@ def test_cli_train_eval_describe(tmp_path, monkeypatch):
     data.mkdir()
     write_tokens(data / "train.bin", 20000, 2000, 0)
     write_tokens(data / "val.bin", 3000, 2000, 1)
+    return host, data, [f"--ckpt={ckpt}", f"--data_dir={data}", "--layer=0", "--n_latents=128", "--k=8",
+                        "--tokens=8192", "--batch_size=512", "--buffer=2048", "--eval_tokens=1024"]
+
+
+def test_cli_train_eval_describe(tmp_path, monkeypatch):
+    host, data, args = tiny_host_and_data(tmp_path, monkeypatch)
     out = str(tmp_path / "sae" / "sae.pt")
-    args = [f"--ckpt={ckpt}", f"--data_dir={data}", "--layer=0", f"--out={out}", "--n_latents=128", "--k=8",
-            "--tokens=8192", "--batch_size=512", "--buffer=2048", "--eval_tokens=1024"]
-    have_tokenizer = os.path.isdir(TIKTOKEN_DIR)
-    if have_tokenizer:
-        monkeypatch.setenv("TIKTOKEN_CACHE_DIR", TIKTOKEN_DIR)
-    else:  # training ends by writing the concept dictionary, which needs tiktoken's gpt2 files
-        pytest.skip("no tiktoken cache for gpt2")
-    main(args)
+    main(args + [f"--out={out}"])
+    assert not os.path.exists(str(tmp_path / "sae" / "sae.resume.pt"))  # removed once the SAE is written
     sae = SAE.load(out)
     assert sae.meta["layer"] == 0 and sae.meta["d"] == 32 and len(sae.meta["host_sha256"]) == 64
     m = sae.meta["eval"]
@@ -260,3 +267,75 @@ def test_cli_train_eval_describe(tmp_path, monkeypatch):
     # and the stored SAE re-evaluates to the same numbers
     again = evaluate(sae, host.eval(), 0, str(data), tokens=1024, block_size=32)
     assert abs(again["fvu"] - m["fvu"]) < 1e-6
+
+
+def step_records(path):
+    """{step: metrics without the wall time} from a metrics log; a step logged twice (after a resume from
+    an earlier save) must have been logged identically."""
+    records = {}
+    for r in map(json.loads, open(path)):
+        if "step" in r:
+            r.pop("time")
+            assert records.setdefault(r["step"], r) == r
+    return records
+
+
+def run_interrupted(args, monkeypatch, how, at):
+    """main(args), stopped in step `at` by a SIGINT (saves after that step) or a crash (nothing saved then)."""
+    calls, sae_loss = [], sae_module.sae_loss
+
+    def interrupted(*a, **kw):
+        calls.append(1)
+        if len(calls) == at + 1 and how == "crash":
+            raise RuntimeError("simulated crash")
+        if len(calls) == at + 1:
+            os.kill(os.getpid(), signal.SIGINT)
+        return sae_loss(*a, **kw)
+
+    with monkeypatch.context() as m:
+        m.setattr(sae_module, "sae_loss", interrupted)
+        if how == "crash":
+            with pytest.raises(RuntimeError, match="simulated"):
+                main(args)
+        else:
+            main(args)
+
+
+@pytest.mark.parametrize("how", ["signal", "crash"])
+def test_resume_is_exact(tmp_path, monkeypatch, how):
+    """Stopped by SIGINT or by a crash (the last periodic save survives), then rerun with the same
+    command: the same per-step losses and bitwise the same SAE as one uninterrupted run."""
+    _, _, args = tiny_host_and_data(tmp_path, monkeypatch)
+    # chunks of one window (32 rows) and a refill every 2 steps: by step 20 the pool holds only some chunks,
+    # so the rebuild must recompute chunks by number; with 512 latents some die, so the AuxK counters matter
+    args += ["--host_batch=1", "--buffer=1024", "--batch_size=256", "--n_latents=512", "--dead_tokens=512",
+             "--log_interval=1", "--ckpt_interval=8"]
+    main(args + [f"--out={tmp_path / 'ref' / 'sae.pt'}"])
+    out, resume_path = tmp_path / "cut" / "sae.pt", tmp_path / "cut" / "sae.resume.pt"
+    run_interrupted(args + [f"--out={out}"], monkeypatch, how, at=20)
+    resume = torch.load(str(resume_path), weights_only=True)
+    assert resume["train"]["step"] == (16 if how == "crash" else 21) and not out.exists()
+    held = (resume["buffer"]["ids"] // 32).unique()
+    assert len(held) < resume["buffer"]["next"] // 32 and held.min() > 0  # the oldest chunks are gone from the pool
+    main(args + [f"--out={out}"])
+    assert not resume_path.exists()
+    ref, cut = step_records(tmp_path / "ref" / "sae.metrics.jsonl"), step_records(tmp_path / "cut" / "sae.metrics.jsonl")
+    assert list(ref) == list(range(32)) and ref == cut
+    assert any(r["dead"] > 0 and r["auxk"] > 0 for s, r in ref.items() if s > 16)
+    a, b = SAE.load(str(tmp_path / "ref" / "sae.pt")), SAE.load(str(out))
+    assert a.meta["eval"] == b.meta["eval"] and a.state_dict().keys() == b.state_dict().keys()
+    for key, value in a.state_dict().items():
+        assert torch.equal(value, b.state_dict()[key]), key
+
+
+def test_resume_with_other_settings_is_refused(tmp_path, monkeypatch):
+    _, _, args = tiny_host_and_data(tmp_path, monkeypatch)
+    args.append(f"--out={tmp_path / 'sae' / 'sae.pt'}")
+    run_interrupted(args, monkeypatch, "signal", at=2)
+    before = {p.name: p.read_bytes() for p in (tmp_path / "sae").iterdir()}
+    assert "sae.resume.pt" in before and "sae.pt" not in before
+    for flag, message in (("--n_latents=64", "n_latents=64 (resume file: 128)"), ("--k=4", "k=4 (resume file: 8)")):
+        with pytest.raises(SystemExit) as e:
+            main(args + [flag])
+        assert e.value.code.startswith("error: ") and message in e.value.code and "\n" not in e.value.code
+        assert {p.name: p.read_bytes() for p in (tmp_path / "sae").iterdir()} == before  # nothing written

@@ -62,6 +62,7 @@ insert_layer = 1  # the student's block where concepts are predicted and mixed
 mix = 'interleave'  # interleave | add | none (concept prediction only)
 k_attr = 4  # concept labels per token
 label_rule = 'attribution'  # attribution | attribution_pre | neg_attribution | abs_attribution | activation
+label_cache = True  # cocomix: keep each window's labels in data_dir (labels-*), reused by later runs; False = always computed
 lam = 0.1  # concept loss weight (0 = mixing only)
 lam_kd = 0.1  # KD loss weight
 # AdamW, warmup then cosine to min_lr
@@ -170,21 +171,23 @@ def batch_offsets(split, step):
 
 
 def get_batch(split, step, micro):
-    """This process's micro-batch `micro` of the global batch of `step` (rank r takes micro-batches r, r+W, ...)."""
+    """This process's micro-batch `micro` of the global batch of `step` (rank r takes micro-batches r, r+W, ...):
+    x, y and where they came from, (split, window indices), for the label cache."""
     m = micro * world_size + rank
     ix = batch_offsets(split, step)[m * batch_size:(m + 1) * batch_size]
     d = data[split]
     x = torch.from_numpy(np.stack([d[i:i + block_size].astype(np.int64) for i in ix]))
     y = torch.from_numpy(np.stack([d[i + 1:i + 1 + block_size].astype(np.int64) for i in ix]))
+    where = (split, ix // block_size)
     if device_type == 'cuda':
-        return x.pin_memory().to(device, non_blocking=True), y.pin_memory().to(device, non_blocking=True)
-    return x.to(device), y.to(device)
+        return x.pin_memory().to(device, non_blocking=True), y.pin_memory().to(device, non_blocking=True), where
+    return x.to(device), y.to(device), where
 
 
 # ---- concept source, SAE and labels
-source, labeler = None, None
+source, labeler, label_caches = None, None, {}
 if mode in ('cocomix', 'kd'):
-    from concepts import ConceptLabeler
+    from concepts import ConceptLabeler, LabelCache, label_identity
     from model import load_frozen_gpt
     try:
         source = load_frozen_gpt(concept_source, device)
@@ -207,6 +210,14 @@ if mode == 'cocomix':
     n_concepts = n_concepts or sae.n_latents
     if n_concepts != sae.n_latents:
         fail(f"n_concepts={n_concepts} but the SAE has {sae.n_latents} latents")
+    if label_cache:  # one cache per token file; eval windows are fixed, so they hit from the second eval on
+        try:
+            identity = label_identity(labeler, concept_source, sae.path, dtype)
+            label_caches = {s: LabelCache(labeler, data_dir, s, block_size, identity) for s in ('train', 'val')}
+        except ValueError as e:
+            fail(str(e))
+        except OSError as e:  # e.g. a read-only data_dir: slower, not wrong
+            print(f"warning: label cache off ({e}); labels are computed for every batch", file=sys.stderr)
 
 # ---- model
 model_args = dict(n_layer=n_layer, n_head=n_head, n_embd=n_embd, block_size=block_size, bias=bias,
@@ -278,14 +289,15 @@ def lr_at(it):
 timing = {'source': 0.0, 'student': 0.0}  # the cost split reported at each eval
 
 
-def step_loss(X, Y, net=None):
-    """Loss of one micro-batch under the objective; returns (loss, aux)."""
+def step_loss(X, Y, where, net=None):
+    """Loss of one micro-batch (from get_batch) under the objective; returns (loss, aux)."""
     net = model if net is None else net
     t0 = time.perf_counter()
     labels, p_con = None, None
     if mode == 'cocomix':
         with ctx:
-            labels = labeler(X, Y)
+            split, windows = where
+            labels = label_caches[split].labels(windows, X, Y) if label_caches else labeler(X, Y)
     elif mode == 'kd':
         with torch.no_grad(), ctx:
             p_con = source(X)[0]
@@ -321,8 +333,8 @@ def evaluate():
         sums = {}
         nbytes, ntok = 0, 0
         for k in range(eval_iters):
-            X, Y = get_batch(split, 10_000_000 + k, 0)  # steps no training run reaches: fixed eval windows
-            loss, aux = step_loss(X, Y, net)
+            X, Y, where = get_batch(split, 10_000_000 + k, 0)  # steps no training run reaches: fixed eval windows
+            loss, aux = step_loss(X, Y, where, net)
             for key in ('ntp', 'concept', 'recall', 'kd'):
                 if key in aux:
                     sums[key] = sums.get(key, 0.0) + aux[key].item()
@@ -398,10 +410,14 @@ while True:
         metrics = evaluate()
         record = {'iter': iter_num, 'tokens': iter_num * tokens_per_iter, 'lr': lr, 'time': time.time() - t_start,
                   'time_source': timing['source'], 'time_student': timing['student'], **metrics}
-        log(record)
         msg = f"step {iter_num}: train {metrics['train/loss']:.4f}, val {metrics['val/loss']:.4f}"
         if 'val/concept' in metrics:
             msg += f", concept {metrics['val/concept']:.3f}, recall {metrics['val/recall']:.3f}"
+        if label_caches:  # windows so far (this process) whose labels came from disk / were computed
+            record['label_hits'] = sum(c.hits for c in label_caches.values())
+            record['label_computed'] = sum(c.misses for c in label_caches.values())
+            msg += f", labels cached {record['label_hits']}/{record['label_hits'] + record['label_computed']}"
+        log(record)
         (pbar.write if pbar else print)(msg)
         improved = metrics['val/loss'] < best_val_loss
         best_val_loss = min(best_val_loss, metrics['val/loss'])
@@ -413,10 +429,10 @@ while True:
     # one optimizer step over the global batch of this step
     loss_sum, parts = 0.0, {}
     for micro in range(micro_batches):
-        X, Y = get_batch('train', iter_num, micro)
+        X, Y, where = get_batch('train', iter_num, micro)
         if ddp:  # sync gradients only on the last micro-batch
             model.require_backward_grad_sync = micro == micro_batches - 1
-        loss, aux = step_loss(X, Y)
+        loss, aux = step_loss(X, Y, where)
         loss = loss / micro_batches
         scaler.scale(loss).backward()
         loss_sum += loss.item()
