@@ -65,9 +65,7 @@ class SAE(nn.Module):
         """Decoder as C x d rows, so that a latent's direction is one row to gather."""
         return self.decoder.weight.t()
 
-    @staticmethod
-    def standardise(h):
-        return standardise(h)
+    standardise = staticmethod(standardise)
 
     def encode_pre(self, x):
         """Pre-activations W_enc (x - b_pre) + b_lat of the standardised input x: (..., C)."""
@@ -217,12 +215,6 @@ def load_tokens(data_dir, split):
     return np.memmap(path, dtype=np.uint16, mode="r")
 
 
-def random_windows(data, T, B, rng):
-    """B windows of T tokens at offsets drawn by the numpy Generator `rng`: (B, T) int64."""
-    ix = rng.integers(0, len(data) - T + 1, B).tolist()
-    return torch.from_numpy(np.stack([data[i:i + T].astype(np.int64) for i in ix]))
-
-
 def val_windows(data, T, tokens, B):
     """Consecutive non-overlapping windows of T+1 tokens (inputs and shifted targets) from the start of
     `data`, in batches of B: yields (start offsets, (b, T+1) int64). Deterministic, so evals compare."""
@@ -236,10 +228,10 @@ def val_windows(data, T, tokens, B):
 
 @torch.no_grad()
 def activation_chunk(model, layer, data, T, B, seed, c, device="cpu"):
-    """Chunk c of the activation stream: standardised hidden states after block `layer` on B windows whose
-    offsets come from a generator seeded with (seed, c), (B*T, d). A pure function of (seed, c), so a resumed
-    run can recompute any chunk instead of saving the activations."""
-    h = model.forward_to(random_windows(data, T, B, np.random.default_rng([seed, c])).to(device), layer)
+    """Chunk c of the activation stream: standardised hidden states after block `layer` on B windows of T
+    tokens at random offsets, (B*T, d). A pure function of (seed, c), so a resumed run can recompute any chunk."""
+    ix = np.random.default_rng([seed, c]).integers(0, len(data) - T + 1, B).tolist()
+    h = model.forward_to(torch.from_numpy(np.stack([data[i:i + T].astype(np.int64) for i in ix])).to(device), layer)
     return standardise(h.float())[0].view(-1, h.size(-1))
 
 
@@ -247,11 +239,9 @@ class ShuffleBuffer:
     """Minibatches drawn at random from a pool of `size` activations. Neighbouring tokens of one window
     are highly correlated, so a minibatch straight from the host would be a few documents; the pool mixes
     many. Once half the pool has been served, the served rows are replaced by fresh ones.
-
-    Rows are numbered along the stream (row i is row i % chunk_rows of `chunk(i // chunk_rows)`) and the
-    pool keeps the number of every row it holds, so its state is a few index tensors and `state` rebuilds
-    it exactly: the pool itself is GBs at GPT-2 scale, too big to save every few minutes. The rebuild costs
-    one host pass per chunk still represented in the pool, about log2(chunk_rows) pools' worth."""
+    Row i of the stream is row i % chunk_rows of `chunk(i // chunk_rows)`, and the pool keeps the number of
+    each row it holds: its state is then a few index tensors (the pool itself is GBs at GPT-2 scale), and a
+    resume rebuilds it exactly at the cost of one host pass per chunk still in it (~log2(chunk_rows) pools)."""
 
     def __init__(self, chunk, chunk_rows, size, batch_size, gen, state=None):
         if batch_size > size // 2:
@@ -343,9 +333,8 @@ def train(sae, batches, steps, lr, dead_tokens, k_aux=None, aux_coef=1 / 32, log
           log_interval=10, state=None, checkpoint=None, ckpt_interval=0):
     """Adam on standardised activation minibatches `batches` (an iterator of (N, d)); returns the last
     logged step's metrics. `log(dict)` is called every log_interval steps. Dead = no activation in the last
-    dead_tokens tokens. `checkpoint(state)` receives everything the loop carries from step to step every
-    ckpt_interval steps, at the end, and on SIGINT/SIGTERM, which stop training after the current step
-    (the metrics then say "stopped"); `state` continues from such a state."""
+    dead_tokens tokens. `checkpoint(state)` gets all the loop carries over every ckpt_interval steps, at the end
+    and on SIGINT/SIGTERM, which stop training after that step (metrics say "stopped"); `state` resumes one."""
     k_aux = k_aux or sae.d // 2
     opt = torch.optim.Adam(sae.parameters(), lr=lr, betas=(0.9, 0.999), eps=6.25e-10)  # Gao et al.'s eps
     since_fired = torch.zeros(sae.n_latents, dtype=torch.long, device=sae.pre_bias.device)
@@ -355,7 +344,7 @@ def train(sae, batches, steps, lr, dead_tokens, k_aux=None, aux_coef=1 / 32, log
         opt.load_state_dict(state["opt"])
         since_fired.copy_(state["since_fired"])
         torch.set_rng_state(state["torch_rng"])  # unused by the loop today; kept so that adding noise stays exact
-        start, tokens, m = state["step"], state["tokens"] + 1, state["metrics"]
+        start, tokens, m = state["step"], state["tokens"], state["metrics"]
     stop = []  # signals only set a flag: the step in progress finishes, so the saved state is a consistent one
     handlers = {s: signal.signal(s, lambda *_: stop.append(1)) for s in (signal.SIGINT, signal.SIGTERM)} if checkpoint else {}
     bar = tqdm(range(start, steps), initial=start, total=steps, disable=not progress, desc="sae")
@@ -497,11 +486,8 @@ def concept_name(entry, n=3):
 
 
 def file_sha256(path):
-    h = hashlib.sha256()
     with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
+        return hashlib.file_digest(f, "sha256").hexdigest()
 
 
 def main(argv=None):
@@ -535,8 +521,7 @@ def main(argv=None):
 
     if a.eval_only or a.describe:
         sae = SAE.load(a.sae or a.out, map_location=a.device, layer=a.layer)
-        layer = sae.meta.get("layer")
-        ckpt = a.ckpt or sae.meta.get("host")
+        layer, ckpt = sae.meta.get("layer"), a.ckpt or sae.meta.get("host")
         if layer is None or ckpt is None:
             raise SystemExit(f"error: {sae.path} does not record its host and layer; pass --ckpt and --layer")
         model = load_frozen_gpt(ckpt, a.device)
@@ -578,8 +563,7 @@ def main(argv=None):
             raise SystemExit(f"error: {resume_path} is not a readable resume file ({type(e).__name__}); delete it to start over")
         diff = [f"{k}={same.get(k)!r} (resume file: {old.get(k)!r})" for k in sorted(set(old) | set(same)) if old.get(k) != same.get(k)]
         if diff:
-            raise SystemExit(f"error: {resume_path} was written with other settings: {', '.join(diff)}; "
-                             "use those, or delete it to start over")
+            raise SystemExit(f"error: {resume_path} was written with other settings: {', '.join(diff)}; use those or delete it")
     sae = SAE(cfg.n_embd, a.n_latents, a.k, meta).to(a.device)
     sae.path = a.out
     data = load_tokens(a.data_dir, "train")
@@ -589,11 +573,9 @@ def main(argv=None):
     if saved is None:
         with torch.no_grad():  # b_pre at the data's centre, so the encoder starts by looking at deviations from it
             sae.pre_bias.copy_(geometric_median(buffer.pool[:min(len(buffer.pool), 32768)]))
-
-    def checkpoint(state):  # to a temporary file, then renamed: a crash while writing keeps the previous one
-        torch.save({"settings": same, "train": state, "buffer": buffer.state_dict()}, resume_path + ".tmp")
-        os.replace(resume_path + ".tmp", resume_path)
-
+    # to a temporary file, then renamed: a crash while writing keeps the previous one
+    checkpoint = lambda state: (torch.save({"settings": same, "train": state, "buffer": buffer.state_dict()}, resume_path + ".tmp"),
+                                os.replace(resume_path + ".tmp", resume_path))
     log_path = os.path.splitext(a.out)[0] + ".metrics.jsonl"
     os.makedirs(os.path.dirname(os.path.abspath(a.out)), exist_ok=True)
     with open(log_path, "a") as f:  # after a resume, steps since the last save appear twice, identically
