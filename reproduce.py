@@ -47,7 +47,7 @@ PRESETS = {
                      eval_iters=2, learning_rate=3e-3, insert_layer=1, concept_topk=8, log_interval=2),
         eval=dict(max_tokens=2048, lambada_max=50, batch_size=16)),
     # Gutenberg on a 2-core CPU. Measured on an idle 2-core EPYC (2 threads, fp32; 2 threads were ~2x one):
-    # source ~1800 tok/s -> 2.5M tokens ~25 min; SAE ~? ; per seed the four students (491k tokens each)
+    # source ~1800 tok/s -> 2.5M tokens ~25 min; SAE ~? ; per seed the four students (295k tokens each)
     # ~25 min. SAE: 8192 latents = 32 per model dimension, k = 32 (the SAE issue's bar), on block 2 of 6,
     # as the paper's block 5 of 12.
     'cpu': dict(
@@ -56,7 +56,7 @@ PRESETS = {
         source=dict(n_layer=6, n_head=4, n_embd=256, block_size=256, batch_size=16, max_iters=600, eval_interval=150,
                     eval_iters=10, learning_rate=1e-3, log_interval=5),
         sae=dict(layer=2, n_latents=8192, k=32, tokens=2_097_152, batch_size=4096, buffer=131072, eval_tokens=32768),
-        student=dict(n_layer=4, n_head=4, n_embd=192, block_size=256, batch_size=16, max_iters=120, eval_interval=20,
+        student=dict(n_layer=4, n_head=4, n_embd=192, block_size=256, batch_size=16, max_iters=72, eval_interval=18,
                      eval_iters=4, learning_rate=1e-3, insert_layer=1, concept_topk=32, log_interval=2),
         eval=dict(max_tokens=32768, lambada_max=500, batch_size=8)),
     # The paper's 69M setup (SPEC section 6), GPT-2 124M + OpenAI's layer-5 32k SAE as the concept source,
