@@ -1,138 +1,686 @@
 """
-Training throughput of one student config: tokens/s, MFU and peak memory, for each precision asked,
-measured in alternation (A, B, A, B, ...) and reported as medians, because machines are noisy.
+Benchmarks of the student and of its concept labels. Every timing runs its variants in turn
+(A, B, A, B, ...) and reports medians, because the machines are shared and noisy: read the ratios,
+which are measured within one process, rather than the absolute times.
 
-    python bench.py --n_layer=4 --n_embd=256 --n_head=4 --block_size=256 --batch_size=8 --dtypes=float32,bfloat16
-    python bench.py --compare --n_concepts=4096   # NTP vs CoCoMix student (random labels) at the same config
+    python bench.py --dtypes=float32,bfloat16 --compare   # tokens/s and MFU per precision, NTP and CoCoMix
+    python bench.py --split --mode=cocomix                # one step in stages: time, FLOPs, peak memory
+    python bench.py --bars --dtypes=bfloat16              # CoCoMix/NTP time vs FLOPs, label cost, memory
+    python bench.py --mixing --n_embd=512                 # sparse top-k mixing vs the dense masked product
+    python bench.py --compile_check --tiny                # graph breaks and recompiles under torch.compile
+    python bench.py --gpu_mfu                             # CUDA: GPT-2 124M NTP and the 69M CoCoMix MFU
+    python bench.py --gpu_mfu --device=cpu --tiny         # smoke test of that path
 
-CoCoMix steps here use random concept labels: they time the student only. The concept source's
-cost is timed separately (`--source`), as is everything else that a real run adds.
+Defaults: a student of 4 layers, d=256, block 256, batch 8, C=8192 concepts, K=32, insert layer 1; a
+concept source of 6 layers, d=256, with an SAE of 8192 latents (k=32) on block 2. Source and SAE get
+random weights unless --source_ckpt / --sae_path name trained ones: the work of a step does not depend
+on the weights. CoCoMix steps are train.py's: labels, the student's loss with the chunked LM head,
+backward, gradient clipping, AdamW. `--tiny` shrinks every model to a smoke-test size.
 """
 
 import argparse
+import copy
+import json
+import math
+import os
 import statistics
+import tempfile
 import time
+from contextlib import contextmanager
 
 import torch
 
-from model import GPT, GPTConfig, sparse_mix
+from model import (GPT, GPTConfig, concept_loss, device_peak_flops, interleave, lm_loss, load_frozen_gpt,
+                   sparse_mix, standardise)
 
 
-def parse():
+def parse(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    for k, v in dict(n_layer=4, n_head=4, n_embd=256, block_size=256, batch_size=8, n_concepts=0,
-                     concept_topk=32, insert_layer=1, steps=5, warmup=2, rounds=3, k_attr=4).items():
+    for k, v in dict(n_layer=4, n_head=4, n_embd=256, block_size=256, batch_size=None, n_concepts=8192,
+                     concept_topk=32, insert_layer=1, k_attr=4, src_layer=6, src_head=4, src_embd=256,
+                     sae_layer=2, sae_k=32, steps=None, warmup=None, rounds=None, tokens=4096, lm_chunk=None).items():
         p.add_argument(f"--{k}", type=int, default=v)
+    p.add_argument("--mode", default="ntp", choices=("ntp", "cocomix"), help="objective for the throughput and --split modes")
     p.add_argument("--mix", default="interleave")
+    p.add_argument("--lam", type=float, default=0.1)
     p.add_argument("--dtypes", default="float32", help="comma-separated: float32,bfloat16,float16")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    p.add_argument("--compile", action="store_true")
-    p.add_argument("--compare", action="store_true", help="NTP vs CoCoMix at the same student config")
-    p.add_argument("--mixing", action="store_true", help="sparse top-k mixing vs the dense masked product, fwd+bwd")
-    p.add_argument("--tokens", type=int, default=4096, help="tokens for --mixing")
-    return p.parse_args()
+    p.add_argument("--compile", action="store_true", help="torch.compile the student (always on for --gpu_mfu on CUDA)")
+    p.add_argument("--backend", default="inductor", help="torch.compile backend for --compile_check (aot_eager is quick)")
+    p.add_argument("--source_ckpt", default="", help="a trained concept source (ckpt.pt); default: random weights")
+    p.add_argument("--sae_path", default="", help="a trained SAE for it; default: random weights")
+    for flag, text in dict(compare="NTP and CoCoMix at the same student config", split="per-stage time, FLOPs and memory",
+                           bars="the performance issue's ratios", mixing="sparse vs dense mixing, fwd+bwd",
+                           compile_check="graph breaks and recompiles", gpu_mfu="GPT-2 124M and 69M CoCoMix MFU",
+                           tiny="every model at smoke-test size").items():
+        p.add_argument(f"--{flag}", action="store_true", help=text)
+    args = p.parse_args(argv)
+    if args.tiny:
+        args.__dict__.update(n_layer=2, n_head=2, n_embd=64, block_size=32, n_concepts=256, concept_topk=8,
+                             src_layer=2, src_head=2, src_embd=64, sae_layer=0, sae_k=8, tokens=256)
+    cuda_mfu = args.gpu_mfu and "cuda" in args.device and not args.tiny
+    for k, v in dict(batch_size=2 if args.tiny else 16 if cuda_mfu else 8, lm_chunk=4096 if cuda_mfu else 0,
+                     steps=10 if cuda_mfu else 1, warmup=3 if cuda_mfu else 1, rounds=3 if cuda_mfu else 5).items():
+        if getattr(args, k) is None:
+            setattr(args, k, v)
+    return args
 
 
-def make_step(model, args, dtype, device):
-    """One optimizer step on a fixed random batch; returns a callable."""
-    device_type = "cuda" if "cuda" in device else "cpu"
-    opt = model.configure_optimizers(0.1, 1e-4, (0.9, 0.95), device_type)
-    net = torch.compile(model) if args.compile else model
-    g = torch.Generator().manual_seed(0)
-    x = torch.randint(0, model.config.vocab_size, (args.batch_size, args.block_size), generator=g).to(device)
-    labels = None
-    if model.config.n_concepts:
-        labels = torch.randint(0, model.config.n_concepts, (args.batch_size, args.block_size, args.k_attr), generator=g).to(device)
-    ptdtype = getattr(torch, dtype)
-    ctx = torch.autocast(device_type, dtype=ptdtype, enabled=dtype != "float32")
+# -----------------------------------------------------------------------------
+# the pieces of a training step
+
+
+def sync(device):
+    if "cuda" in str(device):
+        torch.cuda.synchronize()
+
+
+def autocast(device, dtype):
+    return torch.autocast("cuda" if "cuda" in str(device) else "cpu", dtype=getattr(torch, dtype),
+                          enabled=dtype != "float32")
+
+
+def student(args, mode, device):
+    cfg = dict(n_layer=args.n_layer, n_head=args.n_head, n_embd=args.n_embd, block_size=args.block_size,
+               insert_layer=args.insert_layer)
+    if mode == "cocomix":
+        cfg.update(n_concepts=args.n_concepts, concept_topk=args.concept_topk, mix=args.mix)
+    torch.manual_seed(0)
+    return GPT(GPTConfig(**cfg)).to(device)
+
+
+def batch(args, device, seed=0):
+    """Random GPT-2 tokens (B, T) and their next tokens."""
+    xy = torch.randint(0, 50257, (args.batch_size, args.block_size + 1), generator=torch.Generator().manual_seed(seed))
+    return xy[:, :-1].to(device), xy[:, 1:].contiguous().to(device)
+
+
+def make_labeler(args, device):
+    """train.py's ConceptLabeler: a trained source and SAE when given, else random ones of the asked shape
+    (args.n_concepts follows a loaded SAE's width)."""
+    from concepts import ConceptLabeler
+    from sae import SAE
+    if args.source_ckpt:
+        source = load_frozen_gpt(args.source_ckpt, device)
+    else:
+        torch.manual_seed(1)
+        source = GPT(GPTConfig(n_layer=args.src_layer, n_head=args.src_head, n_embd=args.src_embd,
+                               block_size=args.block_size)).to(device).eval().requires_grad_(False)
+    if args.sae_path:
+        sae = SAE.load(args.sae_path)
+        layer = sae.meta.get("layer", args.sae_layer)
+        args.sae_layer, args.sae_k, args.n_concepts = layer, sae.k, sae.n_latents
+    else:
+        sae = SAE(source.config.n_embd, args.n_concepts, args.sae_k, {"layer": args.sae_layer})
+    return ConceptLabeler(source, sae.to(device), args.sae_layer, args.k_attr)
+
+
+def optimizer(model):
+    return model.configure_optimizers(0.1, 1e-4, (0.9, 0.95), next(model.parameters()).device.type)
+
+
+def train_step(model, opt, X, Y, ctx, labels=None, lam=0.1, net=None):
+    """train.py's step. labels: a callable computes them now (on the fly), a tensor is a cache hit."""
+    net = model if net is None else net
 
     def step():
         with ctx:
-            _, loss = net(x, x, concept_labels=labels)
+            y = labels(X, Y) if callable(labels) else labels
+            _, loss = net(X, Y, concept_labels=y, lam=lam, return_logits=False)
         loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         opt.step()
         opt.zero_grad(set_to_none=True)
-        if device_type == "cuda":
-            torch.cuda.synchronize()
+        return loss
     return step
+
+
+def source_train_step(source, X, Y, ctx):
+    """Forward + backward with parameter gradients of a trainable copy of the concept source: the
+    yardstick for what its labels cost (no optimizer step)."""
+    src = copy.deepcopy(source).train().requires_grad_(True)
+
+    def step():
+        with ctx:
+            _, loss = src(X, Y, return_logits=False)
+        loss.backward()
+        src.zero_grad(set_to_none=True)
+    step.model = src
+    return step
+
+
+def alternate(fns, args, device):
+    """Median seconds per call of each fn; the fns take turns (A, B, A, B, ...) so that the machine's
+    noise falls on all of them alike."""
+    for fn in fns.values():
+        for _ in range(args.warmup):
+            fn()
+    sync(device)
+    times = {k: [] for k in fns}
+    for _ in range(args.rounds):
+        for k, fn in fns.items():
+            t0 = time.perf_counter()
+            for _ in range(args.steps):
+                fn()
+            sync(device)
+            times[k].append((time.perf_counter() - t0) / args.steps)
+    return {k: statistics.median(v) for k, v in times.items()}
+
+
+# -----------------------------------------------------------------------------
+# FLOPs (per token; the accounting of GPT.flops_per_token: matmuls and causal attention only)
+
+
+def stage_flops(model, T):
+    """Training FLOPs per token of each student stage (forward + backward = 3x the forward). They add up
+    to GPT.flops_per_token, which is checked here."""
+    cfg = model.config
+    d, L, below = cfg.n_embd, cfg.n_layer, cfg.insert_layer
+    seq = 2 if cfg.interleaved else 1
+    block = lambda n: 3 * (24 * d * d + 2 * d * n)  # one block at context n: matmuls + half the attention square
+    f = {"below": below * block(T), "above": (L - below) * seq * block(seq * T), "lm_head": 6 * d * cfg.vocab_size,
+         "optimizer": 0}
+    if cfg.n_concepts:
+        f.update(concept=6 * d * cfg.n_concepts, mixing=6 * cfg.concept_topk * d)
+    assert math.isclose(sum(f.values()), model.flops_per_token(T)), "stage FLOPs disagree with GPT.flops_per_token"
+    return f
+
+
+def label_flops(labeler, T):
+    """FLOPs per token the concept labels need: the source's forward to the SAE layer (no graph), the
+    rest of its forward plus a backward for activation gradients only (1x the forward's matmuls, 2x its
+    attention; the frozen LM head: its input's gradient only), the SAE encoder and the K_sae decoder rows
+    of the attribution."""
+    cfg, sae = labeler.source.config, labeler.sae
+    d, layer = cfg.n_embd, labeler.layer
+    fwd, bwd = 24 * d * d + 2 * d * T, 24 * d * d + 4 * d * T
+    return {"labels: source to SAE layer": (layer + 1) * fwd,
+            "labels: SAE + attribution": 2 * d * sae.n_latents + 2 * sae.k * d,
+            "labels: rest": (cfg.n_layer - layer - 1) * (fwd + bwd) + 4 * d * cfg.vocab_size}
+
+
+# -----------------------------------------------------------------------------
+# memory
+
+
+def persistent_bytes(*objs):
+    """Bytes of what lives across steps: modules' parameters and buffers (a labeler's source and SAE),
+    optimizer moments, tensors such as cached labels. Shared storage is counted once."""
+    tensors = []
+    for o in objs:
+        if hasattr(o, "sae"):  # a ConceptLabeler
+            tensors += [*o.source.parameters(), *o.source.buffers(), *o.sae.parameters()]
+        elif isinstance(o, torch.nn.Module):
+            tensors += [*o.parameters(), *o.buffers()]
+        elif isinstance(o, torch.optim.Optimizer):
+            tensors += [t for state in o.state.values() for t in state.values() if torch.is_tensor(t)]
+        else:
+            tensors.append(o)
+    return sum({t.untyped_storage().data_ptr(): t.untyped_storage().nbytes() for t in tensors}.values())
+
+
+def transient_peak(fn, device):
+    """Run fn once; return (peak, {stage: peak}) of the bytes in tensors allocated during fn and still
+    alive, i.e. above what existed before it (weights, optimizer moments), overall and inside each
+    record_function range named 'stage:...'.
+    CPU: the profiler's running total of torch's CPU allocator (allocations made before fn are not
+    tracked, so their frees do not count either; allocator caching and fragmentation are not included).
+    CUDA: torch.cuda.max_memory_allocated less what was allocated before; no per-stage peaks."""
+    if "cuda" in str(device):
+        sync(device)
+        base = torch.cuda.memory_allocated()
+        torch.cuda.reset_peak_memory_stats()
+        fn()
+        sync(device)
+        return torch.cuda.max_memory_allocated() - base, {}
+    from torch.profiler import ProfilerActivity, profile
+    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+        fn()
+    with tempfile.TemporaryDirectory() as d:
+        path = os.path.join(d, "trace.json")
+        prof.export_chrome_trace(path)
+        with open(path) as f:
+            events = json.load(f)["traceEvents"]
+    mem = [(e["ts"], e["args"]["Total Allocated"]) for e in events if e.get("name") == "[memory]"]
+    peaks = {}
+    for e in events:
+        if e.get("ph") == "X" and e.get("name", "").startswith("stage:"):
+            inside = [m for t, m in mem if e["ts"] <= t <= e["ts"] + e["dur"]]
+            if inside:
+                name = e["name"][len("stage:"):]
+                peaks[name] = max(peaks.get(name, 0), max(inside))
+    return max((m for _, m in mem), default=0), peaks
+
+
+# -----------------------------------------------------------------------------
+# one step in stages
+
+
+class Stages:
+    """A training step cut into stages at detached tensors. Each stage's forward runs (and is timed) on
+    its own; backward() then walks the stages in reverse, each from the gradients its outputs collected,
+    so every stage's forward + backward time is its own and nothing is computed twice."""
+
+    def __init__(self, device):
+        self.device, self.chain, self.time = device, [], {}
+
+    def clock(self, name, fn):
+        with torch.profiler.record_function("stage:" + name):  # where transient_peak finds the stage
+            t0 = time.perf_counter()
+            out = fn()
+            sync(self.device)
+        self.time[name] = self.time.get(name, 0.0) + time.perf_counter() - t0
+        return out
+
+    def __call__(self, name, fn, *inputs):
+        outs = self.clock(name, lambda: fn(*inputs))
+        outs = outs if isinstance(outs, tuple) else (outs,)
+        cut = tuple(o.detach().requires_grad_() if o.requires_grad else o for o in outs)
+        self.chain.append((name, outs, cut))
+        return cut if len(cut) > 1 else cut[0]
+
+    def backward(self):
+        for name, outs, cut in reversed(self.chain):
+            # a 0-dim output is a loss term (already weighted): its gradient is 1
+            pairs = [(o, torch.ones_like(o) if o.dim() == 0 else c.grad) for o, c in zip(outs, cut) if o.requires_grad]
+            pairs = [(o, g) for o, g in pairs if g is not None]
+            if pairs:
+                tensors, grads = zip(*pairs)
+                self.clock(name, lambda: torch.autograd.backward(tensors, grads))
+
+
+@contextmanager
+def label_parts(st, labeler):
+    """Time the labeler's parts by wrapping, for the duration, the two methods it calls: its source's
+    forward_to and its own scores (if a refactor renames them, only the total is timed)."""
+    wrapped = []
+    for obj, attr, name in ((labeler.source, "forward_to", "labels: source to SAE layer"),
+                            (labeler, "scores", "labels: SAE + attribution")):
+        if hasattr(obj, attr):
+            setattr(obj, attr, lambda *a, _f=getattr(obj, attr), _n=name, **k: st.clock(_n, lambda: _f(*a, **k)))
+            wrapped.append((obj, attr))
+    try:
+        yield
+    finally:
+        for obj, attr in wrapped:
+            delattr(obj, attr)  # the instance attribute goes, the class's method is back
+
+
+def staged_step(model, opt, X, Y, ctx, labels=None, lam=0.1):
+    """train.py's step (train_step) run as Stages, the student's forward written out stage by stage as
+    GPT.forward and ConceptMixer.forward compute it (check_stages holds it to them). labels: a labeler
+    (labels on the fly) or a tensor (cached). opt=None leaves out the optimizer and keeps the grads.
+    Returns (stages, loss)."""
+    cfg, tr, L = model.config, model.transformer, model.config.insert_layer
+    st = Stages(X.device)
+
+    def blocks(bs, h):
+        for b in bs:
+            h = b(h)
+        return h
+    with ctx:
+        if callable(labels):
+            with label_parts(st, labels):
+                labels = st("labels", labels, X, Y)
+        h = st("below", lambda x: blocks(tr.h[:L], model.hidden(x)), X)
+        if cfg.n_concepts:
+            mx = model.mixer
+
+            def head(h):
+                x, mu, std = standardise(h)
+                z = mx.concept_head(x - mx.b_pre)
+                return z, mu, std, lam * concept_loss(z.view(-1, z.size(-1)), labels.view(-1, labels.size(-1)))
+
+            def mix(h, z, mu, std):
+                values, indices = torch.topk(z, mx.topk, dim=-1)
+                c = (sparse_mix(values.to(mx.W_cmp.dtype), indices, mx.W_cmp) + mx.b_cmp + mx.b_pre) * std + mu
+                return interleave(h, c) if cfg.mix == "interleave" else h + c.to(h.dtype) if cfg.mix == "add" else h
+            z, mu, std, lc = st("concept", head, h)
+            h = st("mixing", mix, h, z, mu, std)
+        h = st("above", lambda h: blocks(tr.h[L:], h), h)
+        ntp = st("lm_head", lambda h: lm_loss(tr.ln_f(h[:, 1::2] if cfg.interleaved else h), model.lm_head.weight, Y), h)
+    st.backward()
+    if opt is not None:
+        st.clock("optimizer", lambda: (torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0), opt.step(),
+                                       opt.zero_grad(set_to_none=True)))
+    return st, ntp + lc if cfg.n_concepts else ntp
+
+
+def check_stages(model, X, Y, ctx, labels, lam, rtol=1e-3):
+    """The staged step must compute what GPT.forward does: the same loss and the same gradients (to rtol
+    of the largest: bf16 sums some gradient terms in another order; a missing term would be far off)."""
+    with ctx:
+        y = labels(X, Y) if callable(labels) else labels
+        _, ref = model(X, Y, concept_labels=y, lam=lam, return_logits=False)
+    ref.backward()
+    ref_grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+    model.zero_grad(set_to_none=True)
+    _, loss = staged_step(model, None, X, Y, ctx, labels, lam)
+    for n, p in model.named_parameters():
+        if n in ref_grads:
+            tol = rtol * ref_grads[n].abs().max().item() + 1e-7
+            assert (p.grad - ref_grads[n]).abs().max().item() <= tol, f"staged gradient of {n} differs"
+    model.zero_grad(set_to_none=True)
+    assert math.isclose(loss.item(), ref.item(), rel_tol=1e-3), f"staged loss {loss.item()} != {ref.item()}"
+
+
+STAGE_NAMES = {
+    "labels": "concept labels, on the fly (total)",
+    "labels: source to SAE layer": "  source forward to the SAE layer",
+    "labels: SAE + attribution": "  SAE encode + attribution",
+    "labels: rest": "  source above it, fwd + act. bwd; top-k",
+    "below": "embedding + blocks below insert layer",
+    "concept": "concept head + concept loss",
+    "mixing": "mixing: TopK, sparse mix, interleave",
+    "above": "blocks from insert layer on",
+    "lm_head": "final LN + chunked LM head + loss",
+    "optimizer": "grad clip + AdamW",
+}
+
+
+def bench_split(args):
+    dev, T, tokens = args.device, args.block_size, args.batch_size * args.block_size
+    X, Y = batch(args, dev)
+    labeler = make_labeler(args, dev) if args.mode == "cocomix" else None
+    model = student(args, args.mode, dev)
+    opt = optimizer(model)
+    flops = stage_flops(model, T)
+    if labeler is not None:
+        flops.update(label_flops(labeler, T), labels=sum(label_flops(labeler, T).values()))
+    for dtype in args.dtypes.split(","):
+        ctx = autocast(dev, dtype)
+        check_stages(model, X, Y, ctx, labeler, args.lam, 1e-3 if dtype == "float32" else 3e-2)
+        runs = []
+
+        def staged():
+            runs.append(staged_step(model, opt, X, Y, ctx, labeler, args.lam)[0].time)
+        whole = train_step(model, opt, X, Y, ctx, labeler, args.lam)
+        whole = alternate({"staged": staged, "whole": whole}, args, dev)["whole"]
+        runs = runs[args.warmup:]
+        n, t = len(runs), {k: statistics.median(r[k] for r in runs) for k in runs[0]}
+        if labeler is not None:
+            parts = ("labels: source to SAE layer", "labels: SAE + attribution")
+            t["labels: rest"] = t["labels"] - sum(t.get(k, 0) for k in parts)
+        peaks = transient_peak(staged, dev)[1]
+        t_student = sum(v for k, v in t.items() if not k.startswith("labels"))
+        rows = {**{STAGE_NAMES[k]: (t[k], flops[k], peaks.get(k)) for k in STAGE_NAMES if k in t},
+                "sum of student stages": (t_student, model.flops_per_token(T), None)}
+        if labeler is not None:
+            rows["sum of all stages"] = (t_student + t["labels"], model.flops_per_token(T) + flops["labels"], None)
+        total = t_student + t.get("labels", 0)
+        print(f"\n{args.mode} step in stages, {dtype}, device={dev}, {tokens} tokens/step, medians of {n} steps")
+        print(f"{'stage':<42} {'ms':>9} {'% step':>7} {'GFLOP':>8} {'TFLOP/s':>8} {'peak MB':>8}")
+        for name, (sec, f, peak) in rows.items():
+            print(f"{name:<42} {sec * 1e3:>9.1f} {sec / total:>7.1%} {f * tokens / 1e9:>8.2f} "
+                  f"{f * tokens / 1e12 / max(sec, 1e-9):>8.3f} {'-' if peak is None else f'{peak / 2**20:.0f}':>8}")
+        print(f"{'whole step, unstaged (train.py path)':<42} {whole * 1e3:>9.1f}")
+        keep = persistent_bytes(model, opt, *(labeler,) * (labeler is not None))
+        print(f"peak MB: bytes in tensors allocated during the step and alive at their peak inside the stage, on top "
+              f"of {keep / 2**20:.0f} MB of weights and AdamW moments{' (student), source and SAE' if labeler else ''}")
+
+
+# -----------------------------------------------------------------------------
+# the performance issue's bars
+
+
+def bench_bars(args):
+    dev, T, tokens = args.device, args.block_size, args.batch_size * args.block_size
+    X, Y = batch(args, dev)
+    labeler = make_labeler(args, dev)
+    ntp, coco = student(args, "ntp", dev), student(args, "cocomix", dev)
+    opt_ntp, opt_coco = optimizer(ntp), optimizer(coco)
+    f_ntp, f_coco = ntp.flops_per_token(T), coco.flops_per_token(T)
+    f_lab, f_src = sum(label_flops(labeler, T).values()), labeler.source.flops_per_token(T)
+    src = labeler.source.config
+    print(f"device={dev}, student {args.n_layer}L d={args.n_embd} C={args.n_concepts} K={args.concept_topk} "
+          f"insert {args.insert_layer}; source {src.n_layer}L d={src.n_embd}, SAE {labeler.sae.n_latents} latents "
+          f"k={labeler.sae.k} on block {labeler.layer}; {tokens} tokens/step, medians of {args.rounds} rounds of "
+          f"{args.steps} step(s)")
+    for dtype in args.dtypes.split(","):
+        ctx = autocast(dev, dtype)
+        with ctx:
+            cached = labeler(X, Y)
+        src_step = source_train_step(labeler.source, X, Y, ctx)
+
+        def labels_only():
+            with ctx:
+                labeler(X, Y)
+        variants = {  # name: (step, FLOPs per token, what lives across steps)
+            "ntp": (train_step(ntp, opt_ntp, X, Y, ctx), f_ntp, (ntp, opt_ntp)),
+            "cocomix, labels on the fly": (train_step(coco, opt_coco, X, Y, ctx, labeler, args.lam), f_coco + f_lab,
+                                           (coco, opt_coco, labeler)),
+            "cocomix, cached labels": (train_step(coco, opt_coco, X, Y, ctx, cached, args.lam), f_coco,
+                                       (coco, opt_coco, cached)),
+            "labels alone": (labels_only, f_lab, (labeler,)),
+            "source fwd+bwd (training)": (src_step, f_src, (src_step.model,)),
+        }
+        t = alternate({k: v[0] for k, v in variants.items()}, args, dev)
+        print(f"\n{dtype}\n{'variant':<28} {'step ms':>9} {'tok/s':>8} {'GFLOP/tok':>10} {'TFLOP/s':>8} "
+              f"{'peak MB':>8} {'kept MB':>8}")
+        peak = {}
+        for k, (step, f, keep) in variants.items():
+            kept = persistent_bytes(*keep)
+            peak[k] = transient_peak(step, dev)[0] + kept
+            print(f"{k:<28} {t[k] * 1e3:>9.1f} {tokens / t[k]:>8.0f} {f / 1e9:>10.4f} {f * tokens / t[k] / 1e12:>8.3f} "
+                  f"{peak[k] / 2**20:>8.0f} {kept / 2**20:>8.0f}")
+        fly, cache = t["cocomix, labels on the fly"] / t["ntp"], t["cocomix, cached labels"] / t["ntp"]
+        rf_fly, rf_cache = (f_coco + f_lab) / f_ntp, f_coco / f_ntp
+        lab = t["labels alone"] / t["source fwd+bwd (training)"]
+        bar = lambda x, limit: f"{x:.2f} {'met' if x <= limit else 'NOT met'} (bar <= {limit})"
+        print(f"cocomix/ntp step time, labels on the fly: {fly:.2f}x; / FLOP ratio with the label FLOPs "
+              f"({rf_fly:.2f}x) = {bar(fly / rf_fly, 1.15)}; / student FLOP ratio ({rf_cache:.2f}x) = {fly / rf_cache:.2f}")
+        print(f"cocomix/ntp step time, cached labels: {cache:.2f}x; / FLOP ratio ({rf_cache:.2f}x) = "
+              f"{bar(cache / rf_cache, 1.3)}")
+        print(f"labels / source training step: time {bar(lab, 0.6)}; FLOPs {f_lab / f_src:.2f}")
+        for k in ("cocomix, labels on the fly", "cocomix, cached labels"):
+            print(f"peak memory {k} / ntp: {bar(peak[k] / peak['ntp'], 1.5)}")
+
+
+# -----------------------------------------------------------------------------
+# throughput per precision, and sparse mixing
+
+
+def bench_throughput(args):
+    dev, T, tokens = args.device, args.block_size, args.batch_size * args.block_size
+    X, Y = batch(args, dev)
+    labels = torch.randint(0, args.n_concepts, (args.batch_size, T, args.k_attr), generator=torch.Generator().manual_seed(0)).to(dev)
+    models, steps = {}, {}
+    for mode in ("ntp", "cocomix") if args.compare else (args.mode,):
+        models[mode] = student(args, mode, dev)
+        opt = optimizer(models[mode])
+        net = torch.compile(models[mode]) if args.compile else None
+        for dtype in args.dtypes.split(","):
+            steps[f"{mode}/{dtype}"] = train_step(models[mode], opt, X, Y, autocast(dev, dtype),
+                                                  labels if mode == "cocomix" else None, args.lam, net)
+    t = alternate(steps, args, dev)
+    print(f"device={dev} tokens/step={tokens}, student only (cocomix: random labels), "
+          f"medians of {args.rounds} alternating rounds of {args.steps} step(s)")
+    print(f"{'variant':<20} {'params':>9} {'step ms':>9} {'tok/s':>9} {'GFLOP/tok':>10} {'TFLOP/s':>8} {'MFU':>6}")
+    for name in steps:
+        m = models[name.split("/")[0]]
+        fpt = m.flops_per_token(T)
+        print(f"{name:<20} {m.get_num_params() / 1e6:>8.2f}M {t[name] * 1e3:>9.1f} {tokens / t[name]:>9.0f} "
+              f"{fpt / 1e9:>10.4f} {fpt * tokens / t[name] / 1e12:>8.3f} {m.estimate_mfu(tokens, T, t[name], dev):>6.1%}")
+    dts = args.dtypes.split(",")
+    for mode in models:
+        for dt in dts[1:]:
+            print(f"{mode}: {dt} / {dts[0]} step time {t[f'{mode}/{dt}'] / t[f'{mode}/{dts[0]}']:.2f}")
+    if args.compare:
+        rf = models["cocomix"].flops_per_token(T) / models["ntp"].flops_per_token(T)
+        for dt in dts:
+            r = t[f"cocomix/{dt}"] / t[f"ntp/{dt}"]
+            print(f"{dt}: cocomix/ntp step time {r:.2f}x, FLOPs {rf:.2f}x, time ratio / FLOP ratio {r / rf:.2f}")
 
 
 def bench_mixing(args):
     """Sparse mixing (gather K rows of W_cmp, scatter-add back) against the released code's dense
-    tokens x C masked matrix times W_cmp, forward + backward, alternating, medians."""
-    C, K, d, N = args.n_concepts or 32768, args.concept_topk, args.n_embd, args.tokens
-    z = torch.randn(N, C, device=args.device)
-    values, indices = z.topk(K, dim=-1)
+    tokens x C masked matrix times W_cmp, forward + backward."""
+    C, K, d, N, dev = args.n_concepts, args.concept_topk, args.n_embd, args.tokens, args.device
+    values, indices = torch.randn(N, C, device=dev).topk(K, dim=-1)
     values.requires_grad_(True)
-    W = torch.randn(C, d, device=args.device, requires_grad=True)
-    g = torch.randn(N, d, device=args.device)
+    W = torch.randn(C, d, device=dev, requires_grad=True)
+    g = torch.randn(N, d, device=dev)
 
     def sparse():
         torch.autograd.grad(sparse_mix(values, indices, W), (values, W), g)
 
     def dense():
-        masked = torch.zeros(N, C, device=args.device).scatter(1, indices, values)
+        masked = torch.zeros(N, C, device=dev).scatter(1, indices, values)
         torch.autograd.grad(masked @ W, (values, W), g)
-    times = {"sparse": [], "dense": []}
-    for fn in (sparse, dense):
-        fn()  # warm-up
-    for _ in range(args.rounds):
-        for name, fn in (("sparse", sparse), ("dense", dense)):
+    t = alternate({"sparse": sparse, "dense": dense}, args, dev)
+    print(f"mixing fwd+bwd, C={C} K={K} d={d} tokens={N} on {dev}: sparse {t['sparse'] * 1e3:.1f} ms, "
+          f"dense {t['dense'] * 1e3:.1f} ms, speed-up {t['dense'] / t['sparse']:.1f}x (medians of {args.rounds})")
+
+
+# -----------------------------------------------------------------------------
+# torch.compile: graph breaks and recompiles
+
+
+def explain(fn, *a, **kw):
+    """Graph count and break reasons of fn under dynamo (it traces forwards; a custom autograd.Function's
+    backward is traced with it, when the Function is called)."""
+    import torch._dynamo as dynamo
+    dynamo.reset()
+    ex = dynamo.explain(fn)(*a, **kw)
+    here, reasons = os.path.dirname(os.path.abspath(__file__)), {}
+    for r in ex.break_reasons:
+        ours = [f for f in r.user_stack if os.path.dirname(os.path.abspath(f.filename)) == here][-3:]
+        key = r.reason.strip().splitlines()[0] + " [" + " <- ".join(
+            f"{os.path.basename(f.filename)}:{f.lineno} {f.name}" for f in reversed(ours)) + "]"
+        reasons[key] = reasons.get(key, 0) + 1
+    print(f"  explain: {ex.graph_count} graph(s), {ex.graph_break_count} break(s), {ex.op_count} ops")
+    for k, n in reasons.items():
+        print(f"    break x{n}: {k}")
+
+
+def compile_check(args):
+    """NTP and CoCoMix students (forward + loss + backward) and the labeler: graph breaks, then a compiled
+    run as train.py makes it (train steps, an evaluation in eval mode without grad, train again). Graphs
+    made after that warm-up are recompiles; every recompile is listed with the guard that failed."""
+    import logging
+
+    import torch._dynamo as dynamo
+    from torch._dynamo.guards import recompiles_log
+    from torch._dynamo.utils import counters
+    recompiles = []
+    torch._logging.set_logs(recompiles=True)
+    recompiles_log.addHandler(type("Catch", (logging.Handler,), {"emit": lambda self, r: recompiles.append(r.getMessage())})())
+    recompiles_log.propagate = False  # summarised below instead of printed as they come
+    X, Y = batch(args, args.device)
+    labeler = make_labeler(args, args.device)
+    labels = labeler(X, Y)
+    for mode in ("ntp", "cocomix"):
+        model = student(args, mode, args.device)
+        lab = labels if mode == "cocomix" else None
+        print(f"\n{mode} student, backend={args.backend}")
+        explain(model, X, Y, concept_labels=lab, return_logits=False)
+        _, ref = model(X, Y, concept_labels=lab, lam=args.lam, return_logits=False)
+        dynamo.reset()
+        counters.clear()
+        recompiles.clear()
+        net = torch.compile(model, backend=args.backend)
+        step = train_step(model, optimizer(model), X, Y, autocast(args.device, "float32"), lab, args.lam, net)
+
+        def evaluate():
+            net.eval()
+            with torch.no_grad():
+                net(X, Y, concept_labels=lab, lam=args.lam, return_logits=False)
+            net.train()
+        try:
             t0 = time.perf_counter()
-            fn()
-            if "cuda" in args.device:
-                torch.cuda.synchronize()
-            times[name].append(time.perf_counter() - t0)
-    s, dn = statistics.median(times["sparse"]), statistics.median(times["dense"])
-    print(f"mixing fwd+bwd, C={C} K={K} d={d} tokens={N} on {args.device}: sparse {s * 1e3:.1f} ms, "
-          f"dense {dn * 1e3:.1f} ms, speed-up {dn / s:.1f}x (medians of {args.rounds})")
+            loss = step()
+            t0 = time.perf_counter() - t0
+            evaluate(), step()
+            warm, n_warm = counters["stats"]["unique_graphs"], len(recompiles)
+            for fn in (step, step, step, evaluate, step):
+                fn()
+        except Exception as e:  # a failure to compile is a finding, not the end of the check
+            print(f"  compiled run FAILED: {type(e).__name__}: {str(e).splitlines()[0][:300]}")
+            continue
+        print(f"  compiled fwd+loss+bwd: first step {t0:.1f} s, loss {loss.item():.5f} (eager {ref.item():.5f}); "
+              f"{warm} graph(s) after warm-up (train + eval), {counters['stats']['unique_graphs'] - warm} more after "
+              f"4 further train steps and an eval; recompiles: {n_warm} in warm-up, {len(recompiles) - n_warm} after")
+        for r in recompiles:
+            print("    " + " | ".join(line.strip() for line in r.splitlines()[:3])[:300])
+    print("\nconcept labeler (ConceptLabeler.__call__)")
+    explain(labeler, X, Y)
+    print("a block of the concept source (what --gpu_mfu compiles of it)")
+    explain(labeler.source.transformer.h[0], labeler.source.hidden(X))
 
 
-def main():
-    args = parse()
-    if args.mixing:
-        return bench_mixing(args)
+# -----------------------------------------------------------------------------
+# GPU MFU: GPT-2 124M NTP and the paper's 69M CoCoMix setup
+
+
+def gpu_mfu(args):
+    """NTP on GPT-2 124M, and the paper's 69M CoCoMix student (8 layers, d=512, insert layer 3, C=32768,
+    K=32) with GPT-2 124M as concept source and a 32768-latent SAE (k=32) on its block 5, at block 1024:
+    bf16 autocast, torch.compile on CUDA, fused AdamW (configure_optimizers on CUDA). Random weights and
+    tokens, so it runs offline. MFU = GPT.flops_per_token x tokens/s / the device's dense bf16 peak.
+    On CUDA the LM-head loss takes chunks of 4096 rows (--lm_chunk): dynamo unrolls the chunk loop, and
+    train.py's 256 would make 64 copies of its body at batch 16 x 1024, a compile of minutes."""
+    dev, cuda = args.device, "cuda" in args.device
+    compiled = args.compile or cuda
+    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
+    if not args.tiny:
+        args = argparse.Namespace(**{**vars(args), **dict(
+            n_layer=8, n_head=8, n_embd=512, block_size=1024, insert_layer=3, n_concepts=32768, concept_topk=32,
+            src_layer=12, src_head=12, src_embd=768, sae_layer=5, sae_k=32)})
+    T, ctx = args.block_size, autocast(dev, "bfloat16")
+    X, Y = batch(args, dev)
+    tokens = X.numel()
+    labeler = make_labeler(args, dev)
     torch.manual_seed(0)
-    base = dict(n_layer=args.n_layer, n_head=args.n_head, n_embd=args.n_embd, block_size=args.block_size)
-    variants = {}
-    for dtype in args.dtypes.split(","):
-        if args.compare or not args.n_concepts:
-            variants[f"ntp/{dtype}"] = (GPTConfig(**base), dtype)
-        if args.compare or args.n_concepts:
-            cfg = GPTConfig(**base, n_concepts=args.n_concepts or 4096, concept_topk=args.concept_topk,
-                            insert_layer=args.insert_layer, mix=args.mix)
-            variants[f"cocomix/{dtype}"] = (cfg, dtype)
-    steps, models = {}, {}
-    for name, (cfg, dtype) in variants.items():
-        models[name] = GPT(cfg).to(args.device)
-        steps[name] = make_step(models[name], args, dtype, args.device)
-        for _ in range(args.warmup):
-            steps[name]()
-    times = {name: [] for name in variants}
-    for _ in range(args.rounds):  # alternate the variants so machine noise hits them alike
-        for name in variants:
-            t0 = time.perf_counter()
-            for _ in range(args.steps):
-                steps[name]()
-            times[name].append((time.perf_counter() - t0) / args.steps)
-    tokens = args.batch_size * args.block_size
-    print(f"device={args.device} tokens/step={tokens} steps={args.steps}x{args.rounds} (median step time)")
-    print(f"{'variant':<20} {'params':>9} {'step ms':>9} {'tok/s':>9} {'GFLOP/tok':>10} {'TFLOP/s':>8} {'MFU':>6}")
-    med = {}
-    for name in variants:
-        m = models[name]
-        med[name] = statistics.median(times[name])
-        fpt = m.flops_per_token(args.block_size)
-        mfu = m.estimate_mfu(tokens, args.block_size, med[name], args.device)
-        print(f"{name:<20} {m.get_num_params() / 1e6:>8.2f}M {med[name] * 1e3:>9.1f} {tokens / med[name]:>9.0f} "
-              f"{fpt / 1e9:>10.3f} {fpt * tokens / med[name] / 1e12:>8.3f} {mfu:>6.1%}")
-    if args.compare:
-        for dtype in args.dtypes.split(","):
-            a, b = f"ntp/{dtype}", f"cocomix/{dtype}"
-            ratio_t = med[b] / med[a]
-            ratio_f = models[b].flops_per_token(args.block_size) / models[a].flops_per_token(args.block_size)
-            print(f"{dtype}: cocomix/ntp step time {ratio_t:.2f}x, FLOPs {ratio_f:.2f}x, "
-                  f"time ratio / FLOP ratio {ratio_t / ratio_f:.2f}")
+    ntp = GPT(GPTConfig(n_layer=args.src_layer, n_head=args.src_head, n_embd=args.src_embd, block_size=T)).to(dev)
+    coco = student(args, "cocomix", dev)
+    if compiled:  # the source's blocks in place: whichever way the labeler walks them, they run compiled
+        for block in labeler.source.transformer.h:
+            block.compile()
+    with ctx:
+        cached = labeler(X, Y)
+    f_ntp, f_coco, f_lab = ntp.flops_per_token(T), coco.flops_per_token(T), sum(label_flops(labeler, T).values())
+    net_ntp, net_coco = (torch.compile(ntp), torch.compile(coco)) if compiled else (None, None)
+    opt_coco = optimizer(coco)
+    cfg = f"{args.n_layer}L d={args.n_embd}"
+    variants = {  # name: (step, FLOPs per token of the student)
+        f"ntp {args.src_layer}L d={args.src_embd}": (train_step(ntp, optimizer(ntp), X, Y, ctx, net=net_ntp), f_ntp),
+        f"cocomix {cfg}, cached labels": (train_step(coco, opt_coco, X, Y, ctx, cached, net=net_coco), f_coco),
+        f"cocomix {cfg}, labels on the fly": (train_step(coco, opt_coco, X, Y, ctx, labeler, net=net_coco), f_coco),
+    }
+    t0 = time.perf_counter()
+    for name, (step, _) in variants.items():  # the compiles happen here, so that the timing below is warm
+        step()
+        sync(dev)
+        print(f"first step of {name}: {time.perf_counter() - t0:.1f} s", flush=True)
+        t0 = time.perf_counter()
+    t = alternate({k: v[0] for k, v in variants.items()}, args, dev)
+    peak = device_peak_flops(dev)
+    print(f"\n{torch.cuda.get_device_name(dev) if cuda else 'cpu'}, torch {torch.__version__}, bf16 autocast, "
+          f"compile={compiled}, {tokens} tokens/step (batch {args.batch_size} x {T}), LM-head loss in chunks of "
+          f"{args.lm_chunk or 256} rows, peak {peak / 1e12:.0f} TFLOP/s, "
+          f"medians of {args.rounds} x {args.steps} steps")
+    print(f"{'variant':<36} {'step ms':>9} {'tok/s':>9} {'GFLOP/tok':>10} {'MFU':>6} {'MFU +labels':>11} {'peak GiB':>9}")
+    for k, (step, f) in variants.items():
+        mem = 0.0
+        if cuda:
+            torch.cuda.reset_peak_memory_stats()
+            step()
+            mem = torch.cuda.max_memory_allocated() / 2**30
+        mfu = f * tokens / t[k] / peak
+        with_labels = (f + f_lab) * tokens / t[k] / peak if "on the fly" in k else mfu
+        print(f"{k:<36} {t[k] * 1e3:>9.1f} {tokens / t[k]:>9.0f} {f / 1e9:>10.3f} {mfu:>6.1%} {with_labels:>11.1%} {mem:>9.1f}")
+
+
+def main(argv=None):
+    args = parse(argv)
+    if args.lm_chunk:  # rows per chunk of the chunked LM-head loss (model.lm_loss's default, 256, otherwise)
+        import model
+        model.lm_loss.__defaults__ = (args.lm_chunk,)
+    for flag, fn in (("mixing", bench_mixing), ("split", bench_split), ("bars", bench_bars),
+                     ("compile_check", compile_check), ("gpu_mfu", gpu_mfu)):
+        if getattr(args, flag):
+            return fn(args)
+    bench_throughput(args)
 
 
 if __name__ == "__main__":

@@ -157,6 +157,39 @@ def standardise(h, eps=1e-5):
     return (h - mu) / (std + eps), mu, std
 
 
+@torch.library.custom_op("cocomix::sparse_mix_backward", mutates_args=())
+def sparse_mix_backward(grad_out: torch.Tensor, values: torch.Tensor, indices: torch.Tensor,
+                        W: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """SparseMix's gradients (values, W). A custom op, so that torch.compile calls it whole: the sparse
+    CSR tensor, the warnings filter and bincount inside cannot be traced and would break the graph."""
+    N, K = indices.shape
+    # d out / d values[n, k] = W[indices[n, k]] . g[n]: the product g W^T sampled at the chosen
+    # (token, concept) pairs only (a sampled dense-dense matmul, no gathered N x K x d rows)
+    sorted_idx, perm = indices.sort(dim=1)
+    with warnings.catch_warnings():  # "sparse CSR is in beta": it is exact here, and tested
+        warnings.simplefilter("ignore", UserWarning)
+        pattern = torch.sparse_csr_tensor(torch.arange(0, N * K + 1, K, device=W.device), sorted_idx.reshape(-1),
+                                          torch.zeros(N * K, dtype=grad_out.dtype, device=W.device),
+                                          (N, W.size(0)), check_invariants=False)
+    dots = torch.sparse.sampled_addmm(pattern, grad_out, W.t().to(grad_out.dtype), beta=0.0).values().view(N, K)
+    grad_values = torch.empty_like(dots).scatter_(1, perm, dots).to(values.dtype)
+    # d out / d W[c] = sum of values[n, k] g[n] over the (n, k) that chose c: group the pairs by
+    # concept and let embedding_bag sum the weighted token gradients of each group
+    flat = indices.reshape(-1)
+    order = flat.argsort()
+    counts = torch.bincount(flat, minlength=W.size(0))
+    offsets = torch.cumsum(counts, 0) - counts
+    tokens = torch.div(order, K, rounding_mode="floor")
+    grad_W = F.embedding_bag(tokens, grad_out.to(W.dtype), offsets, mode="sum",
+                             per_sample_weights=values.reshape(-1)[order].to(W.dtype))
+    return grad_values, grad_W
+
+
+@sparse_mix_backward.register_fake
+def _(grad_out, values, indices, W):
+    return torch.empty_like(values), torch.empty_like(W)
+
+
 class SparseMix(torch.autograd.Function):
     """out[n] = sum_k values[n, k] * W[indices[n, k]]: a gather of K rows of W (C x d), never the
     dense N x C masked matrix. Backward scatter-adds into those K rows only."""
@@ -170,29 +203,7 @@ class SparseMix(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_out):
         values, indices, W = ctx.saved_tensors
-        N, K = indices.shape
-        grad_values = grad_W = None
-        if ctx.needs_input_grad[0]:
-            # d out / d values[n, k] = W[indices[n, k]] . g[n]: the product g W^T sampled at the chosen
-            # (token, concept) pairs only (a sampled dense-dense matmul, no gathered N x K x d rows)
-            sorted_idx, perm = indices.sort(dim=1)
-            with warnings.catch_warnings():  # "sparse CSR is in beta": it is exact here, and tested
-                warnings.simplefilter("ignore", UserWarning)
-                pattern = torch.sparse_csr_tensor(torch.arange(0, N * K + 1, K, device=W.device), sorted_idx.reshape(-1),
-                                                  torch.zeros(N * K, dtype=grad_out.dtype, device=W.device),
-                                                  (N, W.size(0)), check_invariants=False)
-            dots = torch.sparse.sampled_addmm(pattern, grad_out, W.t().to(grad_out.dtype), beta=0.0).values().view(N, K)
-            grad_values = torch.empty_like(dots).scatter_(1, perm, dots).to(values.dtype)
-        if ctx.needs_input_grad[2]:
-            # d out / d W[c] = sum of values[n, k] g[n] over the (n, k) that chose c: group the pairs by
-            # concept and let embedding_bag sum the weighted token gradients of each group
-            flat = indices.reshape(-1)
-            order = flat.argsort()
-            counts = torch.bincount(flat, minlength=W.size(0))
-            offsets = torch.cumsum(counts, 0) - counts
-            tokens = torch.div(order, K, rounding_mode="floor")
-            grad_W = F.embedding_bag(tokens, grad_out.to(W.dtype), offsets, mode="sum",
-                                     per_sample_weights=values.reshape(-1)[order].to(W.dtype))
+        grad_values, grad_W = sparse_mix_backward(grad_out, values, indices, W)
         return grad_values, None, grad_W
 
 
@@ -292,10 +303,13 @@ class ChunkedLMLoss(torch.autograd.Function):
         return grad_x * g, None if grad_W is None else grad_W * g, None, None
 
 
-def lm_loss(x, W, targets, chunk=256):
+def lm_loss(x, W, targets, chunk=None):
     """Next-token cross-entropy of the LM head without its full logits (see ChunkedLMLoss). Without
-    autograd (evaluation) the chunks are simply summed."""
+    autograd (evaluation) the chunks are simply summed. chunk: rows per chunk; by default 256 on CPU
+    (a 256 x 50257 fp32 chunk, ~50 MB, stays near the caches) and 4096 on a GPU (big enough to keep it
+    busy, and few chunks for torch.compile, which unrolls the loop)."""
     x, targets = x.reshape(-1, x.size(-1)), targets.reshape(-1)
+    chunk = chunk or (4096 if x.is_cuda else 256)
     if torch.is_grad_enabled() and (x.requires_grad or W.requires_grad):
         return ChunkedLMLoss.apply(x, W, targets, chunk)
     total = sum(F.cross_entropy((x[s:s + chunk] @ W.t()).float(), targets[s:s + chunk], ignore_index=-1,
