@@ -7,9 +7,9 @@ which are measured within one process, rather than the absolute times.
     python bench.py --split --mode=cocomix                # one step in stages: time, FLOPs, peak memory
     python bench.py --bars --dtypes=bfloat16              # CoCoMix/NTP time vs FLOPs, label cost, memory
     python bench.py --mixing --n_embd=512                 # sparse top-k mixing vs the dense masked product
-    python bench.py --compile_check --tiny                # graph breaks and recompiles under torch.compile
-    python bench.py --gpu_mfu                             # CUDA: GPT-2 124M NTP and the 69M CoCoMix MFU
-    python bench.py --gpu_mfu --device=cpu --tiny         # smoke test of that path
+
+torch.compile's graph-break check and the compiled GPU MFU measurement are in bench_compile.py, which
+shares this file's options and helpers.
 
 Defaults: a student of 4 layers, d=256, block 256, batch 8, C=8192 concepts, K=32, insert layer 1; a
 concept source of 6 layers, d=256, with an SAE of 8192 latents (k=32) on block 2. Source and SAE get
@@ -30,40 +30,48 @@ from contextlib import contextmanager
 
 import torch
 
-from model import (GPT, GPTConfig, concept_loss, device_peak_flops, interleave, lm_loss, load_frozen_gpt,
-                   sparse_mix, standardise)
+from model import GPT, GPTConfig, concept_loss, interleave, lm_loss, load_frozen_gpt, sparse_mix, standardise
 
 
-def parse(argv=None):
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+def options(doc):
+    """The options bench.py and bench_compile.py share: model sizes, timing, device, weights."""
+    p = argparse.ArgumentParser(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
     for k, v in dict(n_layer=4, n_head=4, n_embd=256, block_size=256, batch_size=None, n_concepts=8192,
                      concept_topk=32, insert_layer=1, k_attr=4, src_layer=6, src_head=4, src_embd=256,
-                     sae_layer=2, sae_k=32, steps=None, warmup=None, rounds=None, tokens=4096, lm_chunk=None).items():
+                     sae_layer=2, sae_k=32, steps=None, warmup=None, rounds=None).items():
         p.add_argument(f"--{k}", type=int, default=v)
-    p.add_argument("--mode", default="ntp", choices=("ntp", "cocomix"), help="objective for the throughput and --split modes")
     p.add_argument("--mix", default="interleave")
     p.add_argument("--lam", type=float, default=0.1)
-    p.add_argument("--dtypes", default="float32", help="comma-separated: float32,bfloat16,float16")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    p.add_argument("--compile", action="store_true", help="torch.compile the student (always on for --gpu_mfu on CUDA)")
-    p.add_argument("--backend", default="inductor", help="torch.compile backend for --compile_check (aot_eager is quick)")
+    p.add_argument("--compile", action="store_true",
+                   help="torch.compile the student (always on CUDA for bench_compile.py --gpu_mfu)")
     p.add_argument("--source_ckpt", default="", help="a trained concept source (ckpt.pt); default: random weights")
     p.add_argument("--sae_path", default="", help="a trained SAE for it; default: random weights")
-    for flag, text in dict(compare="NTP and CoCoMix at the same student config", split="per-stage time, FLOPs and memory",
-                           bars="the performance issue's ratios", mixing="sparse vs dense mixing, fwd+bwd",
-                           compile_check="graph breaks and recompiles", gpu_mfu="GPT-2 124M and 69M CoCoMix MFU",
-                           tiny="every model at smoke-test size").items():
-        p.add_argument(f"--{flag}", action="store_true", help=text)
-    args = p.parse_args(argv)
+    p.add_argument("--tiny", action="store_true", help="every model at smoke-test size")
+    return p
+
+
+def settle(args, long_run=False):
+    """--tiny's sizes, then the defaults left open (long_run: the CUDA MFU run's batch and step counts)."""
     if args.tiny:
         args.__dict__.update(n_layer=2, n_head=2, n_embd=64, block_size=32, n_concepts=256, concept_topk=8,
                              src_layer=2, src_head=2, src_embd=64, sae_layer=0, sae_k=8, tokens=256)
-    cuda_mfu = args.gpu_mfu and "cuda" in args.device and not args.tiny
-    for k, v in dict(batch_size=2 if args.tiny else 16 if cuda_mfu else 8, lm_chunk=4096 if cuda_mfu else 0,
-                     steps=10 if cuda_mfu else 1, warmup=3 if cuda_mfu else 1, rounds=3 if cuda_mfu else 5).items():
+    for k, v in dict(batch_size=2 if args.tiny else 16 if long_run else 8, steps=10 if long_run else 1,
+                     warmup=3 if long_run else 1, rounds=3 if long_run else 5).items():
         if getattr(args, k) is None:
             setattr(args, k, v)
     return args
+
+
+def parse(argv=None):
+    p = options(__doc__)
+    p.add_argument("--tokens", type=int, default=4096, help="tokens for --mixing")
+    p.add_argument("--mode", default="ntp", choices=("ntp", "cocomix"), help="objective for the throughput and --split modes")
+    p.add_argument("--dtypes", default="float32", help="comma-separated: float32,bfloat16,float16")
+    for flag, text in dict(compare="NTP and CoCoMix at the same student config", split="per-stage time, FLOPs and memory",
+                           bars="the performance issue's ratios", mixing="sparse vs dense mixing, fwd+bwd").items():
+        p.add_argument(f"--{flag}", action="store_true", help=text)
+    return settle(p.parse_args(argv))
 
 
 # -----------------------------------------------------------------------------
@@ -532,152 +540,9 @@ def bench_mixing(args):
           f"dense {t['dense'] * 1e3:.1f} ms, speed-up {t['dense'] / t['sparse']:.1f}x (medians of {args.rounds})")
 
 
-# -----------------------------------------------------------------------------
-# torch.compile: graph breaks and recompiles
-
-
-def explain(fn, *a, **kw):
-    """Graph count and break reasons of fn under dynamo (it traces forwards; a custom autograd.Function's
-    backward is traced with it, when the Function is called)."""
-    import torch._dynamo as dynamo
-    dynamo.reset()
-    ex = dynamo.explain(fn)(*a, **kw)
-    here, reasons = os.path.dirname(os.path.abspath(__file__)), {}
-    for r in ex.break_reasons:
-        ours = [f for f in r.user_stack if os.path.dirname(os.path.abspath(f.filename)) == here][-3:]
-        key = r.reason.strip().splitlines()[0] + " [" + " <- ".join(
-            f"{os.path.basename(f.filename)}:{f.lineno} {f.name}" for f in reversed(ours)) + "]"
-        reasons[key] = reasons.get(key, 0) + 1
-    print(f"  explain: {ex.graph_count} graph(s), {ex.graph_break_count} break(s), {ex.op_count} ops")
-    for k, n in reasons.items():
-        print(f"    break x{n}: {k}")
-
-
-def compile_check(args):
-    """NTP and CoCoMix students (forward + loss + backward) and the labeler: graph breaks, then a compiled
-    run as train.py makes it (train steps, an evaluation in eval mode without grad, train again). Graphs
-    made after that warm-up are recompiles; every recompile is listed with the guard that failed."""
-    import logging
-
-    import torch._dynamo as dynamo
-    from torch._dynamo.guards import recompiles_log
-    from torch._dynamo.utils import counters
-    recompiles = []
-    torch._logging.set_logs(recompiles=True)
-    recompiles_log.addHandler(type("Catch", (logging.Handler,), {"emit": lambda self, r: recompiles.append(r.getMessage())})())
-    recompiles_log.propagate = False  # summarised below instead of printed as they come
-    X, Y = batch(args, args.device)
-    labeler = make_labeler(args, args.device)
-    labels = labeler(X, Y)
-    for mode in ("ntp", "cocomix"):
-        model = student(args, mode, args.device)
-        lab = labels if mode == "cocomix" else None
-        print(f"\n{mode} student, backend={args.backend}")
-        explain(model, X, Y, concept_labels=lab, return_logits=False)
-        _, ref = model(X, Y, concept_labels=lab, lam=args.lam, return_logits=False)
-        dynamo.reset()
-        counters.clear()
-        recompiles.clear()
-        net = torch.compile(model, backend=args.backend)
-        step = train_step(model, optimizer(model), X, Y, autocast(args.device, "float32"), lab, args.lam, net)
-
-        def evaluate():
-            net.eval()
-            with torch.no_grad():
-                net(X, Y, concept_labels=lab, lam=args.lam, return_logits=False)
-            net.train()
-        try:
-            t0 = time.perf_counter()
-            loss = step()
-            t0 = time.perf_counter() - t0
-            evaluate(), step()
-            warm, n_warm = counters["stats"]["unique_graphs"], len(recompiles)
-            for fn in (step, step, step, evaluate, step):
-                fn()
-        except Exception as e:  # a failure to compile is a finding, not the end of the check
-            print(f"  compiled run FAILED: {type(e).__name__}: {str(e).splitlines()[0][:300]}")
-            continue
-        print(f"  compiled fwd+loss+bwd: first step {t0:.1f} s, loss {loss.item():.5f} (eager {ref.item():.5f}); "
-              f"{warm} graph(s) after warm-up (train + eval), {counters['stats']['unique_graphs'] - warm} more after "
-              f"4 further train steps and an eval; recompiles: {n_warm} in warm-up, {len(recompiles) - n_warm} after")
-        for r in recompiles:
-            print("    " + " | ".join(line.strip() for line in r.splitlines()[:3])[:300])
-    print("\nconcept labeler (ConceptLabeler.__call__)")
-    explain(labeler, X, Y)
-    print("a block of the concept source (what --gpu_mfu compiles of it)")
-    explain(labeler.source.transformer.h[0], labeler.source.hidden(X))
-
-
-# -----------------------------------------------------------------------------
-# GPU MFU: GPT-2 124M NTP and the paper's 69M CoCoMix setup
-
-
-def gpu_mfu(args):
-    """NTP on GPT-2 124M, and the paper's 69M CoCoMix student (8 layers, d=512, insert layer 3, C=32768,
-    K=32) with GPT-2 124M as concept source and a 32768-latent SAE (k=32) on its block 5, at block 1024:
-    bf16 autocast, torch.compile on CUDA, fused AdamW (configure_optimizers on CUDA). Random weights and
-    tokens, so it runs offline. MFU = GPT.flops_per_token x tokens/s / the device's dense bf16 peak.
-    On CUDA the LM-head loss takes chunks of 4096 rows (--lm_chunk): dynamo unrolls the chunk loop, and
-    train.py's 256 would make 64 copies of its body at batch 16 x 1024, a compile of minutes."""
-    dev, cuda = args.device, "cuda" in args.device
-    compiled = args.compile or cuda
-    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
-    if not args.tiny:
-        args = argparse.Namespace(**{**vars(args), **dict(
-            n_layer=8, n_head=8, n_embd=512, block_size=1024, insert_layer=3, n_concepts=32768, concept_topk=32,
-            src_layer=12, src_head=12, src_embd=768, sae_layer=5, sae_k=32)})
-    T, ctx = args.block_size, autocast(dev, "bfloat16")
-    X, Y = batch(args, dev)
-    tokens = X.numel()
-    labeler = make_labeler(args, dev)
-    torch.manual_seed(0)
-    ntp = GPT(GPTConfig(n_layer=args.src_layer, n_head=args.src_head, n_embd=args.src_embd, block_size=T)).to(dev)
-    coco = student(args, "cocomix", dev)
-    if compiled:  # the source's blocks in place: whichever way the labeler walks them, they run compiled
-        for block in labeler.source.transformer.h:
-            block.compile()
-    with ctx:
-        cached = labeler(X, Y)
-    f_ntp, f_coco, f_lab = ntp.flops_per_token(T), coco.flops_per_token(T), sum(label_flops(labeler, T).values())
-    net_ntp, net_coco = (torch.compile(ntp), torch.compile(coco)) if compiled else (None, None)
-    opt_coco = optimizer(coco)
-    cfg = f"{args.n_layer}L d={args.n_embd}"
-    variants = {  # name: (step, FLOPs per token of the student)
-        f"ntp {args.src_layer}L d={args.src_embd}": (train_step(ntp, optimizer(ntp), X, Y, ctx, net=net_ntp), f_ntp),
-        f"cocomix {cfg}, cached labels": (train_step(coco, opt_coco, X, Y, ctx, cached, net=net_coco), f_coco),
-        f"cocomix {cfg}, labels on the fly": (train_step(coco, opt_coco, X, Y, ctx, labeler, net=net_coco), f_coco),
-    }
-    t0 = time.perf_counter()
-    for name, (step, _) in variants.items():  # the compiles happen here, so that the timing below is warm
-        step()
-        sync(dev)
-        print(f"first step of {name}: {time.perf_counter() - t0:.1f} s", flush=True)
-        t0 = time.perf_counter()
-    t = alternate({k: v[0] for k, v in variants.items()}, args, dev)
-    peak = device_peak_flops(dev)
-    print(f"\n{torch.cuda.get_device_name(dev) if cuda else 'cpu'}, torch {torch.__version__}, bf16 autocast, "
-          f"compile={compiled}, {tokens} tokens/step (batch {args.batch_size} x {T}), LM-head loss in chunks of "
-          f"{args.lm_chunk or 256} rows, peak {peak / 1e12:.0f} TFLOP/s, "
-          f"medians of {args.rounds} x {args.steps} steps")
-    print(f"{'variant':<36} {'step ms':>9} {'tok/s':>9} {'GFLOP/tok':>10} {'MFU':>6} {'MFU +labels':>11} {'peak GiB':>9}")
-    for k, (step, f) in variants.items():
-        mem = 0.0
-        if cuda:
-            torch.cuda.reset_peak_memory_stats()
-            step()
-            mem = torch.cuda.max_memory_allocated() / 2**30
-        mfu = f * tokens / t[k] / peak
-        with_labels = (f + f_lab) * tokens / t[k] / peak if "on the fly" in k else mfu
-        print(f"{k:<36} {t[k] * 1e3:>9.1f} {tokens / t[k]:>9.0f} {f / 1e9:>10.3f} {mfu:>6.1%} {with_labels:>11.1%} {mem:>9.1f}")
-
-
 def main(argv=None):
     args = parse(argv)
-    if args.lm_chunk:  # rows per chunk of the chunked LM-head loss (model.lm_loss's default, 256, otherwise)
-        import model
-        model.lm_loss.__defaults__ = (args.lm_chunk,)
-    for flag, fn in (("mixing", bench_mixing), ("split", bench_split), ("bars", bench_bars),
-                     ("compile_check", compile_check), ("gpu_mfu", gpu_mfu)):
+    for flag, fn in (("mixing", bench_mixing), ("split", bench_split), ("bars", bench_bars)):
         if getattr(args, flag):
             return fn(args)
     bench_throughput(args)
