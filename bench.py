@@ -30,7 +30,8 @@ from contextlib import contextmanager
 
 import torch
 
-from model import GPT, GPTConfig, concept_loss, interleave, lm_loss, load_frozen_gpt, sparse_mix, standardise
+from model import GPT, GPTConfig, concept_loss, interleave, load_frozen_gpt, standardise
+from ops import lm_loss, sparse_mix
 
 
 def options(doc):

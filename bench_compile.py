@@ -116,7 +116,7 @@ def gpu_mfu(args):
     K=32) with GPT-2 124M as concept source and a 32768-latent SAE (k=32) on its block 5, at block 1024:
     bf16 autocast, torch.compile on CUDA, fused AdamW (configure_optimizers on CUDA). Random weights and
     tokens, so it runs offline. MFU = GPT.flops_per_token x tokens/s / the device's dense bf16 peak.
-    The LM-head loss takes model.lm_loss's chunk for the device: 4096 rows on CUDA (dynamo unrolls the
+    The LM-head loss takes ops.lm_loss's chunk for the device: 4096 rows on CUDA (dynamo unrolls the
     chunk loop, and the CPU's 256 would make 64 copies of its body at batch 16 x 1024, a compile of minutes)."""
     dev, cuda = args.device, "cuda" in args.device
     compiled = args.compile or cuda
@@ -156,7 +156,7 @@ def gpu_mfu(args):
     peak = device_peak_flops(dev)
     print(f"\n{torch.cuda.get_device_name(dev) if cuda else 'cpu'}, torch {torch.__version__}, bf16 autocast, "
           f"compile={compiled}, {tokens} tokens/step (batch {args.batch_size} x {T}), LM-head loss in chunks of "
-          f"{4096 if cuda else 256} rows (model.lm_loss's default here), peak {peak / 1e12:.0f} TFLOP/s, "
+          f"{4096 if cuda else 256} rows (ops.lm_loss's default here), peak {peak / 1e12:.0f} TFLOP/s, "
           f"medians of {args.rounds} x {args.steps} steps")
     print(f"{'variant':<36} {'step ms':>9} {'tok/s':>9} {'GFLOP/tok':>10} {'MFU':>6} {'MFU +labels':>11} {'peak GiB':>9}")
     for k, (step, f) in variants.items():

@@ -24,7 +24,8 @@ import os
 import numpy as np
 import torch
 
-from model import GPT2_NAMES, lm_loss
+from model import GPT2_NAMES
+from ops import lm_loss
 
 LABEL_RULES = ("attribution", "attribution_pre", "neg_attribution", "abs_attribution", "activation")
 
@@ -62,11 +63,8 @@ class ConceptLabeler:
         h = h.detach().requires_grad_(True)
         src = self.source
         with torch.enable_grad():
-            x = h
-            for block in src.transformer.h[self.layer + 1:]:
-                x = block(x)
-            x = src.transformer.ln_f(x)
-            # The LM head's loss in chunks (model.lm_loss): the B x T x V logits never exist. One mean per
+            x = src.final_hidden(h, self.layer)
+            # The LM head's loss in chunks (ops.lm_loss): the B x T x V logits never exist. One mean per
             # window, summed: a window's gradient then does not depend on the other windows in the batch,
             # so LabelCache's labels equal those of any batch. A positive scale per window changes no ranking.
             loss = sum(lm_loss(xb, src.lm_head.weight, tb) for xb, tb in zip(x.unbind(0), targets.unbind(0)))

@@ -16,13 +16,13 @@ from the concept slots.
 import json
 import math
 import os
-import warnings
 from dataclasses import dataclass
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from ops import lm_loss, sparse_mix
 from weights import download_gpt2, load_hf_state_dict, load_safetensors  # noqa: F401 (re-exported)
 
 MIX_MODES = ("interleave", "add", "none", "pause")
@@ -157,64 +157,6 @@ def standardise(h, eps=1e-5):
     return (h - mu) / (std + eps), mu, std
 
 
-@torch.library.custom_op("cocomix::sparse_mix_backward", mutates_args=())
-def sparse_mix_backward(grad_out: torch.Tensor, values: torch.Tensor, indices: torch.Tensor,
-                        W: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """SparseMix's gradients (values, W). A custom op, so that torch.compile calls it whole: the sparse
-    CSR tensor, the warnings filter and bincount inside cannot be traced and would break the graph."""
-    N, K = indices.shape
-    # d out / d values[n, k] = W[indices[n, k]] . g[n]: the product g W^T sampled at the chosen
-    # (token, concept) pairs only (a sampled dense-dense matmul, no gathered N x K x d rows)
-    sorted_idx, perm = indices.sort(dim=1)
-    with warnings.catch_warnings():  # "sparse CSR is in beta": it is exact here, and tested
-        warnings.simplefilter("ignore", UserWarning)
-        pattern = torch.sparse_csr_tensor(torch.arange(0, N * K + 1, K, device=W.device), sorted_idx.reshape(-1),
-                                          torch.zeros(N * K, dtype=grad_out.dtype, device=W.device),
-                                          (N, W.size(0)), check_invariants=False)
-    dots = torch.sparse.sampled_addmm(pattern, grad_out, W.t().to(grad_out.dtype), beta=0.0).values().view(N, K)
-    grad_values = torch.empty_like(dots).scatter_(1, perm, dots).to(values.dtype)
-    # d out / d W[c] = sum of values[n, k] g[n] over the (n, k) that chose c: group the pairs by
-    # concept and let embedding_bag sum the weighted token gradients of each group
-    flat = indices.reshape(-1)
-    order = flat.argsort()
-    counts = torch.bincount(flat, minlength=W.size(0))
-    offsets = torch.cumsum(counts, 0) - counts
-    tokens = torch.div(order, K, rounding_mode="floor")
-    grad_W = F.embedding_bag(tokens, grad_out.to(W.dtype), offsets, mode="sum",
-                             per_sample_weights=values.reshape(-1)[order].to(W.dtype))
-    return grad_values, grad_W
-
-
-@sparse_mix_backward.register_fake
-def _(grad_out, values, indices, W):
-    return torch.empty_like(values), torch.empty_like(W)
-
-
-class SparseMix(torch.autograd.Function):
-    """out[n] = sum_k values[n, k] * W[indices[n, k]]: a gather of K rows of W (C x d), never the
-    dense N x C masked matrix. Backward scatter-adds into those K rows only."""
-
-    @staticmethod
-    def forward(ctx, values, indices, W):
-        ctx.save_for_backward(values, indices, W)
-        # embedding_bag is a fused gather + weighted sum: no N x K x d intermediate
-        return F.embedding_bag(indices, W, per_sample_weights=values, mode="sum")
-
-    @staticmethod
-    def backward(ctx, grad_out):
-        values, indices, W = ctx.saved_tensors
-        grad_values, grad_W = sparse_mix_backward(grad_out, values, indices, W)
-        return grad_values, None, grad_W
-
-
-def sparse_mix(values, indices, W):
-    """(..., K) values and indices into the rows of W (C x d) -> (..., d)."""
-    shape = values.shape[:-1]
-    K = values.size(-1)
-    out = SparseMix.apply(values.reshape(-1, K), indices.reshape(-1, K), W)
-    return out.view(*shape, W.size(1))
-
-
 class ConceptMixer(nn.Module):
     """Concept head z = W_pred (x - b_pre) + b_pred on the standardised hidden state x, and the
     sparse compression c = (W_cmp TopK(z) + b_cmp + b_pre) * std + mu back to width d."""
@@ -261,60 +203,6 @@ def kd_loss(student_logits, teacher_logits):
     logq = F.log_softmax(student_logits.float(), dim=-1).flatten(0, -2)
     logp = F.log_softmax(teacher_logits.float(), dim=-1).flatten(0, -2)
     return F.kl_div(logq, logp, log_target=True, reduction="batchmean")
-
-
-class ChunkedLMLoss(torch.autograd.Function):
-    """Mean next-token cross-entropy of logits x W^T (x: N x d, W: V x d, targets: N, -1 = ignore),
-    computed in row chunks so the N x V logits never exist at once. The gradients are computed in
-    the forward, chunk by chunk, while each chunk's logits are at hand (softmax - onehot), and the
-    backward only scales them: the logits are never stored for the backward at all."""
-
-    @staticmethod
-    def forward(ctx, x, W, targets, chunk):
-        dev = x.device.type
-        cdt = torch.get_autocast_dtype(dev) if torch.is_autocast_enabled(dev) else x.dtype  # matmul precision
-        acc = torch.promote_types(cdt, torch.float32)  # softmax and sums: at least fp32
-        with torch.autocast(dev, enabled=False):
-            Wc = W.to(cdt)
-            valid = targets >= 0
-            n = valid.sum().clamp(min=1)
-            loss = torch.zeros((), dtype=acc, device=x.device)
-            grad_x = torch.empty_like(x)
-            need_W = ctx.needs_input_grad[1]  # a frozen head (the concept labeler's source) needs no weight gradient
-            grad_W = torch.zeros(W.shape, dtype=acc, device=W.device) if need_W else None
-            for s in range(0, x.size(0), chunk):
-                xs, t, v = x[s:s + chunk].to(cdt), targets[s:s + chunk].clamp(min=0), valid[s:s + chunk]
-                logits = (xs @ Wc.t()).to(acc)
-                lse = torch.logsumexp(logits, dim=-1)
-                loss += ((lse - logits.gather(1, t[:, None]).squeeze(1)) * v).sum()
-                p = logits.sub_(lse[:, None]).exp_()  # softmax, in place of the logits
-                p[torch.arange(len(t), device=p.device), t] -= 1.0
-                p.mul_((v / n)[:, None])
-                p = p.to(cdt)
-                grad_x[s:s + chunk] = (p @ Wc).to(x.dtype)
-                if need_W:
-                    grad_W += (p.t() @ xs).to(acc)
-        ctx.save_for_backward(grad_x, grad_W.to(W.dtype) if need_W else None)
-        return loss / n
-
-    @staticmethod
-    def backward(ctx, g):
-        grad_x, grad_W = ctx.saved_tensors
-        return grad_x * g, None if grad_W is None else grad_W * g, None, None
-
-
-def lm_loss(x, W, targets, chunk=None):
-    """Next-token cross-entropy of the LM head without its full logits (see ChunkedLMLoss). Without
-    autograd (evaluation) the chunks are simply summed. chunk: rows per chunk; by default 256 on CPU
-    (a 256 x 50257 fp32 chunk, ~50 MB, stays near the caches) and 4096 on a GPU (big enough to keep it
-    busy, and few chunks for torch.compile, which unrolls the loop)."""
-    x, targets = x.reshape(-1, x.size(-1)), targets.reshape(-1)
-    chunk = chunk or (4096 if x.is_cuda else 256)
-    if torch.is_grad_enabled() and (x.requires_grad or W.requires_grad):
-        return ChunkedLMLoss.apply(x, W, targets, chunk)
-    total = sum(F.cross_entropy((x[s:s + chunk] @ W.t()).float(), targets[s:s + chunk], ignore_index=-1,
-                                reduction="sum") for s in range(0, x.size(0), chunk))
-    return total / (targets >= 0).sum().clamp(min=1)
 
 
 @torch.no_grad()
@@ -433,11 +321,15 @@ class GPT(nn.Module):
             x = block(x)
         return x
 
-    def forward_from(self, h, layer):
-        """Logits from the residual stream h after block `layer`."""
+    def final_hidden(self, h, layer):
+        """The final LayerNorm's output, from the residual stream h after block `layer`."""
         for block in self.transformer.h[layer + 1:]:
             h = block(h)
-        return self.lm_head(self.transformer.ln_f(h))
+        return self.transformer.ln_f(h)
+
+    def forward_from(self, h, layer):
+        """Logits from the residual stream h after block `layer`."""
+        return self.lm_head(self.final_hidden(h, layer))
 
     # -------------------------------------------------------------------------
     # optimisation helpers

@@ -30,7 +30,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from model import load_frozen_gpt, sparse_mix, standardise
+from model import load_frozen_gpt, standardise
+from ops import sparse_mix
 from weights import download
 from tqdm import tqdm
 

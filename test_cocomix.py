@@ -11,8 +11,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from model import (GPT, GPTConfig, MIX_MODES, SparseMix, concept_loss, concept_recall, kd_loss, load_checkpoint,
-                   load_safetensors, sparse_mix)
+from model import GPT, GPTConfig, MIX_MODES, concept_loss, concept_recall, kd_loss, load_checkpoint, load_safetensors
+from ops import SparseMix, sparse_mix
 
 ROOT = os.path.dirname(os.path.abspath(__file__))
 SHARED = os.path.join(os.path.dirname(ROOT), "shared")
