@@ -17,6 +17,7 @@ finished stage with other settings stops the run: use another --out_dir, or --fo
 """
 
 import argparse
+import ast
 import hashlib
 import json
 import math
@@ -104,6 +105,14 @@ def read_log(run_dir):
         return [json.loads(line) for line in f if line.strip()]
 
 
+def flatten(d, prefix=''):
+    """{'train': {'lr': 1}} -> {'train.lr': 1}: names the setting that differs, not just its section."""
+    out = {}
+    for k, v in d.items():
+        out.update(flatten(v, f'{prefix}{k}.') if isinstance(v, dict) else {f'{prefix}{k}': v})
+    return out
+
+
 def done(name, record, settings, outputs, force):
     """True when `record` holds these settings and the outputs exist. Other settings stop the run
     (unless force): silently mixing two configurations in one out_dir would make the table a lie."""
@@ -111,8 +120,8 @@ def done(name, record, settings, outputs, force):
     settings = json.loads(json.dumps(settings))  # compare as JSON sees it (tuples -> lists)
     if rec is not None and rec.get('settings') != settings:
         if not force:
-            old = rec.get('settings', {})
-            diff = sorted(k for k in set(old) | set(settings) if old.get(k) != settings.get(k))
+            old, new = flatten(rec.get('settings', {})), flatten(settings)
+            diff = sorted(k for k in set(old) | set(new) if old.get(k) != new.get(k))
             fail(f"stage {name}: {record} was made with other settings ({', '.join(diff)}); "
                  "use another --out_dir, or --force to redo it")
     elif rec is not None and all(os.path.exists(o) for o in outputs):
@@ -168,6 +177,14 @@ def command_stage(name, folder, settings, outputs, cmds, a, env, log_name, check
 
 def flags(d):
     return [f'--{k}={v}' for k, v in d.items() if v is not None]
+
+
+def parse_value(v):
+    """'288' -> 288, '3e-3' -> 0.003, 'True' -> True, anything else stays a string (as configurator.py reads it)."""
+    try:
+        return ast.literal_eval(v)
+    except (ValueError, SyntaxError):
+        return v
 
 
 def parse_ablation(spec):
@@ -317,6 +334,9 @@ def main():
     p.add_argument('--methods', default=','.join(METHODS), help=f"subset of {','.join(METHODS)}")
     p.add_argument('--ablation', nargs='+', action='extend', default=[], metavar='KEY=VALUE',
                    help='extra CoCoMix runs with these train.py keys, e.g. label_rule=activation mix=add lam=0')
+    p.add_argument('--set', nargs='+', action='extend', default=[], metavar='KEY=VALUE', dest='overrides',
+                   help="student train.py keys for every method, e.g. max_iters=288 learning_rate=3e-3 (the budget, "
+                        "the schedule); use a new --out_dir, or --force, since the finished runs had other settings")
     p.add_argument('--ood', help="out-of-domain text file ('' to skip; default: the preset's)")
     p.add_argument('--force', action='store_true', help='redo stages whose recorded settings differ')
     a = p.parse_args()
@@ -401,7 +421,12 @@ def main():
 
     # 4. every method x seed: the same student config, token budget and seed, hence the same batches
     from model import GPTConfig, ntp_matched_width
-    student = P['student']
+    student = dict(P['student'])
+    for spec in a.overrides:
+        key, eq, value = spec.partition('=')
+        if not eq or not key:
+            fail(f"--set {spec!r}: expected KEY=VALUE (a train.py config key)")
+        student[key] = parse_value(value)
     width = ntp_matched_width(GPTConfig(
         **{k: student[k] for k in ('n_layer', 'n_head', 'n_embd', 'block_size', 'concept_topk', 'insert_layer')},
         n_concepts=n_concepts))

@@ -91,6 +91,12 @@ def test_tiny_end_to_end(tmp_path):
     r = run(f'--out_dir={out}', '--preset=tiny', f'--input={other}', timeout=120)
     assert r.returncode != 0 and 'use another --out_dir' in r.stderr, r.stderr
 
+    # --set changes every method's student settings: the finished runs had 40 steps, so the same out_dir refuses
+    r = run(*args, '--set', 'max_iters=20', 'learning_rate=1e-3', timeout=120)
+    assert r.returncode != 0 and 'train.learning_rate, train.max_iters' in r.stderr and 'train ntp seed 1' in r.stderr, r.stderr
+    r = run(*args, '--set', 'max_iters', timeout=120)
+    assert r.returncode != 0 and "--set 'max_iters': expected KEY=VALUE" in r.stderr, r.stderr
+
 
 def test_stats_and_tokens_to_reach():
     assert stats([1.0]) == '1.000'
