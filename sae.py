@@ -9,7 +9,7 @@ GPT-2 SAEs load directly.
     x_hat = W_dec a + b_pre                        decoder.weight is d x C, unit-norm columns
     h_hat = x_hat * std + mu
 
-Train on a GPT checkpoint's activations, evaluate, and describe the latents:
+Train on a GPT checkpoint's activations, evaluate, and describe the latents (dictionary.py):
 
     python sae.py --ckpt=out/teacher/ckpt.pt --data_dir=data/gutenberg --layer=2 --out=out/sae/sae.pt
     python sae.py --eval_only --sae=out/sae/sae.pt --data_dir=data/gutenberg
@@ -382,7 +382,7 @@ def train(sae, batches, steps, lr, dead_tokens, k_aux=None, aux_coef=1 / 32, log
 
 
 # -----------------------------------------------------------------------------
-# Evaluation and the concept dictionary
+# Evaluation (the concept dictionary, what each latent fires on, is dictionary.py)
 
 
 def summed_ce(model, h, layer, targets):
@@ -417,69 +417,6 @@ def evaluate(sae, model, layer, data_dir, tokens=65536, batch_size=8, block_size
     fvu = err / (sq - s1.pow(2).sum().item() / n)  # sum (x - mean x)^2 = sum x^2 - n |mean x|^2
     return {"fvu": fvu, "l0": l0 / n, "dead": 1.0 - fired.float().mean().item(), "ce": ce / n,
             "ce_sae": ce_sae / n, "delta_ce": (ce_sae - ce) / n, "tokens": int(n)}
-
-
-def top_per_group(groups, scores, n_groups, top):
-    """For each group id the positions of its `top` highest scores, as a list of index tensors."""
-    order = scores.argsort(descending=True, stable=True)
-    order = order[groups[order].argsort(stable=True)]  # by group, highest score first within each group
-    counts = torch.bincount(groups, minlength=n_groups)
-    starts = torch.cumsum(counts, 0) - counts
-    return [order[s:s + min(c, top)] for s, c in zip(starts.tolist(), counts.tolist())]
-
-
-@torch.no_grad()
-def describe(sae, model, layer, data_dir, tokens=65536, top_n=10, before=8, after=2, batch_size=8,
-             block_size=None, device="cpu", out=None):
-    """For every latent: firing frequency, the tokens it fires on most often and its top_n strongest
-    activations with a little context, over held-out text. Writes JSON to `out` when given."""
-    import tiktoken
-    enc = tiktoken.get_encoding(sae.meta.get("tokenizer", "gpt2"))
-    data, T = load_tokens(data_dir, "val"), block_size or model.config.block_size
-    vals, lats, pos, n = [], [], [], 0
-    for starts, idx in val_windows(data, T, tokens, batch_size):
-        n += len(starts) * T
-        values, indices, _, _ = sae.encode(model.forward_to(idx[:, :-1].to(device), layer))
-        p = (torch.tensor(starts)[:, None] + torch.arange(T))[..., None].expand_as(indices).to(device)
-        on = values > 0
-        vals.append(values[on].cpu()), lats.append(indices[on].cpu()), pos.append(p[on].cpu())
-    vals, lats, pos = torch.cat(vals), torch.cat(lats), torch.cat(pos)
-    toks = torch.from_numpy(data[pos.numpy()].astype(np.int64))
-    # most frequent tokens per latent: count (latent, token) pairs, then rank within each latent
-    pairs, counts = torch.unique(lats * enc.n_vocab + toks, return_counts=True)
-    pair_top = top_per_group(pairs // enc.n_vocab, counts, sae.n_latents, 5)
-    act_top = top_per_group(lats, vals, sae.n_latents, top_n)
-    freq = torch.bincount(lats, minlength=sae.n_latents).double() / n
-    text = lambda ids: enc.decode([int(t) for t in ids])
-    concepts = []
-    for c in range(sae.n_latents):
-        examples = []
-        for i in act_top[c].tolist():
-            q = int(pos[i])
-            examples.append({"context": text(data[max(q - before, 0):q]) + "[[" + text(data[q:q + 1]) + "]]" +
-                             text(data[q + 1:q + 1 + after]), "token": text(data[q:q + 1]), "act": round(float(vals[i]), 4)})
-        top_tokens = [[text([int(pairs[j]) % enc.n_vocab]), int(counts[j])] for j in pair_top[c].tolist()]
-        concepts.append({"id": c, "freq": float(freq[c]), "top_tokens": top_tokens, "examples": examples})
-    if out:
-        obj = {"sae": sae.path, "layer": layer, "tokens": n, "data_dir": os.path.abspath(data_dir), "concepts": concepts}
-        with open(out + ".tmp", "w") as f:
-            json.dump(obj, f, ensure_ascii=False)
-        os.replace(out + ".tmp", out)
-    return concepts
-
-
-def load_concepts(path):
-    """The per-latent list written by describe (index = latent id)."""
-    with open(path) as f:
-        obj = json.load(f)
-    return obj["concepts"] if isinstance(obj, dict) else obj
-
-
-def concept_name(entry, n=3):
-    """A short human label: the latent's most frequent tokens, e.g. 'the/a/an'."""
-    if not entry["top_tokens"]:
-        return "(dead)"
-    return "/".join(t.strip() or repr(t) for t, _ in entry["top_tokens"][:n])
 
 
 # -----------------------------------------------------------------------------
@@ -528,6 +465,7 @@ def main(argv=None):
         model = load_frozen_gpt(ckpt, a.device)
         sae.check_host(model, layer)
         if a.describe:
+            from dictionary import describe  # here, not at the top: dictionary.py imports this file
             out = os.path.splitext(sae.path)[0] + ".concepts.json"
             describe(sae, model, layer, a.data_dir, a.eval_tokens, block_size=a.block_size, device=a.device, out=out)
             print(f"wrote {out}")
@@ -593,6 +531,7 @@ def main(argv=None):
     sae.save(a.out)
     print(json.dumps(sae.meta["eval"]))
     out = os.path.splitext(a.out)[0] + ".concepts.json"
+    from dictionary import describe
     describe(sae, model, a.layer, a.data_dir, a.eval_tokens, block_size=T, device=a.device, out=out)
     os.remove(resume_path)  # only now: a crash in evaluate or describe resumes at the end instead of retraining
     print(f"wrote {a.out}, {log_path}, {out}")

@@ -18,7 +18,6 @@ window every step. Steered runs are printed next to an unsteered run with the sa
 
 import argparse
 import html
-import json
 import os
 import shutil
 import sys
@@ -26,8 +25,8 @@ import textwrap
 from contextlib import nullcontext
 
 import torch
-import torch.nn.functional as F
 
+from dictionary import concept_name, load_concepts
 from model import GPT, load_checkpoint
 
 STEER_RANGE = 10.0  # |factor| <= 10, as the paper's steering experiments
@@ -175,28 +174,6 @@ def concepts_path(args, sae_path):
     return ""
 
 
-def load_concept_names(path):
-    """Concept dictionary (a list indexed by latent id, or {'concepts': [...]}) -> {id: entry}."""
-    if not path:
-        return {}
-    with open(path, encoding="utf-8") as f:
-        obj = json.load(f)
-    entries = obj["concepts"] if isinstance(obj, dict) and "concepts" in obj else obj
-    if isinstance(entries, dict):
-        return {int(k): v for k, v in entries.items()}
-    return {int(e.get("id", i)): e for i, e in enumerate(entries)}
-
-
-def concept_label(entry, n=3):
-    """'www/http/com' from a dictionary entry's most frequent tokens (or its 'name' when it has one)."""
-    if not entry:
-        return ""
-    if entry.get("name"):
-        return str(entry["name"])
-    toks = entry.get("top_tokens") or []
-    return "/".join(t.strip() or repr(t) for t, *_ in toks[:n]) if toks else "(dead)"
-
-
 # -----------------------------------------------------------------------------
 # steering the concept source through its SAE
 
@@ -269,7 +246,7 @@ def inspect_tokens(model, ids, n_prompt, steer=None, top=3, names=None):
     names = names or {}
     rows = []
     for t, tok in enumerate(ids):
-        cs = [(int(i), float(v), concept_label(names.get(int(i)))) for v, i in zip(vals[t].tolist(), inds[t].tolist())]
+        cs = [(int(i), float(v), concept_name(names.get(int(i)))) for v, i in zip(vals[t].tolist(), inds[t].tolist())]
         rows.append({"pos": t, "token": tok, "prompt": t < n_prompt, "concepts": cs})
     return rows
 
@@ -458,7 +435,7 @@ def run_measurements(args, model, train_config, enc, amp):
     """--measure_steer / --measure_steer_source: one table each."""
     source, sae, layer, sae_path = load_source_and_sae(args, train_config, model, "--measure_steer")
     student = model if has_concept_head(model) else None
-    names = load_concept_names(concepts_path(args, sae_path))
+    names = load_concepts(concepts_path(args, sae_path))
     prompts = read_prompts(args.prompts, args.n_prompts)
     results = {}
     for flag, spec in (("--measure_steer", args.measure_steer), ("--measure_steer_source", args.measure_steer_source)):
@@ -481,7 +458,7 @@ def run_measurements(args, model, train_config, enc, amp):
         else:  # the source writes; the student still reads its text, unsteered
             res = measure_steering(source, prompts, args, cid, steer_ctx=lambda: SourceSteering(source, sae, layer, steer), **kw)
         where = "student's concept logit" if flag == "--measure_steer" else "concept source's SAE latent"
-        print(format_measurement(res, f"concept {cid} [{concept_label(entry) or 'no dictionary'}] x{factor:g} on the "
+        print(format_measurement(res, f"concept {cid} [{concept_name(entry) or 'no dictionary'}] x{factor:g} on the "
                                  f"{where}: {len(prompts)} prompts x {args.num_samples} samples x {args.max_new_tokens} tokens"))
         results[flag] = res
     print("# fraction of generated tokens on which the concept fires; ± is one standard error of the paired difference "
@@ -545,7 +522,7 @@ def run(args):
             print(side_by_side(cols, width))
 
     if inspect:
-        names = load_concept_names(concepts_path(args, args.sae_path or train_config.get("sae_path", "")))
+        names = load_concepts(concepts_path(args, args.sae_path or train_config.get("sae_path", "")))
         if names and len(names) != cfg.n_concepts:
             print(f"# warning: the concept dictionary has {len(names)} entries, the model {cfg.n_concepts} concepts",
                   file=sys.stderr)

@@ -12,7 +12,8 @@ import torch
 
 from model import GPT, GPTConfig
 import sae as sae_module
-from sae import SAE, ShuffleBuffer, evaluate, load_concepts, concept_name, main, train
+from dictionary import concept_name, load_concepts
+from sae import SAE, ShuffleBuffer, evaluate, main, train
 
 TIKTOKEN_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "shared", "tiktoken")
 
@@ -258,8 +259,9 @@ def test_cli_train_eval_describe(tmp_path, monkeypatch):
     assert abs(m["ce"] - loss.item()) < 1e-4 and abs(m["delta_ce"] - (m["ce_sae"] - m["ce"])) < 1e-9
     lines = [json.loads(l) for l in open(str(tmp_path / "sae" / "sae.metrics.jsonl"))]
     assert "settings" in lines[0] and "eval" in lines[-1] and lines[-2]["step"] == 15
-    concepts = load_concepts(str(tmp_path / "sae" / "sae.concepts.json"))
-    assert [c["id"] for c in concepts] == list(range(128))
+    by_id = load_concepts(str(tmp_path / "sae" / "sae.concepts.json"))
+    concepts = list(by_id.values())
+    assert list(by_id) == [c["id"] for c in concepts] == list(range(128))
     live = [c for c in concepts if c["freq"] > 0]
     assert live and all(len(c["examples"]) <= 10 and "[[" in c["examples"][0]["context"] for c in live)
     assert abs(sum(c["freq"] for c in concepts) - m["l0"]) < 1e-6  # each token fires l0 latents on average

@@ -273,7 +273,7 @@ def concept_dict(path, n=64):
 
 def test_inspection_names_valid_concepts(tmp_path):
     model = tiny("interleave")
-    names = sample.load_concept_names(concept_dict(tmp_path / "c.json"))
+    names = sample.load_concepts(concept_dict(tmp_path / "c.json"))
     ids = prompt(T=10, B=1)[0].tolist() + prompt(T=30, B=1, seed=2)[0].tolist()  # 40 > block_size
     rows = sample.inspect_tokens(model, ids, 10, top=3, names=names)
     assert len(rows) == 40 and [r["prompt"] for r in rows] == [True] * 10 + [False] * 30
@@ -294,7 +294,7 @@ def test_html_page_is_self_contained_and_has_the_tokens(tmp_path):
     model = tiny("add", vocab_size=50257)
     enc = sample.tokenizer()
     ids = enc.encode("The cat sat on the <mat> & slept.\nThen")
-    rows = sample.inspect_tokens(model, ids, 4, top=2, names=sample.load_concept_names(concept_dict(tmp_path / "c.json")))
+    rows = sample.inspect_tokens(model, ids, 4, top=2, names=sample.load_concepts(concept_dict(tmp_path / "c.json")))
     page = sample.html_page([("a & b", rows), ("again", rows)], enc)
     for tok in ids:
         assert sample.html.escape(enc.decode([tok])) in page
