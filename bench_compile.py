@@ -17,6 +17,7 @@ import torch
 from bench import (alternate, autocast, batch, label_flops, make_labeler, optimizer, options, settle, student, sync,
                    train_step)
 from model import GPT, GPTConfig, device_peak_flops
+from ops import default_lm_chunk
 
 
 def parse(argv=None):
@@ -156,7 +157,7 @@ def gpu_mfu(args):
     peak = device_peak_flops(dev)
     print(f"\n{torch.cuda.get_device_name(dev) if cuda else 'cpu'}, torch {torch.__version__}, bf16 autocast, "
           f"compile={compiled}, {tokens} tokens/step (batch {args.batch_size} x {T}), LM-head loss in chunks of "
-          f"{4096 if cuda else 256} rows (ops.lm_loss's default here), peak {peak / 1e12:.0f} TFLOP/s, "
+          f"{default_lm_chunk(dev)} rows (ops.lm_loss's default here), peak {peak / 1e12:.0f} TFLOP/s, "
           f"medians of {args.rounds} x {args.steps} steps")
     print(f"{'variant':<36} {'step ms':>9} {'tok/s':>9} {'GFLOP/tok':>10} {'MFU':>6} {'MFU +labels':>11} {'peak GiB':>9}")
     for k, (step, f) in variants.items():

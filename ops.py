@@ -111,13 +111,18 @@ class ChunkedLMLoss(torch.autograd.Function):
         return grad_x * g, None if grad_W is None else grad_W * g, None, None
 
 
+def default_lm_chunk(device):
+    """Rows per LM-head chunk: 4096 on a GPU, 256 elsewhere (see lm_loss)."""
+    return 4096 if torch.device(device).type == "cuda" else 256
+
+
 def lm_loss(x, W, targets, chunk=None):
     """Next-token cross-entropy of the LM head without its full logits (see ChunkedLMLoss). Without
     autograd (evaluation) the chunks are simply summed. chunk: rows per chunk; by default 256 on CPU
     (a 256 x 50257 fp32 chunk, ~50 MB, stays near the caches) and 4096 on a GPU (big enough to keep it
     busy, and few chunks for torch.compile, which unrolls the loop)."""
     x, targets = x.reshape(-1, x.size(-1)), targets.reshape(-1)
-    chunk = chunk or (4096 if x.is_cuda else 256)
+    chunk = chunk or default_lm_chunk(x.device)
     if torch.is_grad_enabled() and (x.requires_grad or W.requires_grad):
         return ChunkedLMLoss.apply(x, W, targets, chunk)
     total = sum(F.cross_entropy((x[s:s + chunk] @ W.t()).float(), targets[s:s + chunk], ignore_index=-1,
