@@ -7,6 +7,7 @@ which are measured within one process, rather than the absolute times.
     python bench.py --split --mode=cocomix                # one step in stages: time, FLOPs, peak memory
     python bench.py --bars --dtypes=bfloat16              # CoCoMix/NTP time vs FLOPs, label cost, memory
     python bench.py --mixing --n_embd=512                 # sparse top-k mixing vs the dense masked product
+    python bench.py --kd --dtypes=bfloat16                # KD's step: full logits vs the chunked CE + KL
 
 torch.compile's graph-break check and the compiled GPU MFU measurement are in bench_compile.py, which
 shares this file's options and helpers.
@@ -30,7 +31,7 @@ from contextlib import contextmanager
 
 import torch
 
-from model import GPT, GPTConfig, concept_loss, interleave, load_frozen_gpt, standardise
+from model import GPT, GPTConfig, concept_loss, interleave, kd_loss, load_frozen_gpt, standardise
 from ops import lm_loss, sparse_mix
 
 
@@ -70,7 +71,8 @@ def parse(argv=None):
     p.add_argument("--mode", default="ntp", choices=("ntp", "cocomix"), help="objective for the throughput and --split modes")
     p.add_argument("--dtypes", default="float32", help="comma-separated: float32,bfloat16,float16")
     for flag, text in dict(compare="NTP and CoCoMix at the same student config", split="per-stage time, FLOPs and memory",
-                           bars="the performance issue's ratios", mixing="sparse vs dense mixing, fwd+bwd").items():
+                           bars="the performance issue's ratios", mixing="sparse vs dense mixing, fwd+bwd",
+                           kd="KD's step with full teacher and student logits vs the chunked CE + KL").items():
         p.add_argument(f"--{flag}", action="store_true", help=text)
     return settle(p.parse_args(argv))
 
@@ -541,9 +543,48 @@ def bench_mixing(args):
           f"dense {t['dense'] * 1e3:.1f} ms, speed-up {t['dense'] / t['sparse']:.1f}x (medians of {args.rounds})")
 
 
+def bench_kd(args):
+    """KD's training step (SPEC section 5) two ways, alternating: the full B x T x V logits of teacher and
+    student with kd_loss on them, and train.py's path, ops.lm_loss with the teacher's final hidden state
+    and head, which makes both logits (and the gradient) a chunk of rows at a time."""
+    dev = args.device
+    source = make_labeler(args, dev).source
+    for dtype in args.dtypes.split(","):
+        model, ctx = student(args, "ntp", dev), autocast(dev, dtype)
+        opt = optimizer(model)
+        X, Y = batch(args, dev)
+
+        def step(chunked):
+            def run():
+                with ctx:
+                    with torch.no_grad():
+                        teacher = (source.final_hidden(source.hidden(X), -1), source.lm_head.weight) if chunked \
+                            else source(X)[0]
+                    if chunked:
+                        _, loss = model(X, Y, teacher=teacher, return_logits=False)
+                    else:
+                        logits, loss = model(X, Y)
+                        loss = loss + 0.1 * kd_loss(logits, teacher)
+                loss.backward()
+                torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+                opt.step()
+                opt.zero_grad(set_to_none=True)
+            return run
+        steps = {"full logits": step(False), "chunked": step(True)}
+        peak = {k: transient_peak(fn, dev)[0] for k, fn in steps.items()}
+        t = alternate(steps, args, dev)
+        tokens = args.batch_size * args.block_size
+        print(f"{dtype}: KD step, student {args.n_layer}L d={args.n_embd}, teacher {args.src_layer}L d={args.src_embd}, "
+              f"{tokens} tokens; medians of {args.rounds} x {args.steps} steps, alternating")
+        for k in steps:
+            print(f"  {k:<12} {t[k] * 1e3:9.1f} ms  {tokens / t[k]:8.0f} tok/s  peak {peak[k] / 2**20:7.0f} MiB")
+        print(f"  chunked / full logits: time {t['chunked'] / t['full logits']:.2f}, "
+              f"peak memory {peak['chunked'] / peak['full logits']:.2f}")
+
+
 def main(argv=None):
     args = parse(argv)
-    for flag, fn in (("mixing", bench_mixing), ("split", bench_split), ("bars", bench_bars)):
+    for flag, fn in (("mixing", bench_mixing), ("split", bench_split), ("bars", bench_bars), ("kd", bench_kd)):
         if getattr(args, flag):
             return fn(args)
     bench_throughput(args)

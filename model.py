@@ -22,7 +22,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from ops import lm_loss, sparse_mix
+from ops import kl_rows, lm_loss, sparse_mix
 from weights import download_gpt2, load_hf_state_dict, load_safetensors  # noqa: F401 (re-exported)
 
 MIX_MODES = ("interleave", "add", "none", "pause")
@@ -198,11 +198,13 @@ def concept_loss(z, labels):
     return nll.sum() / valid.sum().clamp(min=1)
 
 
-def kd_loss(student_logits, teacher_logits):
-    """Mean over tokens of KL(p_con || p_student) at temperature 1 (SPEC section 5)."""
-    logq = F.log_softmax(student_logits.float(), dim=-1).flatten(0, -2)
-    logp = F.log_softmax(teacher_logits.float(), dim=-1).flatten(0, -2)
-    return F.kl_div(logq, logp, log_target=True, reduction="batchmean")
+def kd_loss(student_logits, teacher_logits, targets=None):
+    """Mean over tokens of KL(p_con || p_student) at temperature 1 (SPEC section 5); tokens whose
+    target is -1 (padding) are left out when targets are given."""
+    acc = torch.promote_types(student_logits.dtype, torch.float32)  # softmax and sums: at least fp32
+    s, t = student_logits.to(acc).flatten(0, -2), teacher_logits.to(acc).flatten(0, -2)
+    valid = torch.ones(len(s), dtype=acc, device=s.device) if targets is None else (targets.reshape(-1) >= 0).to(acc)
+    return kl_rows(s, t, valid).sum() / valid.sum().clamp(min=1)
 
 
 @torch.no_grad()
@@ -280,12 +282,13 @@ class GPT(nn.Module):
         return z, h  # "none": concept prediction only
 
     def forward(self, idx, targets=None, concept_labels=None, lam=0.1, steer=None, return_aux=False,
-                return_logits=True):
+                return_logits=True, teacher=None, lam_kd=0.1):
         """idx (B, T) -> (logits (B, T, V), loss). With targets the loss is next-token cross-entropy
-        (plus lam * concept loss when concept_labels (B, T, K_attr) are given). return_aux adds a
-        dict with 'ntp', 'concept', 'recall' and the concept logits 'z'. return_logits=False (with
-        targets) returns None for the logits and computes the loss in chunks, never holding the
-        B x T x V logits: training's fast path."""
+        (plus lam * concept loss when concept_labels (B, T, K_attr) are given, plus lam_kd * KD's KL
+        when teacher = (the teacher's final hidden state B x T x d_t, its LM-head weight) is given).
+        return_aux adds a dict with 'ntp', 'concept', 'recall', 'kd' and the concept logits 'z'.
+        return_logits=False (with targets) returns None for the logits and computes the loss in
+        chunks, never holding the B x T x V logits (nor the teacher's): training's fast path."""
         cfg = self.config
         x = self.hidden(idx)
         z = None
@@ -296,18 +299,25 @@ class GPT(nn.Module):
         if cfg.interleaved:
             x = x[:, 1::2]  # the concept (or pause) slot c_t predicts x_{t+1}; token slots are discarded
         x = self.transformer.ln_f(x)
+        kd = None
         if targets is not None and not return_logits:
-            logits, ntp = None, lm_loss(x, self.lm_head.weight, targets)
+            logits, out = None, lm_loss(x, self.lm_head.weight, targets, teacher=teacher, lam_kd=lam_kd)
+            loss, ntp, kd = out if teacher is not None else (out, out, None)
         else:
             logits = self.lm_head(x)
             if targets is None:
                 return (logits, None, {"z": z}) if return_aux else (logits, None)
-            ntp = F.cross_entropy(logits.float().view(-1, logits.size(-1)), targets.reshape(-1), ignore_index=-1)
-        loss, aux = ntp, {"ntp": ntp.detach(), "z": z}
+            loss = ntp = F.cross_entropy(logits.float().view(-1, logits.size(-1)), targets.reshape(-1), ignore_index=-1)
+            if teacher is not None:
+                kd = kd_loss(logits, teacher[0] @ teacher[1].t(), targets)
+                loss = ntp + lam_kd * kd
+        aux = {"ntp": ntp.detach(), "z": z}
+        if kd is not None:
+            aux["kd"] = kd.detach()
         if concept_labels is not None and z is not None:
             flat_z, flat_labels = z.view(-1, z.size(-1)), concept_labels.view(-1, concept_labels.size(-1))
             lc = concept_loss(flat_z, flat_labels)
-            loss = ntp + lam * lc
+            loss = loss + lam * lc
             aux.update(concept=lc.detach(), recall=concept_recall(flat_z, flat_labels))
         return (logits, loss, aux) if return_aux else (logits, loss)
 

@@ -4,7 +4,7 @@ exact value of a one-line PyTorch expression, computed without that expression's
 
 - sparse top-k mixing, sum_k values[n, k] * W[indices[n, k]], without the dense N x C masked matrix
   (../shared/SPEC.md section 3);
-- the LM head's next-token cross-entropy, without the N x V logits.
+- the LM head's next-token cross-entropy (and KD's KL to a teacher's head), without the N x V logits.
 """
 
 import warnings
@@ -75,18 +75,24 @@ class ChunkedLMLoss(torch.autograd.Function):
     """Mean next-token cross-entropy of logits x W^T (x: N x d, W: V x d, targets: N, -1 = ignore),
     computed in row chunks so the N x V logits never exist at once. The gradients are computed in
     the forward, chunk by chunk, while each chunk's logits are at hand (softmax - onehot), and the
-    backward only scales them: the logits are never stored for the backward at all."""
+    backward only scales them: the logits are never stored for the backward at all.
+
+    With a frozen teacher (teacher_x: N x d_t, teacher_W: V x d_t) the loss is KD's
+    CE + lam_kd * KL(p_teacher || p_student), whose gradient in the student's logits is
+    (1 + lam_kd) p_student - onehot - lam_kd p_teacher: the teacher's logits are made chunk by chunk
+    too (SPEC section 5). Returns (loss, CE, KL); only the loss has a gradient."""
 
     @staticmethod
-    def forward(ctx, x, W, targets, chunk):
+    def forward(ctx, x, W, targets, chunk, teacher_x=None, teacher_W=None, lam_kd=0.0):
         dev = x.device.type
         cdt = torch.get_autocast_dtype(dev) if torch.is_autocast_enabled(dev) else x.dtype  # matmul precision
         acc = torch.promote_types(cdt, torch.float32)  # softmax and sums: at least fp32
+        kd = teacher_x is not None
         with torch.autocast(dev, enabled=False):
-            Wc = W.to(cdt)
+            Wc, Wt = W.to(cdt), teacher_W.to(cdt) if kd else None
             valid = targets >= 0
             n = valid.sum().clamp(min=1)
-            loss = torch.zeros((), dtype=acc, device=x.device)
+            ce, kl = torch.zeros((), dtype=acc, device=x.device), torch.zeros((), dtype=acc, device=x.device)
             grad_x = torch.empty_like(x)
             need_W = ctx.needs_input_grad[1]  # a frozen head (the concept labeler's source) needs no weight gradient
             grad_W = torch.zeros(W.shape, dtype=acc, device=W.device) if need_W else None
@@ -94,21 +100,30 @@ class ChunkedLMLoss(torch.autograd.Function):
                 xs, t, v = x[s:s + chunk].to(cdt), targets[s:s + chunk].clamp(min=0), valid[s:s + chunk]
                 logits = (xs @ Wc.t()).to(acc)
                 lse = torch.logsumexp(logits, dim=-1)
-                loss += ((lse - logits.gather(1, t[:, None]).squeeze(1)) * v).sum()
-                p = logits.sub_(lse[:, None]).exp_()  # softmax, in place of the logits
+                ce += ((lse - logits.gather(1, t[:, None]).squeeze(1)) * v).sum()
+                logp = logits.sub_(lse[:, None])  # log-softmax, in place of the logits
+                if kd:
+                    logq = (teacher_x[s:s + chunk].to(cdt) @ Wt.t()).to(acc)
+                    logq = logq.sub_(torch.logsumexp(logq, dim=-1, keepdim=True))
+                    q = logq.exp()
+                    kl += ((q * (logq - logp)).sum(-1) * v).sum()
+                    p = logp.exp_().mul_(1 + lam_kd).sub_(q.mul_(lam_kd))
+                else:
+                    p = logp.exp_()  # softmax
                 p[torch.arange(len(t), device=p.device), t] -= 1.0
-                p.mul_((v / n)[:, None])
-                p = p.to(cdt)
+                p = p.mul_((v / n)[:, None]).to(cdt)
                 grad_x[s:s + chunk] = (p @ Wc).to(x.dtype)
                 if need_W:
                     grad_W += (p.t() @ xs).to(acc)
         ctx.save_for_backward(grad_x, grad_W.to(W.dtype) if need_W else None)
-        return loss / n
+        ce, kl = ce / n, kl / n
+        ctx.mark_non_differentiable(ce, kl)
+        return ce + lam_kd * kl, ce, kl
 
     @staticmethod
-    def backward(ctx, g):
+    def backward(ctx, g, _ce, _kl):
         grad_x, grad_W = ctx.saved_tensors
-        return grad_x * g, None if grad_W is None else grad_W * g, None, None
+        return grad_x * g, None if grad_W is None else grad_W * g, None, None, None, None, None
 
 
 def default_lm_chunk(device):
@@ -116,15 +131,30 @@ def default_lm_chunk(device):
     return 4096 if torch.device(device).type == "cuda" else 256
 
 
-def lm_loss(x, W, targets, chunk=None):
-    """Next-token cross-entropy of the LM head without its full logits (see ChunkedLMLoss). Without
-    autograd (evaluation) the chunks are simply summed. chunk: rows per chunk; by default 256 on CPU
-    (a 256 x 50257 fp32 chunk, ~50 MB, stays near the caches) and 4096 on a GPU (big enough to keep it
-    busy, and few chunks for torch.compile, which unrolls the loop)."""
+def lm_loss(x, W, targets, chunk=None, teacher=None, lam_kd=0.1):
+    """Next-token cross-entropy of the LM head without its full logits (see ChunkedLMLoss). With
+    teacher = (teacher_x, teacher_W): (CE + lam_kd * KL, CE, KL), KD's loss and its two terms.
+    Without autograd (evaluation) the chunks are simply summed. chunk: rows per chunk; by default 256
+    on CPU (a 256 x 50257 fp32 chunk, ~50 MB, stays near the caches) and 4096 on a GPU (big enough to
+    keep it busy, and few chunks for torch.compile, which unrolls the loop)."""
     x, targets = x.reshape(-1, x.size(-1)), targets.reshape(-1)
+    tx, tW = (teacher[0].reshape(-1, teacher[0].size(-1)), teacher[1]) if teacher is not None else (None, None)
     chunk = chunk or default_lm_chunk(x.device)
     if torch.is_grad_enabled() and (x.requires_grad or W.requires_grad):
-        return ChunkedLMLoss.apply(x, W, targets, chunk)
-    total = sum(F.cross_entropy((x[s:s + chunk] @ W.t()).float(), targets[s:s + chunk], ignore_index=-1,
-                                reduction="sum") for s in range(0, x.size(0), chunk))
-    return total / (targets >= 0).sum().clamp(min=1)
+        out = ChunkedLMLoss.apply(x, W, targets, chunk, tx, tW, lam_kd)
+        return out[0] if teacher is None else out
+    n = (targets >= 0).sum().clamp(min=1)
+    ce = kl = 0.0
+    acc = lambda a: a.to(torch.promote_types(a.dtype, torch.float32))  # softmax and sums: at least fp32
+    for s in range(0, x.size(0), chunk):
+        logits, t = acc(x[s:s + chunk] @ W.t()), targets[s:s + chunk]
+        ce = ce + F.cross_entropy(logits, t, ignore_index=-1, reduction="sum")
+        if teacher is not None:
+            kl = kl + kl_rows(logits, acc(tx[s:s + chunk] @ tW.t()), t >= 0).sum()
+    return ce / n if teacher is None else ((ce + lam_kd * kl) / n, ce / n, kl / n)
+
+
+def kl_rows(student_logits, teacher_logits, valid):
+    """Per row KL(p_teacher || p_student), zero where not valid."""
+    logq, logp = F.log_softmax(teacher_logits, dim=-1), F.log_softmax(student_logits, dim=-1)
+    return (logq.exp() * (logq - logp)).sum(-1) * valid

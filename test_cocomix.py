@@ -12,6 +12,7 @@ import torch
 import torch.nn.functional as F
 
 from model import GPT, GPTConfig, MIX_MODES, concept_loss, concept_recall, kd_loss, load_checkpoint, load_safetensors
+from ops import lm_loss
 from ops import SparseMix, sparse_mix
 
 ROOT = os.path.dirname(os.path.abspath(__file__))
@@ -164,6 +165,60 @@ def test_kd_loss_equals_hand_computed_kl():
     p, q = t.softmax(-1), s.softmax(-1)
     kl = (p * (p.log() - q.log())).sum(-1).mean()
     torch.testing.assert_close(kd_loss(s, t), kl)
+
+
+@pytest.mark.parametrize("teacher", [False, True])
+def test_chunked_lm_loss_equals_full_logits(teacher):
+    """ops.lm_loss in row chunks (with autograd: gradients made in the forward; without: summed chunks)
+    equals cross-entropy (and KD's KL) of the full logits, values and gradients, in float64, with
+    ignored rows and a last chunk shorter than the others."""
+    torch.manual_seed(0)
+    N, d, dt, V = 23, 8, 6, 50
+    x = torch.randn(N, d, dtype=torch.float64, requires_grad=True)
+    W = torch.randn(V, d, dtype=torch.float64, requires_grad=True)
+    targets = torch.randint(0, V, (N,))
+    targets[[3, 17]] = -1
+    tx, tW = torch.randn(N, dt, dtype=torch.float64), torch.randn(V, dt, dtype=torch.float64)
+    lam_kd = 0.3
+    logits = x @ W.t()
+    ref = ce = F.cross_entropy(logits, targets, ignore_index=-1)
+    if teacher:
+        kl = kd_loss(logits, tx @ tW.t(), targets)
+        ref = ce + lam_kd * kl
+    ref_gx, ref_gW = torch.autograd.grad(ref, (x, W))
+    out = lm_loss(x, W, targets, chunk=5, teacher=(tx, tW) if teacher else None, lam_kd=lam_kd)
+    loss = out[0] if teacher else out
+    gx, gW = torch.autograd.grad(loss, (x, W))
+    torch.testing.assert_close(loss, ref)
+    if teacher:  # the two terms, for the log
+        torch.testing.assert_close(out[1], ce.detach())
+        torch.testing.assert_close(out[2], kl.detach())
+    torch.testing.assert_close(gx, ref_gx)
+    torch.testing.assert_close(gW, ref_gW)
+    assert gx[[3, 17]].abs().max() == 0  # ignored rows get no gradient
+    with torch.no_grad():
+        out = lm_loss(x, W, targets, chunk=5, teacher=(tx, tW) if teacher else None, lam_kd=lam_kd)
+        torch.testing.assert_close(out[0] if teacher else out, ref)
+
+
+def test_kd_fast_path_equals_full_logits():
+    """The student's training loss with a teacher, chunked (return_logits=False) vs the full-logit path."""
+    torch.manual_seed(0)
+    student, source = GPT(tiny_config()), GPT(tiny_config(n_embd=48)).requires_grad_(False)
+    idx, targets = torch.randint(0, 50257, (2, 16)), torch.randint(0, 50257, (2, 16))
+    with torch.no_grad():
+        teacher = (source.final_hidden(source.hidden(idx), -1), source.lm_head.weight)
+    grads, aux = [], []
+    for fast in (False, True):
+        _, loss, a = student(idx, targets, teacher=teacher, lam_kd=0.5, return_aux=True, return_logits=not fast)
+        grads.append(torch.autograd.grad(loss, student.lm_head.weight)[0])
+        aux.append(a)
+    torch.testing.assert_close(aux[1]["kd"], aux[0]["kd"])
+    torch.testing.assert_close(aux[1]["ntp"], aux[0]["ntp"])
+    torch.testing.assert_close(grads[1], grads[0])
+    with torch.no_grad():  # and the KL is the teacher's own: against itself it is zero
+        logits = source(idx)[0]
+        torch.testing.assert_close(kd_loss(logits, teacher[0] @ teacher[1].t()), torch.tensor(0.0), atol=1e-5, rtol=0)
 
 
 def test_mix_none_with_zero_lambda_trains_like_ntp():

@@ -27,7 +27,7 @@ import torch
 from torch.distributed import destroy_process_group, init_process_group
 from torch.nn.parallel import DistributedDataParallel as DDP
 
-from model import GPT, GPTConfig, kd_loss, load_checkpoint
+from model import GPT, GPTConfig, load_checkpoint
 
 # -----------------------------------------------------------------------------
 # default config: a small GPT on a laptop CPU
@@ -293,22 +293,19 @@ def step_loss(X, Y, where, net=None):
     """Loss of one micro-batch (from get_batch) under the objective; returns (loss, aux)."""
     net = model if net is None else net
     t0 = time.perf_counter()
-    labels, p_con = None, None
+    labels, teacher = None, None
     if mode == 'cocomix':
         with ctx:
             split, windows = where
             labels = label_caches[split].labels(windows, X, Y) if label_caches else labeler(X, Y)
     elif mode == 'kd':
-        with torch.no_grad(), ctx:
-            p_con = source(X)[0]
+        with torch.no_grad(), ctx:  # the teacher's final hidden state and head: its logits are made in chunks
+            teacher = (source.final_hidden(source.hidden(X), -1), source.lm_head.weight)
     t1 = time.perf_counter()
     with ctx:
-        # the LM head's loss in chunks, without the B x T x V logits, unless KD needs them
-        logits, loss, aux = net(X, Y, concept_labels=labels, lam=lam, return_aux=True, return_logits=mode == 'kd')
-        if mode == 'kd':
-            kd = kd_loss(logits, p_con)
-            loss = loss + lam_kd * kd
-            aux['kd'] = kd.detach()
+        # the LM head's loss (and KD's KL) in chunks, without the B x T x V logits
+        _, loss, aux = net(X, Y, concept_labels=labels, lam=lam, teacher=teacher, lam_kd=lam_kd, return_aux=True,
+                           return_logits=False)
     timing['source'] += t1 - t0
     timing['student'] += time.perf_counter() - t1
     return loss, aux
