@@ -70,7 +70,7 @@ def test_tiny_end_to_end(tmp_path):
     # every method saw the same token budget
     assert len({rows[m][2] for m in ('ntp', 'cocomix', 'kd', 'pause')}) == 1
     text = (out / 'results.md').read_text()
-    assert 'Paired differences to NTP' in text and 'Sample efficiency' in text
+    assert 'Paired differences to NTP' in text and 'Sample efficiency' in text and 'CoCoMix vs pause' in text
 
     with open(out / 'curves.csv') as f:
         curves = list(csv.DictReader(f))
@@ -82,7 +82,7 @@ def test_tiny_end_to_end(tmp_path):
     r = run(*args, timeout=120)
     assert r.returncode == 0, r.stderr[-3000:]
     assert '== stage' not in r.stdout, r.stdout
-    assert r.stdout.count('skip ') >= 2 + 1 + 4 + 4 + 1  # data, source, sae, 4 trains, 4 evals, report
+    assert r.stdout.count('skip ') >= 2 + 1 + 4 + 4  # data, source, sae, 4 trains, 4 evals; the report is rewritten
     assert time.time() - t0 < 60
 
     # other settings in the same out_dir: a one-line error, nothing overwritten
