@@ -312,12 +312,29 @@ def report(out_dir, runs, methods, seeds, notes):
         import matplotlib
         matplotlib.use('Agg')
         import matplotlib.pyplot as plt
-        fig, ax = plt.subplots(figsize=(7, 4.5))
+        paired = 'ntp' in methods and len(methods) > 1
+        fig, axes = plt.subplots(1, 2 if paired else 1, figsize=(13 if paired else 7, 4.5), squeeze=False)
+        ax = axes[0, 0]
         for i, m in enumerate(methods):
             for j, s in enumerate(seeds):
                 t, l = zip(*curves[m, s])
                 ax.plot(t, l, color=f'C{i}', alpha=0.8, label=m if j == 0 else None)
         ax.set_xlabel('training tokens'), ax.set_ylabel('val loss (train.py estimate)'), ax.legend()
+        # the first evaluation (~ln V for every method) would squash the rest of the curves
+        late = [l for c in curves.values() for _, l in c[1:]]
+        if late:
+            ax.set_ylim(min(late) - 0.05, max(late) + 0.05)
+        if paired:  # method - NTP at each evaluation, seed by seed: the comparison the table's numbers summarise
+            ax = axes[0, 1]
+            ax.axhline(0, color='C0', lw=1, label='ntp')
+            for i, m in enumerate(methods):
+                for j, s in enumerate(seeds):
+                    if m != 'ntp':
+                        ntp = dict(curves['ntp', s])
+                        t, d = zip(*[(t, l - ntp[t]) for t, l in curves[m, s] if t in ntp and t > 0])
+                        ax.plot(t, d, color=f'C{i}', alpha=0.8, marker='.', label=m if j == 0 else None)
+            ax.set_xlabel('training tokens'), ax.set_ylabel('val loss − NTP (same seed; < 0: better than NTP)')
+            ax.legend()
         fig.savefig(os.path.join(out_dir, 'curves.png'), dpi=120, bbox_inches='tight')
         plt.close(fig)
         lines += ['', '![val loss vs tokens](curves.png)']

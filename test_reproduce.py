@@ -10,7 +10,7 @@ import time
 
 import pytest
 
-from reproduce import stats, tokens_to_reach
+from reproduce import report, stats, tokens_to_reach
 
 REPO = os.path.dirname(os.path.abspath(__file__))
 SHAKESPEARE = os.path.join(REPO, '..', 'shared', 'data', 'tinyshakespeare', 'input.txt')
@@ -72,6 +72,11 @@ def test_tiny_end_to_end(tmp_path):
     text = (out / 'results.md').read_text()
     assert 'Paired differences to NTP' in text and 'Sample efficiency' in text and 'CoCoMix vs pause' in text
 
+    try:
+        import matplotlib  # noqa: F401 (requirements-test.txt installs it)
+        assert (out / 'curves.png').stat().st_size > 10_000 and '![val loss vs tokens](curves.png)' in text
+    except ImportError:
+        assert 'matplotlib is not installed' in text
     with open(out / 'curves.csv') as f:
         curves = list(csv.DictReader(f))
     assert {c['method'] for c in curves} == {'ntp', 'cocomix', 'kd', 'pause'}
@@ -106,3 +111,27 @@ def test_stats_and_tokens_to_reach():
     assert tokens_to_reach(curve, 7.0) == pytest.approx(150)
     assert tokens_to_reach(curve, 5.0) == pytest.approx(300)
     assert tokens_to_reach(curve, 4.0) is None
+
+
+def test_report_numbers_from_records(tmp_path, monkeypatch):
+    """The report's paired numbers from hand-made records: Δ val loss, wins, the tokens CoCoMix needs to
+    reach NTP's final val loss, CoCoMix vs pause; and without matplotlib, a note instead of the plot."""
+    monkeypatch.setitem(sys.modules, 'matplotlib', None)  # import matplotlib -> ImportError
+    final = {('ntp', 1): 5.0, ('ntp', 2): 5.2, ('cocomix', 1): 4.9, ('cocomix', 2): 5.3, ('pause', 1): 5.1, ('pause', 2): 5.5}
+    runs = {}
+    for (m, s), v in final.items():
+        # val curves: NTP ends at 5.0 / 5.2; CoCoMix seed 1 passes 5.0 halfway between 300 and 400 tokens
+        curve = {'ntp': [10, 6, 5.5, 5.2 if s == 1 else 5.4, v], 'cocomix': [10, 6, 5.4, 5.1 if s == 1 else 5.5, v],
+                 'pause': [10, 7, 6, 5.6, v]}[m]
+        log = [{'iter': i, 'tokens': 100 * i, 'train/loss': l, 'val/loss': l, 'time': 1.0} for i, l in enumerate(curve)]
+        log += [{'train_step': i, 'loss': 6.0 + (0.1 if m == 'cocomix' else 0.0)} for i in range(4)]
+        runs[m, s] = {'eval': {'params': 1e6, 'val': {'loss': v, 'ppl': math.exp(v), 'bpb': v / 2}},
+                      'train': {'wall': 10.0}, 'log': log}
+    report(str(tmp_path), runs, ['ntp', 'cocomix', 'pause'], [1, 2], ['- a note'])
+    text = (tmp_path / 'results.md').read_text()
+    row = next(line for line in text.splitlines() if line.startswith('| cocomix | 0.'))
+    cells = [c.strip() for c in row.strip('|').split('|')]
+    assert cells[1] == stats([-0.1, 0.1], 4) and cells[2] == '0.1000 ± 0.0000' and cells[3] == '1/2'
+    assert cells[4] == '350 (1/2 seeds)' and cells[5] == '12.5%'  # 1 - 350 / 400
+    assert f"Δ val loss {stats([-0.2, -0.2], 4)}, CoCoMix lower on 2/2 seeds" in text
+    assert 'matplotlib is not installed' in text and not (tmp_path / 'curves.png').exists()
