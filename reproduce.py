@@ -308,6 +308,12 @@ def report(out_dir, runs, methods, seeds, notes):
                       + (f"CoCoMix reaches NTP's final val loss with {stats([100 * r[1] for r in got], 1)}% fewer tokens "
                          f"({len(got)}/{n} seeds reach it)." if got else
                          "CoCoMix never reaches NTP's final val loss within the budget.")]
+            # the other way round, which measures how far behind CoCoMix is where it does not reach NTP
+            back = [tokens_to_reach(curves['ntp', s], curves['cocomix', s][-1][1]) for s in seeds]
+            back = [1 - t / curves['ntp', s][-1][0] for t, s in zip(back, seeds) if t is not None]
+            if back:
+                lines[-1] += (f" NTP reaches CoCoMix's final val loss with {stats([100 * b for b in back], 1)}% fewer "
+                              f"tokens ({len(back)}/{n} seeds reach it).")
     try:
         import matplotlib
         matplotlib.use('Agg')
