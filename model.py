@@ -332,7 +332,8 @@ class GPT(nn.Module):
         return x
 
     def final_hidden(self, h, layer):
-        """The final LayerNorm's output, from the residual stream h after block `layer`."""
+        """The final LayerNorm's output, from the residual stream h after block `layer` (-1: h is
+        the embeddings, so this is the whole pass)."""
         for block in self.transformer.h[layer + 1:]:
             h = block(h)
         return self.transformer.ln_f(h)
