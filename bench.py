@@ -31,7 +31,7 @@ from contextlib import contextmanager
 
 import torch
 
-from model import GPT, GPTConfig, concept_loss, interleave, kd_loss, load_frozen_gpt, standardise
+from model import GPT, GPTConfig, concept_loss, interleave, load_frozen_gpt, standardise
 from ops import lm_loss, sparse_mix
 
 
@@ -558,13 +558,9 @@ def bench_kd(args):
             def run():
                 with ctx:
                     with torch.no_grad():
-                        teacher = (source.final_hidden(source.hidden(X), -1), source.lm_head.weight) if chunked \
-                            else source(X)[0]
-                    if chunked:
-                        _, loss = model(X, Y, teacher=teacher, return_logits=False)
-                    else:
-                        logits, loss = model(X, Y)
-                        loss = loss + 0.1 * kd_loss(logits, teacher)
+                        teacher = (source.final_hidden(source.hidden(X), -1), source.lm_head.weight)
+                    # return_logits: the model's full-logit path, teacher logits included (kd_loss on them)
+                    _, loss = model(X, Y, teacher=teacher, return_logits=not chunked)
                 loss.backward()
                 torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
                 opt.step()
