@@ -130,14 +130,18 @@ def optimizer(model):
     return model.configure_optimizers(0.1, 1e-4, (0.9, 0.95), next(model.parameters()).device.type)
 
 
-def train_step(model, opt, X, Y, ctx, labels=None, lam=0.1, net=None):
-    """train.py's step. labels: a callable computes them now (on the fly), a tensor is a cache hit."""
+def train_step(model, opt, X, Y, ctx, labels=None, lam=0.1, net=None, teacher=None, full_logits=False):
+    """train.py's step. labels: a callable computes them now (on the fly), a tensor is a cache hit.
+    teacher: a callable X -> (final hidden state, head weight) for KD. full_logits: GPT.forward's
+    full-logit path instead of the chunked loss."""
     net = model if net is None else net
 
     def step():
         with ctx:
             y = labels(X, Y) if callable(labels) else labels
-            _, loss = net(X, Y, concept_labels=y, lam=lam, return_logits=False)
+            with torch.no_grad():
+                t = teacher(X) if teacher is not None else None
+            _, loss = net(X, Y, concept_labels=y, lam=lam, teacher=t, return_logits=full_logits)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         opt.step()
@@ -554,19 +558,10 @@ def bench_kd(args):
         opt = optimizer(model)
         X, Y = batch(args, dev)
 
-        def step(chunked):
-            def run():
-                with ctx:
-                    with torch.no_grad():
-                        teacher = (source.final_hidden(source.hidden(X), -1), source.lm_head.weight)
-                    # return_logits: the model's full-logit path, teacher logits included (kd_loss on them)
-                    _, loss = model(X, Y, teacher=teacher, return_logits=not chunked)
-                loss.backward()
-                torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-                opt.step()
-                opt.zero_grad(set_to_none=True)
-            return run
-        steps = {"full logits": step(False), "chunked": step(True)}
+        def teacher(X):  # what train.py hands the student in KD mode
+            return source.final_hidden(source.hidden(X), -1), source.lm_head.weight
+        steps = {"full logits": train_step(model, opt, X, Y, ctx, teacher=teacher, full_logits=True),
+                 "chunked": train_step(model, opt, X, Y, ctx, teacher=teacher)}
         peak = {k: transient_peak(fn, dev)[0] for k, fn in steps.items()}
         t = alternate(steps, args, dev)
         tokens = args.batch_size * args.block_size
