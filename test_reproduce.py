@@ -131,7 +131,7 @@ def test_report_numbers_from_records(tmp_path, monkeypatch):
     text = (tmp_path / 'results.md').read_text()
     row = next(line for line in text.splitlines() if line.startswith('| cocomix | 0.'))
     cells = [c.strip() for c in row.strip('|').split('|')]
-    assert cells[1] == stats([-0.1, 0.1], 4) and cells[2] == '0.1000 ± 0.0000' and cells[3] == '1/2'
+    assert cells[1] == stats([-0.1, 0.1], 4) and cells[2] == '0.1000 ± 0.0000' and cells[3] == '1/2 (-0.100, +0.100)'
     assert cells[4] == '350 (1/2 seeds)' and cells[5] == '12.5%'  # 1 - 350 / 400
     assert f"Δ val loss {stats([-0.2, -0.2], 4)}, CoCoMix lower on 2/2 seeds" in text
     assert "CoCoMix reaches NTP's final val loss with 12.5% fewer tokens (1/2 seeds reach it)" in text
