@@ -132,7 +132,7 @@ def optimizer(model):
 
 def train_step(model, opt, X, Y, ctx, labels=None, lam=0.1, net=None, teacher=None, full_logits=False):
     """train.py's step. labels: a callable computes them now (on the fly), a tensor is a cache hit.
-    teacher: a callable X -> (final hidden state, head weight) for KD. full_logits: GPT.forward's
+    teacher: a callable X -> (final hidden state, head weight) for KD, e.g. GPT.as_teacher. full_logits: GPT.forward's
     full-logit path instead of the chunked loss."""
     net = model if net is None else net
 
@@ -558,10 +558,8 @@ def bench_kd(args):
         opt = optimizer(model)
         X, Y = batch(args, dev)
 
-        def teacher(X):  # what train.py hands the student in KD mode
-            return source.final_hidden(source.hidden(X), -1), source.lm_head.weight
-        steps = {"full logits": train_step(model, opt, X, Y, ctx, teacher=teacher, full_logits=True),
-                 "chunked": train_step(model, opt, X, Y, ctx, teacher=teacher)}
+        steps = {"full logits": train_step(model, opt, X, Y, ctx, teacher=source.as_teacher, full_logits=True),
+                 "chunked": train_step(model, opt, X, Y, ctx, teacher=source.as_teacher)}
         peak = {k: transient_peak(fn, dev)[0] for k, fn in steps.items()}
         t = alternate(steps, args, dev)
         tokens = args.batch_size * args.block_size

@@ -338,6 +338,11 @@ class GPT(nn.Module):
             h = block(h)
         return self.transformer.ln_f(h)
 
+    def as_teacher(self, idx):
+        """What a KD student's forward takes as `teacher`: this model's final hidden state and its head
+        (the student's loss makes the teacher logits from them a chunk of rows at a time)."""
+        return self.final_hidden(self.hidden(idx), -1), self.lm_head.weight
+
     def forward_from(self, h, layer):
         """Logits from the residual stream h after block `layer`."""
         return self.lm_head(self.final_hidden(h, layer))

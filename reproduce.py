@@ -293,7 +293,8 @@ def report(out_dir, runs, methods, seeds, notes):
                 reach.append(None if t is None else (t, 1 - t / curves['ntp', s][-1][0]))
             got = [r for r in reach if r is not None]
             efficiency[m] = (got, len(reach))
-            lines.append(f"| {m} | {stats(dval, 4)} | {stats(dtrain, 4)} | {sum(d < 0 for d in dval)}/{len(dval)} ({', '.join(f'{d:+.3f}' for d in dval)}) | "
+            per_seed = ', '.join(f'{d:+.3f}' for d in dval)
+            lines.append(f"| {m} | {stats(dval, 4)} | {stats(dtrain, 4)} | {sum(d < 0 for d in dval)}/{len(dval)} ({per_seed}) | "
                          f"{stats([r[0] for r in got], 0) if got else 'not reached'} ({len(got)}/{len(reach)} seeds) | "
                          f"{stats([100 * r[1] for r in got], 1) + '%' if got else '–'} |")
         if 'cocomix' in methods and 'pause' in methods:  # the same interleaved student, concepts vs a learned vector

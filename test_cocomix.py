@@ -207,7 +207,7 @@ def test_kd_fast_path_equals_full_logits():
     student, source = GPT(tiny_config()), GPT(tiny_config(n_embd=48)).requires_grad_(False)
     idx, targets = torch.randint(0, 50257, (2, 16)), torch.randint(0, 50257, (2, 16))
     with torch.no_grad():
-        teacher = (source.final_hidden(source.hidden(idx), -1), source.lm_head.weight)
+        teacher = source.as_teacher(idx)
     grads, aux = [], []
     for fast in (False, True):
         _, loss, a = student(idx, targets, teacher=teacher, lam_kd=0.5, return_aux=True, return_logits=not fast)

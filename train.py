@@ -300,7 +300,7 @@ def step_loss(X, Y, where, net=None):
             labels = label_caches[split].labels(windows, X, Y) if label_caches else labeler(X, Y)
     elif mode == 'kd':
         with torch.no_grad(), ctx:  # the teacher's final hidden state and head: its logits are made in chunks
-            teacher = (source.final_hidden(source.hidden(X), -1), source.lm_head.weight)
+            teacher = source.as_teacher(X)
     t1 = time.perf_counter()
     with ctx:
         # the LM head's loss (and KD's KL) in chunks, without the B x T x V logits
