@@ -302,6 +302,11 @@ def report(out_dir, runs, methods, seeds, notes):
             lines += ['', f"**CoCoMix vs pause** (the same interleaved architecture and width; the slot holds the "
                       f"predicted concepts instead of one learned vector): Δ val loss {stats(d, 4)}, CoCoMix lower on "
                       f"{sum(x < 0 for x in d)}/{len(d)} seeds."]
+        if 'kd' in methods:  # the paper's other baseline, with the same teacher; the target is to beat both
+            for m in (m for m in methods if m.startswith('cocomix')):
+                d = [runs[m, s]['eval']['val']['loss'] - runs['kd', s]['eval']['val']['loss'] for s in seeds]
+                lines += ['', f"**{m} vs KD** (same seed, same batches): Δ val loss {stats(d, 4)}, "
+                          f"{m} lower on {sum(x < 0 for x in d)}/{len(d)} seeds ({', '.join(f'{x:+.3f}' for x in d)})."]
         if 'cocomix' in efficiency:
             got, n = efficiency['cocomix']
             lines += ['', "**Sample efficiency** (paper: CoCoMix reaches NTP's final val perplexity with 21.5% fewer "

@@ -115,25 +115,32 @@ def test_stats_and_tokens_to_reach():
 
 def test_report_numbers_from_records(tmp_path, monkeypatch):
     """The report's paired numbers from hand-made records: Δ val loss, wins, the tokens CoCoMix needs to
-    reach NTP's final val loss, CoCoMix vs pause; and without matplotlib, a note instead of the plot."""
+    reach NTP's final val loss, CoCoMix (and an ablation) vs pause and KD; and without matplotlib, a note
+    instead of the plot."""
     monkeypatch.setitem(sys.modules, 'matplotlib', None)  # import matplotlib -> ImportError
-    final = {('ntp', 1): 5.0, ('ntp', 2): 5.2, ('cocomix', 1): 4.9, ('cocomix', 2): 5.3, ('pause', 1): 5.1, ('pause', 2): 5.5}
+    final = {('ntp', 1): 5.0, ('ntp', 2): 5.2, ('cocomix', 1): 4.9, ('cocomix', 2): 5.3, ('pause', 1): 5.1, ('pause', 2): 5.5,
+             ('kd', 1): 4.95, ('kd', 2): 5.25, ('cocomix[mix=add]', 1): 4.8, ('cocomix[mix=add]', 2): 5.2}
     runs = {}
     for (m, s), v in final.items():
         # val curves: NTP ends at 5.0 / 5.2; CoCoMix seed 1 passes 5.0 halfway between 300 and 400 tokens
         curve = {'ntp': [10, 6, 5.5, 5.2 if s == 1 else 5.4, v], 'cocomix': [10, 6, 5.4, 5.1 if s == 1 else 5.5, v],
-                 'pause': [10, 7, 6, 5.6, v]}[m]
+                 'pause': [10, 7, 6, 5.6, v], 'kd': [10, 7, 6, 5.6, v], 'cocomix[mix=add]': [10, 7, 6, 5.6, v]}[m]
         log = [{'iter': i, 'tokens': 100 * i, 'train/loss': l, 'val/loss': l, 'time': 1.0} for i, l in enumerate(curve)]
         log += [{'train_step': i, 'loss': 6.0 + (0.1 if m == 'cocomix' else 0.0)} for i in range(4)]
         runs[m, s] = {'eval': {'params': 1e6, 'val': {'loss': v, 'ppl': math.exp(v), 'bpb': v / 2}},
                       'train': {'wall': 10.0}, 'log': log}
-    report(str(tmp_path), runs, ['ntp', 'cocomix', 'pause'], [1, 2], ['- a note'])
+    report(str(tmp_path), runs, ['ntp', 'cocomix', 'kd', 'pause', 'cocomix[mix=add]'], [1, 2], ['- a note'])
     text = (tmp_path / 'results.md').read_text()
     row = next(line for line in text.splitlines() if line.startswith('| cocomix | 0.'))
     cells = [c.strip() for c in row.strip('|').split('|')]
     assert cells[1] == stats([-0.1, 0.1], 4) and cells[2] == '0.1000 ± 0.0000' and cells[3] == '1/2 (-0.100, +0.100)'
     assert cells[4] == '350 (1/2 seeds)' and cells[5] == '12.5%'  # 1 - 350 / 400
     assert f"Δ val loss {stats([-0.2, -0.2], 4)}, CoCoMix lower on 2/2 seeds" in text
+    assert f"**cocomix vs KD** (same seed, same batches): Δ val loss {stats([-0.05, 0.05], 4)}, cocomix lower on " \
+        "1/2 seeds (-0.050, +0.050)." in text
+    assert f"**cocomix[mix=add] vs KD** (same seed, same batches): Δ val loss {stats([-0.15, -0.05], 4)}, " \
+        "cocomix[mix=add] lower on 2/2 seeds (-0.150, -0.050)." in text
+    assert 'pause vs KD' not in text and 'kd vs KD' not in text
     assert "CoCoMix reaches NTP's final val loss with 12.5% fewer tokens (1/2 seeds reach it)" in text
     # seed 2: NTP passes CoCoMix's final 5.3 halfway between 300 and 400 tokens; seed 1: NTP never gets to 4.9
     assert "NTP reaches CoCoMix's final val loss with 12.5% fewer tokens (1/2 seeds reach it)" in text
