@@ -253,6 +253,8 @@ def report(out_dir, runs, methods, seeds, notes):
                     f.write(f"{m},{s},{r['iter']},{r['tokens']},{r['train/loss']},{r['val/loss']},"
                             f"{r.get('val/bpb', '')},{r['time']:.1f}\n")
     get = lambda m, f: [f(runs[m, s]) for s in seeds]
+    dval = lambda a, b: [runs[a, s]['eval']['val']['loss'] - runs[b, s]['eval']['val']['loss'] for s in seeds]
+    wins = lambda d, unit='': f"{sum(x < 0 for x in d)}/{len(d)}{unit} ({', '.join(f'{x:+.3f}' for x in d)})"
     opt = lambda key, sub: (lambda r: r['eval'][key][sub] if key in r['eval'] else None)
     lines = ['# CoCoMix reproduction: results', '', *notes, '',
              f"Mean ± sample std over seeds {', '.join(map(str, seeds))}. Val: the prepared val split "
@@ -280,7 +282,7 @@ def report(out_dir, runs, methods, seeds, notes):
         for m in methods:
             if m == 'ntp':
                 continue
-            dval = [runs[m, s]['eval']['val']['loss'] - runs['ntp', s]['eval']['val']['loss'] for s in seeds]
+            d = dval(m, 'ntp')
             dtrain = []
             for s in seeds:
                 a, b = train_loss[m, s], train_loss['ntp', s]
@@ -293,20 +295,19 @@ def report(out_dir, runs, methods, seeds, notes):
                 reach.append(None if t is None else (t, 1 - t / curves['ntp', s][-1][0]))
             got = [r for r in reach if r is not None]
             efficiency[m] = (got, len(reach))
-            per_seed = ', '.join(f'{d:+.3f}' for d in dval)
-            lines.append(f"| {m} | {stats(dval, 4)} | {stats(dtrain, 4)} | {sum(d < 0 for d in dval)}/{len(dval)} ({per_seed}) | "
+            lines.append(f"| {m} | {stats(d, 4)} | {stats(dtrain, 4)} | {wins(d)} | "
                          f"{stats([r[0] for r in got], 0) if got else 'not reached'} ({len(got)}/{len(reach)} seeds) | "
                          f"{stats([100 * r[1] for r in got], 1) + '%' if got else '–'} |")
         if 'cocomix' in methods and 'pause' in methods:  # the same interleaved student, concepts vs a learned vector
-            d = [runs['cocomix', s]['eval']['val']['loss'] - runs['pause', s]['eval']['val']['loss'] for s in seeds]
+            d = dval('cocomix', 'pause')
             lines += ['', f"**CoCoMix vs pause** (the same interleaved architecture and width; the slot holds the "
                       f"predicted concepts instead of one learned vector): Δ val loss {stats(d, 4)}, CoCoMix lower on "
                       f"{sum(x < 0 for x in d)}/{len(d)} seeds."]
         if 'kd' in methods:  # the paper's other baseline, with the same teacher; the target is to beat both
             for m in (m for m in methods if m.startswith('cocomix')):
-                d = [runs[m, s]['eval']['val']['loss'] - runs['kd', s]['eval']['val']['loss'] for s in seeds]
+                d = dval(m, 'kd')
                 lines += ['', f"**{m} vs KD** (same seed, same batches): Δ val loss {stats(d, 4)}, "
-                          f"{m} lower on {sum(x < 0 for x in d)}/{len(d)} seeds ({', '.join(f'{x:+.3f}' for x in d)})."]
+                          f"{m} lower on {wins(d, ' seeds')}."]
         if 'cocomix' in efficiency:
             got, n = efficiency['cocomix']
             lines += ['', "**Sample efficiency** (paper: CoCoMix reaches NTP's final val perplexity with 21.5% fewer "

@@ -428,7 +428,7 @@ def file_sha256(path):
         return hashlib.file_digest(f, "sha256").hexdigest()
 
 
-def main(argv=None):
+def arg_parser():
     p = argparse.ArgumentParser(description="Train, evaluate or describe a TopK SAE on a GPT's residual stream.")
     p.add_argument("--ckpt", help="host GPT: ckpt.pt (or its folder), a GPT-2 Hugging Face folder, or 'gpt2'")
     p.add_argument("--data_dir", required=True, help="folder with train.bin and val.bin (prepare.py)")
@@ -454,7 +454,11 @@ def main(argv=None):
                    "(0: only at the end and on SIGINT/SIGTERM); a run with that file and the same settings resumes")
     p.add_argument("--seed", type=int, default=1337)
     p.add_argument("--device", default="cpu")
-    a = p.parse_args(argv)
+    return p
+
+
+def main(argv=None):
+    a = arg_parser().parse_args(argv)
     torch.manual_seed(a.seed)
 
     if a.eval_only or a.describe:

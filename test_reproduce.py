@@ -147,31 +147,30 @@ def test_report_numbers_from_records(tmp_path, monkeypatch):
     assert 'matplotlib is not installed' in text and not (tmp_path / 'curves.png').exists()
 
 
-def test_presets_name_real_flags():
-    """Every preset's source/student keys are train.py config keys of the right type, and its SAE keys are
-    sae.py flags: a misspelt key in the `gpu` preset (which CI cannot run: it needs GPT-2 and OpenWebText)
-    would otherwise surface only on a GPU, after the downloads."""
-    import ast
-    from reproduce import PRESETS
-    tree = ast.parse(open(os.path.join(REPO, 'train.py')).read())
-    train_keys = {}
-    for node in tree.body:
-        if isinstance(node, ast.Assign) and isinstance(node.value, (ast.Constant, ast.UnaryOp)):  # -1 is a UnaryOp
-            for t in node.targets:
-                if isinstance(t, ast.Name) and not t.id.startswith('_'):
-                    train_keys[t.id] = type(ast.literal_eval(node.value))
-    assert {'n_embd', 'insert_layer', 'lam', 'mix', 'compile'} <= set(train_keys)
-    sae_flags = {node.args[0].value.lstrip('-') for node in ast.walk(ast.parse(open(os.path.join(REPO, 'sae.py')).read()))
-                 if isinstance(node, ast.Call) and getattr(node.func, 'attr', '') == 'add_argument'
-                 and node.args and isinstance(node.args[0], ast.Constant)}
-    assert {'n_latents', 'k', 'tokens'} <= sae_flags
+def test_presets_name_real_flags(monkeypatch):
+    """Every preset's settings pass the checks their scripts apply: the source/student flags train.py's
+    configurator (known key, the default's type), the SAE flags sae.py's parser. A misspelt key in the `gpu`
+    preset (which CI cannot run: it needs GPT-2 and OpenWebText) would otherwise surface only on a GPU."""
+    import sae
+    from reproduce import PRESETS, flags
+    src = open(os.path.join(REPO, 'train.py')).read()
+    defaults = src[src.index('# ---'):src.index('config_keys = ')]  # train.py's settings block: plain literals
+    configurator = open(os.path.join(REPO, 'configurator.py')).read()
     for name, p in PRESETS.items():
+        top = {k: p[k] for k in ('concept_source', 'sae_path', 'sae_layer', 'n_concepts') if k in p}
         for part in ('source', 'student'):
-            for k, v in p.get(part, {}).items():
-                assert k in train_keys, f"preset {name}.{part}: {k} is not a train.py setting"
-                want = train_keys[k]
-                assert isinstance(v, want) or (want is float and type(v) is int), (name, part, k, v, want)
-        for k in ('concept_source', 'sae_path', 'sae_layer', 'n_concepts'):
-            assert k not in p or isinstance(p[k], train_keys[k]), (name, k)
-        for k in p.get('sae', {}):
-            assert k in sae_flags, f"preset {name}.sae: {k} is not a sae.py flag"
+            argv = flags({**p.get(part, {}), **(top if part == 'student' else {})})
+            monkeypatch.setattr(sys, 'argv', ['train.py', *argv])
+            env = {}
+            exec(defaults, env)
+            try:
+                exec(configurator, env)
+            except SystemExit:
+                pytest.fail(f"preset {name}.{part}: train.py rejects {argv} (see stderr)")
+        if 'sae' in p:
+            try:
+                parser = sae.arg_parser()
+                parser.allow_abbrev = False  # a misspelt prefix (--eval_token) would be taken for the full flag
+                parser.parse_args(['--data_dir=x', *flags(p['sae'])])
+            except SystemExit:
+                pytest.fail(f"preset {name}.sae: sae.py rejects {flags(p['sae'])}")
