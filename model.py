@@ -5,12 +5,16 @@ A plain GPT-2 (learned positions, pre-LayerNorm blocks, causal attention, GELU
 MLP, LM head tied to the token embedding), in the layout and naming of
 nanoGPT and Hugging Face's GPT-2 so that GPT-2 weights load directly.
 
-With `n_concepts > 0` (or `mix='pause'`) the model becomes a CoCoMix student
-(../shared/SPEC.md section 3): at the input of block `insert_layer` it predicts
-concept logits z from the standardised hidden state, keeps the `concept_topk`
-largest, compresses them back to a d-vector c_t and interleaves
-h_1, c_1, ..., h_T, c_T through the remaining blocks. The next token is read
-from the concept slots.
+With `n_concepts > 0` the model becomes a CoCoMix student (docs/method.md): at the
+input of block `insert_layer` it predicts concept logits z from the standardised
+hidden state (ConceptMixer.predict), keeps the `concept_topk` largest and
+compresses them back to a d-vector c_t (ConceptMixer.compress), then interleaves
+
+    h_1, c_1, h_2, c_2, ..., h_T, c_T
+
+through the remaining blocks. The next token x_{t+1} is read from the concept
+slot c_t (GPT.hidden_states). `mix='pause'` puts one learned vector in every
+slot instead: the same architecture without concepts, the paper's pause baseline.
 """
 
 import json
@@ -22,11 +26,10 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from ops import kl_rows, lm_loss, sparse_mix
-from weights import download_gpt2, load_hf_state_dict, load_safetensors  # noqa: F401 (re-exported)
+from ops import sparse_mix
+from weights import GPT2_NAMES, download_gpt2, load_hf_state_dict, load_safetensors  # noqa: F401 (re-exported)
 
 MIX_MODES = ("interleave", "add", "none", "pause")
-GPT2_NAMES = ("gpt2", "gpt2-medium", "gpt2-large", "gpt2-xl")  # downloaded by from_pretrained when online
 
 
 @dataclass
@@ -54,19 +57,21 @@ class GPTConfig:
                 raise ValueError(f"{k} must be positive, got {getattr(self, k)}")
         if self.mix not in MIX_MODES:
             raise ValueError(f"mix must be one of {MIX_MODES}, got {self.mix!r}")
-        if self.cocomix:
+        if self.has_insert_layer:
             if not 0 <= self.insert_layer < self.n_layer:
                 raise ValueError(f"insert_layer={self.insert_layer} is outside the model's {self.n_layer} blocks")
             if self.n_concepts and not 0 < self.concept_topk <= self.n_concepts:
                 raise ValueError(f"concept_topk={self.concept_topk} must be in [1, n_concepts={self.n_concepts}]")
 
     @property
-    def cocomix(self):
+    def has_insert_layer(self):
+        """A CoCoMix student (concepts) or a pause model: block insert_layer's input is changed."""
         return self.n_concepts > 0 or self.mix == "pause"
 
     @property
     def interleaved(self):
-        return self.cocomix and self.mix in ("interleave", "pause")
+        """Two slots per token above insert_layer (h_t, c_t): mix interleave, or pause."""
+        return self.has_insert_layer and self.mix in ("interleave", "pause")
 
 
 # -----------------------------------------------------------------------------
@@ -147,7 +152,7 @@ class Block(nn.Module):
 
 
 # -----------------------------------------------------------------------------
-# CoCoMix parts (SPEC section 3)
+# CoCoMix parts
 
 
 def standardise(h, eps=1e-5):
@@ -158,8 +163,10 @@ def standardise(h, eps=1e-5):
 
 
 class ConceptMixer(nn.Module):
-    """Concept head z = W_pred (x - b_pre) + b_pred on the standardised hidden state x, and the
-    sparse compression c = (W_cmp TopK(z) + b_cmp + b_pre) * std + mu back to width d."""
+    """The student's two concept maps, both on the standardised hidden state of block insert_layer:
+    predict  z = W_pred (x - b_pre) + b_pred                  concept logits, B x T x C
+    compress c = (W_cmp TopK(z) + b_cmp + b_pre) * std + mu    back to width d, in the units of h
+    where x, mu, std = standardise(h)."""
 
     def __init__(self, config):
         super().__init__()
@@ -170,17 +177,22 @@ class ConceptMixer(nn.Module):
         self.W_cmp = nn.Parameter(torch.empty(C, d))         # stored C x d so a concept is one row to gather
         self.b_cmp = nn.Parameter(torch.zeros(d))
 
-    def forward(self, h, steer=None):
-        x, mu, std = standardise(h)
-        z = self.concept_head(x - self.b_pre)                # B x T x C concept logits
-        if steer:  # the paper's steering: scale chosen concept logits before the TopK
-            z = z.clone()
-            for i, factor in steer.items():
-                z[..., i] = z[..., i] * factor
-        values, indices = torch.topk(z, self.topk, dim=-1)   # raw values: no ReLU, no softmax
-        c = sparse_mix(values.to(self.W_cmp.dtype), indices, self.W_cmp) + self.b_cmp + self.b_pre  # sparse: cheap in fp32
-        c = c * std + mu
-        return z, c
+    def predict(self, x):
+        return self.concept_head(x - self.b_pre)
+
+    def compress(self, z, mu, std):
+        values, indices = torch.topk(z, self.topk, dim=-1)   # raw logits: no ReLU, no softmax
+        # sum_k values_k W_cmp[indices_k] without the dense B x T x C masked matrix (ops.py); cheap in fp32
+        c = sparse_mix(values.to(self.W_cmp.dtype), indices, self.W_cmp) + self.b_cmp + self.b_pre
+        return c * std + mu
+
+
+def steer_logits(z, steer):
+    """The paper's steering: concept logits z[..., i] scaled by steer[i] before the TopK."""
+    z = z.clone()
+    for i, factor in steer.items():
+        z[..., i] = z[..., i] * factor
+    return z
 
 
 def interleave(h, c):
@@ -190,21 +202,13 @@ def interleave(h, c):
 
 
 def concept_loss(z, labels):
-    """Mean cross-entropy of the concept logits z (N x C) at the K_attr labels (N x K_attr, -1 =
-    no label). One log-softmax serves all K_attr labels; invalid labels are ignored."""
-    logp = F.log_softmax(z.float(), dim=-1)
+    """Mean cross-entropy of the concept logits z (..., C) at the K_attr labels (..., K_attr; -1 = no
+    label). One log-softmax serves all K_attr labels; invalid labels are ignored."""
+    logp = F.log_softmax(z.float().flatten(0, -2), dim=-1)
+    labels = labels.flatten(0, -2)
     valid = labels >= 0
     nll = -logp.gather(-1, labels.clamp(min=0)) * valid
     return nll.sum() / valid.sum().clamp(min=1)
-
-
-def kd_loss(student_logits, teacher_logits, targets=None):
-    """Mean over tokens of KL(p_con || p_student) at temperature 1 (SPEC section 5); tokens whose
-    target is -1 (padding) are left out when targets are given."""
-    acc = torch.promote_types(student_logits.dtype, torch.float32)  # softmax and sums: at least fp32
-    s, t = student_logits.to(acc).flatten(0, -2), teacher_logits.to(acc).flatten(0, -2)
-    valid = torch.ones(len(s), dtype=acc, device=s.device) if targets is None else (targets.reshape(-1) >= 0).to(acc)
-    return kl_rows(s, t, valid).sum() / valid.sum().clamp(min=1)
 
 
 @torch.no_grad()
@@ -261,7 +265,7 @@ class GPT(nn.Module):
             n -= self.transformer.wpe.weight.numel()
         return n
 
-    def hidden(self, idx, pos_offset=0):
+    def embed(self, idx, pos_offset=0):
         """Token + position embeddings (B x T x d)."""
         T = idx.size(1)
         if pos_offset + T > self.config.block_size:
@@ -270,63 +274,46 @@ class GPT(nn.Module):
         return self.transformer.drop(self.transformer.wte(idx) + self.transformer.wpe(pos))
 
     def mix_concepts(self, h, steer=None):
-        """At the input of block insert_layer: returns (concept logits or None, new hidden state)."""
+        """At the input of block insert_layer: (concept logits z or None, the hidden state the blocks above see)."""
         mix = self.config.mix
         if mix == "pause":
             return None, interleave(h, self.pause.expand_as(h))
-        z, c = self.mixer(h, steer)
-        if mix == "interleave":
-            return z, interleave(h, c)
-        if mix == "add":
-            return z, h + c.to(h.dtype)
-        return z, h  # "none": concept prediction only
+        x, mu, std = standardise(h)
+        z = self.mixer.predict(x)
+        if steer:
+            z = steer_logits(z, steer)
+        if mix == "none":  # concept prediction only
+            return z, h
+        c = self.mixer.compress(z, mu, std)
+        return z, interleave(h, c) if mix == "interleave" else h + c.to(h.dtype)
 
-    def forward(self, idx, targets=None, concept_labels=None, lam=0.1, steer=None, return_aux=False,
-                return_logits=True, teacher=None, lam_kd=0.1):
-        """idx (B, T) -> (logits (B, T, V), loss). With targets the loss is next-token cross-entropy
-        (plus lam * concept loss when concept_labels (B, T, K_attr) are given, plus lam_kd * KD's KL
-        when teacher = (the teacher's final hidden state B x T x d_t, its LM-head weight) is given).
-        return_aux adds a dict with 'ntp', 'concept', 'recall', 'kd' and the concept logits 'z'.
-        return_logits=False (with targets) returns None for the logits and computes the loss in
-        chunks, never holding the B x T x V logits (nor the teacher's): training's fast path."""
+    def hidden_states(self, idx, steer=None):
+        """idx (B, T) -> (final hidden states x (B, T, d) after ln_f, concept logits z (B, T, C) or None)."""
         cfg = self.config
-        x = self.hidden(idx)
-        z = None
+        x, z = self.embed(idx), None
         for i, block in enumerate(self.transformer.h):
-            if cfg.cocomix and i == cfg.insert_layer:
+            if cfg.has_insert_layer and i == cfg.insert_layer:
                 z, x = self.mix_concepts(x, steer)
             x = block(x)
         if cfg.interleaved:
             x = x[:, 1::2]  # the concept (or pause) slot c_t predicts x_{t+1}; token slots are discarded
-        x = self.transformer.ln_f(x)
-        kd = None
-        if targets is not None and not return_logits:
-            logits, out = None, lm_loss(x, self.lm_head.weight, targets, teacher=teacher, lam_kd=lam_kd)
-            loss, ntp, kd = out if teacher is not None else (out, out, None)
-        else:
-            logits = self.lm_head(x)
-            if targets is None:
-                return (logits, None, {"z": z}) if return_aux else (logits, None)
-            loss = ntp = F.cross_entropy(logits.float().view(-1, logits.size(-1)), targets.reshape(-1), ignore_index=-1)
-            if teacher is not None:
-                kd = kd_loss(logits, teacher[0] @ teacher[1].t(), targets)
-                loss = ntp + lam_kd * kd
-        aux = {"ntp": ntp.detach(), "z": z}
-        if kd is not None:
-            aux["kd"] = kd.detach()
-        if concept_labels is not None and z is not None:
-            flat_z, flat_labels = z.view(-1, z.size(-1)), concept_labels.view(-1, concept_labels.size(-1))
-            lc = concept_loss(flat_z, flat_labels)
-            loss = loss + lam * lc
-            aux.update(concept=lc.detach(), recall=concept_recall(flat_z, flat_labels))
-        return (logits, loss, aux) if return_aux else (logits, loss)
+        return self.transformer.ln_f(x), z
+
+    def forward(self, idx, targets=None, steer=None):
+        """nanoGPT's interface: idx (B, T) -> (logits (B, T, V), next-token loss or None). Training
+        computes its loss from hidden_states instead, without the B x T x V logits (train.py)."""
+        x, _ = self.hidden_states(idx, steer)
+        logits = self.lm_head(x)
+        if targets is None:
+            return logits, None
+        return logits, F.cross_entropy(logits.float().flatten(0, 1), targets.flatten(), ignore_index=-1)
 
     # -------------------------------------------------------------------------
-    # concept source: hidden state at a block output, and the rest of the pass
+    # as a concept source or KD teacher: the pass split at a block
 
     def forward_to(self, idx, layer):
         """Residual stream after block `layer` (0-based), B x T x d. Plain GPT only."""
-        x = self.hidden(idx)
+        x = self.embed(idx)
         for block in self.transformer.h[:layer + 1]:
             x = block(x)
         return x
@@ -338,17 +325,14 @@ class GPT(nn.Module):
             h = block(h)
         return self.transformer.ln_f(h)
 
-    def as_teacher(self, idx):
-        """What a KD student's forward takes as `teacher`: this model's final hidden state and its head
-        (the student's loss makes the teacher logits from them a chunk of rows at a time)."""
-        return self.final_hidden(self.hidden(idx), -1), self.lm_head.weight
-
     def forward_from(self, h, layer):
         """Logits from the residual stream h after block `layer`."""
         return self.lm_head(self.final_hidden(h, layer))
 
-    # -------------------------------------------------------------------------
-    # optimisation helpers
+    def as_teacher(self, idx):
+        """What KD's loss takes as the teacher (ops.lm_loss): this model's final hidden state and its
+        head, from which the teacher's logits are made a chunk of rows at a time."""
+        return self.final_hidden(self.embed(idx), -1), self.lm_head.weight
 
     def configure_optimizers(self, weight_decay, learning_rate, betas, device_type, eps=1e-8):
         # decay every 2D weight (matmuls, embeddings); not biases, LayerNorm gains or the d-vectors
@@ -356,27 +340,7 @@ class GPT(nn.Module):
         decay = [p for p in params if p.dim() >= 2]
         no_decay = [p for p in params if p.dim() < 2]
         groups = [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
-        fused = device_type == "cuda"
-        return torch.optim.AdamW(groups, lr=learning_rate, betas=betas, eps=eps, fused=fused)
-
-    def flops_per_token(self, T):
-        """Training FLOPs per token (6N plus attention), with the doubled sequence above insert_layer
-        and the concept head and mixing for CoCoMix (PaLM appendix B accounting)."""
-        cfg = self.config
-        d, L = cfg.n_embd, cfg.n_layer
-        block = 12 * d * d  # attention + MLP matmul parameters of one block
-        L_below = cfg.insert_layer if cfg.cocomix else L
-        L_above = L - L_below
-        seq = 2 if cfg.interleaved else 1
-        flops = 6 * (block * (L_below + seq * L_above) + d * cfg.vocab_size)
-        flops += 6 * 2 * d * T * L_below / 2 + 6 * 2 * d * (seq * T) * L_above * seq / 2  # causal attention, half the square
-        if cfg.n_concepts:
-            flops += 6 * d * cfg.n_concepts + 6 * cfg.concept_topk * d
-        return flops
-
-    def estimate_mfu(self, tokens_per_iter, T, dt, device=None):
-        """Model FLOPs utilisation: achieved training FLOP/s over the device's bf16 peak."""
-        return self.flops_per_token(T) * tokens_per_iter / dt / device_peak_flops(device)
+        return torch.optim.AdamW(groups, lr=learning_rate, betas=betas, eps=eps, fused=device_type == "cuda")
 
     # -------------------------------------------------------------------------
     # loading GPT-2
@@ -420,9 +384,9 @@ class GPT(nn.Module):
         above insert_layer an interleaved model adds two slots (h_t, c_t) per token, while positions count
         tokens. Returns (logits (B, T or 1, V), z of the new tokens or None)."""
         cfg = self.config
-        x, z = self.hidden(idx, caches[-1].n // (2 if cfg.interleaved else 1)), None
+        x, z = self.embed(idx, caches[-1].n // (2 if cfg.interleaved else 1)), None
         for i, (block, cache) in enumerate(zip(self.transformer.h, caches)):
-            if cfg.cocomix and i == cfg.insert_layer:
+            if cfg.has_insert_layer and i == cfg.insert_layer:
                 z, x = self.mix_concepts(x, steer)  # per token: the new tokens' c_t need no cache
             x = block(x, cache)
         x = x[:, 1::2] if cfg.interleaved else x
@@ -454,12 +418,12 @@ class GPT(nn.Module):
 def ntp_matched_width(config):
     """The plain-GPT width (a multiple of n_head) whose parameter count is closest to the CoCoMix
     student's, for the paper's parameter-matched NTP baseline (it widens 512 to 624)."""
-    target = GPT(config).get_num_params() if config.cocomix else None
-    if target is None:
+    if not config.has_insert_layer:
         return config.n_embd
-    def count(d):  # embeddings, blocks, final LayerNorm; lm_head tied
-        L, V, T = config.n_layer, config.vocab_size, config.block_size
-        return V * d + T * d + L * (12 * d * d + 13 * d) + 2 * d - T * d
+    target = GPT(config).get_num_params()  # non-embedding: without the position table, as count()
+    def count(d):  # token embedding (tied with lm_head), blocks, final LayerNorm
+        L, V = config.n_layer, config.vocab_size
+        return V * d + L * (12 * d * d + 13 * d) + 2 * d
     widths = range(config.n_head, 4 * config.n_embd + 1, config.n_head)
     return min(widths, key=lambda d: abs(count(d) - target))
 
@@ -475,32 +439,12 @@ def sample_next(logits, temperature=1.0, top_k=None):
     return torch.multinomial(F.softmax(logits.float(), dim=-1), num_samples=1)
 
 
-# -----------------------------------------------------------------------------
-# device peaks for MFU (dense bf16 tensor FLOP/s, no sparsity)
-
-PEAK_FLOPS = {
-    "H200": 989e12, "H100": 989e12, "A100": 312e12, "A10G": 125e12, "L4": 121e12,
-    "4090": 165e12, "3090": 71e12, "V100": 125e12, "T4": 65e12,
-}
-CPU_PEAK_FLOPS = 1e12  # a rough figure for a few cores with AVX-512; only a yardstick
-
-
-def device_peak_flops(device=None):
-    if device is not None and str(device).startswith("cuda") and torch.cuda.is_available():
-        name = torch.cuda.get_device_name(device)
-        for key, peak in PEAK_FLOPS.items():
-            if key in name:
-                return peak
-        return 100e12
-    return CPU_PEAK_FLOPS
-
-
 def load_checkpoint(path, device="cpu"):
     """A model saved by train.py (or sae.py's host): returns (model, checkpoint dict)."""
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"{path}: no such checkpoint")
     try:
         ckpt = torch.load(path, map_location=device, weights_only=True)
-    except FileNotFoundError:
-        raise
     except Exception as e:  # truncated or foreign files fail here, never by running their code
         raise ValueError(f"{path}: not a readable checkpoint ({type(e).__name__}: {str(e).splitlines()[0][:200]})") from None
     if not isinstance(ckpt, dict) or "model" not in ckpt or "model_args" not in ckpt:
@@ -518,6 +462,6 @@ def load_frozen_gpt(path, device="cpu"):
         model = GPT.from_pretrained(path)
     else:
         model, _ = load_checkpoint(os.path.join(path, "ckpt.pt") if os.path.isdir(path) else path)
-    if model.config.cocomix:
+    if model.config.has_insert_layer:
         raise ValueError(f"{path}: a concept source or SAE host must be a plain GPT, not a CoCoMix student")
     return model.to(device).eval().requires_grad_(False)

@@ -1,10 +1,14 @@
 """
-Two hand-written autograd operations that the CoCoMix student and the concept labeler use, each the
-exact value of a one-line PyTorch expression, computed without that expression's large intermediate:
+Two hand-written autograd operations, each the exact value of a plain PyTorch expression written
+next to it (the `*_reference` functions, which the tests compare against), computed without that
+expression's large intermediate:
 
-- sparse top-k mixing, sum_k values[n, k] * W[indices[n, k]], without the dense N x C masked matrix
-  (../shared/SPEC.md section 3);
-- the LM head's next-token cross-entropy (and KD's KL to a teacher's head), without the N x V logits.
+- sparse top-k mixing (the CoCoMix student's compression and the SAE's decoder):
+  sparse_mix = sparse_mix_reference, without the dense N x C masked matrix;
+- the LM head's next-token cross-entropy (and KD's KL to a teacher's head):
+  lm_loss = lm_loss_reference, without the N x V logits.
+
+Read the references first: they are what the model means; the rest is how it is made fast.
 """
 
 import warnings
@@ -13,11 +17,27 @@ import torch
 import torch.nn.functional as F
 
 
+def sparse_mix_reference(values, indices, W):
+    """The dense masked product: scatter the K values of each row into a zero N x C matrix, times W."""
+    dense = torch.zeros(*values.shape[:-1], W.size(0), dtype=values.dtype, device=values.device)
+    return dense.scatter_add(-1, indices, values) @ W
+
+
+def sparse_mix_backward_reference(grad_out, values, indices, W):
+    """sparse_mix's gradients, plainly: grad_values[n, k] = g[n] . W[indices[n, k]] and grad_W[c] =
+    sum of values[n, k] g[n] over the (n, k) with indices[n, k] = c (an index_add_)."""
+    N, K = indices.shape
+    grad_values = (W[indices] * grad_out[:, None, :]).sum(-1)
+    rows = (values[:, :, None] * grad_out[:, None, :]).reshape(N * K, -1)
+    return grad_values, torch.zeros_like(W).index_add_(0, indices.reshape(-1), rows)
+
+
 @torch.library.custom_op("cocomix::sparse_mix_backward", mutates_args=())
 def sparse_mix_backward(grad_out: torch.Tensor, values: torch.Tensor, indices: torch.Tensor,
                         W: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """SparseMix's gradients (values, W). A custom op, so that torch.compile calls it whole: the sparse
-    CSR tensor, the warnings filter and bincount inside cannot be traced and would break the graph."""
+    """SparseMix's gradients (values, W), equal to sparse_mix_backward_reference without its N x K x d
+    intermediates. A custom op, so that torch.compile calls it whole: the sparse CSR tensor, the
+    warnings filter and bincount inside cannot be traced and would break the graph."""
     N, K = indices.shape
     # d out / d values[n, k] = W[indices[n, k]] . g[n]: the product g W^T sampled at the chosen
     # (token, concept) pairs only (a sampled dense-dense matmul, no gathered N x K x d rows)
@@ -80,7 +100,7 @@ class ChunkedLMLoss(torch.autograd.Function):
     With a frozen teacher (teacher_x: N x d_t, teacher_W: V x d_t) the loss is KD's
     CE + lam_kd * KL(p_teacher || p_student), whose gradient in the student's logits is
     (1 + lam_kd) p_student - onehot - lam_kd p_teacher: the teacher's logits are made chunk by chunk
-    too (SPEC section 5). Returns (loss, CE, KL); only the loss has a gradient."""
+    too. Returns (loss, CE, KL); only the loss has a gradient."""
 
     @staticmethod
     def forward(ctx, x, W, targets, chunk, teacher_x=None, teacher_W=None, lam_kd=0.0):
@@ -152,6 +172,20 @@ def lm_loss(x, W, targets, chunk=None, teacher=None, lam_kd=0.1):
         if teacher is not None:
             kl = kl + kl_rows(logits, acc(tx[s:s + chunk] @ tW.t()), t >= 0).sum()
     return ce / n if teacher is None else ((ce + lam_kd * kl) / n, ce / n, kl / n)
+
+
+def lm_loss_reference(x, W, targets, teacher=None, lam_kd=0.1):
+    """What lm_loss computes, from the full N x V logits: cross-entropy (ignoring targets of -1) and,
+    with a teacher (teacher_x, teacher_W), (CE + lam_kd * KL(p_teacher || p_student), CE, KL)."""
+    acc = torch.promote_types(x.dtype, torch.float32)  # softmax and sums: at least fp32
+    logits = (x @ W.t()).flatten(0, -2).to(acc)
+    targets = targets.reshape(-1)
+    ce = F.cross_entropy(logits, targets, ignore_index=-1)
+    if teacher is None:
+        return ce
+    valid = (targets >= 0).to(acc)
+    kl = kl_rows(logits, (teacher[0] @ teacher[1].t()).flatten(0, -2).to(acc), valid).sum() / valid.sum().clamp(min=1)
+    return ce + lam_kd * kl, ce, kl
 
 
 def kl_rows(student_logits, teacher_logits, valid):

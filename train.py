@@ -1,16 +1,16 @@
 """
-One training loop for every objective of the paper (../shared/SPEC.md sections 4-5):
+One training loop for every objective of the paper (docs/method.md):
 
-    ntp      plain next-token prediction
-    cocomix  next-token prediction + lam * concept loss, with concept mixing (`mix`)
-    kd       next-token prediction + lam_kd * KL(p_con || p_student)
-    pause    a learned vector interleaved after every token at insert_layer
+    ntp      next-token prediction
+    cocomix  next-token prediction + lam * concept loss, with the predicted concepts mixed back (`mix`)
+    kd       next-token prediction + lam_kd * KL(p_teacher || p_student), the concept source as teacher
+    pause    a learned vector interleaved after every token at insert_layer (CoCoMix's shape, no concepts)
 
-Single process:   python train.py config/tiny.py --device=cpu
-DDP (CPU or GPU): torchrun --standalone --nproc_per_node=2 train.py config/tiny.py
+The objective is Objective.forward below. Single process:  python train.py config/tiny.py --device=cpu
+DDP (CPU or GPU):  torchrun --standalone --nproc_per_node=2 train.py config/tiny.py
 
-Every method with the same seed sees the same batches in the same order: the batch of
-step s is drawn from a generator seeded with (seed, s), which also makes resume exact.
+Every method with the same seed sees the same batches in the same order: the batch of step s is
+drawn from a generator seeded with (seed, s), which also makes resume exact.
 """
 
 import json
@@ -27,7 +27,10 @@ import torch
 from torch.distributed import destroy_process_group, init_process_group
 from torch.nn.parallel import DistributedDataParallel as DDP
 
-from model import GPT, GPTConfig, load_checkpoint
+from checks import check_config, check_resume, check_source
+from corpus import VOCAB_SIZE, load_tokens, token_byte_lengths
+from model import GPT, GPTConfig, concept_loss, concept_recall, load_checkpoint, load_frozen_gpt
+from ops import lm_loss
 
 # -----------------------------------------------------------------------------
 # default config: a small GPT on a laptop CPU
@@ -94,15 +97,8 @@ def fail(msg):
     sys.exit(1)
 
 
-# ---- checks that cost nothing, before any work
-if mode not in ('ntp', 'cocomix', 'kd', 'pause'):
-    fail(f"mode must be ntp, cocomix, kd or pause, got {mode!r}")
-if min(batch_size, block_size, gradient_accumulation_steps, max_iters + 1) <= 0:
-    fail("batch_size, block_size and gradient_accumulation_steps must be positive, max_iters non-negative")
-if mode in ('cocomix', 'kd') and not concept_source:
-    fail(f"mode={mode} needs --concept_source (a checkpoint of ours or a GPT-2 folder)")
-if mode == 'cocomix' and not sae_path:
-    fail("mode=cocomix needs --sae_path (an SAE trained by sae.py, or OpenAI's)")
+if problem := check_config(config):  # costs nothing, before any work
+    fail(problem)
 warmup_iters = warmup_iters if warmup_iters >= 0 else max(10, max_iters // 300)
 lr_decay_iters = lr_decay_iters if lr_decay_iters > 0 else max_iters
 min_lr = min_lr if min_lr >= 0 else learning_rate / 10
@@ -138,25 +134,10 @@ torch.backends.cuda.matmul.allow_tf32 = True
 torch.backends.cudnn.allow_tf32 = True
 
 # ---- data: uint16 token files written by prepare.py
-for split in ('train', 'val'):
-    if not os.path.exists(os.path.join(data_dir, f'{split}.bin')):
-        fail(f"{data_dir}/{split}.bin not found: prepare a corpus first, e.g. python prepare.py --input FILES --out_dir {data_dir}")
-meta_path = os.path.join(data_dir, 'meta.json')
-meta = json.load(open(meta_path)) if os.path.exists(meta_path) else {'tokenizer': 'gpt2', 'vocab_size': 50257}
-if meta.get('tokenizer', 'gpt2') != 'gpt2':
-    fail(f"{data_dir} was prepared with tokenizer {meta['tokenizer']!r}; this project trains on GPT-2 BPE")
-vocab_size = 50257
-if meta.get('vocab_size', vocab_size) != vocab_size:
-    fail(f"{data_dir} was prepared with vocab_size {meta['vocab_size']}, the model uses GPT-2's {vocab_size}")
-for s in ('train', 'val'):
-    if os.path.getsize(os.path.join(data_dir, f'{s}.bin')) % 2:
-        fail(f"{data_dir}/{s}.bin has an odd number of bytes: not a file of uint16 tokens written by prepare.py")
-data = {s: np.memmap(os.path.join(data_dir, f'{s}.bin'), dtype=np.uint16, mode='r') for s in ('train', 'val')}
-for s, d in data.items():
-    if len(d) <= block_size + 1:
-        fail(f"{data_dir}/{s}.bin holds {len(d)} tokens, fewer than block_size+1 = {block_size + 1}")
-    if d[:1_000_000].max() >= vocab_size:  # garbage or another tokenizer's ids
-        fail(f"{data_dir}/{s}.bin holds token ids >= {vocab_size}: not GPT-2 BPE tokens")
+try:
+    data = {s: load_tokens(data_dir, s, min_tokens=block_size + 2) for s in ('train', 'val')}
+except (OSError, ValueError) as e:
+    fail(str(e))
 micro_batches = gradient_accumulation_steps // world_size
 tokens_per_iter = gradient_accumulation_steps * batch_size * block_size
 
@@ -184,20 +165,18 @@ def get_batch(split, step, micro):
     return x.to(device), y.to(device), where
 
 
-# ---- concept source, SAE and labels
+# ---- the concept source (KD: the teacher), the SAE and the concept labels
 source, labeler, label_caches = None, None, {}
 if mode in ('cocomix', 'kd'):
-    from concepts import ConceptLabeler, LabelCache, label_identity
-    from model import load_frozen_gpt
     try:
         source = load_frozen_gpt(concept_source, device)
     except (OSError, ValueError, RuntimeError) as e:
         fail(str(e))
-    if source.config.vocab_size != vocab_size:
-        fail(f"concept source {concept_source} has vocab {source.config.vocab_size}, the data is GPT-2 BPE ({vocab_size})")
-    if source.config.block_size < block_size:
-        fail(f"block_size={block_size} is longer than the concept source's context ({source.config.block_size})")
+    if problem := check_source(source, VOCAB_SIZE, block_size, concept_source):
+        fail(problem)
 if mode == 'cocomix':
+    from concepts import ConceptLabeler
+    from label_cache import open_label_caches
     from sae import SAE
     try:
         sae = SAE.load(sae_path, layer=sae_layer if sae_layer >= 0 else None).to(device)
@@ -205,23 +184,33 @@ if mode == 'cocomix':
             fail(f"{sae_path} does not say which layer it was trained on: pass --sae_layer")
         sae_layer = sae.meta['layer']
         labeler = ConceptLabeler(source, sae, sae_layer, k_attr, label_rule)
+        n_concepts = n_concepts or sae.n_latents
+        if n_concepts != sae.n_latents:
+            fail(f"n_concepts={n_concepts} but the SAE has {sae.n_latents} latents")
+        if label_cache:  # eval windows are fixed, so they hit from the second eval on
+            label_caches = open_label_caches(labeler, data_dir, block_size, concept_source, sae.path, dtype)
     except (OSError, ValueError) as e:
         fail(str(e))
-    n_concepts = n_concepts or sae.n_latents
-    if n_concepts != sae.n_latents:
-        fail(f"n_concepts={n_concepts} but the SAE has {sae.n_latents} latents")
-    if label_cache:  # one cache per token file; eval windows are fixed, so they hit from the second eval on
-        try:
-            identity = label_identity(labeler, concept_source, sae.path, dtype)
-            label_caches = {s: LabelCache(labeler, data_dir, s, block_size, identity) for s in ('train', 'val')}
-        except ValueError as e:
-            fail(str(e))
-        except OSError as e:  # e.g. a read-only data_dir: slower, not wrong
-            print(f"warning: label cache off ({e}); labels are computed for every batch", file=sys.stderr)
+
+def rng_state():
+    """Every generator a step draws from, as plain Python values (the checkpoint loads with weights_only=True)."""
+    name, keys, pos, has_gauss, cached = np.random.get_state()
+    return {'torch': torch.get_rng_state(), 'python': random.getstate(), 'numpy': [name, keys.tolist(), pos, has_gauss, cached],
+            'cuda': torch.cuda.get_rng_state() if device_type == 'cuda' else None}
+
+
+def set_rng_state(rng):
+    torch.set_rng_state(rng['torch'])
+    random.setstate(rng['python'])
+    name, keys, pos, has_gauss, cached = rng['numpy']
+    np.random.set_state((name, np.array(keys, dtype=np.uint32), pos, has_gauss, cached))
+    if rng.get('cuda') is not None and device_type == 'cuda':
+        torch.cuda.set_rng_state(rng['cuda'])
+
 
 # ---- model
 model_args = dict(n_layer=n_layer, n_head=n_head, n_embd=n_embd, block_size=block_size, bias=bias,
-                  vocab_size=vocab_size, dropout=dropout)
+                  vocab_size=VOCAB_SIZE, dropout=dropout)
 if mode == 'cocomix':
     model_args.update(n_concepts=n_concepts, concept_topk=concept_topk, insert_layer=insert_layer, mix=mix)
 elif mode == 'pause':
@@ -230,18 +219,12 @@ torch.manual_seed(seed)  # the same initial weights on every process; dropout st
 iter_num, best_val_loss, checkpoint = 0, 1e9, None
 ckpt_path = os.path.join(out_dir, 'ckpt.pt')
 if init_from == 'resume':
-    if not os.path.exists(ckpt_path):
-        fail(f"--init_from=resume but {ckpt_path} does not exist")
     try:
         model, checkpoint = load_checkpoint(ckpt_path)
-    except (ValueError, RuntimeError) as e:
-        fail(str(e))
-    changed = {k: (checkpoint['model_args'].get(k), v) for k, v in model_args.items() if checkpoint['model_args'].get(k) != v}
-    old = checkpoint.get('config', {})
-    changed.update({k: (old[k], config[k]) for k in ('mode', 'label_rule', 'concept_source', 'sae_path', 'seed')
-                    if k in old and old[k] != config[k]})
-    if changed:
-        fail(f"resume config disagrees with {ckpt_path}: " + ", ".join(f"{k}={b!r} (checkpoint: {a!r})" for k, (a, b) in changed.items()))
+    except (OSError, ValueError, RuntimeError) as e:
+        fail(f"--init_from=resume: {e}")
+    if problem := check_resume(checkpoint, model_args, config, ckpt_path):
+        fail(problem)
     iter_num, best_val_loss = checkpoint['iter_num'], checkpoint['best_val_loss']
 elif init_from == 'scratch':
     try:
@@ -258,20 +241,63 @@ optimizer = model.configure_optimizers(weight_decay, learning_rate, (beta1, beta
 if checkpoint is not None:
     optimizer.load_state_dict(checkpoint['optimizer'])
     scaler.load_state_dict(checkpoint['scaler'])
-    rng = checkpoint['rng']
-    torch.set_rng_state(rng['torch'])
-    random.setstate(rng['python'])
-    name, keys, pos, has_gauss, cached = rng['numpy']
-    np.random.set_state((name, np.array(keys, dtype=np.uint32), pos, has_gauss, cached))
-    if rng.get('cuda') is not None and device_type == 'cuda':
-        torch.cuda.set_rng_state(rng['cuda'])
+    set_rng_state(checkpoint['rng'])
 checkpoint = None
+
+
+# ---- the objective
+
+
+class Objective(torch.nn.Module):
+    """The loss of one micro-batch under `mode`, composed from what the model returns: its final hidden
+    states x and concept logits z. DDP wraps (and torch.compile compiles) this module, so the whole
+    loss is one forward. The next-token loss is taken from x in row chunks (ops.lm_loss), never
+    holding the B x T x V logits."""
+
+    def __init__(self, model):
+        super().__init__()
+        self.model = model
+
+    def forward(self, X, Y, labels=None, teacher=None):
+        x, z = self.model.hidden_states(X)
+        W = self.model.lm_head.weight
+        if mode == 'kd':  # CE + lam_kd * KL, the teacher's logits made in the same row chunks
+            loss, ntp, kd = lm_loss(x, W, Y, teacher=teacher, lam_kd=lam_kd)
+            return loss, {'ntp': ntp, 'kd': kd}
+        ntp = lm_loss(x, W, Y)
+        if mode != 'cocomix':
+            return ntp, {'ntp': ntp.detach()}
+        concept = concept_loss(z, labels)  # CE of z at the K_attr attribution labels
+        loss = ntp + lam * concept  # the paper's objective
+        return loss, {'ntp': ntp.detach(), 'concept': concept.detach(), 'recall': concept_recall(z, labels)}
+
+
 raw_model = model
+objective = Objective(model)
 if compile:
-    model = torch.compile(model)
-eval_model = model
+    objective = torch.compile(objective)
+eval_objective = objective  # never the DDP wrapper: only rank 0 evaluates, and DDP's forward may talk to the others
 if ddp:
-    model = DDP(model, device_ids=[local_rank] if device_type == 'cuda' else None)
+    objective = DDP(objective, device_ids=[local_rank] if device_type == 'cuda' else None)
+timing = {'source': 0.0, 'student': 0.0}  # the cost split reported at each eval
+
+
+def step_loss(X, Y, where, net):
+    """(loss, parts) of one micro-batch from get_batch: labels or teacher first, then the student."""
+    t0 = time.perf_counter()
+    labels, teacher = None, None
+    with ctx:
+        if mode == 'cocomix':
+            split, windows = where
+            labels = label_caches[split].labels(windows, X, Y) if label_caches else labeler(X, Y)
+        elif mode == 'kd':
+            with torch.no_grad():
+                teacher = source.as_teacher(X)
+        t1 = time.perf_counter()
+        loss, parts = net(X, Y, labels, teacher)
+    timing['source'] += t1 - t0
+    timing['student'] += time.perf_counter() - t1
+    return loss, parts
 
 
 def lr_at(it):
@@ -286,55 +312,24 @@ def lr_at(it):
     return min_lr + 0.5 * (1.0 + math.cos(math.pi * ratio)) * (learning_rate - min_lr)
 
 
-timing = {'source': 0.0, 'student': 0.0}  # the cost split reported at each eval
-
-
-def step_loss(X, Y, where, net=None):
-    """Loss of one micro-batch (from get_batch) under the objective; returns (loss, aux)."""
-    net = model if net is None else net
-    t0 = time.perf_counter()
-    labels, teacher = None, None
-    if mode == 'cocomix':
-        with ctx:
-            split, windows = where
-            labels = label_caches[split].labels(windows, X, Y) if label_caches else labeler(X, Y)
-    elif mode == 'kd':
-        with torch.no_grad(), ctx:  # the teacher's final hidden state and head: its logits are made in chunks
-            teacher = source.as_teacher(X)
-    t1 = time.perf_counter()
-    with ctx:
-        # the LM head's loss (and KD's KL) in chunks, without the B x T x V logits
-        _, loss, aux = net(X, Y, concept_labels=labels, lam=lam, teacher=teacher, lam_kd=lam_kd, return_aux=True,
-                           return_logits=False)
-    timing['source'] += t1 - t0
-    timing['student'] += time.perf_counter() - t1
-    return loss, aux
-
-
-# per-token UTF-8 byte lengths, for bits per byte (<|endoftext|> is not text: 0 bytes)
-try:
-    import tiktoken
-    _enc = tiktoken.get_encoding('gpt2')
-    token_bytes = torch.tensor([len(_enc.decode_single_token_bytes(i)) for i in range(vocab_size - 1)] + [0])
+try:  # per-token UTF-8 byte lengths, for bits per byte
+    token_bytes = torch.from_numpy(token_byte_lengths())
 except Exception:  # no tokenizer files: bits per byte is left out
     token_bytes = None
 
 
 @torch.no_grad()
 def evaluate():
-    """Loss on fixed windows of both splits (the same windows for every method and seed)."""
+    """Mean losses on fixed windows of both splits (the same windows for every method and seed)."""
     out = {}
-    net = eval_model  # never the DDP wrapper: only rank 0 evaluates, and DDP's forward may talk to the others
-    net.eval()
+    eval_objective.eval()
     for split in ('train', 'val'):
-        sums = {}
-        nbytes, ntok = 0, 0
+        sums, nbytes, ntok = {}, 0, 0
         for k in range(eval_iters):
             X, Y, where = get_batch(split, 10_000_000 + k, 0)  # steps no training run reaches: fixed eval windows
-            loss, aux = step_loss(X, Y, where, net)
-            for key in ('ntp', 'concept', 'recall', 'kd'):
-                if key in aux:
-                    sums[key] = sums.get(key, 0.0) + aux[key].item()
+            _, parts = step_loss(X, Y, where, eval_objective)
+            for key, v in parts.items():
+                sums[key] = sums.get(key, 0.0) + v.item()
             if token_bytes is not None:
                 nbytes += token_bytes[Y.cpu()].sum().item()
                 ntok += Y.numel()
@@ -344,7 +339,7 @@ def evaluate():
         if nbytes:
             out[f'{split}/bpb'] = out[f'{split}/loss'] * ntok / nbytes / math.log(2)
     out['val/ppl'] = math.exp(min(out['val/loss'], 50))
-    net.train()
+    eval_objective.train()
     return out
 
 
@@ -354,19 +349,10 @@ def save_checkpoint():
     if not all(torch.isfinite(v).all() for v in sd.values() if v.is_floating_point()):
         print(f"warning: step {iter_num}: parameters are not finite, checkpoint not written", file=sys.stderr)
         return
-    ckpt = {'model': sd, 'optimizer': optimizer.state_dict(), 'scaler': scaler.state_dict(),
-            'model_args': model_args, 'iter_num': iter_num, 'best_val_loss': best_val_loss, 'config': config,
-            'rng': {'torch': torch.get_rng_state(), 'python': random.getstate(), 'numpy': numpy_rng_state(),
-                    'cuda': torch.cuda.get_rng_state() if device_type == 'cuda' else None}}
-    tmp = ckpt_path + '.tmp'
-    torch.save(ckpt, tmp)
-    os.replace(tmp, ckpt_path)
-
-
-def numpy_rng_state():
-    # as plain Python values, so the checkpoint loads with weights_only=True
-    name, keys, pos, has_gauss, cached = np.random.get_state()
-    return [name, keys.tolist(), pos, has_gauss, cached]
+    ckpt = {'model': sd, 'optimizer': optimizer.state_dict(), 'scaler': scaler.state_dict(), 'model_args': model_args,
+            'iter_num': iter_num, 'best_val_loss': best_val_loss, 'config': config, 'rng': rng_state()}
+    torch.save(ckpt, ckpt_path + '.tmp')
+    os.replace(ckpt_path + '.tmp', ckpt_path)
 
 
 def log(record):
@@ -374,8 +360,7 @@ def log(record):
         f.write(json.dumps(record) + '\n')
 
 
-# a SIGINT/SIGTERM finishes the current step, saves a checkpoint and exits
-stop_requested = False
+stop_requested = False  # SIGINT/SIGTERM: finish the current step, save a checkpoint, exit
 
 
 def request_stop(signum, frame):
@@ -385,19 +370,16 @@ def request_stop(signum, frame):
 
 signal.signal(signal.SIGINT, request_stop)
 signal.signal(signal.SIGTERM, request_stop)
-
 if master:
     os.makedirs(out_dir, exist_ok=True)
-    nparams = raw_model.get_num_params()
-    print(f"mode={mode} params={nparams / 1e6:.2f}M device={device} dtype={dtype} world={world_size} "
+    print(f"mode={mode} params={raw_model.get_num_params() / 1e6:.2f}M device={device} dtype={dtype} world={world_size} "
           f"tokens/iter={tokens_per_iter:,}")
 pbar = None
 if master and progress and not eval_only:
     from tqdm import tqdm
     pbar = tqdm(total=max_iters, initial=iter_num, dynamic_ncols=True, file=sys.stdout)
-t_start = time.time()
-skipped = 0
-last_logged = None
+say = pbar.write if pbar else print
+t_start, skipped_in_a_row = time.time(), 0
 while True:
     lr = lr_at(iter_num)
     for group in optimizer.param_groups:
@@ -415,66 +397,62 @@ while True:
             record['label_computed'] = sum(c.misses for c in label_caches.values())
             msg += f", labels cached {record['label_hits']}/{record['label_hits'] + record['label_computed']}"
         log(record)
-        (pbar.write if pbar else print)(msg)
+        say(msg)
         improved = metrics['val/loss'] < best_val_loss
         best_val_loss = min(best_val_loss, metrics['val/loss'])
-        if iter_num > 0 and (improved or always_save_checkpoint) and not eval_only:
+        if 0 < iter_num < max_iters and (improved or always_save_checkpoint) and not eval_only:
             save_checkpoint()
     if eval_only or iter_num >= max_iters:
         break
 
     # one optimizer step over the global batch of this step
-    loss_sum, parts = 0.0, {}
+    loss_sum, parts_sum = 0.0, {}
     for micro in range(micro_batches):
         X, Y, where = get_batch('train', iter_num, micro)
         if ddp:  # sync gradients only on the last micro-batch
-            model.require_backward_grad_sync = micro == micro_batches - 1
-        loss, aux = step_loss(X, Y, where)
+            objective.require_backward_grad_sync = micro == micro_batches - 1
+        loss, parts = step_loss(X, Y, where, objective)
         loss = loss / micro_batches
         scaler.scale(loss).backward()
         loss_sum += loss.item()
-        for key in ('ntp', 'concept', 'recall', 'kd'):  # logged as means over the micro-batches
-            if key in aux:
-                parts[key] = parts.get(key, 0.0) + aux[key].item() / micro_batches
+        for key, v in parts.items():  # logged as means over the micro-batches
+            parts_sum[key] = parts_sum.get(key, 0.0) + v.item() / micro_batches
     if ddp:  # the mean over all processes, so every rank takes the same skip decision
         t = torch.tensor(loss_sum, device=device)
         torch.distributed.all_reduce(t)
         loss_sum = t.item() / world_size
     if grad_clip:
         scaler.unscale_(optimizer)
-        gnorm = torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip)
+        gnorm = torch.nn.utils.clip_grad_norm_(raw_model.parameters(), grad_clip)
     else:
         gnorm = torch.tensor(0.0)
+    iter_num += 1
     if not (math.isfinite(loss_sum) and torch.isfinite(gnorm)) and dtype != 'float16':
         # fp16's scaler handles its own overflows; anywhere else a non-finite step is skipped
-        skipped += 1
-        (pbar.write if pbar else print)(f"warning: step {iter_num}: non-finite loss or gradients, step skipped")
+        skipped_in_a_row += 1
+        say(f"warning: step {iter_num - 1}: non-finite loss or gradients, step skipped")
         optimizer.zero_grad(set_to_none=True)
-        if skipped >= 10:
-            fail(f"step {iter_num}: 10 non-finite steps; stopping (lower learning_rate or check the data)")
-        iter_num += 1
+        if skipped_in_a_row >= 10:
+            fail(f"step {iter_num - 1}: 10 non-finite steps in a row; stopping (lower learning_rate or check the data)")
         continue
+    skipped_in_a_row = 0
     scaler.step(optimizer)
     scaler.update()
     optimizer.zero_grad(set_to_none=True)
-    iter_num += 1
 
     if master:
-        record = {'iter': iter_num, 'loss': loss_sum, 'lr': lr}
-        record.update(parts)
         if iter_num % log_interval == 0:
-            log({'train_step': iter_num, **record})
+            log({'train_step': iter_num, 'loss': loss_sum, 'lr': lr, **parts_sum})
         if pbar:
             pbar.update(1)
             pbar.set_postfix(loss=f"{loss_sum:.4f}", lr=f"{lr:.2e}")
     if stop_requested:
-        if master:
-            save_checkpoint()
-            print(f"stopped at step {iter_num}; checkpoint saved to {ckpt_path}, resume with --init_from=resume")
         break
 
-if master and not eval_only and not stop_requested:
+if master and not eval_only:  # the last step's checkpoint, whether the run ended or was stopped
     save_checkpoint()
+    if iter_num < max_iters:
+        say(f"stopped at step {iter_num}; checkpoint saved to {ckpt_path}, resume with --init_from=resume")
 if pbar:
     pbar.close()
 if ddp:

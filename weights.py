@@ -3,6 +3,7 @@ Weight files read without running code: safetensors parsed by hand with the head
 torch files only through torch.load(weights_only=True), and GPT-2's files from the Hugging Face hub.
 """
 
+import hashlib
 import json
 import math
 import os
@@ -10,6 +11,7 @@ import struct
 
 import torch
 
+GPT2_NAMES = ("gpt2", "gpt2-medium", "gpt2-large", "gpt2-xl")  # downloaded by GPT.from_pretrained when online
 SAFETENSORS_DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
                       "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8,
                       "U8": torch.uint8, "BOOL": torch.bool}
@@ -92,3 +94,8 @@ def download_gpt2(name, cache_dir=None):
         download(f"https://huggingface.co/{name}/resolve/main/{fname}", os.path.join(cache_dir, fname),
                  "a folder with config.json and model.safetensors, e.g. --init_from=/path/to/gpt2")
     return cache_dir
+
+
+def file_sha256(path):
+    with open(path, "rb") as f:
+        return hashlib.file_digest(f, "sha256").hexdigest()
