@@ -14,9 +14,9 @@ import time
 
 import torch
 
-from bench import (alternate, autocast, batch, label_flops, make_labeler, optimizer, options, settle, student, sync,
-                   train_step)
-from model import GPT, GPTConfig, device_peak_flops
+from bench import (alternate, autocast, batch, device_peak_flops, flops_per_token, label_flops, make_labeler, optimizer,
+                   options, settle, student, student_loss, sync, train_step)
+from model import GPT, GPTConfig
 from ops import default_lm_chunk
 
 
@@ -73,19 +73,19 @@ def compile_check(args):
         model = student(args, mode, args.device)
         lab = labels if mode == "cocomix" else None
         print(f"\n{mode} student, backend={args.backend}")
-        explain(model, X, Y, concept_labels=lab, return_logits=False)
-        _, ref = model(X, Y, concept_labels=lab, lam=args.lam, return_logits=False)
+        explain(student_loss, model, X, Y, lab, args.lam)
+        ref = student_loss(model, X, Y, lab, args.lam)
         dynamo.reset()
         counters.clear()
         recompiles.clear()
-        net = torch.compile(model, backend=args.backend)
-        step = train_step(model, optimizer(model), X, Y, autocast(args.device, "float32"), lab, args.lam, net)
+        loss_fn = torch.compile(student_loss, backend=args.backend)
+        step = train_step(model, optimizer(model), X, Y, autocast(args.device, "float32"), lab, args.lam, loss_fn)
 
         def evaluate():
-            net.eval()
+            model.eval()
             with torch.no_grad():
-                net(X, Y, concept_labels=lab, lam=args.lam, return_logits=False)
-            net.train()
+                loss_fn(model, X, Y, lab, args.lam)
+            model.train()
         try:
             t0 = time.perf_counter()
             loss = step()
@@ -105,7 +105,7 @@ def compile_check(args):
     print("\nconcept labeler (ConceptLabeler.__call__)")
     explain(labeler, X, Y)
     print("a block of the concept source (what --gpu_mfu compiles of it)")
-    explain(labeler.source.transformer.h[0], labeler.source.hidden(X))
+    explain(labeler.source.transformer.h[0], labeler.source.embed(X))
 
 
 # -----------------------------------------------------------------------------
@@ -116,7 +116,7 @@ def gpu_mfu(args):
     """NTP on GPT-2 124M, and the paper's 69M CoCoMix student (8 layers, d=512, insert layer 3, C=32768,
     K=32) with GPT-2 124M as concept source and a 32768-latent SAE (k=32) on its block 5, at block 1024:
     bf16 autocast, torch.compile on CUDA, fused AdamW (configure_optimizers on CUDA). Random weights and
-    tokens, so it runs offline. MFU = GPT.flops_per_token x tokens/s / the device's dense bf16 peak.
+    tokens, so it runs offline. MFU = bench.flops_per_token x tokens/s / the device's dense bf16 peak.
     The LM-head loss takes ops.lm_loss's chunk for the device: 4096 rows on CUDA (dynamo unrolls the
     chunk loop, and the CPU's 256 would make 64 copies of its body at batch 16 x 1024, a compile of minutes)."""
     dev, cuda = args.device, "cuda" in args.device
@@ -138,14 +138,15 @@ def gpu_mfu(args):
             block.compile()
     with ctx:
         cached = labeler(X, Y)
-    f_ntp, f_coco, f_lab = ntp.flops_per_token(T), coco.flops_per_token(T), sum(label_flops(labeler, T).values())
-    net_ntp, net_coco = (torch.compile(ntp), torch.compile(coco)) if compiled else (None, None)
+    f_ntp, f_coco, f_lab = flops_per_token(ntp, T), flops_per_token(coco, T), sum(label_flops(labeler, T).values())
+    loss_fn = torch.compile(student_loss) if compiled else student_loss
     opt_coco = optimizer(coco)
     cfg = f"{args.n_layer}L d={args.n_embd}"
     variants = {  # name: (step, FLOPs per token of the student)
-        f"ntp {args.src_layer}L d={args.src_embd}": (train_step(ntp, optimizer(ntp), X, Y, ctx, net=net_ntp), f_ntp),
-        f"cocomix {cfg}, cached labels": (train_step(coco, opt_coco, X, Y, ctx, cached, net=net_coco), f_coco),
-        f"cocomix {cfg}, labels on the fly": (train_step(coco, opt_coco, X, Y, ctx, labeler, net=net_coco), f_coco),
+        f"ntp {args.src_layer}L d={args.src_embd}": (train_step(ntp, optimizer(ntp), X, Y, ctx, loss_fn=loss_fn),
+                                                     f_ntp),
+        f"cocomix {cfg}, cached labels": (train_step(coco, opt_coco, X, Y, ctx, cached, loss_fn=loss_fn), f_coco),
+        f"cocomix {cfg}, labels on the fly": (train_step(coco, opt_coco, X, Y, ctx, labeler, loss_fn=loss_fn), f_coco),
     }
     t0 = time.perf_counter()
     for name, (step, _) in variants.items():  # the compiles happen here, so that the timing below is warm

@@ -54,9 +54,9 @@ def read_meta(data_dir):
     return meta
 
 
-def load_tokens(data_dir, split, min_tokens=2):
+def load_tokens(data_dir, split, min_tokens=2, need="2"):
     """DIR/{split}.bin as a read-only uint16 memmap, after checking meta.json, the file's size and
-    (on its first million tokens) that every id is a GPT-2 token."""
+    (on its first million tokens) that every id is a GPT-2 token. need: min_tokens as the user set it."""
     read_meta(data_dir)
     path = os.path.join(data_dir, f"{split}.bin")
     if not os.path.exists(path):
@@ -65,7 +65,7 @@ def load_tokens(data_dir, split, min_tokens=2):
         raise ValueError(f"{path} has an odd number of bytes: not a file of uint16 tokens written by prepare.py")
     n = os.path.getsize(path) // 2
     if n < min_tokens:
-        raise ValueError(f"{path} holds {n} tokens, fewer than the {min_tokens} needed")
+        raise ValueError(f"{path} holds {n} tokens, fewer than {need} = {min_tokens}")
     tokens = np.memmap(path, dtype=np.uint16, mode="r")
     if tokens[:1_000_000].max() >= VOCAB_SIZE:  # garbage or another tokenizer's ids
         raise ValueError(f"{path} holds token ids >= {VOCAB_SIZE}: not GPT-2 BPE tokens")

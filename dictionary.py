@@ -11,7 +11,8 @@ import os
 import numpy as np
 import torch
 
-from sae import load_tokens, val_windows
+from corpus import load_tokens, tokenizer
+from sae_train import val_windows
 
 
 def top_per_group(groups, scores, n_groups, top):
@@ -28,8 +29,7 @@ def describe(sae, model, layer, data_dir, tokens=65536, top_n=10, before=8, afte
              block_size=None, device="cpu", out=None):
     """For every latent: firing frequency, the tokens it fires on most often and its top_n strongest
     activations with a little context, over held-out text. Writes JSON to `out` when given."""
-    import tiktoken
-    enc = tiktoken.get_encoding(sae.meta.get("tokenizer", "gpt2"))
+    enc = tokenizer()
     data, T = load_tokens(data_dir, "val"), block_size or model.config.block_size
     vals, lats, pos, n = [], [], [], 0
     for starts, idx in val_windows(data, T, tokens, batch_size):

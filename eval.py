@@ -3,7 +3,7 @@ Evaluate any checkpoint on its own: held-out loss / perplexity / bits per byte, 
 zero-shot multiple choice.
 
     python eval.py --ckpt=out/x/ckpt.pt --data_dir=data/gutenberg --split=val
-    python eval.py --ckpt=out/x/ckpt.pt --text a.txt b.txt --lambada=../shared/data/lambada/lambada_test.jsonl
+    python eval.py --ckpt=out/x/ckpt.pt --text a.txt b.txt --lambada=lambada_test.jsonl
     python eval.py --init_from=/path/to/gpt2 --mc=piqa.jsonl --json_out=results.json
 
 Conventions (all deterministic: no sampling, no shuffling):
@@ -38,26 +38,13 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
+from corpus import EOT, load_tokens, token_byte_lengths, tokenizer
 from model import GPT, load_checkpoint
-
-EOT = 50256
 
 
 class EvalError(Exception):
     """An expected failure (bad input file, wrong data): main prints it as one line and exits 1."""
 
-
-def get_encoding():
-    import tiktoken
-    return tiktoken.get_encoding("gpt2")
-
-
-def token_byte_lengths(enc):
-    """UTF-8 byte length of every token's text, 0 for <|endoftext|>. Summing this over a token
-    sequence equals len(enc.decode_bytes(tokens)) without the EOT strings, without decoding."""
-    lens = np.array([len(enc.decode_single_token_bytes(i)) for i in range(enc.n_vocab)], dtype=np.int64)
-    lens[enc.eot_token] = 0
-    return lens
 
 # -----------------------------------------------------------------------------
 # token streams: loss, perplexity, bits per byte
@@ -67,7 +54,7 @@ def token_byte_lengths(enc):
 def evaluate_tokens(model, tokens, block_size, batch_size, device, max_tokens=None, token_bytes=None, progress=True):
     """Mean next-token NLL over the stream (np array or uint16 memmap), in windows of block_size+1
     tokens predicting block_size targets. Returns dict(loss, ppl, tokens=#targets), plus bytes and
-    bpb when token_bytes (see token_byte_lengths) is given."""
+    bpb when token_bytes (corpus.token_byte_lengths) is given."""
     if block_size > model.config.block_size:
         raise EvalError(f"block_size={block_size} is longer than the model's {model.config.block_size}")
     n = len(tokens) if max_tokens is None else min(len(tokens), max_tokens)
@@ -96,29 +83,6 @@ def evaluate_tokens(model, tokens, block_size, batch_size, device, max_tokens=No
         out["bytes"] = int(token_bytes[np.asarray(tokens[1:n], dtype=np.int64)].sum())
         out["bpb"] = total_nll / (math.log(2) * out["bytes"]) if out["bytes"] else float("nan")
     return out
-
-
-def load_split(data_dir, split, vocab_size):
-    """The uint16 token stream DIR/{split}.bin, after checking DIR/meta.json (when there is one)
-    says it was made with our tokenizer."""
-    meta_path = os.path.join(data_dir, "meta.json")
-    if os.path.exists(meta_path):
-        try:
-            with open(meta_path) as f:
-                meta = json.load(f)
-        except (OSError, ValueError) as e:
-            raise EvalError(f"{meta_path}: unreadable ({e})") from None
-        if meta.get("tokenizer", "gpt2") != "gpt2":
-            raise EvalError(f"{data_dir} was prepared with tokenizer {meta['tokenizer']!r}, not 'gpt2'")
-        if meta.get("vocab_size", 0) > vocab_size:
-            raise EvalError(f"{data_dir} was prepared with vocab_size={meta['vocab_size']}, more than the model's {vocab_size}")
-    path = os.path.join(data_dir, f"{split}.bin")
-    if not os.path.exists(path):
-        raise EvalError(f"{path} not found (prepare the data with prepare.py)")
-    try:
-        return np.memmap(path, dtype=np.uint16, mode="r")
-    except ValueError as e:
-        raise EvalError(f"{path}: not a uint16 token file ({e})") from None
 
 
 def check_tokens(tokens, vocab_size, name):
@@ -309,18 +273,20 @@ def main(argv=None):
         except ValueError as e:
             raise EvalError(str(e)) from None
         model.eval()
-        vocab = model.config.vocab_size
         block_size = args.block_size or model.config.block_size
         device_type = "cuda" if str(args.device).startswith("cuda") else "cpu"
         ctx = torch.autocast(device_type, dtype=getattr(torch, args.dtype),
                              enabled=device_type == "cuda" and args.dtype != "float32")
-        enc = get_encoding()
+        try:  # corpus raises these with one-line messages: ours to print
+            enc = tokenizer()
+            tokens = load_tokens(args.data_dir, args.split) if args.data_dir else None
+        except (ValueError, FileNotFoundError, RuntimeError) as e:
+            raise EvalError(str(e)) from None
         token_bytes = token_byte_lengths(enc)
         common = dict(block_size=block_size, batch_size=args.batch_size, device=args.device)
         results = {}
         with ctx:
-            if args.data_dir:
-                tokens = load_split(args.data_dir, args.split, vocab)
+            if tokens is not None:
                 results[f"{args.split}"] = evaluate_tokens(model, tokens, max_tokens=args.max_tokens,
                                                            token_bytes=token_bytes, **common)
             for path in args.text:

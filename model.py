@@ -17,7 +17,6 @@ slot c_t (GPT.hidden_states). `mix='pause'` puts one learned vector in every
 slot instead: the same architecture without concepts, the paper's pause baseline.
 """
 
-import json
 import math
 import os
 from dataclasses import dataclass
@@ -27,7 +26,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from ops import sparse_mix
-from weights import GPT2_NAMES, download_gpt2, load_hf_state_dict, load_safetensors  # noqa: F401 (re-exported)
+from weights import GPT2_NAMES, copy_gpt2_weights, load_safetensors, read_gpt2_config  # noqa: F401 (re-exported)
 
 MIX_MODES = ("interleave", "add", "none", "pause")
 
@@ -349,33 +348,11 @@ class GPT(nn.Module):
     def from_pretrained(cls, path, **overrides):
         """GPT-2 from a local Hugging Face checkpoint folder (config.json plus model.safetensors or
         pytorch_model.bin), or 'gpt2' to download it when online. No `transformers` needed."""
-        if path in GPT2_NAMES and not os.path.isdir(path):
-            path = download_gpt2(path)
-        with open(os.path.join(path, "config.json")) as f:
-            hf = json.load(f)
-        if hf.get("activation_function", "gelu_new") not in ("gelu_new", "gelu_pytorch_tanh"):
-            raise ValueError(f"{path}: activation_function {hf['activation_function']!r} is not GPT-2's tanh GELU")
-        config = GPTConfig(block_size=hf["n_positions"], vocab_size=hf["vocab_size"], n_layer=hf["n_layer"],
-                           n_head=hf["n_head"], n_embd=hf["n_embd"], ln_eps=hf.get("layer_norm_epsilon", 1e-5),
-                           bias=True, **overrides)
-        model = cls(config)
-        sd = load_hf_state_dict(path)
-        sd = {k.removeprefix("transformer."): v for k, v in sd.items()}
-        # the published gpt2 files carry attention-mask buffers; they are not weights
-        sd = {k: v for k, v in sd.items() if not k.endswith((".attn.bias", ".attn.masked_bias"))}
-        sd.pop("lm_head.weight", None)  # tied to wte
-        own = {k.removeprefix("transformer."): p for k, p in model.state_dict().items()
-               if k != "lm_head.weight" and not k.startswith(("mixer.", "pause"))}
-        missing, unexpected = set(own) - set(sd), set(sd) - set(own)
-        if missing or unexpected:
-            raise ValueError(f"{path}: not a GPT-2 checkpoint (missing {sorted(missing)[:3]}, unexpected {sorted(unexpected)[:3]})")
-        conv1d = ("attn.c_attn.weight", "attn.c_proj.weight", "mlp.c_fc.weight", "mlp.c_proj.weight")
-        with torch.no_grad():
-            for k, p in own.items():
-                w = sd[k].t() if k.endswith(conv1d) else sd[k]  # HF's Conv1D stores (in, out)
-                if w.shape != p.shape:
-                    raise ValueError(f"{path}: {k} has shape {tuple(w.shape)}, expected {tuple(p.shape)}")
-                p.copy_(w)
+        hf, path = read_gpt2_config(path)
+        model = cls(GPTConfig(block_size=hf["n_positions"], vocab_size=hf["vocab_size"], n_layer=hf["n_layer"],
+                              n_head=hf["n_head"], n_embd=hf["n_embd"], ln_eps=hf.get("layer_norm_epsilon", 1e-5),
+                              bias=True, **overrides))
+        copy_gpt2_weights(model, path)
         return model
 
     @torch.no_grad()

@@ -1,7 +1,7 @@
 """
 Turn text into nanoGPT-style token files with tiktoken's GPT-2 encoding.
 
-    python prepare.py --input ../shared/data/gutenberg --out_dir data/gutenberg
+    python prepare.py --input $COCOMIX_DATA/gutenberg --out_dir data/gutenberg
     python prepare.py --source shakespeare --out_dir data/shakespeare
 
 out_dir gets train.bin and val.bin (raw np.uint16 token ids: np.memmap(path, dtype=np.uint16, mode="r"))
@@ -41,11 +41,10 @@ from pathlib import Path
 import numpy as np
 from tqdm import tqdm
 
+from corpus import EOT as EOT_TOKEN, VOCAB_SIZE, tokenizer
 import weights
 
 TOKENIZER = "gpt2"
-VOCAB_SIZE = 50257
-EOT_TOKEN = 50256
 VAL_FRACTION = 0.01
 MIN_DOCS_FOR_DOC_SPLIT = 20
 MIN_VAL_TOKENS = 1025
@@ -56,7 +55,7 @@ DEFAULT_CACHE_DIR = os.path.join(os.path.expanduser("~"), ".cache", "cocomix")
 TINYSTORIES = "https://huggingface.co/datasets/roneneldan/TinyStories/resolve/main/"
 SOURCES = {  # name -> (url, document separator, what to pass instead when offline)
     "shakespeare": ("https://raw.githubusercontent.com/karpathy/char-rnn/master/data/tinyshakespeare/input.txt",
-                    None, "--input ../shared/data/tinyshakespeare/input.txt"),
+                    None, "--input PATH/TO/tinyshakespeare/input.txt"),
     "tinystories": (TINYSTORIES + "TinyStoriesV2-GPT4-valid.txt", "<|endoftext|>",
                     "--input TinyStoriesV2-GPT4-valid.txt --doc_separator '<|endoftext|>'"),
     "openwebtext": (None, None, None),  # via the optional `datasets` package
@@ -68,8 +67,11 @@ class PrepareError(Exception):
 
 
 def get_encoding():
-    import tiktoken
-    enc = tiktoken.get_encoding(TOKENIZER)
+    """corpus.tokenizer(), checked to fit what prepare.py writes."""
+    try:
+        enc = tokenizer()
+    except RuntimeError as e:  # offline without TIKTOKEN_CACHE_DIR: one line from main, like every other failure
+        raise PrepareError(str(e)) from None
     assert enc.n_vocab == VOCAB_SIZE and enc.eot_token == EOT_TOKEN
     assert enc.n_vocab <= 2**16, "token ids must fit in uint16"
     return enc

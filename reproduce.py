@@ -1,15 +1,20 @@
 """
-The paper's comparison (../shared/SPEC.md sections 5 and 7) at small scale, in one command:
+The paper's comparison (SPEC.md sections 5 and 7) at small scale, in one command:
 
     python reproduce.py --preset=tiny                  # smoke test, ~3 minutes on a 2-core CPU
     python reproduce.py --preset=cpu --seeds 1,2,3     # gutenberg, source + SAE ~50 min, ~25-30 min per seed, 2 cores
     python reproduce.py --preset=gpu                   # the 69M setup, GPT-2 + OpenAI SAE, one H100
     python reproduce.py --preset=tiny --ablation label_rule=activation mix=add lam=0
 
+Data: --data_root (default: the environment variable COCOMIX_DATA), a folder laid out like our
+offline copy: tinyshakespeare/input.txt, gutenberg/*.txt, lambada/lambada_test.jsonl. Without one,
+the tiny preset downloads TinyShakespeare and has no OOD or LAMBADA numbers; the cpu preset needs
+it (or --input). The tokenizer: tiktoken's, offline from TIKTOKEN_CACHE_DIR (see corpus.py).
+
 Stages, each skipped when its output exists and its stage.json records the same settings (a
 finished stage with other settings stops the run: use another --out_dir, or --force to redo it):
   1. data     prepare.prepare(--input) -> OUT/data
-  2. source   the concept source, train.py --mode=ntp -> OUT/source
+  2. source   the concept source, train.py on the preset's source config -> OUT/source
   3. sae      sae.py on the source + its concept dictionary -> OUT/sae
   4. train    every method x seed for the same token budget and batches -> OUT/runs/{method}_s{seed}
   5. eval     val loss/ppl/bpb, out-of-domain loss, LAMBADA -> OUT/runs/*/eval.json
@@ -23,54 +28,47 @@ import json
 import math
 import os
 import re
+import runpy
 import signal
 import subprocess
 import sys
 import time
 
 REPO = os.path.dirname(os.path.abspath(__file__))
-DATA = os.path.join(REPO, '..', 'shared', 'data')  # the project's offline data; used only when present
 
 # -----------------------------------------------------------------------------
-# presets. 'source'/'student' are train.py keys, 'sae' sae.py flags, 'eval' this file's evaluation.
-# GPT-2's 50257-token LM head dominates the cost of these small models: time scales with tokens.
+# presets. The training settings live in config/ files that train.py reads ('source': the concept
+# source's, 'student': what every method's student shares); reproduce.py adds the seed, mode, paths
+# and the method's keys. 'sae' are sae.py flags, 'eval' this file's evaluation; 'input', 'ood' and
+# 'lambada' are paths under --data_root. GPT-2's 50257-token LM head dominates the cost of these
+# small models: time scales with tokens.
 PRESETS = {
     # Smoke test of the whole pipeline: ~2-3 minutes on a loaded 2-core CPU. The numbers mean nothing.
     'tiny': dict(
-        input=[f'{DATA}/tinyshakespeare/input.txt'], offline_fallback='source:shakespeare',  # no ../shared: download
-        ood=f'{DATA}/gutenberg/Carroll__Through_the_Looking_Glass.txt',
-        lambada=f'{DATA}/lambada/lambada_test.jsonl', seeds='1',
+        input=['tinyshakespeare/input.txt'], offline_fallback='source:shakespeare',  # no data folder: download
+        ood='gutenberg/Carroll__Through_the_Looking_Glass.txt', lambada='lambada/lambada_test.jsonl', seeds='1',
         threads=1,  # tiny matrices: a second thread costs more in synchronisation than it saves
-        source=dict(n_layer=2, n_head=2, n_embd=64, block_size=32, batch_size=4, max_iters=60, eval_interval=30,
-                    eval_iters=2, learning_rate=3e-3, log_interval=5),
+        source='config/reproduce_tiny_source.py', student='config/reproduce_tiny_student.py',
         sae=dict(layer=0, n_latents=256, k=8, tokens=16384, batch_size=1024, buffer=8192, eval_tokens=2048),
-        student=dict(n_layer=2, n_head=2, n_embd=64, block_size=32, batch_size=4, max_iters=40, eval_interval=10,
-                     eval_iters=2, learning_rate=3e-3, insert_layer=1, concept_topk=8, log_interval=2),
         eval=dict(max_tokens=2048, lambada_max=50, batch_size=16)),
     # Gutenberg on a 2-core CPU. Measured on an idle 2-core EPYC (2 threads, fp32; 2 threads were ~2x one):
-    # source ~1800 tok/s -> 2.5M tokens ~25 min; SAE ~? ; per seed the four students (295k tokens each)
-    # ~25 min. SAE: 8192 latents = 32 per model dimension, k = 32 (the SAE issue's bar), on block 2 of 6,
-    # as the paper's block 5 of 12.
+    # source ~1800 tok/s -> 2.5M tokens ~25 min; per seed the four students (295k tokens each) ~25 min.
+    # The SAE took 9.2 min in docs/results.md's run (bf16 on a shared machine, where the source took 41).
+    # SAE: 8192 latents = 32 per model dimension, k = 32 (the SAE issue's bar), on block 2 of 6, as the
+    # paper's block 5 of 12.
     'cpu': dict(
-        input=[f'{DATA}/gutenberg'], ood=f'{DATA}/tinyshakespeare/input.txt',
-        lambada=f'{DATA}/lambada/lambada_test.jsonl', seeds='1', threads=2,
-        source=dict(n_layer=6, n_head=4, n_embd=256, block_size=256, batch_size=16, max_iters=600, eval_interval=150,
-                    eval_iters=10, learning_rate=1e-3, log_interval=5),
+        input=['gutenberg'], ood='tinyshakespeare/input.txt', lambada='lambada/lambada_test.jsonl', seeds='1',
+        threads=2, source='config/reproduce_cpu_source.py', student='config/reproduce_cpu_student.py',
         sae=dict(layer=2, n_latents=8192, k=32, tokens=2_097_152, batch_size=4096, buffer=131072, eval_tokens=32768),
-        student=dict(n_layer=4, n_head=4, n_embd=192, block_size=256, batch_size=16, max_iters=72, eval_interval=18,
-                     eval_iters=4, learning_rate=1e-3, insert_layer=1, concept_topk=32, log_interval=2),
         eval=dict(max_tokens=32768, lambada_max=500, batch_size=8)),
     # The paper's 69M setup (SPEC section 6), GPT-2 124M + OpenAI's layer-5 32k SAE as the concept source,
     # OpenWebText (needs `datasets`; train.py needs the GPT-2 weights). 1000 steps of 0.5M tokens = 0.52B
     # tokens per method (the paper: 20B). Not measured: at a guessed ~400k tok/s (NTP) to ~150k tok/s
     # (CoCoMix) on one H100 in bf16, ~2.5 hours for the four methods.
     'gpu': dict(
-        input='source:openwebtext', ood=f'{DATA}/tinyshakespeare/input.txt',
-        lambada=f'{DATA}/lambada/lambada_test.jsonl', seeds='1', threads=0,
-        concept_source='gpt2', sae_path='openai:resid_post_mlp_v5_32k/5', sae_layer=5, n_concepts=32768,
-        student=dict(n_layer=8, n_head=8, n_embd=512, block_size=1024, batch_size=32, gradient_accumulation_steps=16,
-                     max_iters=1000, eval_interval=100, eval_iters=20, learning_rate=6e-4, weight_decay=0.1,
-                     insert_layer=3, concept_topk=32, log_interval=10, compile=True),
+        input='source:openwebtext', ood='tinyshakespeare/input.txt', lambada='lambada/lambada_test.jsonl',
+        seeds='1', threads=0, concept_source='gpt2', sae_path='openai:resid_post_mlp_v5_32k/5', sae_layer=5,
+        n_concepts=32768, student='config/reproduce_gpu_student.py',
         eval=dict(max_tokens=2_000_000, lambada_max=None, batch_size=32)),
 }
 METHODS = ('ntp', 'cocomix', 'kd', 'pause')
@@ -179,6 +177,18 @@ def flags(d):
     return [f'--{k}={v}' for k, v in d.items() if v is not None]
 
 
+def read_config(path):
+    """The settings a config/ file (path relative to the repo) assigns: what train.py's configurator sets from it."""
+    return {k: v for k, v in runpy.run_path(os.path.join(REPO, path)).items() if not k.startswith('_')}
+
+
+def train_command(config_file, extra, data_dir, out_dir):
+    """train.py on a config/ file with the keys reproduce.py sets on top (later flags win, as in a dict), and
+    the settings that makes: what the stage records, so a changed config file is a changed stage."""
+    return (['train.py', config_file, *flags(extra), f'--data_dir={data_dir}', f'--out_dir={out_dir}'],
+            {**read_config(config_file), **extra})
+
+
 def parse_value(v):
     """'288' -> 288, '3e-3' -> 0.003, 'True' -> True, anything else stays a string (as configurator.py reads it)."""
     try:
@@ -200,16 +210,16 @@ def parse_ablation(spec):
 
 def evaluate_run(run_dir, data_dir, ev, device):
     import torch
-    from eval import evaluate_lambada, evaluate_text, evaluate_tokens, get_encoding, load_split, token_byte_lengths
+    from corpus import load_tokens, token_byte_lengths, tokenizer
+    from eval import evaluate_lambada, evaluate_text, evaluate_tokens
     from model import load_checkpoint
     model, _ = load_checkpoint(os.path.join(run_dir, 'ckpt.pt'), device)
     model.eval()
-    enc = get_encoding()
+    enc = tokenizer()
     tb = token_byte_lengths(enc)
     T, B = model.config.block_size, ev['batch_size']
     with torch.no_grad():
-        val = evaluate_tokens(model, load_split(data_dir, 'val', model.config.vocab_size), T, B, device,
-                              ev['max_tokens'], tb)
+        val = evaluate_tokens(model, load_tokens(data_dir, 'val'), T, B, device, ev['max_tokens'], tb)
         out = {'params': model.get_num_params(), 'val': val}
         if ev['ood']:
             out['ood'] = evaluate_text(model, ev['ood'], enc, T, B, device, ev['max_tokens'], tb)
@@ -363,7 +373,9 @@ def report(out_dir, runs, methods, seeds, notes):
 def main():
     p = argparse.ArgumentParser(description="CoCoMix vs NTP, KD and pause at small scale, end to end.")
     p.add_argument('--preset', choices=sorted(PRESETS), required=True)
-    p.add_argument('--input', nargs='+', help="text files/folders (default: the preset's)")
+    p.add_argument('--input', nargs='+', help="text files/folders (default: the preset's, under --data_root)")
+    p.add_argument('--data_root', help="folder of the data: tinyshakespeare/input.txt, gutenberg/, lambada/ "
+                                       "(default: $COCOMIX_DATA; '' for none)")
     p.add_argument('--out_dir', help='default out/reproduce_{preset}')
     p.add_argument('--seeds', help="comma-separated (default: the preset's)")
     p.add_argument('--methods', default=','.join(METHODS), help=f"subset of {','.join(METHODS)}")
@@ -385,10 +397,7 @@ def main():
     methods += list(ablations)
     if not seeds or not methods:
         fail('nothing to run: give at least one seed and one method')
-    # child processes: unbuffered (progress shows as it happens), the offline tokenizer cache if there is one
-    tok = os.path.join(REPO, '..', 'shared', 'tiktoken')
-    if os.path.isdir(tok):
-        os.environ.setdefault('TIKTOKEN_CACHE_DIR', os.path.abspath(tok))
+    # child processes: unbuffered, so progress shows as it happens (and TIKTOKEN_CACHE_DIR as the user set it)
     env = dict(os.environ, PYTHONUNBUFFERED='1')
     import torch
     if P['threads'] and 'OMP_NUM_THREADS' not in os.environ:  # the user's setting wins
@@ -399,12 +408,30 @@ def main():
 
     # 1. data
     data_dir = os.path.join(out, 'data')
-    inputs = [os.path.abspath(x) for x in a.input] if a.input else P['input']
-    if not a.input and 'offline_fallback' in P and not all(os.path.exists(x) for x in inputs):
-        inputs = P['offline_fallback']
+    root = a.data_root if a.data_root is not None else os.environ.get('COCOMIX_DATA', '')
+    if root and not os.path.isdir(root):
+        if a.data_root:
+            fail(f"--data_root {root}: not a folder")
+        print(f"COCOMIX_DATA={root} is not a folder: no data folder")  # e.g. .ci/run's default on another machine
+        root = ''
+    at = lambda path: os.path.abspath(os.path.join(root, path)) if root else None
+    if a.input:
+        inputs = [os.path.abspath(x) for x in a.input]
+    elif isinstance(P['input'], str):  # a named source that prepare.py downloads
+        inputs = P['input']
+    else:
+        inputs = [at(x) for x in P['input']] if root else None
+        if not (inputs and all(os.path.exists(x) for x in inputs)) and 'offline_fallback' in P:
+            print(f"no {', '.join(P['input'])} in a data folder (--data_root, COCOMIX_DATA): prepare.py "
+                  f"--{P['offline_fallback'].replace(':', ' ')}")
+            inputs = P['offline_fallback']
+        elif not inputs:
+            fail(f"preset {a.preset} reads {', '.join(P['input'])} from the data folder: give --data_root DIR or set "
+                 "COCOMIX_DATA to a folder holding it, or give --input FILES")
     if isinstance(inputs, list):
         if missing := [x for x in inputs if not os.path.exists(x)]:
-            fail(f"input not found: {', '.join(missing)}" + ('' if a.input else '; pass --input FILES'))
+            fail(f"input not found: {', '.join(missing)}"
+                 + ('' if a.input else '; pass --input FILES or another --data_root'))
         size = lambda x: os.path.getsize(x) if os.path.isfile(x) else sum(
             os.path.getsize(os.path.join(d, f)) for d, _, fs in os.walk(x) for f in fs if f.endswith('.txt'))
         data_settings = {'inputs': [[os.path.abspath(x), size(x)] for x in inputs]}  # sizes: a cheap change check
@@ -430,10 +457,10 @@ def main():
         print(f"skip source: the concept source is {source}")
     else:
         src_dir = os.path.join(out, 'source')
-        source, cfg = os.path.join(src_dir, 'ckpt.pt'), dict(mode='ntp', seed=1337, **P['source'])
+        source = os.path.join(src_dir, 'ckpt.pt')
+        cmd, cfg = train_command(P['source'], {'seed': 1337}, data_dir, src_dir)
         settings = {'train': cfg, 'deps': dict(deps)}
-        command_stage('source', src_dir, settings, [source],
-                      [['train.py', *flags(cfg), D, f'--out_dir={src_dir}']], a, env, 'train.log')
+        command_stage('source', src_dir, settings, [source], [cmd], a, env, 'train.log')
         deps['source'] = digest(settings)
 
     # 3. SAE (trained here, or OpenAI's) and its concept dictionary
@@ -456,12 +483,13 @@ def main():
 
     # 4. every method x seed: the same student config, token budget and seed, hence the same batches
     from model import GPTConfig, ntp_matched_width
-    student = dict(P['student'])
+    sets = {}
     for spec in a.overrides:
         key, eq, value = spec.partition('=')
         if not eq or not key:
             fail(f"--set {spec!r}: expected KEY=VALUE (a train.py config key)")
-        student[key] = parse_value(value)
+        sets[key] = parse_value(value)
+    student = {**read_config(P['student']), **sets}
     width = ntp_matched_width(GPTConfig(
         **{k: student[k] for k in ('n_layer', 'n_head', 'n_embd', 'block_size', 'concept_topk', 'insert_layer')},
         n_concepts=n_concepts))
@@ -479,7 +507,7 @@ def main():
         for m in methods:
             run_dir = os.path.join(out, 'runs', re.sub(r'[^A-Za-z0-9_.-]+', '_', m).strip('_') + f'_s{seed}')
             over, needs = method_cfg[m]
-            cfg = {**student, **over, 'seed': seed}
+            cmd, cfg = train_command(P['student'], {**sets, **over, 'seed': seed}, data_dir, run_dir)
             settings = {'train': {k: rel(v) for k, v in cfg.items()}, 'deps': {k: deps[k] for k in needs}}
             name = f'train {m} seed {seed}'
 
@@ -487,12 +515,15 @@ def main():
                 last = [r for r in read_log(run_dir) if 'val/loss' in r][-1:]
                 if not last or last[0]['iter'] != cfg['max_iters']:
                     fail(f"stage {name} stopped before max_iters={cfg['max_iters']}; see {run_dir}/train.log")
-            rec = command_stage(name, run_dir, settings, [os.path.join(run_dir, 'ckpt.pt')],
-                                [['train.py', *flags(cfg), D, f'--out_dir={run_dir}']], a, env, 'train.log', finished)
+            rec = command_stage(name, run_dir, settings, [os.path.join(run_dir, 'ckpt.pt')], [cmd], a, env, 'train.log',
+                                finished)
             runs[m, seed] = {'dir': run_dir, 'settings': settings, 'train': rec}
 
     # 5. evaluate every final checkpoint
-    ood, notes = (a.ood if a.ood is not None else P['ood']), []
+    ood, lambada, notes = (a.ood if a.ood is not None else at(P['ood'])), at(P['lambada']), []
+    if not root:
+        notes.append(f"- No data folder (--data_root, COCOMIX_DATA): no {'OOD loss or ' if ood is None else ''}"
+                     "LAMBADA numbers.")
     if ood and not os.path.isfile(ood):
         notes.append(f"- OOD text {ood} is not there: no OOD loss.")
         ood = ''
@@ -500,9 +531,10 @@ def main():
                                                   for x in map(os.path.abspath, inputs)):
         notes.append(f"- OOD text {ood} is part of the training input: no OOD loss.")
         ood = ''
-    lambada = P['lambada'] if os.path.isfile(P['lambada']) else ''
-    if not lambada:
-        notes.append(f"- LAMBADA ({P['lambada']}) is not there: no LAMBADA numbers.")
+    if lambada and not os.path.isfile(lambada):
+        notes.append(f"- LAMBADA ({lambada}) is not there: no LAMBADA numbers.")
+        lambada = ''
+    ood, lambada = ood or '', lambada or ''
     ev = {**P['eval'], 'ood': ood and os.path.abspath(ood), 'lambada': lambada and os.path.abspath(lambada)}
     notes += [f"- OOD: `{os.path.basename(ood)}`, first {ev['max_tokens']:,} tokens."] if ood else []
     notes += [f"- LAMBADA: first {ev['lambada_max'] or 'all'} examples, contexts cut to the model's window."] \

@@ -1,7 +1,7 @@
 """
 TopK sparse autoencoder (Gao et al. 2024) on the residual stream of a GPT after block `layer`
-(../shared/SPEC.md section 1). Parameter names follow OpenAI's sparse_autoencoder so their
-GPT-2 SAEs load directly.
+(docs/method.md, "The sparse autoencoder"). Parameter names follow OpenAI's sparse_autoencoder so
+their GPT-2 SAEs load directly.
 
     x, mu, std = standardise(h)                    per token, Bessel std, eps 1e-5
     pre   = W_enc (x - b_pre) + b_lat              encoder.weight is C x d
@@ -9,7 +9,8 @@ GPT-2 SAEs load directly.
     x_hat = W_dec a + b_pre                        decoder.weight is d x C, unit-norm columns
     h_hat = x_hat * std + mu
 
-Train on a GPT checkpoint's activations, evaluate, and describe the latents (dictionary.py):
+Train on a GPT checkpoint's activations, evaluate (both in sae_train.py), and describe the latents
+(dictionary.py):
 
     python sae.py --ckpt=out/teacher/ckpt.pt --data_dir=data/gutenberg --layer=2 --out=out/sae/sae.pt
     python sae.py --eval_only --sae=out/sae/sae.pt --data_dir=data/gutenberg
@@ -17,26 +18,23 @@ Train on a GPT checkpoint's activations, evaluate, and describe the latents (dic
 """
 
 import argparse
-import hashlib
 import json
 import math
 import os
 import pickle
-import signal
-import time
 
-import numpy as np
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from corpus import load_tokens
+from dictionary import describe
 from model import load_frozen_gpt, standardise
 from ops import sparse_mix
-from weights import download
-from tqdm import tqdm
+from sae_train import ShuffleBuffer, activation_chunk, evaluate, geometric_median, train
+from weights import download, file_sha256
 
 OPENAI_URL = "https://openaipublic.blob.core.windows.net/sparse-autoencoder/gpt2-small/{location}/autoencoders/{layer}.pt"
-OPENAI_STATS = ("stats_last_nonzero", "latents_activation_frequency", "latents_mean_square")
 CACHE_DIR = os.path.join(os.path.expanduser("~"), ".cache", "cocomix")
 
 # -----------------------------------------------------------------------------
@@ -58,7 +56,7 @@ class SAE(nn.Module):
         self.decoder = nn.Linear(n_latents, d, bias=False)
         with torch.no_grad():  # Gao et al.: random unit-norm decoder columns, encoder = decoder^T
             self.decoder.weight.normal_()
-            normalise_decoder(self)
+            self.normalise_decoder()
             self.encoder.weight.copy_(self.decoder.weight.t())
 
     @property
@@ -98,6 +96,22 @@ class SAE(nn.Module):
         values, indices, mu, std = self.encode(h)
         x_hat = self.decode_sparse(values, indices)
         return x_hat * std + mu, values, indices
+
+    # -------------------------------------------------------------------------
+    # the decoder's constraint: unit-norm columns, kept by every training step
+
+    @torch.no_grad()
+    def normalise_decoder(self):
+        """Unit-norm decoder columns, so latent magnitudes live in the activations, not the dictionary."""
+        W = self.decoder.weight
+        W.div_(W.norm(dim=0, keepdim=True).clamp(min=1e-12))
+
+    @torch.no_grad()
+    def project_decoder_grad(self):
+        """Drop each column's gradient component along the column: the step then only rotates it."""
+        W, g = self.decoder.weight, self.decoder.weight.grad
+        if g is not None:
+            g.sub_((g * W).sum(dim=0, keepdim=True) * W)
 
     # -------------------------------------------------------------------------
     # files
@@ -164,7 +178,7 @@ class SAE(nn.Module):
             for key, shape in expected.items():
                 if tuple(sd[key].shape) != shape:
                     raise ValueError(f"{key} has shape {tuple(sd[key].shape)}, expected {shape}")
-            # trained on LN-style standardised inputs, as SPEC section 1; the statistics buffers are not weights
+            # trained on LN-style standardised inputs, as ours; the statistics buffers are not weights
             sae = cls(d, C, int(act_sd["k"]), {"source": "openai", "file": os.path.abspath(path), "d": d,
                                                 "tokenizer": "gpt2", "layer": None})
             sae.load_state_dict({key: sd[key].float() for key in expected})
@@ -183,21 +197,6 @@ class SAE(nn.Module):
                              f"the concept source has d={d} at layer {layer}")
 
 
-@torch.no_grad()
-def normalise_decoder(sae):
-    """Unit-norm decoder columns, so latent magnitudes live in the activations, not the dictionary."""
-    W = sae.decoder.weight
-    W.div_(W.norm(dim=0, keepdim=True).clamp(min=1e-12))
-
-
-@torch.no_grad()
-def project_decoder_grad(sae):
-    """Drop each column's gradient component along the column: the step then only rotates it."""
-    W, g = sae.decoder.weight, sae.decoder.weight.grad
-    if g is not None:
-        g.sub_((g * W).sum(dim=0, keepdim=True) * W)
-
-
 def download_openai_sae(location="resid_post_mlp_v5_32k", layer=5, cache_dir=None):
     """Fetch one of OpenAI's GPT-2 small SAEs (the paper's: resid_post_mlp_v5_32k, layer 5) into a cache."""
     dst = os.path.join(cache_dir or CACHE_DIR, "openai_sae", location, f"{layer}.pt")
@@ -206,226 +205,12 @@ def download_openai_sae(location="resid_post_mlp_v5_32k", layer=5, cache_dir=Non
 
 
 # -----------------------------------------------------------------------------
-# Activations: the host's standardised hidden states on random windows of the token files
-
-
-def load_tokens(data_dir, split):
-    path = os.path.join(data_dir, f"{split}.bin")
-    if not os.path.exists(path):
-        raise FileNotFoundError(f"{path} not found; make it with python prepare.py --input TEXT --out_dir {data_dir}")
-    return np.memmap(path, dtype=np.uint16, mode="r")
-
-
-def val_windows(data, T, tokens, B):
-    """Consecutive non-overlapping windows of T+1 tokens (inputs and shifted targets) from the start of
-    `data`, in batches of B: yields (start offsets, (b, T+1) int64). Deterministic, so evals compare."""
-    n = min(max(tokens // T, 1), (len(data) - 1) // T)
-    if n < 1:
-        raise ValueError(f"the held-out split has {len(data)} tokens, fewer than one window of {T + 1}")
-    for s in range(0, n, B):
-        starts = [i * T for i in range(s, min(s + B, n))]
-        yield starts, torch.from_numpy(np.stack([data[i:i + T + 1].astype(np.int64) for i in starts]))
-
-
-@torch.no_grad()
-def activation_chunk(model, layer, data, T, B, seed, c, device="cpu"):
-    """Chunk c of the activation stream: standardised hidden states after block `layer` on B windows of T
-    tokens at random offsets, (B*T, d). A pure function of (seed, c), so a resumed run can recompute any chunk."""
-    ix = np.random.default_rng([seed, c]).integers(0, len(data) - T + 1, B).tolist()
-    h = model.forward_to(torch.from_numpy(np.stack([data[i:i + T].astype(np.int64) for i in ix])).to(device), layer)
-    return standardise(h.float())[0].view(-1, h.size(-1))
-
-
-class ShuffleBuffer:
-    """Minibatches drawn at random from a pool of `size` activations. Neighbouring tokens of one window
-    are highly correlated, so a minibatch straight from the host would be a few documents; the pool mixes
-    many. Once half the pool has been served, the served rows are replaced by fresh ones.
-    Row i of the stream is row i % chunk_rows of `chunk(i // chunk_rows)`, and the pool keeps the number of
-    each row it holds: its state is then a few index tensors (the pool itself is GBs at GPT-2 scale), and a
-    resume rebuilds it exactly at the cost of one host pass per chunk still in it (~log2(chunk_rows) pools)."""
-
-    def __init__(self, chunk, chunk_rows, size, batch_size, gen, state=None):
-        if batch_size > size // 2:
-            raise ValueError(f"batch_size={batch_size} must be at most half the buffer ({size})")
-        self.chunk, self.chunk_rows, self.batch_size, self.gen, self.cached = chunk, chunk_rows, batch_size, gen, (None, None)
-        if state is None:
-            self.ids, self.next = torch.arange(size), size
-            self.reshuffle()
-        else:
-            self.ids, self.order, self.pos, self.next = state["ids"], state["order"], state["pos"], state["next"]
-            gen.set_state(state["gen"])
-        self.pool = self.rows(self.ids)
-
-    def state_dict(self):
-        return {"ids": self.ids.clone(), "order": self.order.clone(), "pos": self.pos, "next": self.next, "gen": self.gen.get_state()}
-
-    def rows(self, ids):
-        """The activations numbered `ids`, one host pass per chunk; the last chunk is kept, since one
-        refill ends in the chunk where the next begins."""
-        chunk_of, out = ids // self.chunk_rows, None
-        for c in chunk_of.unique().tolist():
-            if self.cached[0] != c:
-                self.cached = (c, self.chunk(c))
-            x, m = self.cached[1], chunk_of == c
-            out = x.new_empty(len(ids), x.size(1)) if out is None else out
-            out[m.to(x.device)] = x[(ids[m] % self.chunk_rows).to(x.device)]
-        return out
-
-    def reshuffle(self):
-        self.order, self.pos = torch.randperm(len(self.ids), generator=self.gen), 0
-
-    def __iter__(self):
-        return self
-
-    def __next__(self):
-        if self.pos + self.batch_size > len(self.ids) // 2:
-            served = self.order[:self.pos]
-            self.ids[served] = fresh = torch.arange(self.next, self.next + len(served))
-            self.pool[served.to(self.pool.device)] = self.rows(fresh)
-            self.next += len(served)
-            self.reshuffle()
-        rows = self.order[self.pos:self.pos + self.batch_size]
-        self.pos += self.batch_size
-        return self.pool[rows.to(self.pool.device)]
-
-
-# -----------------------------------------------------------------------------
-# Training
-
-
-@torch.no_grad()
-def geometric_median(x, iters=20):
-    """Weiszfeld's iterations from the mean: a robust centre for b_pre (Gao et al.)."""
-    m = x.mean(dim=0)
-    for _ in range(iters):
-        w = 1.0 / (x - m).norm(dim=1).clamp(min=1e-8)
-        m = (w[:, None] * x).sum(dim=0) / w.sum()
-    return m
-
-
-def normalized_mse(x_hat, x):
-    """MSE over the MSE of predicting the batch mean: a batch FVU, comparable across layers and models."""
-    return (x_hat - x).pow(2).sum(-1).mean() / (x - x.mean(dim=0)).pow(2).sum(-1).mean()
-
-
-def sae_loss(sae, x, dead, k_aux, aux_coef):
-    """Reconstruction FVU plus aux_coef * AuxK: the top k_aux dead latents' pre-activations reconstruct the
-    residual error, which gives dead latents a gradient towards what the live ones miss."""
-    pre = sae.encode_pre(x)
-    values, indices = sae.topk(pre)
-    x_hat = sae.decode_sparse(values, indices)
-    fvu = normalized_mse(x_hat, x)
-    aux = torch.zeros((), device=x.device)
-    n_dead = int(dead.sum())
-    if aux_coef > 0 and n_dead > 0:
-        e = x - x_hat.detach()  # AuxK trains the dead latents only; the main path is not pushed by it
-        aux_values, aux_indices = pre.masked_fill(~dead, float("-inf")).topk(min(k_aux, n_dead), dim=-1)
-        e_hat = sae.decode_latents(F.relu(aux_values), aux_indices)
-        aux = normalized_mse(e_hat, e).nan_to_num(0.0)
-    return fvu + aux_coef * aux, fvu.detach(), aux.detach(), values.detach(), indices
-
-
-def lr_at(step, steps, lr):
-    """Constant, then linear to 0 over the last 20% of steps: the end of training averages out noise."""
-    return lr * min(1.0, (steps - step) / (0.2 * steps))
-
-
-def train(sae, batches, steps, lr, dead_tokens, k_aux=None, aux_coef=1 / 32, log=None, progress=True,
-          log_interval=10, state=None, checkpoint=None, ckpt_interval=0):
-    """Adam on standardised activation minibatches `batches` (an iterator of (N, d)); returns the last
-    logged step's metrics. `log(dict)` is called every log_interval steps. Dead = no activation in the last
-    dead_tokens tokens. `checkpoint(state)` gets all the loop carries over every ckpt_interval steps, at the end
-    and on SIGINT/SIGTERM, which stop training after that step (metrics say "stopped"); `state` resumes one."""
-    k_aux = k_aux or sae.d // 2
-    opt = torch.optim.Adam(sae.parameters(), lr=lr, betas=(0.9, 0.999), eps=6.25e-10)  # Gao et al.'s eps
-    since_fired = torch.zeros(sae.n_latents, dtype=torch.long, device=sae.pre_bias.device)
-    start, tokens, m, t0 = 0, 0, None, time.time()
-    if state is not None:
-        sae.load_state_dict(state["sae"])
-        opt.load_state_dict(state["opt"])
-        since_fired.copy_(state["since_fired"])
-        torch.set_rng_state(state["torch_rng"])  # unused by the loop today; kept so that adding noise stays exact
-        start, tokens, m = state["step"], state["tokens"], state["metrics"]
-    stop = []  # signals only set a flag: the step in progress finishes, so the saved state is a consistent one
-    handlers = {s: signal.signal(s, lambda *_: stop.append(1)) for s in (signal.SIGINT, signal.SIGTERM)} if checkpoint else {}
-    bar = tqdm(range(start, steps), initial=start, total=steps, disable=not progress, desc="sae")
-    try:
-        for step in bar:
-            x = next(batches)
-            for group in opt.param_groups:
-                group["lr"] = lr_at(step, steps, lr)
-            dead = since_fired >= dead_tokens
-            loss, fvu, aux, values, indices = sae_loss(sae, x, dead, k_aux, aux_coef)
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            project_decoder_grad(sae)
-            opt.step()
-            normalise_decoder(sae)
-            since_fired += len(x)
-            since_fired[indices[values > 0]] = 0
-            tokens += len(x)
-            if step % log_interval == 0 or step == steps - 1:
-                m = {"step": step, "tokens": tokens, "fvu": fvu.item(), "auxk": aux.item(), "l0": (values > 0).sum(-1).float().mean().item(),
-                     "dead": dead.float().mean().item(), "lr": lr_at(step, steps, lr), "time": round(time.time() - t0, 2)}
-                bar.set_postfix(fvu=f"{m['fvu']:.4f}", l0=f"{m['l0']:.1f}", dead=f"{m['dead']:.3f}")
-                if log:
-                    log(m)
-            if checkpoint and (stop or step + 1 == steps or ckpt_interval and (step + 1) % ckpt_interval == 0):
-                checkpoint({"step": step + 1, "tokens": tokens, "metrics": m, "sae": sae.state_dict(), "opt": opt.state_dict(),
-                            "since_fired": since_fired, "torch_rng": torch.get_rng_state()})
-            if stop:
-                return {**m, "stopped": step + 1}
-    finally:
-        for s, h in handlers.items():
-            signal.signal(s, h)
-    return m
-
-
-# -----------------------------------------------------------------------------
-# Evaluation (the concept dictionary, what each latent fires on, is dictionary.py)
-
-
-def summed_ce(model, h, layer, targets):
-    """Summed next-token cross-entropy of the host finishing its pass from h after block `layer`."""
-    logits = model.forward_from(h, layer).float()
-    return F.cross_entropy(logits.view(-1, logits.size(-1)), targets, reduction="sum").item()
-
-
-@torch.no_grad()
-def evaluate(sae, model, layer, data_dir, tokens=65536, batch_size=8, block_size=None, device="cpu"):
-    """On held-out windows: FVU, L0, dead fraction (never fired in these tokens) and the host's next-token
-    loss with its hidden state after `layer` replaced by the SAE's reconstruction (delta_ce, nats)."""
-    data, T = load_tokens(data_dir, "val"), block_size or model.config.block_size
-    n = err = sq = l0 = ce = ce_sae = 0.0
-    s1 = torch.zeros(sae.d, dtype=torch.float64, device=device)
-    fired = torch.zeros(sae.n_latents, dtype=torch.bool, device=device)
-    for _, idx in val_windows(data, T, tokens, batch_size):
-        idx = idx.to(device)
-        inp, tgt = idx[:, :-1], idx[:, 1:].reshape(-1)
-        h = model.forward_to(inp, layer).float()
-        x, mu, std = standardise(h)
-        values, indices = sae.topk(sae.encode_pre(x))
-        x_hat = sae.decode_sparse(values, indices)
-        n += x.numel() // sae.d
-        err += (x_hat - x).double().pow(2).sum().item()
-        sq += x.double().pow(2).sum().item()
-        s1 += x.double().sum(dim=(0, 1))
-        l0 += (values > 0).sum().item()
-        fired[indices[values > 0]] = True
-        ce += summed_ce(model, h, layer, tgt)
-        ce_sae += summed_ce(model, x_hat * std + mu, layer, tgt)
-    fvu = err / (sq - s1.pow(2).sum().item() / n)  # sum (x - mean x)^2 = sum x^2 - n |mean x|^2
-    return {"fvu": fvu, "l0": l0 / n, "dead": 1.0 - fired.float().mean().item(), "ce": ce / n,
-            "ce_sae": ce_sae / n, "delta_ce": (ce_sae - ce) / n, "tokens": int(n)}
-
-
-# -----------------------------------------------------------------------------
 # Command line
 
-
-def file_sha256(path):
-    with open(path, "rb") as f:
-        return hashlib.file_digest(f, "sha256").hexdigest()
+# flags a resume need not match: where files go, how often, where it runs, what is done afterwards; the host
+# and the data are matched by resume_key instead, by content and by absolute path
+RESUME_FREE = ("ckpt", "data_dir", "out", "sae", "eval_only", "describe", "eval_tokens", "device", "log_interval",
+               "ckpt_interval")
 
 
 def arg_parser():
@@ -457,88 +242,125 @@ def arg_parser():
     return p
 
 
+def eval_or_describe(a):
+    """--eval_only / --describe: an existing SAE (ours, OpenAI's or 'openai:...') on the host it was trained on."""
+    sae = SAE.load(a.sae or a.out, map_location=a.device, layer=a.layer)
+    layer, ckpt = sae.meta.get("layer"), a.ckpt or sae.meta.get("host")
+    if layer is None or ckpt is None:
+        raise SystemExit(f"error: {sae.path} does not record its host and layer; pass --ckpt and --layer")
+    model = load_frozen_gpt(ckpt, a.device)
+    sae.check_host(model, layer)
+    if a.describe:
+        out = os.path.splitext(sae.path)[0] + ".concepts.json"
+        describe(sae, model, layer, a.data_dir, a.eval_tokens, block_size=a.block_size, device=a.device, out=out)
+        print(f"wrote {out}")
+    if a.eval_only:
+        print(json.dumps(evaluate(sae, model, layer, a.data_dir, a.eval_tokens, a.host_batch, a.block_size, a.device)))
+
+
+def out_file(a, suffix):
+    """The files of a training run sit next to --out: <out>.metrics.jsonl, <out>.resume.pt, <out>.concepts.json."""
+    return os.path.splitext(a.out)[0] + suffix
+
+
+def run_settings(a, cfg):
+    """The training settings with their defaults resolved (logged, and kept in the SAE's meta), and the SAE's meta."""
+    settings = dict(vars(a), lr=a.lr or 2e-4 / math.sqrt(a.n_latents / 2 ** 14),  # Gao et al.'s scaling with C
+                    dead_tokens=a.dead_tokens or min(10_000_000, a.tokens // 10),
+                    block_size=a.block_size or cfg.block_size, steps=max(1, a.tokens // a.batch_size))
+    host = os.path.join(a.ckpt, "ckpt.pt") if os.path.isdir(a.ckpt) and not os.path.exists(os.path.join(a.ckpt, "config.json")) else a.ckpt
+    meta = {"host": os.path.abspath(host) if os.path.exists(host) else host,
+            "host_sha256": file_sha256(host) if os.path.isfile(host) else None,
+            "layer": a.layer, "d": cfg.n_embd, "tokenizer": "gpt2", "data_dir": os.path.abspath(a.data_dir),
+            "train": settings}
+    return settings, meta
+
+
+def resume_key(settings, meta):
+    """What a resume must match: everything the trained SAE depends on, the host by its content when it is a file."""
+    same = {k: v for k, v in settings.items() if k not in RESUME_FREE}
+    same.update(host=meta["host_sha256"] or meta["host"], data_dir=meta["data_dir"])
+    return same
+
+
+def read_resume(path, same):
+    """The resume file at `path` (None when there is none), refused unless it was written with the settings `same`."""
+    if not os.path.exists(path):
+        return None
+    try:
+        saved = torch.load(path, map_location="cpu", weights_only=True)
+        old = saved["settings"]
+    except Exception as e:
+        raise SystemExit(f"error: {path} is not a readable resume file ({type(e).__name__}); delete it to start over")
+    diff = [f"{k}={same.get(k)!r} (resume file: {old.get(k)!r})" for k in sorted(set(old) | set(same)) if old.get(k) != same.get(k)]
+    if diff:
+        raise SystemExit(f"error: {path} was written with other settings: {', '.join(diff)}; use those or delete it")
+    return saved
+
+
+def activation_buffer(a, model, T, saved):
+    """The shuffled stream of the host's activations after block --layer on the training tokens, as saved if resuming."""
+    data = load_tokens(a.data_dir, "train", min_tokens=T, need="block_size")
+    chunk = lambda c: activation_chunk(model, a.layer, data, T, a.host_batch, a.seed, c, a.device)
+    return ShuffleBuffer(chunk, a.host_batch * T, a.buffer, a.batch_size, torch.Generator().manual_seed(a.seed),
+                         saved and saved["buffer"])
+
+
+def fit(a, sae, model, settings, same, saved):
+    """Train `sae` (from `saved` when resuming), logging to <out>.metrics.jsonl and saving <out>.resume.pt as it
+    goes, then evaluate it into its meta. Returns the last training metrics, with "stopped" if a signal ended it."""
+    resume_path = out_file(a, ".resume.pt")
+    buffer = activation_buffer(a, model, settings["block_size"], saved)
+    if saved is None:
+        with torch.no_grad():  # b_pre at the data's centre, so the encoder starts by looking at deviations from it
+            sae.pre_bias.copy_(geometric_median(buffer.pool[:min(len(buffer.pool), 32768)]))
+
+    def checkpoint(state):  # to a temporary file, then renamed: a crash while writing keeps the previous one
+        torch.save({"settings": same, "train": state, "buffer": buffer.state_dict()}, resume_path + ".tmp")
+        os.replace(resume_path + ".tmp", resume_path)
+
+    os.makedirs(os.path.dirname(os.path.abspath(a.out)), exist_ok=True)
+    with open(out_file(a, ".metrics.jsonl"), "a") as f:  # after a resume, steps since the last save appear twice, identically
+        log = lambda m: (f.write(json.dumps(m) + "\n"), f.flush())
+        log({"settings": settings} if saved is None else {"resume": saved["train"]["step"]})
+        m = train(sae, buffer, settings["steps"], settings["lr"], settings["dead_tokens"], a.k_aux, a.aux_coef, log=log,
+                  log_interval=a.log_interval, state=saved and saved["train"], checkpoint=checkpoint,
+                  ckpt_interval=a.ckpt_interval)
+        if "stopped" not in m:
+            sae.meta["train_final"] = m
+            sae.meta["eval"] = evaluate(sae, model, a.layer, a.data_dir, a.eval_tokens, a.host_batch,
+                                        settings["block_size"], a.device)
+            log({"eval": sae.meta["eval"]})
+    return m
+
+
 def main(argv=None):
+    """Train an SAE on a host's activations, evaluate and describe it; or, with --eval_only / --describe, an existing one."""
     a = arg_parser().parse_args(argv)
     torch.manual_seed(a.seed)
-
     if a.eval_only or a.describe:
-        sae = SAE.load(a.sae or a.out, map_location=a.device, layer=a.layer)
-        layer, ckpt = sae.meta.get("layer"), a.ckpt or sae.meta.get("host")
-        if layer is None or ckpt is None:
-            raise SystemExit(f"error: {sae.path} does not record its host and layer; pass --ckpt and --layer")
-        model = load_frozen_gpt(ckpt, a.device)
-        sae.check_host(model, layer)
-        if a.describe:
-            from dictionary import describe  # here, not at the top: dictionary.py imports this file
-            out = os.path.splitext(sae.path)[0] + ".concepts.json"
-            describe(sae, model, layer, a.data_dir, a.eval_tokens, block_size=a.block_size, device=a.device, out=out)
-            print(f"wrote {out}")
-        if a.eval_only:
-            print(json.dumps(evaluate(sae, model, layer, a.data_dir, a.eval_tokens, a.host_batch, a.block_size, a.device)))
-        return
-
+        return eval_or_describe(a)
     if a.ckpt is None or a.layer is None:
         raise SystemExit("error: training needs --ckpt and --layer")
     model = load_frozen_gpt(a.ckpt, a.device)
     cfg = model.config
     if not 0 <= a.layer < cfg.n_layer:
         raise SystemExit(f"error: --layer={a.layer} is outside the host's {cfg.n_layer} blocks")
-    T = a.block_size or cfg.block_size
-    lr = a.lr or 2e-4 / math.sqrt(a.n_latents / 2 ** 14)
-    dead_tokens = a.dead_tokens or min(10_000_000, a.tokens // 10)
-    steps = max(1, a.tokens // a.batch_size)
-    settings = dict(vars(a), lr=lr, dead_tokens=dead_tokens, block_size=T, steps=steps)
-    host = os.path.join(a.ckpt, "ckpt.pt") if os.path.isdir(a.ckpt) and not os.path.exists(os.path.join(a.ckpt, "config.json")) else a.ckpt
-    meta = {"host": os.path.abspath(host) if os.path.exists(host) else host,
-            "host_sha256": file_sha256(host) if os.path.isfile(host) else None,
-            "layer": a.layer, "d": cfg.n_embd, "tokenizer": "gpt2", "data_dir": os.path.abspath(a.data_dir),
-            "train": settings}
-    # Resume: everything the trained SAE depends on must match; where files go, how often and where it runs need not
-    same = {k: v for k, v in settings.items() if k not in ("ckpt", "data_dir", "out", "sae", "eval_only", "describe",
-                                                           "eval_tokens", "device", "log_interval", "ckpt_interval")}
-    same.update(host=meta["host_sha256"] or meta["host"], data_dir=meta["data_dir"])
-    resume_path, saved = os.path.splitext(a.out)[0] + ".resume.pt", None
-    if os.path.exists(resume_path):  # checked before anything is written, so a refusal leaves every file as it was
-        try:
-            saved = torch.load(resume_path, map_location="cpu", weights_only=True)
-            old = saved["settings"]
-        except Exception as e:
-            raise SystemExit(f"error: {resume_path} is not a readable resume file ({type(e).__name__}); delete it to start over")
-        diff = [f"{k}={same.get(k)!r} (resume file: {old.get(k)!r})" for k in sorted(set(old) | set(same)) if old.get(k) != same.get(k)]
-        if diff:
-            raise SystemExit(f"error: {resume_path} was written with other settings: {', '.join(diff)}; use those or delete it")
+    settings, meta = run_settings(a, cfg)
+    same, resume_path = resume_key(settings, meta), out_file(a, ".resume.pt")
+    saved = read_resume(resume_path, same)  # before anything is written, so a refusal leaves every file as it was
     sae = SAE(cfg.n_embd, a.n_latents, a.k, meta).to(a.device)
     sae.path = a.out
-    data = load_tokens(a.data_dir, "train")
-    chunk = lambda c: activation_chunk(model, a.layer, data, T, a.host_batch, a.seed, c, a.device)
-    buffer = ShuffleBuffer(chunk, a.host_batch * T, a.buffer, a.batch_size, torch.Generator().manual_seed(a.seed),
-                           saved and saved["buffer"])
-    if saved is None:
-        with torch.no_grad():  # b_pre at the data's centre, so the encoder starts by looking at deviations from it
-            sae.pre_bias.copy_(geometric_median(buffer.pool[:min(len(buffer.pool), 32768)]))
-    # to a temporary file, then renamed: a crash while writing keeps the previous one
-    checkpoint = lambda state: (torch.save({"settings": same, "train": state, "buffer": buffer.state_dict()}, resume_path + ".tmp"),
-                                os.replace(resume_path + ".tmp", resume_path))
-    log_path = os.path.splitext(a.out)[0] + ".metrics.jsonl"
-    os.makedirs(os.path.dirname(os.path.abspath(a.out)), exist_ok=True)
-    with open(log_path, "a") as f:  # after a resume, steps since the last save appear twice, identically
-        log = lambda m: (f.write(json.dumps(m) + "\n"), f.flush())
-        log({"settings": settings} if saved is None else {"resume": saved["train"]["step"]})
-        m = train(sae, buffer, steps, lr, dead_tokens, a.k_aux, a.aux_coef, log=log, log_interval=a.log_interval,
-                  state=saved and saved["train"], checkpoint=checkpoint, ckpt_interval=a.ckpt_interval)
-        if "stopped" in m:
-            print(f"stopped at step {m['stopped']} of {steps}; run the same command to resume from {resume_path}")
-            return
-        sae.meta["train_final"] = m
-        sae.meta["eval"] = evaluate(sae, model, a.layer, a.data_dir, a.eval_tokens, a.host_batch, T, a.device)
-        log({"eval": sae.meta["eval"]})
+    m = fit(a, sae, model, settings, same, saved)
+    if "stopped" in m:
+        print(f"stopped at step {m['stopped']} of {settings['steps']}; run the same command to resume from {resume_path}")
+        return
     sae.save(a.out)
     print(json.dumps(sae.meta["eval"]))
-    out = os.path.splitext(a.out)[0] + ".concepts.json"
-    from dictionary import describe
-    describe(sae, model, a.layer, a.data_dir, a.eval_tokens, block_size=T, device=a.device, out=out)
+    out = out_file(a, ".concepts.json")
+    describe(sae, model, a.layer, a.data_dir, a.eval_tokens, block_size=settings["block_size"], device=a.device, out=out)
     os.remove(resume_path)  # only now: a crash in evaluate or describe resumes at the end instead of retraining
-    print(f"wrote {a.out}, {log_path}, {out}")
+    print(f"wrote {a.out}, {out_file(a, '.metrics.jsonl')}, {out}")
 
 
 if __name__ == "__main__":

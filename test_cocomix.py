@@ -11,9 +11,9 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from model import GPT, GPTConfig, MIX_MODES, concept_loss, concept_recall, kd_loss, load_checkpoint, load_safetensors
-from ops import lm_loss
-from ops import SparseMix, sparse_mix
+from model import GPT, GPTConfig, MIX_MODES, concept_loss, concept_recall, load_checkpoint, load_safetensors
+from ops import (SparseMix, kl_rows, lm_loss, lm_loss_reference, sparse_mix, sparse_mix_backward,
+                 sparse_mix_backward_reference, sparse_mix_reference)
 
 ROOT = os.path.dirname(os.path.abspath(__file__))
 SHARED = os.path.join(os.path.dirname(ROOT), "shared")
@@ -95,18 +95,47 @@ def test_causality_every_mix(mix):
     t = 11
     changed[0, t + 1:] = torch.randint(0, 50257, (20 - t - 1,))
     with torch.no_grad():
-        a, _, aux_a = model(idx, return_aux=True)
-        b, _, aux_b = model(changed, return_aux=True)
+        a, _ = model(idx)
+        b, _ = model(changed)
+        (_, z_a), (_, z_b) = model.hidden_states(idx), model.hidden_states(changed)
     torch.testing.assert_close(a[:, :t + 1], b[:, :t + 1], atol=0, rtol=0)
     assert not torch.allclose(a[:, t + 1:], b[:, t + 1:])
-    if aux_a["z"] is not None:
-        torch.testing.assert_close(aux_a["z"][:, :t + 1], aux_b["z"][:, :t + 1], atol=0, rtol=0)
+    if z_a is not None:
+        torch.testing.assert_close(z_a[:, :t + 1], z_b[:, :t + 1], atol=0, rtol=0)
 
 
 def dense_mix(values, indices, W):
-    """The released code's way: a dense N x C masked matrix times W."""
+    """The released code's way, written independently of ops.py: a dense N x C masked matrix times W."""
     dense = torch.zeros(values.size(0), W.size(0), dtype=values.dtype).scatter(1, indices, values)
     return dense @ W
+
+
+def test_ops_references_are_the_plain_expressions():
+    """ops.py's readable references (the dense masked product, index_add_ for the mixing backward,
+    full-logit cross-entropy and KL) agree with independent expressions and with the fast ops."""
+    torch.manual_seed(0)
+    N, K, C, d = 9, 3, 20, 5
+    values = torch.randn(N, K, dtype=torch.float64)
+    indices = torch.rand(N, C).argsort(dim=1)[:, :K]
+    W = torch.randn(C, d, dtype=torch.float64)
+    g = torch.randn(N, d, dtype=torch.float64)
+    torch.testing.assert_close(sparse_mix_reference(values, indices, W), dense_mix(values, indices, W))
+    torch.testing.assert_close(sparse_mix(values, indices, W), sparse_mix_reference(values, indices, W))
+    v, w = values.clone().requires_grad_(), W.clone().requires_grad_()
+    auto = torch.autograd.grad(dense_mix(v, indices, w), (v, w), g)  # autograd of the dense product
+    for got in (sparse_mix_backward_reference(g, values, indices, W), sparse_mix_backward(g, values, indices, W)):
+        torch.testing.assert_close(got[0], auto[0])
+        torch.testing.assert_close(got[1], auto[1])
+    x, targets = torch.randn(N, d, dtype=torch.float64), torch.randint(0, C, (N,))
+    targets[2] = -1
+    logits = x @ W.t()
+    torch.testing.assert_close(lm_loss_reference(x, W, targets), F.cross_entropy(logits, targets, ignore_index=-1))
+    tx, tW = torch.randn(N, 4, dtype=torch.float64), torch.randn(C, 4, dtype=torch.float64)
+    p, q = (tx @ tW.t()).softmax(-1), logits.softmax(-1)
+    kl = ((p * (p.log() - q.log())).sum(-1) * (targets >= 0)).sum() / (targets >= 0).sum()
+    loss, ce, got_kl = lm_loss_reference(x, W, targets, teacher=(tx, tW), lam_kd=0.3)
+    torch.testing.assert_close(got_kl, kl)
+    torch.testing.assert_close(loss, ce + 0.3 * kl)
 
 
 def test_sparse_mix_equals_dense_and_gradcheck():
@@ -159,6 +188,13 @@ def test_concept_recall():
     assert concept_recall(z, torch.tensor([[1, -1]])).item() == 1.0
 
 
+def kd_loss(student_logits, teacher_logits, targets=None):
+    """Mean over valid tokens of KL(p_teacher || p_student), from full logits (ops.kl_rows per row)."""
+    s, t = student_logits.flatten(0, -2), teacher_logits.flatten(0, -2)
+    valid = torch.ones(len(s), dtype=s.dtype) if targets is None else (targets.reshape(-1) >= 0).to(s.dtype)
+    return kl_rows(s, t, valid).sum() / valid.sum().clamp(min=1)
+
+
 def test_kd_loss_equals_hand_computed_kl():
     torch.manual_seed(0)
     s, t = torch.randn(2, 3, 11), torch.randn(2, 3, 11)
@@ -202,19 +238,22 @@ def test_chunked_lm_loss_equals_full_logits(teacher):
 
 
 def test_kd_fast_path_equals_full_logits():
-    """The student's training loss with a teacher, chunked (return_logits=False) vs the full-logit path."""
+    """The student's KD training loss (train.py: lm_loss of its final hidden states with the teacher's),
+    chunked vs from the full logits."""
     torch.manual_seed(0)
     student, source = GPT(tiny_config()), GPT(tiny_config(n_embd=48)).requires_grad_(False)
     idx, targets = torch.randint(0, 50257, (2, 16)), torch.randint(0, 50257, (2, 16))
     with torch.no_grad():
         teacher = source.as_teacher(idx)
     grads, aux = [], []
-    for fast in (False, True):
-        _, loss, a = student(idx, targets, teacher=teacher, lam_kd=0.5, return_aux=True, return_logits=not fast)
+    for loss_fn in (lm_loss_reference, lm_loss):
+        x, _ = student.hidden_states(idx)
+        loss, ce, kl = loss_fn(x, student.lm_head.weight, targets, teacher=teacher, lam_kd=0.5)
         grads.append(torch.autograd.grad(loss, student.lm_head.weight)[0])
-        aux.append(a)
+        aux.append({"ntp": ce.detach(), "kd": kl.detach()})
     torch.testing.assert_close(aux[1]["kd"], aux[0]["kd"])
     torch.testing.assert_close(aux[1]["ntp"], aux[0]["ntp"])
+    torch.testing.assert_close(aux[1]["ntp"], F.cross_entropy(student(idx)[0].flatten(0, 1), targets.flatten()))
     torch.testing.assert_close(grads[1], grads[0])
     with torch.no_grad():  # and the KL is the teacher's own: against itself it is zero
         logits = source(idx)[0]
@@ -232,7 +271,10 @@ def test_mix_none_with_zero_lambda_trains_like_ntp():
         idx = torch.randint(0, 50257, (2, 16))
         labels = torch.randint(0, 64, (2, 16, 4))
         for m, opt in zip((ntp, coco), opts):
-            _, loss = m(idx, idx, concept_labels=labels if m is coco else None, lam=0.0)
+            x, z = m.hidden_states(idx)
+            loss = lm_loss(x, m.lm_head.weight, idx)
+            if m is coco:  # train.py's objective with lam = 0
+                loss = loss + 0.0 * concept_loss(z, labels)
             loss.backward()
             torch.nn.utils.clip_grad_norm_(m.parameters(), 1.0)
             opt.step()
@@ -528,7 +570,7 @@ def test_every_objective_trains_and_its_checkpoint_samples(data_dir, source_and_
     if mode == "cocomix" and "--lam=0.0" not in extra:
         assert evals[-1]["val/concept"] < evals[0]["val/concept"]
     model, _ = load_checkpoint(os.path.join(out, "ckpt.pt"))
-    assert model.config.cocomix == (mode in ("cocomix", "pause"))
+    assert model.config.has_insert_layer == (mode in ("cocomix", "pause"))
     p = run("sample.py", f"--out_dir={out}", "--num_samples=1", "--max_new_tokens=5", "--device=cpu", "--start=The")
     assert p.stdout.strip()
 
@@ -539,5 +581,5 @@ def test_non_finite_steps_are_skipped_then_stop_without_a_nan_checkpoint(data_di
             "--learning_rate=1e30", "--warmup_iters=0", "--decay_lr=False", *TINY, check=False)
     assert p.returncode != 0
     assert "non-finite loss or gradients, step skipped" in p.stdout
-    assert "10 non-finite steps; stopping" in p.stderr
+    assert "10 non-finite steps in a row; stopping" in p.stderr
     assert not os.path.exists(os.path.join(out, "ckpt.pt"))

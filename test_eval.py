@@ -17,11 +17,11 @@ SHARED = REPO.parent / "shared"
 if (SHARED / "tiktoken").is_dir():  # offline copy of the gpt2 tokenizer files
     os.environ.setdefault("TIKTOKEN_CACHE_DIR", str(SHARED / "tiktoken"))
 
-import tiktoken  # noqa: E402
+import corpus  # noqa: E402
 import eval as E  # noqa: E402
 from model import GPT, GPTConfig  # noqa: E402
 
-enc = tiktoken.get_encoding("gpt2")
+enc = corpus.tokenizer()
 EOT = 50256
 MODEL_ARGS = dict(n_layer=2, n_head=2, n_embd=32, block_size=64, vocab_size=50257)
 
@@ -93,7 +93,7 @@ def test_evaluate_tokens_matches_hand_loop(model, n, block_size, batch_size, max
 
 
 def test_token_byte_lengths_match_decode_bytes():
-    lens = E.token_byte_lengths(enc)
+    lens = corpus.token_byte_lengths(enc)
     tokens = enc.encode_ordinary("Héllo wörld — naïve café ☕\n\n  end.") + [EOT] + enc.encode_ordinary("ünïcode")
     assert lens[EOT] == 0
     assert lens[tokens].sum() == len(enc.decode_bytes(tokens)) - len("<|endoftext|>")
@@ -124,20 +124,31 @@ def prepared_dir(tmp_path, docs, meta_overrides=None):
 
 def test_bpb_of_prepared_split_excludes_eot_bytes(model, tmp_path):
     d, tokens = prepared_dir(tmp_path, ["First doc, ünïcode.", "Second document here.", "Third — last."])
-    stream = E.load_split(d, "val", 50257)
-    out = E.evaluate_tokens(model, stream, 64, 2, "cpu", token_bytes=E.token_byte_lengths(enc), progress=False)
+    stream = corpus.load_tokens(d, "val")
+    out = E.evaluate_tokens(model, stream, 64, 2, "cpu", token_bytes=corpus.token_byte_lengths(enc), progress=False)
     targets = tokens[1:]
     nbytes = len(enc.decode_bytes([t for t in targets if t != EOT]))
     assert out["bytes"] == nbytes
     assert out["bpb"] == pytest.approx(out["loss"] * len(targets) / (math.log(2) * nbytes), rel=1e-9)
 
 
-@pytest.mark.parametrize("meta, msg", [({"tokenizer": "llama"}, "tokenizer 'llama'"),
-                                       ({"vocab_size": 100277}, "vocab_size=100277")])
-def test_foreign_data_dir_is_refused(tmp_path, meta, msg):
+@pytest.mark.parametrize("meta, val_bin, split, msg", [
+    ({"tokenizer": "llama"}, None, "val", "tokenizer 'llama'"),
+    ({"vocab_size": 100277}, None, "val", "vocab_size 100277"),
+    ({}, b"\x01\x00\x02", "val", "odd number of bytes"),              # not uint16 tokens
+    ({}, np.array([5, 60000], dtype=np.uint16).tobytes(), "val", "token ids >= 50257"),
+    ({}, b"", "val", "val.bin holds 0 tokens"),
+    ({}, None, "train", "train.bin not found"),
+])
+def test_foreign_data_dir_is_refused(model, tmp_path, capsys, meta, val_bin, split, msg):
+    """corpus.load_tokens' checks reach eval.py's user as one line on stderr and exit 1."""
     d, _ = prepared_dir(tmp_path, ["a doc"], meta)
-    with pytest.raises(E.EvalError, match=msg):
-        E.load_split(d, "val", 50257)
+    if val_bin is not None:
+        (d / "val.bin").write_bytes(val_bin)
+    ckpt = tmp_path / "ckpt.pt"
+    torch.save({"model": model.state_dict(), "model_args": MODEL_ARGS}, ckpt)
+    err = cli_error(capsys, f"--ckpt={ckpt}", f"--data_dir={d}", f"--split={split}", "--device=cpu")
+    assert err.startswith("error: ") and msg in err, err
 
 # -----------------------------------------------------------------------------
 # LAMBADA and multiple choice

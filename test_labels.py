@@ -1,4 +1,4 @@
-"""Tests of the concept-label cache (concepts.LabelCache) and the labeler's chunked loss. Run: python -m pytest -q test_labels.py"""
+"""Tests of the concept-label cache (label_cache.LabelCache) and the labeler's chunked loss. Run: python -m pytest -q test_labels.py"""
 
 import dataclasses
 import json
@@ -12,7 +12,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from concepts import ConceptLabeler, LabelCache, label_identity
+from concepts import ConceptLabeler
+from label_cache import LabelCache, label_identity
 from model import GPT, GPTConfig
 from sae import SAE
 

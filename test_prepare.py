@@ -235,7 +235,7 @@ def test_offline_source_gives_clear_error(tmp_path, monkeypatch, capsys):
     with pytest.raises(P.PrepareError) as e:
         P.fetch_source("shakespeare", cache_dir=tmp_path / "cache")
     msg = str(e.value)
-    assert P.SOURCES["shakespeare"][0] in msg and "--input ../shared/data/tinyshakespeare/input.txt" in msg
+    assert P.SOURCES["shakespeare"][0] in msg and "--input PATH/TO/tinyshakespeare/input.txt" in msg
     assert not any(p.is_file() for p in (tmp_path / "cache").rglob("*"))  # no half-downloaded file
     with pytest.raises(SystemExit) as e:
         P.main(["--source", "tinystories", "--out_dir", str(tmp_path / "out"), "--cache_dir", str(tmp_path / "cache")])
@@ -262,6 +262,21 @@ def test_download_is_cached(tmp_path, monkeypatch):
     path, sep = P.fetch_source("shakespeare", cache_dir=tmp_path)
     assert path.read_bytes() == b"To be, or no" and sep is None and len(calls) == 1
     assert P.fetch_source("shakespeare", cache_dir=tmp_path)[0] == path and len(calls) == 1
+
+
+def test_offline_tokenizer_gives_one_line_error(tmp_path, monkeypatch, capsys):
+    """No tokenizer files and no network: corpus.tokenizer's one line, exit 1, nothing written."""
+    def offline(name):
+        raise ConnectionError("Temporary failure in name resolution")
+    monkeypatch.setattr(tiktoken, "get_encoding", offline)
+    a = write(tmp_path / "a.txt", "Some text.\n")
+    with pytest.raises(SystemExit) as e:
+        P.main(["--input", str(a), "--out_dir", str(tmp_path / "out")])
+    assert e.value.code == 1
+    err = [line for line in capsys.readouterr().err.splitlines() if line.strip() and not line.startswith("encoding:")]
+    assert len(err) == 1 and err[0].startswith("error: ") and "tokenizer is unavailable (ConnectionError)" in err[0] \
+        and "TIKTOKEN_CACHE_DIR" in err[0], err
+    assert not (tmp_path / "out").exists()
 
 
 def test_openwebtext_without_datasets(tmp_path, monkeypatch):

@@ -1,26 +1,29 @@
 """reproduce.py end to end on the tiny preset (~2 minutes on a 2-core CPU), plus its small helpers."""
 
 import csv
+import json
 import math
 import os
 import random
 import subprocess
 import sys
 import time
+from unittest import mock
 
 import pytest
 
 from reproduce import report, stats, tokens_to_reach
 
 REPO = os.path.dirname(os.path.abspath(__file__))
-SHAKESPEARE = os.path.join(REPO, '..', 'shared', 'data', 'tinyshakespeare', 'input.txt')
 TIKTOKEN_DIR = os.path.join(REPO, '..', 'shared', 'tiktoken')
+DATA_ROOT = os.environ.get('COCOMIX_DATA', os.path.abspath(os.path.join(REPO, '..', 'shared', 'data')))  # as .ci/run
 
 
-def run(*args, timeout=600):
-    env = dict(os.environ)
+def run(*args, timeout=600, **env_over):
+    env = dict(os.environ, **env_over)
     if os.path.isdir(TIKTOKEN_DIR):
         env.setdefault('TIKTOKEN_CACHE_DIR', os.path.abspath(TIKTOKEN_DIR))
+    env.setdefault('COCOMIX_DATA', DATA_ROOT)
     return subprocess.run([sys.executable, 'reproduce.py', *args], cwd=REPO, env=env, capture_output=True,
                           text=True, timeout=timeout)
 
@@ -45,16 +48,22 @@ def number(cell):
 def test_tiny_end_to_end(tmp_path):
     out = tmp_path / 'out'
     args = ['--preset=tiny', f'--out_dir={out}']
-    if not os.path.exists(SHAKESPEARE):  # no shared data: any English-ish text will do for a smoke test
+    if not os.path.exists(os.path.join(DATA_ROOT, 'tinyshakespeare', 'input.txt')):
+        # no shared data: a data folder of our own, where any English-ish text will do for a smoke test
         words = 'the king and queen of a far land went to see the old man by the sea who said'.split()
         rng = random.Random(0)
         text = '\n'.join(' '.join(rng.choice(words) for _ in range(12)) + '.' for _ in range(4000))
-        (tmp_path / 'input.txt').write_text(text)
-        args.append(f'--input={tmp_path / "input.txt"}')
+        (tmp_path / 'data' / 'tinyshakespeare').mkdir(parents=True)
+        (tmp_path / 'data' / 'tinyshakespeare' / 'input.txt').write_text(text)
+        args.append(f'--data_root={tmp_path / "data"}')
     t0 = time.time()
     r = run(*args)
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
     print(f"tiny preset: {time.time() - t0:.0f}s")
+
+    root = tmp_path / 'data' if '--data_root' in args[-1] else os.path.abspath(DATA_ROOT)
+    inputs = json.loads((out / 'data' / 'stage.json').read_text())['settings']['inputs']
+    assert inputs == [[os.path.join(root, 'tinyshakespeare', 'input.txt'), mock.ANY]], inputs  # from the data folder
 
     rows = table_rows(out / 'results.md')
     header = ['method', 'params', 'tokens', 'val loss', 'val ppl', 'val bpb', 'OOD loss', 'LAMBADA acc',
@@ -103,6 +112,25 @@ def test_tiny_end_to_end(tmp_path):
     assert r.returncode != 0 and "--set 'max_iters': expected KEY=VALUE" in r.stderr, r.stderr
 
 
+def test_data_folder_errors(tmp_path):
+    """Without a data folder the cpu preset (gutenberg) stops at once, with one line naming the ways to give
+    one; a --data_root that is not a folder is refused, a COCOMIX_DATA that is not one counts as none."""
+    out, nowhere = tmp_path / 'out', tmp_path / 'nowhere'
+    msg = ("error: preset cpu reads gutenberg from the data folder: give --data_root DIR or set COCOMIX_DATA to a "
+           "folder holding it, or give --input FILES")
+    r = run('--preset=cpu', f'--out_dir={out}', '--data_root=', timeout=120)
+    assert r.returncode == 1 and r.stderr.strip() == msg, r.stderr
+    r = run('--preset=cpu', f'--out_dir={out}', timeout=120, COCOMIX_DATA=str(nowhere))
+    assert r.returncode == 1 and r.stderr.strip() == msg and f'COCOMIX_DATA={nowhere} is not a folder' in r.stdout
+    r = run('--preset=tiny', f'--out_dir={out}', f'--data_root={nowhere}', timeout=120)
+    assert r.returncode == 1 and r.stderr.strip() == f"error: --data_root {nowhere}: not a folder", r.stderr
+    (tmp_path / 'data').mkdir()
+    r = run('--preset=cpu', f'--out_dir={out}', f'--data_root={tmp_path / "data"}', timeout=120)
+    assert r.returncode == 1 and r.stderr.strip() == (f"error: input not found: {tmp_path / 'data' / 'gutenberg'}; "
+                                                      "pass --input FILES or another --data_root"), r.stderr
+    assert not out.exists()
+
+
 def test_stats_and_tokens_to_reach():
     assert stats([1.0]) == '1.000'
     assert stats([1.0, 3.0], 1) == '2.0 ± 1.4'
@@ -148,25 +176,34 @@ def test_report_numbers_from_records(tmp_path, monkeypatch):
 
 
 def test_presets_name_real_flags(monkeypatch):
-    """Every preset's settings pass the checks their scripts apply: the source/student flags train.py's
-    configurator (known key, the default's type), the SAE flags sae.py's parser. A misspelt key in the `gpu`
-    preset (which CI cannot run: it needs GPT-2 and OpenWebText) would otherwise surface only on a GPU."""
+    """Every preset's settings pass the checks their scripts apply: its config/ files with the keys reproduce.py
+    adds, train.py's configurator (known key, the default's type); the SAE flags, sae.py's parser. And what a
+    stage records as its settings is what train.py runs with. A misspelt key in the `gpu` preset (which CI cannot
+    run: it needs GPT-2 and OpenWebText) would otherwise surface only on a GPU."""
     import sae
-    from reproduce import PRESETS, flags
+    from reproduce import PRESETS, flags, train_command
     src = open(os.path.join(REPO, 'train.py')).read()
     defaults = src[src.index('# ---'):src.index('config_keys = ')]  # train.py's settings block: plain literals
     configurator = open(os.path.join(REPO, 'configurator.py')).read()
+    monkeypatch.chdir(REPO)  # the presets name their config files from the repo root, where train.py runs
     for name, p in PRESETS.items():
         top = {k: p[k] for k in ('concept_source', 'sae_path', 'sae_layer', 'n_concepts') if k in p}
-        for part in ('source', 'student'):
-            argv = flags({**p.get(part, {}), **(top if part == 'student' else {})})
-            monkeypatch.setattr(sys, 'argv', ['train.py', *argv])
+        # max_iters as --set gives it: a key of the config file that the flags must override
+        parts = {'source': {'seed': 1337}, 'student': {'max_iters': 7, **top, 'mode': 'cocomix', 'seed': 1}}
+        assert p.get('source') or top, f"preset {name}: neither a source config nor a given concept source"
+        for part, extra in parts.items():
+            if part not in p:
+                continue
+            argv, settings = train_command(p[part], extra, 'DATA', 'OUT')
+            monkeypatch.setattr(sys, 'argv', argv)
             env = {}
             exec(defaults, env)
             try:
                 exec(configurator, env)
             except SystemExit:
                 pytest.fail(f"preset {name}.{part}: train.py rejects {argv} (see stderr)")
+            assert {k: env[k] for k in settings} == settings and (env['data_dir'], env['out_dir']) == ('DATA', 'OUT')
+            assert len(settings) > len(extra) + 5, settings  # the config file's settings are in the record
         if 'sae' in p:
             try:
                 parser = sae.arg_parser()

@@ -1,4 +1,5 @@
-"""Tests for sae.py: the SPEC section 1 formulas, OpenAI's file format, sparse decoding, AuxK, files."""
+"""Tests for sae.py and sae_train.py: the SAE equations of docs/method.md, OpenAI's file format, sparse decoding,
+AuxK, files, the command line and exact resumes."""
 
 import collections
 import dataclasses
@@ -11,9 +12,10 @@ import pytest
 import torch
 
 from model import GPT, GPTConfig
-import sae as sae_module
+import sae_train
 from dictionary import concept_name, load_concepts
-from sae import SAE, ShuffleBuffer, evaluate, main, train
+from sae import SAE, main
+from sae_train import ShuffleBuffer, evaluate, train
 
 TIKTOKEN_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "shared", "tiktoken")
 
@@ -28,7 +30,7 @@ def one_thread():
 
 
 def spec_reference(h, W_enc, W_dec, b_pre, b_lat, k, eps=1e-5):
-    """SPEC section 1 written out with dense matrices: returns the dense latents a and h_hat."""
+    """docs/method.md's SAE equations written out with dense matrices: returns the dense latents a and h_hat."""
     mu = h.mean(-1, keepdim=True)
     std = ((h - mu) ** 2).sum(-1, keepdim=True).div(h.size(-1) - 1).sqrt()  # Bessel
     x = (h - mu) / (std + eps)
@@ -284,7 +286,7 @@ def step_records(path):
 
 def run_interrupted(args, monkeypatch, how, at):
     """main(args), stopped in step `at` by a SIGINT (saves after that step) or a crash (nothing saved then)."""
-    calls, sae_loss = [], sae_module.sae_loss
+    calls, sae_loss = [], sae_train.sae_loss
 
     def interrupted(*a, **kw):
         calls.append(1)
@@ -295,7 +297,7 @@ def run_interrupted(args, monkeypatch, how, at):
         return sae_loss(*a, **kw)
 
     with monkeypatch.context() as m:
-        m.setattr(sae_module, "sae_loss", interrupted)
+        m.setattr(sae_train, "sae_loss", interrupted)
         if how == "crash":
             with pytest.raises(RuntimeError, match="simulated"):
                 main(args)

@@ -1,17 +1,24 @@
-"""Tests of KV-cache generation, concept steering and inspection (sample.py). Run: python -m pytest test_sample.py -q"""
+"""Tests of KV-cache generation, concept steering and its measurement (steering.py), inspection (inspect_html.py)
+and the command line (sample.py). Run: python -m pytest test_sample.py -q"""
 
 import dataclasses
+import html
 import json
 import os
 import re
 import shutil
 import subprocess
 import sys
+from contextlib import nullcontext
 
 import pytest
 import torch
 
+import inspect_html
 import sample
+import steering
+from corpus import tokenizer
+from dictionary import load_concepts
 from model import GPT, GPTConfig, KVCache
 
 ROOT = os.path.dirname(os.path.abspath(__file__))
@@ -57,7 +64,7 @@ def prompt(T=5, B=2, seed=1, V=512):
 def strongest_concept(model, idx):
     """The concept with the highest mean predicted logit: multiplying it by 10 moves it into the TopK."""
     with torch.no_grad():
-        return int(model(idx, return_aux=True)[2]["z"].mean((0, 1)).argmax())
+        return int(model.hidden_states(idx)[1].mean((0, 1)).argmax())
 
 
 # -----------------------------------------------------------------------------
@@ -72,14 +79,15 @@ def test_incremental_logits_match_full_forward(kind, insert_layer):
     model = tiny(kind, insert_layer=insert_layer)
     idx = prompt(T=20)
     with torch.no_grad():
-        full, _, aux = model(idx, return_aux=True)
+        full, _ = model(idx)
+        z_full = model.hidden_states(idx)[1]
         caches = [KVCache() for _ in model.transformer.h]
         first, z0 = model.forward_step(idx[:, :7], caches)
         steps = [model.forward_step(idx[:, t:t + 1], caches) for t in range(7, 20)]
     got = torch.cat([first] + [s[0] for s in steps], dim=1)
     torch.testing.assert_close(got, full, atol=1e-5, rtol=1e-5)
-    if aux["z"] is not None:
-        torch.testing.assert_close(torch.cat([z0] + [s[1] for s in steps], dim=1), aux["z"], atol=1e-5, rtol=1e-5)
+    if z_full is not None:
+        torch.testing.assert_close(torch.cat([z0] + [s[1] for s in steps], dim=1), z_full, atol=1e-5, rtol=1e-5)
     slots = 2 if model.config.interleaved else 1
     assert caches[-1].n == 20 * slots and caches[0].n == 20 * (slots if insert_layer == 0 else 1)
 
@@ -145,29 +153,19 @@ def test_kv_cache_grows_without_losing_entries():
 # steering
 
 
-def capture_z(model):
-    zs = []
-    handle = model.mixer.register_forward_hook(lambda mod, inp, out: zs.append(out[0].detach().clone()))
-    return zs, handle
-
-
 @pytest.mark.parametrize("kind", ["interleave", "add", "none"])
 def test_steering_scales_only_the_named_concept_logits(kind):
     model = tiny(kind)
     idx = prompt(T=10)
     with torch.no_grad():
-        base, _, aux = model(idx, return_aux=True)
-        same, _, aux1 = model(idx, steer={3: 1.0, 7: 1.0}, return_aux=True)
-    assert torch.equal(same, base) and torch.equal(aux1["z"], aux["z"])  # factor 1 changes nothing
-    # the cached path at the mixing step: hook the mixer's z
-    zs, handle = capture_z(model)
-    try:
-        with torch.no_grad():
-            for steer in (None, {3: 5.0, 7: -2.0}):
-                model.forward_step(idx, [KVCache() for _ in model.transformer.h], steer)
-    finally:
-        handle.remove()
-    z, zs_ = zs
+        base, _ = model(idx)
+        same, _ = model(idx, steer={3: 1.0, 7: 1.0})
+        z_base, z_same = model.hidden_states(idx)[1], model.hidden_states(idx, {3: 1.0, 7: 1.0})[1]
+    assert torch.equal(same, base) and torch.equal(z_same, z_base)  # factor 1 changes nothing
+    # the cached path at the mixing step: forward_step returns the z it mixed in
+    with torch.no_grad():
+        z, zs_ = (model.forward_step(idx, [KVCache() for _ in model.transformer.h], steer)[1]
+                  for steer in (None, {3: 5.0, 7: -2.0}))
     other = [c for c in range(64) if c not in (3, 7)]
     assert torch.equal(zs_[..., other], z[..., other])
     torch.testing.assert_close(zs_[..., 3], 5.0 * z[..., 3])
@@ -182,14 +180,14 @@ def test_steering_scales_only_the_named_concept_logits(kind):
 
 
 def test_parse_steer_checks_ids_and_range():
-    assert sample.parse_steer(["3:2.5,7:-1", "9:4"], 64, "--steer") == {3: 2.5, 7: -1.0, 9: 4.0}
+    assert steering.parse_steer(["3:2.5,7:-1", "9:4"], 64, "--steer") == {3: 2.5, 7: -1.0, 9: 4.0}
     for bad in (["64:2"], ["-1:2"], ["3:10.5"], ["3:-11"], ["3"], ["a:b"]):
-        with pytest.raises(sample.UsageError):
-            sample.parse_steer(bad, 64, "--steer")
+        with pytest.raises(steering.UsageError):
+            steering.parse_steer(bad, 64, "--steer")
 
 
 class StubSAE:
-    """The SAE API sample.py relies on (standardise, encode_pre, topk, decode_sparse, k, n_latents, meta)."""
+    """The SAE API steering.py relies on (standardise, encode_pre, topk, decode_sparse, check_host, k, n_latents, meta)."""
 
     def __init__(self, d, n_latents, k, layer, seed=0):
         g = torch.Generator().manual_seed(seed)
@@ -241,11 +239,11 @@ def test_source_steering_through_the_sae(sae_i):
         x, mu, std = sae.standardise(h)
         pre = sae.encode_pre(x)
         latent = int(pre.argmax(-1)[0, 0])  # active on the first token at least
-        with sample.SourceSteering(source, sae, 1, {latent: 1.0}):
+        with steering.SourceSteering(source, sae, 1, {latent: 1.0}):
             same, _ = source(idx)
         assert torch.equal(same, base)  # factor 1: the hook adds exactly zero
         steer = {latent: -3.0}
-        with sample.SourceSteering(source, sae, 1, steer):
+        with steering.SourceSteering(source, sae, 1, steer):
             steered, _ = source(idx)
             a = source.generate(idx[:, :4], 36, temperature=0)
             b = source.generate(idx[:, :4], 36, temperature=0, use_cache=False)
@@ -273,31 +271,31 @@ def concept_dict(path, n=64):
 
 def test_inspection_names_valid_concepts(tmp_path):
     model = tiny("interleave")
-    names = sample.load_concepts(concept_dict(tmp_path / "c.json"))
+    names = load_concepts(concept_dict(tmp_path / "c.json"))
     ids = prompt(T=10, B=1)[0].tolist() + prompt(T=30, B=1, seed=2)[0].tolist()  # 40 > block_size
-    rows = sample.inspect_tokens(model, ids, 10, top=3, names=names)
+    rows = inspect_html.inspect_tokens(model, ids, 10, top=3, names=names)
     assert len(rows) == 40 and [r["prompt"] for r in rows] == [True] * 10 + [False] * 30
     with torch.no_grad():
-        z = model(torch.tensor([ids[:32]]), return_aux=True)[2]["z"][0]
+        z = model.hidden_states(torch.tensor([ids[:32]]))[1][0]
     for r in rows:
         assert len(r["concepts"]) == 3
         for cid, logit, name in r["concepts"]:
             assert 0 <= cid < 64 and name == f"c{cid}x/c{cid}y"
         if r["pos"] < 32:
             assert r["concepts"][0][0] == int(z[r["pos"]].argmax())
-    enc = sample.tokenizer()
-    text = sample.format_inspection(rows, enc, "t")
+    enc = tokenizer()
+    text = inspect_html.format_inspection(rows, enc, "t")
     assert len(re.findall(r"\[c(\d+)x/c\1y\]", text)) == 120
 
 
 def test_html_page_is_self_contained_and_has_the_tokens(tmp_path):
     model = tiny("add", vocab_size=50257)
-    enc = sample.tokenizer()
+    enc = tokenizer()
     ids = enc.encode("The cat sat on the <mat> & slept.\nThen")
-    rows = sample.inspect_tokens(model, ids, 4, top=2, names=sample.load_concepts(concept_dict(tmp_path / "c.json")))
-    page = sample.html_page([("a & b", rows), ("again", rows)], enc)
+    rows = inspect_html.inspect_tokens(model, ids, 4, top=2, names=load_concepts(concept_dict(tmp_path / "c.json")))
+    page = inspect_html.html_page([("a & b", rows), ("again", rows)], enc)
     for tok in ids:
-        assert sample.html.escape(enc.decode([tok])) in page
+        assert html.escape(enc.decode([tok])) in page
     assert "&lt;" in page and "&amp;" in page and "c" + str(rows[0]["concepts"][0][0]) + "x" in page
     assert "<script src" not in page and "<link" not in page and "http" not in page
     # every token has an anchor (page.html#r1t3 shows its concepts without hovering); a newline token is visible
@@ -349,10 +347,10 @@ def test_cli_cached_and_uncached_agree_and_steering_prints_side_by_side(tmp_path
     # both steerings from one command: the student's concept logit and the source's SAE latent
     source = tiny("plain", seed=5, vocab_size=50257)
     torch.save({"model": source.state_dict(), "model_args": dataclasses.asdict(source.config)}, tmp_path / "src.pt")
-    monkeypatch.setattr(sample, "load_sae", lambda path, device="cpu": StubSAE(32, 64, 4, layer=1))
+    monkeypatch.setattr(steering, "load_sae", lambda path, device="cpu": StubSAE(32, 64, 4, layer=1))
     concept_dict(str(tmp_path / "sae.pt") + ".concepts.json")
     html_path = tmp_path / "page.html"
-    c = strongest_concept(model, torch.tensor([sample.tokenizer().encode("A story about the sea")]))
+    c = strongest_concept(model, torch.tensor([tokenizer().encode("A story about the sea")]))
     c2 = (c + 1) % 64
     runs = sample.main(common + [f"--steer={c}:10", f"--steer={c2}:-4", "--steer_source=2:8", f"--concept_source={tmp_path / 'src.pt'}",
                                  f"--sae_path={tmp_path / 'sae.pt'}", "--width=200", "--inspect", f"--html={html_path}"])
@@ -409,7 +407,7 @@ def sae_reference(source, sae, idx, cid, layer=1):
 def test_windowed_aligns_tokens_and_keeps_half_a_window_of_context():
     idx = torch.arange(3 * 77).view(3, 77)
     seen = lambda w: torch.stack((w, torch.arange(1, w.size(1) + 1).expand_as(w)), -1)  # (token, context length)
-    out = sample.windowed(seen, idx, 32)
+    out = inspect_html.windowed(seen, idx, 32)
     assert torch.equal(out[..., 0], idx)
     ctx = out[0, :, 1]
     assert torch.equal(ctx[:32], torch.arange(1, 33)) and bool((ctx[32:] >= 17).all()) and bool((ctx <= 32).all())
@@ -419,7 +417,7 @@ def test_measure_steering_counts_what_it_says(tmp_path):
     """Both steerings end to end on tiny models: fractions in [0, 1], n_tokens right, and each column equal
     to a recount from the generated sequences (SAE on the source, dictionary top tokens, student TopK)."""
     student, source = tiny("interleave", vocab_size=50257), tiny("plain", seed=5, vocab_size=50257)
-    sae, enc, args = StubSAE(32, 64, 4, layer=1), sample.tokenizer(), measure_args()
+    sae, enc, args = StubSAE(32, 64, 4, layer=1), tokenizer(), measure_args()
     prompts = ["The", "Once upon a time"]
     c = strongest_concept(student, torch.tensor([enc.encode("Once upon a time")]))
     with torch.no_grad():  # a latent the SAE finds on the prompt, so that scaling it changes the source
@@ -427,9 +425,9 @@ def test_measure_steering_counts_what_it_says(tmp_path):
         latent = int(sae.encode_pre(x)[0, -1].argmax())
     top_texts = {" the", ",", "."}
     kw = dict(source=source, sae=sae, layer=1, top_texts=top_texts, student=student, enc=enc)
-    runs = {"student": sample.measure_steering(student, prompts, args, c, steer={c: 10.0}, **kw),
-            "source": sample.measure_steering(source, prompts, args, latent, **kw,
-                                              steer_ctx=lambda: sample.SourceSteering(source, sae, 1, {latent: 8.0}))}
+    runs = {"student": steering.measure_steering(student, prompts, args, c, steer={c: 10.0}, **kw),
+            "source": steering.measure_steering(source, prompts, args, latent, **kw,
+                                              steer_ctx=lambda: steering.SourceSteering(source, sae, 1, {latent: 8.0}))}
     for name, res in runs.items():
         cid = c if name == "student" else latent
         for cond in ("unsteered", "steered"):
@@ -441,16 +439,16 @@ def test_measure_steering_counts_what_it_says(tmp_path):
             for i, s in enumerate(r["seqs"]):
                 new, row = slice(n_prompt[r["prompt"][i]], None), torch.tensor([s])
                 assert len(s[new]) == 12
-                assert r["tokens"][i] == sum(sample.token_text(enc, t) in top_texts for t in s[new]) / 12
+                assert r["tokens"][i] == sum(inspect_html.token_text(enc, t) in top_texts for t in s[new]) / 12
                 assert r["sae"][i] == sae_reference(source, sae, row, cid)[0, new].float().mean()
                 steer = {c: 10.0} if name == "student" and cond == "steered" else None
                 with torch.no_grad():
-                    z = student(row, steer=steer, return_aux=True)[2]["z"][0, new]
+                    z = student.hidden_states(row, steer)[1][0, new]
                 assert r["student"][i] == (z.topk(4).indices == cid).any(-1).float().mean()
         # the unsteered run is the same whichever steering it is paired with
         assert res["unsteered"]["seqs"] == runs["student"]["unsteered"]["seqs"] or name == "source"
         assert res["steered"]["seqs"] != res["unsteered"]["seqs"]  # the steering did change the text
-    text = sample.format_measurement(runs["student"], "t")
+    text = steering.format_measurement(runs["student"], "t")
     assert text.count("\n") == 4 and "steered - unsteered" in text and "±" in text
 
 
@@ -460,14 +458,14 @@ def test_factor_one_changes_nothing_with_paired_seeds():
     student, source = tiny("add", vocab_size=50257), tiny("plain", seed=5, vocab_size=50257)
     sae, args = StubSAE(32, 64, 4, layer=1), measure_args()
     kw = dict(source=source, sae=sae, layer=1, top_texts={" the"}, student=student)
-    for gen, steer, ctx in ((student, {7: 1.0}, sample.nullcontext),
-                            (source, None, lambda: sample.SourceSteering(source, sae, 1, {7: 1.0}))):
-        res = sample.measure_steering(gen, ["The", "It was"], args, 7, steer=steer, steer_ctx=ctx, **kw)
+    for gen, steer, ctx in ((student, {7: 1.0}, nullcontext),
+                            (source, None, lambda: steering.SourceSteering(source, sae, 1, {7: 1.0}))):
+        res = steering.measure_steering(gen, ["The", "It was"], args, 7, steer=steer, steer_ctx=ctx, **kw)
         a, b = res["unsteered"], res["steered"]
         assert a["seqs"] == b["seqs"] and len({tuple(s) for s in a["seqs"]}) == 6
         for k in ("sae", "tokens", "student"):
             assert torch.equal(a[k], b[k])
-            assert sample.paired_difference(a[k], b[k], a["prompt"]) == (0.0, 0.0)
+            assert steering.paired_difference(a[k], b[k], a["prompt"]) == (0.0, 0.0)
 
 
 def test_strong_steer_puts_a_constant_concept_in_every_topk():
@@ -482,22 +480,22 @@ def test_strong_steer_puts_a_constant_concept_in_every_topk():
         bound = (head.weight.norm(dim=1) * (32 ** 0.5 + model.mixer.b_pre.norm()) + head.bias.abs())[others].max()
         head.weight[c] = 0
         head.bias[c] = bound / 5
-    res = sample.measure_steering(model, ["The", "She said", "After a while"], measure_args(), c, steer={c: 10.0},
+    res = steering.measure_steering(model, ["The", "She said", "After a while"], measure_args(), c, steer={c: 10.0},
                                   student=model)
     base, steered = res["unsteered"]["student"], res["steered"]["student"]
     assert bool((steered == 1).all())
     assert 0 < base.mean() < 1  # not vacuous: without the steer the concept is in some TopKs, not all
     assert res["unsteered"]["sae"] is None and res["unsteered"]["tokens"] is None  # no SAE, no dictionary given
-    d, se = sample.paired_difference(base, steered, res["unsteered"]["prompt"])
+    d, se = steering.paired_difference(base, steered, res["unsteered"]["prompt"])
     assert abs(d - (1 - base.mean().item())) < 1e-12 and se >= 0
 
 
 def test_paired_difference_standard_error_is_over_prompts():
     a = torch.zeros(6, dtype=torch.float64)
     b = torch.tensor([0.1, 0.3, 0.5, 0.7, 0.2, 0.2], dtype=torch.float64)
-    d, se = sample.paired_difference(a, b, [0, 0, 1, 1, 2, 2])  # per-prompt means 0.2, 0.6, 0.2
+    d, se = steering.paired_difference(a, b, [0, 0, 1, 1, 2, 2])  # per-prompt means 0.2, 0.6, 0.2
     assert abs(d - 2 / 3 * 0.5) < 1e-12 and abs(se - torch.tensor([0.2, 0.6, 0.2]).std().item() / 3 ** 0.5) < 1e-7
-    d1, se1 = sample.paired_difference(a, b, [0] * 6)  # one prompt: over the samples
+    d1, se1 = steering.paired_difference(a, b, [0] * 6)  # one prompt: over the samples
     assert abs(se1 - b.std().item() / 6 ** 0.5) < 1e-12
 
 
@@ -512,7 +510,7 @@ def test_cli_measures_from_the_checkpoint_config(tmp_path, capsys, monkeypatch):
     config = {"concept_source": str(tmp_path / "src.pt"), "sae_path": str(tmp_path / "sae.pt"), "sae_layer": 1}
     torch.save({"model": model.state_dict(), "model_args": dataclasses.asdict(model.config), "config": config}, out / "ckpt.pt")
     concept_dict(str(tmp_path / "sae.pt") + ".concepts.json")
-    monkeypatch.setattr(sample, "load_sae", lambda path, device="cpu": StubSAE(32, 64, 4, layer=1))
+    monkeypatch.setattr(steering, "load_sae", lambda path, device="cpu": StubSAE(32, 64, 4, layer=1))
     (tmp_path / "prompts.txt").write_text("\nFirst line here\n\nSecond line\nThird line\n")
     res = sample.main([f"--out_dir={out}", "--measure_steer=3:8", "--measure_steer_source=3:-2", "--num_samples=2",
                        "--max_new_tokens=6", f"--prompts={tmp_path / 'prompts.txt'}", "--n_prompts=2"])
@@ -521,7 +519,7 @@ def test_cli_measures_from_the_checkpoint_config(tmp_path, capsys, monkeypatch):
     assert text.count("== concept 3 [c3x/c3y] x8 on the student's") == 1 and "x-2 on the concept source's" in text
     for r in res.values():
         assert r["steered"]["n_tokens"] == 2 * 2 * 6 and r["steered"]["prompt"] == [0, 0, 1, 1]
-        assert all(s[:3] == sample.tokenizer().encode("First line here") for s in r["steered"]["seqs"][:2])
+        assert all(s[:3] == tokenizer().encode("First line here") for s in r["steered"]["seqs"][:2])
     for argv, message in ((["--measure_steer=3:11"], "outside [-10, 10]"), (["--measure_steer=3:2,4:2"], "one ID:FACTOR")):
         with pytest.raises(SystemExit):
             sample.main([f"--out_dir={out}", "--max_new_tokens=2"] + argv)

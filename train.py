@@ -16,7 +16,6 @@ drawn from a generator seeded with (seed, s), which also makes resume exact.
 import json
 import math
 import os
-import random
 import signal
 import sys
 import time
@@ -24,13 +23,14 @@ from contextlib import nullcontext
 
 import numpy as np
 import torch
-from torch.distributed import destroy_process_group, init_process_group
+from torch.distributed import destroy_process_group
 from torch.nn.parallel import DistributedDataParallel as DDP
 
-from checks import check_config, check_resume, check_source
 from corpus import VOCAB_SIZE, load_tokens, token_byte_lengths
 from model import GPT, GPTConfig, concept_loss, concept_recall, load_checkpoint, load_frozen_gpt
 from ops import lm_loss
+from train_utils import (auto_device, auto_dtype, check_config, check_resume, check_source, init_processes, label_cache_note,
+                         make_labeler, rng_state, set_rng_state)
 
 # -----------------------------------------------------------------------------
 # default config: a small GPT on a laptop CPU
@@ -104,30 +104,13 @@ lr_decay_iters = lr_decay_iters if lr_decay_iters > 0 else max_iters
 min_lr = min_lr if min_lr >= 0 else learning_rate / 10
 
 # ---- processes, device and precision
-ddp = int(os.environ.get('RANK', -1)) != -1
-if device == 'auto':
-    device = 'cuda' if torch.cuda.is_available() else 'mps' if torch.backends.mps.is_available() else 'cpu'
-if ddp:
-    if backend == 'auto':
-        backend = 'nccl' if device.startswith('cuda') else 'gloo'
-    init_process_group(backend=backend)
-    rank, local_rank, world_size = int(os.environ['RANK']), int(os.environ['LOCAL_RANK']), int(os.environ['WORLD_SIZE'])
-    if device.startswith('cuda'):
-        device = f'cuda:{local_rank}'
-        torch.cuda.set_device(device)
-    if gradient_accumulation_steps % world_size:
-        fail(f"gradient_accumulation_steps={gradient_accumulation_steps} must be divisible by the {world_size} processes")
-else:
-    rank, local_rank, world_size = 0, 0, 1
+try:
+    ddp, rank, local_rank, world_size, device = init_processes(auto_device(device), backend, gradient_accumulation_steps)
+except ValueError as e:
+    fail(str(e))
 master = rank == 0
 device_type = 'cuda' if 'cuda' in device else 'mps' if 'mps' in device else 'cpu'
-if dtype == 'auto':
-    if device_type == 'cuda':
-        dtype = 'bfloat16' if torch.cuda.is_bf16_supported() else 'float16'
-    elif device_type == 'cpu' and torch.ops.mkldnn._is_mkldnn_bf16_supported():
-        dtype = 'bfloat16'  # only where the CPU has native bf16 (AVX512-BF16/AMX); emulated bf16 is slower than fp32
-    else:
-        dtype = 'float32'
+dtype = auto_dtype(dtype, device_type)
 ptdtype = {'float32': torch.float32, 'bfloat16': torch.bfloat16, 'float16': torch.float16}[dtype]
 ctx = nullcontext() if dtype == 'float32' else torch.autocast(device_type=device_type, dtype=ptdtype)
 torch.backends.cuda.matmul.allow_tf32 = True
@@ -135,7 +118,7 @@ torch.backends.cudnn.allow_tf32 = True
 
 # ---- data: uint16 token files written by prepare.py
 try:
-    data = {s: load_tokens(data_dir, s, min_tokens=block_size + 2) for s in ('train', 'val')}
+    data = {s: load_tokens(data_dir, s, block_size + 2, 'block_size+2') for s in ('train', 'val')}
 except (OSError, ValueError) as e:
     fail(str(e))
 micro_batches = gradient_accumulation_steps // world_size
@@ -175,38 +158,13 @@ if mode in ('cocomix', 'kd'):
     if problem := check_source(source, VOCAB_SIZE, block_size, concept_source):
         fail(problem)
 if mode == 'cocomix':
-    from concepts import ConceptLabeler
     from label_cache import open_label_caches
-    from sae import SAE
     try:
-        sae = SAE.load(sae_path, layer=sae_layer if sae_layer >= 0 else None).to(device)
-        if sae.meta.get('layer') is None:
-            fail(f"{sae_path} does not say which layer it was trained on: pass --sae_layer")
-        sae_layer = sae.meta['layer']
-        labeler = ConceptLabeler(source, sae, sae_layer, k_attr, label_rule)
-        n_concepts = n_concepts or sae.n_latents
-        if n_concepts != sae.n_latents:
-            fail(f"n_concepts={n_concepts} but the SAE has {sae.n_latents} latents")
-        if label_cache:  # eval windows are fixed, so they hit from the second eval on
-            label_caches = open_label_caches(labeler, data_dir, block_size, concept_source, sae.path, dtype)
+        labeler, n_concepts = make_labeler(source, sae_path, sae_layer, k_attr, label_rule, n_concepts, device)
+        if label_cache:  # labels of a window are computed once and read from data_dir after (label_cache.py)
+            label_caches = open_label_caches(labeler, data_dir, block_size, concept_source, labeler.sae.path, dtype)
     except (OSError, ValueError) as e:
         fail(str(e))
-
-def rng_state():
-    """Every generator a step draws from, as plain Python values (the checkpoint loads with weights_only=True)."""
-    name, keys, pos, has_gauss, cached = np.random.get_state()
-    return {'torch': torch.get_rng_state(), 'python': random.getstate(), 'numpy': [name, keys.tolist(), pos, has_gauss, cached],
-            'cuda': torch.cuda.get_rng_state() if device_type == 'cuda' else None}
-
-
-def set_rng_state(rng):
-    torch.set_rng_state(rng['torch'])
-    random.setstate(rng['python'])
-    name, keys, pos, has_gauss, cached = rng['numpy']
-    np.random.set_state((name, np.array(keys, dtype=np.uint32), pos, has_gauss, cached))
-    if rng.get('cuda') is not None and device_type == 'cuda':
-        torch.cuda.set_rng_state(rng['cuda'])
-
 
 # ---- model
 model_args = dict(n_layer=n_layer, n_head=n_head, n_embd=n_embd, block_size=block_size, bias=bias,
@@ -241,7 +199,7 @@ optimizer = model.configure_optimizers(weight_decay, learning_rate, (beta1, beta
 if checkpoint is not None:
     optimizer.load_state_dict(checkpoint['optimizer'])
     scaler.load_state_dict(checkpoint['scaler'])
-    set_rng_state(checkpoint['rng'])
+    set_rng_state(checkpoint['rng'], device_type)
 checkpoint = None
 
 
@@ -350,7 +308,7 @@ def save_checkpoint():
         print(f"warning: step {iter_num}: parameters are not finite, checkpoint not written", file=sys.stderr)
         return
     ckpt = {'model': sd, 'optimizer': optimizer.state_dict(), 'scaler': scaler.state_dict(), 'model_args': model_args,
-            'iter_num': iter_num, 'best_val_loss': best_val_loss, 'config': config, 'rng': rng_state()}
+            'iter_num': iter_num, 'best_val_loss': best_val_loss, 'config': config, 'rng': rng_state(device_type)}
     torch.save(ckpt, ckpt_path + '.tmp')
     os.replace(ckpt_path + '.tmp', ckpt_path)
 
@@ -360,16 +318,9 @@ def log(record):
         f.write(json.dumps(record) + '\n')
 
 
-stop_requested = False  # SIGINT/SIGTERM: finish the current step, save a checkpoint, exit
-
-
-def request_stop(signum, frame):
-    global stop_requested
-    stop_requested = True
-
-
-signal.signal(signal.SIGINT, request_stop)
-signal.signal(signal.SIGTERM, request_stop)
+stop_requested = []  # SIGINT/SIGTERM: finish the current step, save a checkpoint, exit
+for s in (signal.SIGINT, signal.SIGTERM):
+    signal.signal(s, lambda signum, frame: stop_requested.append(signum))
 if master:
     os.makedirs(out_dir, exist_ok=True)
     print(f"mode={mode} params={raw_model.get_num_params() / 1e6:.2f}M device={device} dtype={dtype} world={world_size} "
@@ -392,10 +343,7 @@ while True:
         msg = f"step {iter_num}: train {metrics['train/loss']:.4f}, val {metrics['val/loss']:.4f}"
         if 'val/concept' in metrics:
             msg += f", concept {metrics['val/concept']:.3f}, recall {metrics['val/recall']:.3f}"
-        if label_caches:  # windows so far (this process) whose labels came from disk / were computed
-            record['label_hits'] = sum(c.hits for c in label_caches.values())
-            record['label_computed'] = sum(c.misses for c in label_caches.values())
-            msg += f", labels cached {record['label_hits']}/{record['label_hits'] + record['label_computed']}"
+        msg += label_cache_note(label_caches, record)
         log(record)
         say(msg)
         improved = metrics['val/loss'] < best_val_loss

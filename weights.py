@@ -99,3 +99,35 @@ def download_gpt2(name, cache_dir=None):
 def file_sha256(path):
     with open(path, "rb") as f:
         return hashlib.file_digest(f, "sha256").hexdigest()
+
+
+def read_gpt2_config(path):
+    """(Hugging Face config.json of a GPT-2 folder, the folder); a GPT-2 name is downloaded first."""
+    if path in GPT2_NAMES and not os.path.isdir(path):
+        path = download_gpt2(path)
+    with open(os.path.join(path, "config.json")) as f:
+        hf = json.load(f)
+    if hf.get("activation_function", "gelu_new") not in ("gelu_new", "gelu_pytorch_tanh"):
+        raise ValueError(f"{path}: activation_function {hf['activation_function']!r} is not GPT-2's tanh GELU")
+    return hf, path
+
+
+def copy_gpt2_weights(model, path):
+    """Hugging Face GPT-2 weights from the folder `path` into our GPT (same names, bar HF's layout)."""
+    sd = load_hf_state_dict(path)
+    sd = {k.removeprefix("transformer."): v for k, v in sd.items()}
+    # the published gpt2 files carry attention-mask buffers; they are not weights
+    sd = {k: v for k, v in sd.items() if not k.endswith((".attn.bias", ".attn.masked_bias"))}
+    sd.pop("lm_head.weight", None)  # tied to wte
+    own = {k.removeprefix("transformer."): p for k, p in model.state_dict().items()
+           if k != "lm_head.weight" and not k.startswith(("mixer.", "pause"))}
+    missing, unexpected = set(own) - set(sd), set(sd) - set(own)
+    if missing or unexpected:
+        raise ValueError(f"{path}: not a GPT-2 checkpoint (missing {sorted(missing)[:3]}, unexpected {sorted(unexpected)[:3]})")
+    conv1d = ("attn.c_attn.weight", "attn.c_proj.weight", "mlp.c_fc.weight", "mlp.c_proj.weight")
+    with torch.no_grad():
+        for k, p in own.items():
+            w = sd[k].t() if k.endswith(conv1d) else sd[k]  # HF's Conv1D stores (in, out)
+            if w.shape != p.shape:
+                raise ValueError(f"{path}: {k} has shape {tuple(w.shape)}, expected {tuple(p.shape)}")
+            p.copy_(w)
