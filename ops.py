@@ -1,7 +1,7 @@
 """
-Two hand-written autograd operations, each the exact value of a plain PyTorch expression written
-next to it (the `*_reference` functions, which the tests compare against), computed without that
-expression's large intermediate:
+Two operations, each the exact value of a plain PyTorch expression written next to it (the
+`*_reference` functions, which the tests compare against), computed without that expression's
+large intermediate:
 
 - sparse top-k mixing (the CoCoMix student's compression and the SAE's decoder):
   sparse_mix = sparse_mix_reference, without the dense N x C masked matrix;
@@ -10,8 +10,6 @@ expression's large intermediate:
 
 Read the references first: they are what the model means; the rest is how it is made fast.
 """
-
-import warnings
 
 import torch
 import torch.nn.functional as F
@@ -32,62 +30,13 @@ def sparse_mix_backward_reference(grad_out, values, indices, W):
     return grad_values, torch.zeros_like(W).index_add_(0, indices.reshape(-1), rows)
 
 
-@torch.library.custom_op("cocomix::sparse_mix_backward", mutates_args=())
-def sparse_mix_backward(grad_out: torch.Tensor, values: torch.Tensor, indices: torch.Tensor,
-                        W: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """SparseMix's gradients (values, W), equal to sparse_mix_backward_reference without its N x K x d
-    intermediates. A custom op, so that torch.compile calls it whole: the sparse CSR tensor, the
-    warnings filter and bincount inside cannot be traced and would break the graph."""
-    N, K = indices.shape
-    # d out / d values[n, k] = W[indices[n, k]] . g[n]: the product g W^T sampled at the chosen
-    # (token, concept) pairs only (a sampled dense-dense matmul, no gathered N x K x d rows)
-    sorted_idx, perm = indices.sort(dim=1)
-    with warnings.catch_warnings():  # "sparse CSR is in beta": it is exact here, and tested
-        warnings.simplefilter("ignore", UserWarning)
-        pattern = torch.sparse_csr_tensor(torch.arange(0, N * K + 1, K, device=W.device), sorted_idx.reshape(-1),
-                                          torch.zeros(N * K, dtype=grad_out.dtype, device=W.device),
-                                          (N, W.size(0)), check_invariants=False)
-    dots = torch.sparse.sampled_addmm(pattern, grad_out, W.t().to(grad_out.dtype), beta=0.0).values().view(N, K)
-    grad_values = torch.empty_like(dots).scatter_(1, perm, dots).to(values.dtype)
-    # d out / d W[c] = sum of values[n, k] g[n] over the (n, k) that chose c: group the pairs by
-    # concept and let embedding_bag sum the weighted token gradients of each group
-    flat = indices.reshape(-1)
-    order = flat.argsort()
-    counts = torch.bincount(flat, minlength=W.size(0))
-    offsets = torch.cumsum(counts, 0) - counts
-    tokens = torch.div(order, K, rounding_mode="floor")
-    grad_W = F.embedding_bag(tokens, grad_out.to(W.dtype), offsets, mode="sum",
-                             per_sample_weights=values.reshape(-1)[order].to(W.dtype))
-    return grad_values, grad_W
-
-
-@sparse_mix_backward.register_fake
-def _(grad_out, values, indices, W):
-    return torch.empty_like(values), torch.empty_like(W)
-
-
-class SparseMix(torch.autograd.Function):
-    """out[n] = sum_k values[n, k] * W[indices[n, k]]: a gather of K rows of W (C x d), never the
-    dense N x C masked matrix. Backward scatter-adds into those K rows only."""
-
-    @staticmethod
-    def forward(ctx, values, indices, W):
-        ctx.save_for_backward(values, indices, W)
-        # embedding_bag is a fused gather + weighted sum: no N x K x d intermediate
-        return F.embedding_bag(indices, W, per_sample_weights=values, mode="sum")
-
-    @staticmethod
-    def backward(ctx, grad_out):
-        values, indices, W = ctx.saved_tensors
-        grad_values, grad_W = sparse_mix_backward(grad_out, values, indices, W)
-        return grad_values, None, grad_W
-
-
 def sparse_mix(values, indices, W):
-    """(..., K) values and indices into the rows of W (C x d) -> (..., d)."""
-    shape = values.shape[:-1]
-    K = values.size(-1)
-    out = SparseMix.apply(values.reshape(-1, K), indices.reshape(-1, K), W)
+    """(..., K) values and indices into the rows of W (C x d) -> (..., d), equal to sparse_mix_reference
+    without its N x C matrix: embedding_bag is a fused gather + weighted sum of the K rows (no N x K x d
+    intermediate either), and its own backward gives both gradients of sparse_mix_backward_reference
+    (a dot product per chosen row for the values, a scatter-add into the chosen rows of W)."""
+    shape, K = values.shape[:-1], values.size(-1)
+    out = F.embedding_bag(indices.reshape(-1, K), W, per_sample_weights=values.reshape(-1, K), mode="sum")
     return out.view(*shape, W.size(1))
 
 

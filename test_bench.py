@@ -34,8 +34,8 @@ def test_compile_cli():
 
 
 def test_cocomix_student_is_one_graph(capsys):
-    """SparseMix's backward is a custom op, so dynamo traces the CoCoMix student's forward + loss (and the
-    Function's backward with it) as one graph; the full compiled run is `bench_compile.py --check`."""
+    """Dynamo traces the CoCoMix student's forward + loss (sparse mixing is a plain embedding_bag) as
+    one graph; the full compiled run is `bench_compile.py --check`."""
     args = bench.parse(["--tiny"])
     X, Y = bench.batch(args, "cpu")
     model = bench.student(args, "cocomix", "cpu")
