@@ -581,7 +581,7 @@ def bench_mixing(args):
 
 
 def bench_kd(args):
-    """KD's training step (SPEC section 5) two ways, alternating: the full B x T x V logits of teacher and
+    """KD's training step two ways, alternating: the full B x T x V logits of teacher and
     student (ops.lm_loss_reference), and train.py's path, ops.lm_loss with the teacher's final hidden state
     and head, which makes both logits (and the gradient) a chunk of rows at a time."""
     dev = args.device

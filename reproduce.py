@@ -1,5 +1,5 @@
 """
-The paper's comparison (SPEC.md sections 5 and 7) at small scale, in one command:
+The paper's comparison at small scale, in one command:
 
     python reproduce.py --preset=tiny                  # smoke test, ~3 minutes on a 2-core CPU
     python reproduce.py --preset=cpu --seeds 1,2,3     # gutenberg, source + SAE ~50 min, ~25-30 min per seed, 2 cores
@@ -61,7 +61,7 @@ PRESETS = {
         threads=2, source='config/reproduce_cpu_source.py', student='config/reproduce_cpu_student.py',
         sae=dict(layer=2, n_latents=8192, k=32, tokens=2_097_152, batch_size=4096, buffer=131072, eval_tokens=32768),
         eval=dict(max_tokens=32768, lambada_max=500, batch_size=8)),
-    # The paper's 69M setup (SPEC section 6), GPT-2 124M + OpenAI's layer-5 32k SAE as the concept source,
+    # The paper's 69M setup, GPT-2 124M + OpenAI's layer-5 32k SAE as the concept source,
     # OpenWebText (needs `datasets`; train.py needs the GPT-2 weights). 1000 steps of 0.5M tokens = 0.52B
     # tokens per method (the paper: 20B). Not measured: at a guessed ~400k tok/s (NTP) to ~150k tok/s
     # (CoCoMix) on one H100 in bf16, ~2.5 hours for the four methods.

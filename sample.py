@@ -3,7 +3,7 @@ Sample from a trained model, steer it through its concepts, and look at the conc
 
     python sample.py --out_dir=out/cocomix --start="The capital of France" --max_new_tokens=100
     python sample.py --init_from=/path/to/gpt2 --start=FILE:prompt.txt --num_samples=3
-    # steering (SPEC section 7): scale predicted concept logit z[..., 123] by 8 at every position;
+    # steering: scale predicted concept logit z[..., 123] by 8 at every position;
     # --steer_source does the same to SAE latent 123 of the concept source; both print side by side
     python sample.py --out_dir=out/cocomix --steer=123:8 --steer_source=123:8 --temperature=0
     # which concepts the model predicts, per token, in the terminal and as an HTML page

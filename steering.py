@@ -1,5 +1,5 @@
 """
-Concept steering (SPEC section 7) and its measurement, for sample.py.
+Concept steering and its measurement, for sample.py.
 
 Two ways to steer: the student's predicted concept logit z[..., ID] scaled by a factor (GPT.generate's
 steer), or SAE latent ID of the concept source scaled before the SAE's TopK (SourceSteering). The

@@ -1,5 +1,5 @@
 # The offline concept source: a small GPT trained with plain next-token prediction on the
-# corpus the students will see (SPEC section 1, "the offline default").
+# corpus the students will see (docs/method.md, "the offline default").
 # python train.py config/cpu_source.py --data_dir=data/gutenberg --out_dir=out/source
 mode = 'ntp'
 n_layer = 6

@@ -1,4 +1,4 @@
-# The paper's 386M setup (SPEC section 6): 24 layers, d=1024, 16 heads, insert layer 5.
+# The paper's 386M setup: 24 layers, d=1024, 16 heads, insert layer 5.
 exec(open('config/gpu_69m_cocomix.py').read())
 out_dir = 'out/gpu_386m_cocomix'
 n_layer = 24

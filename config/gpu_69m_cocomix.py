@@ -1,4 +1,4 @@
-# The paper's 69M setup (SPEC section 6): 8 layers, d=512, insert layer 3, GPT-2 124M as the
+# The paper's 69M setup: 8 layers, d=512, insert layer 3, GPT-2 124M as the
 # concept source with OpenAI's layer-5 32k SAE, OpenWebText, 0.5M tokens per step.
 # python prepare.py --source openwebtext --out_dir data/openwebtext
 # python train.py config/gpu_69m_cocomix.py --concept_source=gpt2 --sae_path=PATH/5.pt
