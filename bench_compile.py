@@ -14,8 +14,9 @@ import time
 
 import torch
 
-from bench import (alternate, autocast, batch, device_peak_flops, flops_per_token, label_flops, make_labeler, optimizer,
-                   options, settle, student, student_loss, sync, train_step)
+from bench import (alternate, autocast, batch, make_labeler, optimizer, options, settle, student, student_loss, sync,
+                   train_step)
+from flops import device_peak_flops, flops_per_token, label_flops
 from model import GPT, GPTConfig
 from ops import default_lm_chunk
 
@@ -116,7 +117,7 @@ def gpu_mfu(args):
     """NTP on GPT-2 124M, and the paper's 69M CoCoMix student (8 layers, d=512, insert layer 3, C=32768,
     K=32) with GPT-2 124M as concept source and a 32768-latent SAE (k=32) on its block 5, at block 1024:
     bf16 autocast, torch.compile on CUDA, fused AdamW (configure_optimizers on CUDA). Random weights and
-    tokens, so it runs offline. MFU = bench.flops_per_token x tokens/s / the device's dense bf16 peak.
+    tokens, so it runs offline. MFU = flops.flops_per_token x tokens/s / the device's dense bf16 peak.
     The LM-head loss takes ops.lm_loss's chunk for the device: 4096 rows on CUDA (dynamo unrolls the
     chunk loop, and the CPU's 256 would make 64 copies of its body at batch 16 x 1024, a compile of minutes)."""
     dev, cuda = args.device, "cuda" in args.device

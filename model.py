@@ -26,7 +26,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from ops import sparse_mix
-from weights import GPT2_NAMES, copy_gpt2_weights, load_safetensors, read_gpt2_config  # noqa: F401 (re-exported)
+from weights import GPT2_NAMES, copy_gpt2_weights, read_gpt2_config
 
 MIX_MODES = ("interleave", "add", "none", "pause")
 

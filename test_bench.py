@@ -8,6 +8,7 @@ import torch
 
 import bench
 import bench_compile
+import flops
 from model import GPT, GPTConfig
 
 FAST = ["--tiny", "--rounds=1", "--warmup=0", "--steps=1"]
@@ -61,7 +62,7 @@ def test_stage_flops_add_up():
     for mix in ("interleave", "add", "none"):
         m = GPT(GPTConfig(n_layer=3, n_head=2, n_embd=32, block_size=16, vocab_size=100, n_concepts=64,
                           concept_topk=4, insert_layer=1, mix=mix))
-        assert math.isclose(sum(bench.stage_flops(m, 16).values()), bench.flops_per_token(m, 16))
+        assert math.isclose(sum(flops.stage_flops(m, 16).values()), flops.flops_per_token(m, 16))
 
 
 class GradRecorder:
@@ -104,16 +105,16 @@ def test_staged_step_is_train_step(mode, mix, dtype, labels):
 
 
 def test_flops_and_mfu():
-    """flops_per_token's numbers are those GPT.flops_per_token gave before it moved to bench.py."""
+    """flops_per_token's numbers are those GPT.flops_per_token gave before it moved to flops.py."""
     gpt2 = GPT(GPTConfig(n_layer=12, n_head=12, n_embd=768, block_size=1024))
     # 6 x (12 blocks of 12 d^2 + the d x V head) + causal attention, 6 x d x T per block
-    assert bench.flops_per_token(gpt2, 1024) == 6 * (12 * 12 * 768**2 + 768 * 50257) + 12 * 6 * 768 * 1024 == 797815296
+    assert flops.flops_per_token(gpt2, 1024) == 6 * (12 * 12 * 768**2 + 768 * 50257) + 12 * 6 * 768 * 1024 == 797815296
     before = {"interleave": 428544, "add": 262656, "none": 262656, "pause": 415488}  # at commit f4e4071
-    for mix, flops in before.items():
+    for mix, expected in before.items():
         m = GPT(GPTConfig(n_layer=3, n_head=2, n_embd=32, block_size=16, vocab_size=100, insert_layer=1, mix=mix,
                           n_concepts=0 if mix == "pause" else 64, concept_topk=4))
-        assert bench.flops_per_token(m, 16) == flops, mix
-    assert bench.device_peak_flops("cpu") == bench.device_peak_flops() == bench.CPU_PEAK_FLOPS == 1e12
-    assert bench.PEAK_FLOPS["H100"] == 989e12
+        assert flops.flops_per_token(m, 16) == expected, mix
+    assert flops.device_peak_flops("cpu") == flops.device_peak_flops() == flops.CPU_PEAK_FLOPS == 1e12
+    assert flops.PEAK_FLOPS["H100"] == 989e12
     coco = GPT(GPTConfig(n_layer=4, n_head=2, n_embd=64, block_size=32, n_concepts=256, concept_topk=8, insert_layer=1))
-    assert math.isclose(bench.estimate_mfu(coco, 64, 32, 0.5, "cpu"), 21624192 * 64 / 0.5 / 1e12)
+    assert math.isclose(flops.estimate_mfu(coco, 64, 32, 0.5, "cpu"), 21624192 * 64 / 0.5 / 1e12)

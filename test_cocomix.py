@@ -11,7 +11,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from model import GPT, GPTConfig, MIX_MODES, concept_loss, concept_recall, load_checkpoint, load_safetensors
+from model import GPT, GPTConfig, MIX_MODES, concept_loss, concept_recall, load_checkpoint
+from weights import load_safetensors
 from ops import kl_rows, lm_loss, lm_loss_reference, sparse_mix, sparse_mix_backward_reference, sparse_mix_reference
 
 ROOT = os.path.dirname(os.path.abspath(__file__))
