@@ -23,6 +23,7 @@ finished stage with other settings stops the run: use another --out_dir, or --fo
 
 import argparse
 import ast
+import contextlib
 import hashlib
 import json
 import math
@@ -179,7 +180,8 @@ def flags(d):
 
 def read_config(path):
     """The settings a config/ file (path relative to the repo) assigns: what train.py's configurator sets from it."""
-    return {k: v for k, v in runpy.run_path(os.path.join(REPO, path)).items() if not k.startswith('_')}
+    with contextlib.chdir(REPO):  # config files exec their base files by paths relative to the repo, as train.py runs them
+        return {k: v for k, v in runpy.run_path(path).items() if not k.startswith('_')}
 
 
 def train_command(config_file, extra, data_dir, out_dir):
