@@ -9,6 +9,7 @@ on its tokens, the source, the SAE and the label settings, so they can be kept n
 import hashlib
 import json
 import os
+import sys
 
 import numpy as np
 import torch
@@ -133,7 +134,6 @@ class LabelCache:
 def open_label_caches(labeler, data_dir, block_size, source_path, sae_path, dtype):
     """One LabelCache per token file, {'train': ..., 'val': ...}; {} (labels computed for every batch)
     when the data folder cannot hold them, e.g. read-only: slower, not wrong."""
-    import sys
     try:
         identity = label_identity(labeler, source_path, sae_path, dtype)
         return {s: LabelCache(labeler, data_dir, s, block_size, identity) for s in ("train", "val")}
