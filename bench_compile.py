@@ -70,11 +70,13 @@ def compile_check(args):
     X, Y = batch(args, args.device)
     labeler = make_labeler(args, args.device)
     labels = labeler(X, Y)
+    results = {}
     for mode in ("ntp", "cocomix"):
         model = student(args, mode, args.device)
         lab = labels if mode == "cocomix" else None
         print(f"\n{mode} student, backend={args.backend}")
-        explain(student_loss, model, X, Y, lab, args.lam)
+        ex = explain(student_loss, model, X, Y, lab, args.lam)
+        results[mode] = {"graphs": ex.graph_count, "graph_breaks": ex.graph_break_count, "eager_loss": None}
         ref = student_loss(model, X, Y, lab, args.lam)
         dynamo.reset()
         counters.clear()
@@ -96,8 +98,11 @@ def compile_check(args):
             for fn in (step, step, step, evaluate, step):
                 fn()
         except Exception as e:  # a failure to compile is a finding, not the end of the check
-            print(f"  compiled run FAILED: {type(e).__name__}: {str(e).splitlines()[0][:300]}")
+            print(f"  compiled run FAILED: {type(e).__name__}: {(str(e).splitlines() or [''])[0][:300]}")
+            results[mode]["failed"] = f"{type(e).__name__}: {(str(e).splitlines() or [''])[0][:300]}"
             continue
+        results[mode].update(eager_loss=ref.item(), compiled_loss=loss.item(), recompiles_warmup=n_warm,
+                             recompiles_after=len(recompiles) - n_warm, graphs_after=counters["stats"]["unique_graphs"] - warm)
         print(f"  compiled fwd+loss+bwd: first step {t0:.1f} s, loss {loss.item():.5f} (eager {ref.item():.5f}); "
               f"{warm} graph(s) after warm-up (train + eval), {counters['stats']['unique_graphs'] - warm} more after "
               f"4 further train steps and an eval; recompiles: {n_warm} in warm-up, {len(recompiles) - n_warm} after")
@@ -107,6 +112,7 @@ def compile_check(args):
     explain(labeler, X, Y)
     print("a block of the concept source (what --gpu_mfu compiles of it)")
     explain(labeler.source.transformer.h[0], labeler.source.embed(X))
+    return results
 
 
 # -----------------------------------------------------------------------------
@@ -162,6 +168,7 @@ def gpu_mfu(args):
           f"{default_lm_chunk(dev)} rows (ops.lm_loss's default here), peak {peak / 1e12:.0f} TFLOP/s, "
           f"medians of {args.rounds} x {args.steps} steps")
     print(f"{'variant':<36} {'step ms':>9} {'tok/s':>9} {'GFLOP/tok':>10} {'MFU':>6} {'MFU +labels':>11} {'peak GiB':>9}")
+    results = {}
     for k, (step, f) in variants.items():
         mem = 0.0
         if cuda:
@@ -171,6 +178,9 @@ def gpu_mfu(args):
         mfu = f * tokens / t[k] / peak
         with_labels = (f + f_lab) * tokens / t[k] / peak if "on the fly" in k else mfu
         print(f"{k:<36} {t[k] * 1e3:>9.1f} {tokens / t[k]:>9.0f} {f / 1e9:>10.3f} {mfu:>6.1%} {with_labels:>11.1%} {mem:>9.1f}")
+        results[k] = {"step_ms": t[k] * 1e3, "tokens_per_s": tokens / t[k], "gflop_per_token": f / 1e9, "mfu": mfu,
+                      "mfu_with_labels": with_labels, "peak_gib": mem}
+    return results
 
 
 def main(argv=None):

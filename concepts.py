@@ -8,9 +8,19 @@ each active latent is scored by how much it moves the loss:
 
     s = a * (g . W_dec)        g = dL/dh_con,  g . W_dec taken at the active latents only
 
-The K_attr highest-scoring active latents are the token's concept labels. Tokens
-with fewer than K_attr active latents get -1 for the missing labels, which the
-concept loss ignores.
+The K_attr highest-scoring active latents are the token's concept labels. A token
+can have fewer than K_attr active latents of positive score; `fill` says what fills
+the missing labels:
+
+    "none"      -1, which the concept loss ignores (the default)
+    "active"    the next active latents by score, even negative ones (-1 only when
+                fewer than K_attr latents are active at all)
+    "released"  what the released code's top-k over all C latents gives: inactive
+                latents score exactly 0, so zero-score latents chosen by torch.topk's
+                tie rule, ahead of any negative score
+
+The SAE encoding and the scores always run in fp32, whatever the training
+precision: under bf16 autocast a few percent of the labels would change.
 
 The labels of a window of tokens depend on nothing that training changes, so
 label_cache.py keeps them on disk and later runs read them instead of running the
@@ -22,6 +32,7 @@ import torch
 from ops import lm_loss
 
 LABEL_RULES = ("attribution", "attribution_pre", "neg_attribution", "abs_attribution", "activation")
+LABEL_FILLS = ("none", "active", "released")
 
 
 def gathered_dot(W, indices, g, chunk=1024):
@@ -36,17 +47,19 @@ def gathered_dot(W, indices, g, chunk=1024):
 
 
 class ConceptLabeler:
-    """Per batch: top-K_attr concept labels (B, T, K_attr), -1 where a token has too few active latents."""
+    """Per batch: top-K_attr concept labels (B, T, K_attr), filled by `fill` where a token has too few."""
 
-    def __init__(self, source, sae, layer, k_attr=4, rule="attribution"):
+    def __init__(self, source, sae, layer, k_attr=4, rule="attribution", fill="none"):
         if rule not in LABEL_RULES:
             raise ValueError(f"label_rule must be one of {LABEL_RULES}, got {rule!r}")
+        if fill not in LABEL_FILLS:
+            raise ValueError(f"label_fill must be one of {LABEL_FILLS}, got {fill!r}")
         if not 0 <= layer < source.config.n_layer:
             raise ValueError(f"sae_layer={layer} is outside the concept source's {source.config.n_layer} blocks")
         if not 0 < k_attr <= sae.k:
             raise ValueError(f"k_attr={k_attr} must be in [1, the SAE's k={sae.k}]")
         sae.check_host(source, layer)
-        self.source, self.sae, self.layer, self.k_attr, self.rule = source, sae, layer, k_attr, rule
+        self.source, self.sae, self.layer, self.k_attr, self.rule, self.fill = source, sae, layer, k_attr, rule, fill
 
     def hidden_and_grad(self, idx, targets):
         """h_con after block `layer` and g = dL/dh_con for the mean next-token loss L."""
@@ -67,18 +80,19 @@ class ConceptLabeler:
 
     @torch.no_grad()
     def scores(self, h, g):
-        """Scores of the K_sae active latents: (values, indices, s), each (..., K_sae)."""
-        sae = self.sae
-        values, indices, mu, std = sae.encode(h.float())
-        if self.rule == "activation":
-            return values, indices, values
-        # g . W_dec at the active latents only: gather K_sae decoder rows instead of a dense tokens x C product
-        gW = gathered_dot(sae.W_dec.contiguous(), indices, g.float())
-        if self.rule == "attribution_pre":  # the paper's equation: pre-activations instead of post-TopK latents
-            x, _, _ = sae.standardise(h.float())
-            a = sae.encode_pre(x).gather(-1, indices)
-        else:
-            a = values
+        """Scores of the K_sae active latents: (values, indices, s), each (..., K_sae), in fp32 whatever
+        the training precision (bf16 would reorder a few percent of the labels)."""
+        with torch.autocast(h.device.type, enabled=False):
+            sae, h = self.sae, h.float()
+            values, indices, mu, std = sae.encode(h)
+            if self.rule == "activation":
+                return values, indices, values
+            # g . W_dec at the active latents only: gather K_sae decoder rows, not a dense tokens x C product
+            gW = gathered_dot(sae.W_dec.contiguous(), indices, g.float())
+            if self.rule == "attribution_pre":  # the paper's equation: pre-activations, not post-TopK latents
+                a = sae.encode_pre(sae.standardise(h)[0]).gather(-1, indices)
+            else:
+                a = values
         s = a * gW
         if self.rule == "neg_attribution":
             s = -s
@@ -89,7 +103,12 @@ class ConceptLabeler:
     def __call__(self, idx, targets):
         h, g = self.hidden_and_grad(idx, targets)
         values, indices, s = self.scores(h, g)
-        s = s.masked_fill(values <= 0, float("-inf"))  # choose among the active latents only
-        top, pos = s.topk(self.k_attr, dim=-1)
-        labels = indices.gather(-1, pos)
-        return labels.masked_fill(torch.isinf(top), -1)
+        top, pos = s.masked_fill(values <= 0, float("-inf")).topk(self.k_attr, dim=-1)  # among the active latents
+        labels = indices.gather(-1, pos).masked_fill(torch.isinf(top), -1)
+        if self.fill == "none":
+            return labels.masked_fill(top <= 0, -1)
+        if self.fill == "released":  # tokens short of positive scores: top-k over all C latents, 0 where inactive
+            short = (top <= 0).any(-1)
+            dense = torch.zeros(int(short.sum()), self.sae.n_latents, dtype=s.dtype, device=s.device)
+            labels[short] = dense.scatter_(-1, indices[short], s[short]).topk(self.k_attr, dim=-1).indices
+        return labels

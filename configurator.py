@@ -28,11 +28,21 @@ for arg in sys.argv[1:]:
         except OSError as e:
             _config_error(f"cannot read config file {arg}: {e.strerror}")
         _before = set(globals())
-        exec(_src)
-        _unknown = set(globals()) - _before - {'_src', '_before'}
+        _defaults = {k: v for k, v in globals().items() if isinstance(v, (int, float, bool, str)) and not k.startswith('_')}
+        try:
+            exec(_src)
+        except Exception as _e:  # a typo in a config file: one line, not a traceback from inside exec
+            _config_error(f"config file {arg}: {type(_e).__name__}: {_e}")
+        _unknown = set(globals()) - _before - {'_src', '_before', '_defaults', '_e'}
         _unknown = {k for k in _unknown if not k.startswith('_')}
         if _unknown:
             _config_error(f"{arg} sets unknown config keys: {', '.join(sorted(_unknown))}")
+        for _k, _v in _defaults.items():  # the file's values must have the defaults' types, as --key=value ones
+            _new = globals()[_k]
+            if type(_new) != type(_v) and not (type(_v) is float and type(_new) is int):
+                _config_error(f"{arg} sets {_k} to {_new!r}, expected a {type(_v).__name__}")
+            if type(_v) is float:
+                globals()[_k] = float(_new)
     else:
         if not arg.startswith('--'):
             _config_error(f"expected --key=value, got {arg!r}")

@@ -57,9 +57,13 @@ def describe(sae, model, layer, data_dir, tokens=65536, top_n=10, before=8, afte
         concepts.append({"id": c, "freq": float(freq[c]), "top_tokens": top_tokens, "examples": examples})
     if out:
         obj = {"sae": sae.path, "layer": layer, "tokens": n, "data_dir": os.path.abspath(data_dir), "concepts": concepts}
-        with open(out + ".tmp", "w") as f:
-            json.dump(obj, f, ensure_ascii=False)
-        os.replace(out + ".tmp", out)
+        try:
+            with open(out + ".tmp", "w") as f:
+                json.dump(obj, f, ensure_ascii=False)
+            os.replace(out + ".tmp", out)
+        finally:  # a full disk leaves no half-written dictionary behind
+            if os.path.exists(out + ".tmp"):
+                os.remove(out + ".tmp")
     return concepts
 
 
@@ -67,12 +71,22 @@ def load_concepts(path):
     """Concept dictionary (a list indexed by latent id, or {'concepts': [...]}) -> {id: entry}."""
     if not path:
         return {}
-    with open(path, encoding="utf-8") as f:
-        obj = json.load(f)
+    try:
+        with open(path, encoding="utf-8") as f:
+            obj = json.load(f)
+    except ValueError as e:  # not JSON, not UTF-8
+        raise ValueError(f"{path}: not a JSON concept dictionary ({type(e).__name__})") from None
     entries = obj["concepts"] if isinstance(obj, dict) and "concepts" in obj else obj
-    if isinstance(entries, dict):
-        return {int(k): v for k, v in entries.items()}
-    return {int(e.get("id", i)): e for i, e in enumerate(entries)}
+    items = entries.items() if isinstance(entries, dict) else enumerate(entries) if isinstance(entries, list) else None
+    try:
+        out = {int(e.get("id", k)): e for k, e in items}
+        tops = [t for e in out.values() for t in (e.get("top_tokens") or [])]  # [text, count] pairs
+        if not all(isinstance(t, list) and t and isinstance(t[0], str) for t in tops):
+            raise TypeError
+    except (AttributeError, TypeError, ValueError):
+        raise ValueError(f"{path}: not a concept dictionary (a list of {{'id', 'top_tokens', ...}} objects, or "
+                         "{'concepts': [...]}, as sae.py --describe writes)") from None
+    return out
 
 
 def concept_name(entry, n=3):

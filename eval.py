@@ -1,36 +1,73 @@
 """
-Evaluate any checkpoint on its own: held-out loss / perplexity / bits per byte, LAMBADA, and
-zero-shot multiple choice.
+Evaluate any checkpoint on its own: held-out loss / perplexity / bits per byte, LAMBADA, zero-shot
+multiple choice, and the paper's zero-shot table from a folder of local benchmark files.
 
     python eval.py --ckpt=out/x/ckpt.pt --data_dir=data/gutenberg --split=val
     python eval.py --ckpt=out/x/ckpt.pt --text a.txt b.txt --lambada=lambada_test.jsonl
-    python eval.py --init_from=/path/to/gpt2 --mc=piqa.jsonl --json_out=results.json
+    python eval.py --init_from=/path/to/gpt2 --mc=piqa.jsonl --out=results.json
+    python eval.py --ckpt=out/x/ckpt.pt --suite=benchmarks/   # -> out/x/eval_suite.json and .md
 
-Conventions (all deterministic: no sampling, no shuffling):
-- Token streams are cut into windows of block_size+1 tokens that share one token with the next,
-  so every token after the first is predicted exactly once, with the previous window's context
-  thrown away (no sliding). The last, shorter window counts too. loss = mean NLL in nats.
-- bpb = loss * n_targets / (ln 2 * n_bytes), where n_bytes is the UTF-8 length of the predicted
-  tokens' text. <|endoftext|> (50256) is predicted and its loss counted, but it is a separator,
-  not text, so it contributes 0 bytes. A --text file is evaluated as <|endoftext|> + its tokens
-  (encode_ordinary), so every token of the file is predicted and n_bytes = len(text.encode()).
-- LAMBADA (OpenAI's jsonl, as lm-eval-harness's lambada_openai): context = text up to the last
-  space, target = " " + last word, tokenized separately. acc: greedy decoding reproduces the whole
-  target (argmax equals the target token at every target position). ppl = exp(mean over examples
-  of the target's summed NLL), lm-eval-harness's perplexity.
-- Multiple choice ({"query", "choices", "gold"} per line): a choice is scored by the summed
-  log-likelihood of its tokens after the query's (query and choice tokenized separately and
-  concatenated, so put the separating space in the choice, e.g. " Paris"). acc: argmax of the
-  sum. acc_norm: argmax of the sum divided by the choice's length in characters, which is what
-  lm-eval-harness's code does (len(choice), often described as byte length; equal for ASCII).
-- Contexts longer than the model's window are cut from the left. An empty context becomes
-  <|endoftext|>. Ties go to the first choice.
+Every definition is lm-evaluation-harness's (0.4), so numbers compare with papers that use it;
+checked against lm-eval 0.4.13 on a model exported by export_hf.py with local copies of its task
+files: the same request strings item by item, log-likelihoods equal to float32 rounding, the same
+acc, acc_norm, perplexities and bits per byte. All deterministic: no sampling, no shuffling.
+
+Token streams and documents (rolling perplexity, lm-eval's loglikelihood_rolling):
+- A stream is cut into windows of block_size+1 tokens that share one token with the next, so every
+  token after the first is predicted exactly once, from the tokens before it in its window (no
+  sliding). The last window, when the stream does not divide evenly, ends at the stream's end with a
+  full block_size of context and counts only the targets not yet predicted. loss = mean NLL in nats.
+- bpb = total NLL / (ln 2 * n_bytes), n_bytes the UTF-8 length of the predicted tokens' text.
+  <|endoftext|> (50256) is predicted and its loss counted, but it is a separator, not text: 0 bytes.
+- A text file is one document: <|endoftext|> + its tokens (encode_ordinary), so every token of the
+  file is predicted and n_bytes = len(text.encode()). word_ppl = exp(total NLL / n_words) with
+  n_words = len(re.split(r"\\s+", text)), byte_ppl = exp(total NLL / n_bytes), as lm-eval reports
+  for WikiText.
+- WikiText (a wiki.test.raw file, or JSONL of {"page"}): the file is cut into articles at its
+  top-level " = Title = " headings, each article is detokenized (" @-@ " -> "-", " , " -> ", ", ...,
+  lm-eval's rules) and scored as its own document; words and bytes are counted on the original
+  article. WikiText-2 and WikiText-103 share their test articles.
+
+Continuations (LAMBADA, multiple choice):
+- A (context, continuation) pair of strings is tokenized together: whitespace at the end of the
+  context is moved to the start of the continuation (GPT-2's BPE attaches a space to the word after
+  it), context+continuation is encoded as one string, and the continuation's tokens are those past
+  the context's own token count. An empty context becomes <|endoftext|>. Contexts longer than the
+  model's window are cut from the left.
+- LAMBADA ({"text"}, OpenAI's file; or llm-foundry's {"context", "continuation"}, a space added
+  between them when neither side has one): context = text up to the last space, continuation =
+  " " + last word. acc: greedy decoding reproduces every continuation token. ppl = exp(mean over
+  examples of the continuation's summed NLL).
+- Multiple choice: choice i is scored as the continuation sep + choice_i after the query (sep " ",
+  lm-eval's target_delimiter; --mc_sep changes it for {"query", "choices", "gold"} files). acc: argmax of the summed log-likelihood; acc_norm: argmax of that
+  sum divided by len(choice_i) in characters, the separator not counted. Ties go to the first choice.
+- WinoGrande is scored by partial scoring: the contexts differ (the sentence up to "_" with each
+  option filled in) and the continuation (the rest of the sentence) is the same, so only acc.
+
+Readers (JSON Lines; the format is recognised from the first object's keys, the query formats are
+lm-eval's task files'):
+  {"query", "choices", "gold"}        as given (lm-eval and llm-foundry files). llm-foundry's ARC and
+                                      PIQA queries ("Question: ...") lack the answer prompt their task
+                                      files add: "\\nAnswer:" is appended to a query that starts with
+                                      "Question:" and does not end with "Answer:" (lm-eval's prompt).
+  {"context_options", "continuation", "gold"}  WinoGrande / Winograd (llm-foundry)
+  {"sentence", "option1", "option2", "answer"}  WinoGrande (Hugging Face), answer "1" or "2"
+  {"ctx_a", "ctx_b" | "ctx", "endings", "label"} HellaSwag: query = activity_label + ": " + ctx_a +
+                                      " " + ctx_b.capitalize(); query and endings lose " [title]"
+                                      (-> ". "), other [bracketed] WikiHow markup and double spaces
+  {"context", "question", "answerA", "answerB", "answerC", "label"}  SIQA, label 1-based:
+                                      "Q: {context} {question}\\nA:"
+  {"question", "choices", "answerKey"} ARC (Hugging Face; or AI2's {"question": {"stem", "choices"}}):
+                                      "Question: {question}\\nAnswer:"
+  {"goal", "sol1", "sol2", "label"}   PIQA: "Question: {goal}\\nAnswer:"
+  {"text"} / {"context", "continuation"}  LAMBADA;  {"page"}  WikiText articles
 """
 
 import argparse
 import json
 import math
 import os
+import re
 import sys
 
 import numpy as np
@@ -47,14 +84,14 @@ class EvalError(Exception):
 
 
 # -----------------------------------------------------------------------------
-# token streams: loss, perplexity, bits per byte
+# token streams and documents: loss, perplexity, bits per byte
 
 
 @torch.no_grad()
 def evaluate_tokens(model, tokens, block_size, batch_size, device, max_tokens=None, token_bytes=None, progress=True):
     """Mean next-token NLL over the stream (np array or uint16 memmap), in windows of block_size+1
-    tokens predicting block_size targets. Returns dict(loss, ppl, tokens=#targets), plus bytes and
-    bpb when token_bytes (corpus.token_byte_lengths) is given."""
+    tokens predicting block_size targets, the last window with a full context. Returns dict(loss,
+    ppl, tokens=#targets), plus bytes and bpb when token_bytes (corpus.token_byte_lengths) is given."""
     if block_size > model.config.block_size:
         raise EvalError(f"block_size={block_size} is longer than the model's {model.config.block_size}")
     n = len(tokens) if max_tokens is None else min(len(tokens), max_tokens)
@@ -63,19 +100,23 @@ def evaluate_tokens(model, tokens, block_size, batch_size, device, max_tokens=No
     check_tokens(tokens[:n], model.config.vocab_size, "the token stream")
     was_training = model.training  # a training loop may call this mid-run: give its mode back
     model.eval()
-    # full windows go in batches; the one short window at the end (if any) is run on its own
-    full = list(range(0, n - block_size, block_size))
-    groups = [full[i:i + batch_size] for i in range(0, len(full), batch_size)]
-    if (n - 1) % block_size:
-        groups.append([len(full) * block_size])
+    # (start, targets already predicted by an earlier window): full windows, then the remainder
+    windows = [(s, 0) for s in range(0, n - block_size, block_size)]
+    done = len(windows) * block_size
+    if done < n - 1:
+        # lm-eval's rule: the short tail keeps a full context, so its first targets are not predicted
+        # from nothing; its window overlaps the previous one and scores only the new targets
+        windows.append((n - 1 - block_size, block_size - (n - 1 - done)) if windows else (0, 0))
     total_nll, total = 0.0, 0
-    for group in tqdm(groups, desc="tokens", disable=not progress, leave=False):
-        win = np.stack([np.asarray(tokens[s:min(s + block_size + 1, n)], dtype=np.int64) for s in group])
+    for b in tqdm(range(0, len(windows), batch_size), desc="tokens", disable=not progress, leave=False):
+        group = windows[b:b + batch_size]
+        win = np.stack([np.asarray(tokens[s:min(s + block_size + 1, n)], dtype=np.int64) for s, _ in group])
         win = torch.from_numpy(win).to(device)
         logits, _ = model(win[:, :-1])
-        nll = F.cross_entropy(logits.float().reshape(-1, logits.size(-1)), win[:, 1:].reshape(-1), reduction="sum")
-        total_nll += nll.item()  # a Python float: float64 accumulation over the whole stream
-        total += win[:, 1:].numel()
+        nll = F.cross_entropy(logits.float().transpose(1, 2), win[:, 1:], reduction="none")
+        for r, (_, skip) in enumerate(group):
+            total_nll += nll[r, skip:].sum().item()  # a Python float: float64 accumulation over the stream
+            total += nll.size(1) - skip
     model.train(was_training)
     loss = total_nll / total
     out = dict(loss=loss, ppl=math.exp(loss), tokens=total)
@@ -92,24 +133,102 @@ def check_tokens(tokens, vocab_size, name):
         raise EvalError(f"{name} holds token id {top}, outside the model's vocab_size={vocab_size}")
 
 
-def evaluate_text(model, path, enc, block_size, batch_size, device, max_tokens=None, token_bytes=None, progress=True):
-    """A UTF-8 text file as one document: loss, ppl and bpb of all its tokens."""
+def read_text(path):
+    """A UTF-8 file's text, or a one-line EvalError."""
     try:
         with open(path, "rb") as f:
-            text = f.read().decode("utf-8")
+            return f.read().decode("utf-8")
     except OSError as e:
         raise EvalError(f"cannot read {path}: {e.strerror}") from None
     except UnicodeDecodeError as e:
         raise EvalError(f"{path} is not UTF-8 text (byte offset {e.start})") from None
+
+
+def count_words(text):
+    return len(re.split(r"\s+", text))  # lm-eval's count: leading/trailing whitespace adds an empty word
+
+
+def evaluate_text(model, path, enc, block_size, batch_size, device, max_tokens=None, token_bytes=None, progress=True):
+    """A UTF-8 text file as one document: loss, ppl and bpb of all its tokens, and (when not cut by
+    max_tokens) word_ppl and byte_ppl."""
+    text = read_text(path)
     tokens = np.array([EOT] + enc.encode_ordinary(text), dtype=np.int64)  # EOT: the first token gets predicted too
     if len(tokens) < 2:
         raise EvalError(f"{path} is empty")
     if token_bytes is None:
         token_bytes = token_byte_lengths(enc)
-    return evaluate_tokens(model, tokens, block_size, batch_size, device, max_tokens, token_bytes, progress)
+    out = evaluate_tokens(model, tokens, block_size, batch_size, device, max_tokens, token_bytes, progress)
+    if out["tokens"] == len(tokens) - 1:  # the whole text: per-word and per-byte figures mean something
+        nll = out["loss"] * out["tokens"]
+        out.update(words=count_words(text), word_ppl=math.exp(nll / count_words(text)),
+                   byte_ppl=math.exp(nll / out["bytes"]))
+    return out
+
+
+# lm-eval's WikiText detokenizer, in its order: undo the dataset's tokenization (" @-@ " for a hyphen,
+# spaces around punctuation and inside brackets and quotes) so the model sees ordinary text
+WIKITEXT_RULES = [
+    ("s '", "s'"), (re.compile(r"/' [0-9]/"), r"/'[0-9]/"),  # the second matches only a literal "/' 5/": kept as lm-eval has it
+    (" @-@ ", "-"), (" @,@ ", ","), (" @.@ ", "."),
+    (" : ", ": "), (" ; ", "; "), (" . ", ". "), (" ! ", "! "), (" ? ", "? "), (" , ", ", "),
+    (re.compile(r"\(\s*([^\)]*?)\s*\)"), r"(\1)"), (re.compile(r"\[\s*([^\]]*?)\s*\]"), r"[\1]"),
+    (re.compile(r"{\s*([^}]*?)\s*}"), r"{\1}"), (re.compile(r"\"\s*([^\"]*?)\s*\""), r'"\1"'),
+    (re.compile(r"'\s*([^']*?)\s*'"), r"'\1'"),
+    ("= = = =", "===="), ("= = =", "==="), ("= =", "=="), (" \u00b0 ", "\u00b0"),
+    (" \n", "\n"), ("\n ", "\n"), (" N ", " 1 "), (" 's", "'s"),
+]
+
+
+def wikitext_detokenize(text):
+    for old, new in WIKITEXT_RULES:
+        text = old.sub(new, text) if isinstance(old, re.Pattern) else text.replace(old, new)
+    return text
+
+
+def wikitext_articles(text):
+    """The articles of a WikiText .raw file: a line " = Title = " (one '=' on each side, once "= =" of
+    subheadings is read as "==") starts a new one, as lm-eval's wikitext_document_level."""
+    articles, lines = [], []
+    for line in text.split("\n"):
+        head = line.replace("= = =", "===").replace("= =", "==").strip()
+        if head.startswith("= ") and head.endswith(" ="):
+            articles.append("\n".join(lines))
+            lines = []
+        lines.append(line)
+    articles.append("\n".join(lines))
+    return [a for a in articles if a.strip()]
+
+
+def evaluate_documents(model, docs, enc, block_size, batch_size, device, token_bytes, progress=True):
+    """Rolling perplexity of WikiText articles, each scored as its own document after detokenizing;
+    words and bytes counted on the original article. dict(loss, ppl, word_ppl, byte_ppl, bpb, n, ...)."""
+    nll = tokens = words = nbytes = 0
+    for doc in tqdm(docs, desc="documents", disable=not progress, leave=False):
+        ids = np.array([EOT] + enc.encode_ordinary(wikitext_detokenize(doc)), dtype=np.int64)
+        r = evaluate_tokens(model, ids, block_size, batch_size, device, progress=False)
+        nll += r["loss"] * r["tokens"]
+        tokens += r["tokens"]
+        words += count_words(doc)
+        nbytes += len(doc.encode("utf-8"))
+    return dict(loss=nll / tokens, ppl=math.exp(nll / tokens), word_ppl=math.exp(nll / words),
+                byte_ppl=math.exp(nll / nbytes), bpb=nll / (math.log(2) * nbytes), n=len(docs),
+                tokens=tokens, words=words, bytes=nbytes)
 
 # -----------------------------------------------------------------------------
 # continuations: LAMBADA and multiple choice
+
+
+def encode_pair(enc, context, continuation):
+    """Token ids (context, continuation) of a pair of strings, tokenized together (lm-eval's rule):
+    GPT-2's BPE puts a space with the word after it, so trailing whitespace of the context moves to
+    the continuation; the continuation is then whatever the joint encoding holds past the context's
+    own tokens, so a merge across the boundary is tokenized as in the running text."""
+    if not context:
+        return [], enc.encode_ordinary(continuation)  # score_continuations puts <|endoftext|> first
+    stripped = context.rstrip()
+    context, continuation = stripped, context[len(stripped):] + continuation
+    ctx = enc.encode_ordinary(context)
+    return ctx, enc.encode_ordinary(context + continuation)[len(ctx):]
 
 
 @torch.no_grad()
@@ -153,84 +272,334 @@ def score_continuations(model, pairs, block_size, batch_size, device, progress=T
     return results
 
 
-def read_jsonl(path, keys, max_examples=None):
-    """The objects of a JSONL file (blank lines skipped); errors name the file and line."""
+def read_jsonl(path, max_examples=None):
+    """The (line number, object) pairs of a JSONL file (blank lines skipped); errors name the file and line."""
     items = []
     try:
         f = open(path, encoding="utf-8")
     except OSError as e:
         raise EvalError(f"cannot read {path}: {e.strerror}") from None
     with f:
-        for lineno, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            try:
-                item = json.loads(line)
-            except ValueError as e:
-                raise EvalError(f"{path}:{lineno}: malformed JSON ({getattr(e, 'msg', e)})") from None
-            if not isinstance(item, dict):
-                raise EvalError(f"{path}:{lineno}: expected a JSON object, got {type(item).__name__}")
-            missing = [k for k in keys if k not in item]
-            if missing:
-                raise EvalError(f"{path}:{lineno}: missing key(s) {', '.join(map(repr, missing))}")
-            items.append((lineno, item))
-            if max_examples is not None and len(items) >= max_examples:
-                break
+        lineno = 0
+        try:
+            for lineno, line in enumerate(f, 1):
+                if not line.strip():
+                    continue
+                try:
+                    item = json.loads(line)
+                except ValueError as e:
+                    raise EvalError(f"{path}:{lineno}: malformed JSON ({getattr(e, 'msg', e)})") from None
+                if not isinstance(item, dict):
+                    raise EvalError(f"{path}:{lineno}: expected a JSON object, got {type(item).__name__}")
+                items.append((lineno, item))
+                if max_examples is not None and len(items) >= max_examples:
+                    break
+        except UnicodeDecodeError:
+            raise EvalError(f"{path}:{lineno + 1}: not UTF-8 text") from None
     if not items:
         raise EvalError(f"{path}: no examples")
     return items
 
+# Each reader turns one JSON object into (pairs, gold, lengths): the (context, continuation) strings
+# of its choices, the index of the right one, and the choices' lengths for acc_norm (None: acc only).
+# A bad value raises ValueError with the reason; the caller adds the file and line.
+
+
+def as_index(item, key, n, base=0):
+    """item[key] (gold, label or answer) as an index into n choices: an int or a digit string, base 0 or 1."""
+    value = item[key]
+    i = int(value) if isinstance(value, str) and value.strip().isdigit() else value
+    if isinstance(i, bool) or not isinstance(i, int) or not 0 <= i - base < n:
+        raise ValueError(f"{key}={value!r} is not an index into its {n} choices" + (" (1-based)" if base else ""))
+    return i - base
+
+
+def strings(*values):
+    if not all(isinstance(v, str) and v for v in values):
+        raise ValueError("expected non-empty strings")
+    return values
+
+
+def choice_pairs(query, choices, sep=" "):
+    return [(query, sep + c) for c in choices], [len(c) for c in choices]
+
+
+def read_query_choices(item, sep):
+    q, choices = item["query"], item["choices"]
+    if not isinstance(q, str) or not isinstance(choices, list) or not choices or \
+            not all(isinstance(c, str) and c for c in choices):
+        raise ValueError("'query' must be a string and 'choices' a list of non-empty strings")
+    gold = as_index(item, "gold", len(choices))
+    if sep and all(c[0].isspace() for c in choices):
+        # eval.py's old convention (the space inside the choice): with a separator too it would be doubled
+        raise ValueError(f"every choice starts with whitespace and the separator is {sep!r}: strip the choices, "
+                         "or pass --mc_sep='' to use them as they are")
+    if q.startswith("Question:") and not q.rstrip().endswith("Answer:"):
+        q = q.rstrip() + "\nAnswer:"  # llm-foundry's ARC/PIQA files: their task adds this answer prompt
+    pairs, lengths = choice_pairs(q, choices, sep)
+    return pairs, gold, lengths
+
+
+def read_schema(item, sep):
+    options, cont = item["context_options"], item["continuation"]
+    if not isinstance(options, list) or not options or not all(isinstance(o, str) and o for o in options) \
+            or not isinstance(cont, str) or not cont.strip():
+        raise ValueError("'context_options' must be a list of non-empty strings and 'continuation' a non-empty string")
+    return [(o, " " + cont.strip()) for o in options], as_index(item, "gold", len(options)), None
+
+
+def read_winogrande(item, sep):
+    sentence, *options = strings(item["sentence"], item["option1"], item["option2"])
+    if "_" not in sentence:
+        raise ValueError("'sentence' has no '_' to fill in")
+    i = sentence.index("_")
+    cont = " " + sentence[i + 1:].strip()
+    return [(sentence[:i] + o, cont) for o in options], as_index(item, "answer", 2, base=1), None
+
+
+def hellaswag_clean(text):
+    text = text.strip().replace(" [title]", ". ")
+    return re.sub(r"\[.*?\]", "", text).replace("  ", " ")
+
+
+def read_hellaswag(item, sep):
+    if "ctx_a" in item and "ctx_b" in item:
+        ctx = item["ctx_a"] + " " + item["ctx_b"].capitalize()  # capitalize() lowercases the rest: as lm-eval
+    elif "ctx" in item:
+        ctx = item["ctx"]
+    else:
+        raise ValueError("expected 'ctx_a' and 'ctx_b', or 'ctx'")
+    endings = item["endings"]
+    if not isinstance(ctx, str) or not isinstance(endings, list) or not endings or not all(isinstance(e, str) for e in endings):
+        raise ValueError("the context must be a string and 'endings' a list of strings")
+    if "activity_label" in item:
+        ctx = item["activity_label"] + ": " + ctx
+    pairs, lengths = choice_pairs(hellaswag_clean(ctx), [hellaswag_clean(e) for e in endings])
+    return pairs, as_index(item, "label", len(endings)), lengths
+
+
+def read_siqa(item, sep):
+    context, question, *choices = strings(item["context"], item["question"], item["answerA"], item["answerB"], item["answerC"])
+    pairs, lengths = choice_pairs(f"Q: {context} {question}\nA:", choices)
+    return pairs, as_index(item, "label", 3, base=1), lengths
+
+
+def read_arc(item, sep):
+    q = item["question"]
+    choices = q.get("choices") if isinstance(q, dict) else item.get("choices")  # AI2's release nests them
+    if isinstance(choices, dict):  # Hugging Face: {"text": [...], "label": [...]}
+        texts, labels = choices.get("text"), choices.get("label")
+    elif isinstance(choices, list) and all(isinstance(c, dict) for c in choices):
+        texts, labels = [c.get("text") for c in choices], [c.get("label") for c in choices]
+    else:
+        texts = labels = None
+    if not isinstance(texts, list) or not isinstance(labels, list) or len(texts) != len(labels) or not texts:
+        raise ValueError("expected 'choices' as {'text': [...], 'label': [...]} or a list of {'text', 'label'}")
+    stem = q.get("stem") if isinstance(q, dict) else q
+    strings(stem, *texts)
+    if item["answerKey"] not in labels:
+        raise ValueError(f"answerKey {item['answerKey']!r} is not one of the choices' labels {labels!r}")
+    pairs, lengths = choice_pairs(f"Question: {stem}\nAnswer:", texts)
+    return pairs, labels.index(item["answerKey"]), lengths
+
+
+def read_piqa(item, sep):
+    goal, *choices = strings(item["goal"], item["sol1"], item["sol2"])
+    pairs, lengths = choice_pairs(f"Question: {goal}\nAnswer:", choices)
+    return pairs, as_index(item, "label", 2), lengths
+
+
+def read_lambada_text(item, sep):
+    text = item["text"]
+    if not isinstance(text, str) or " " not in text:
+        raise ValueError("'text' must be a string with a space before its last word")
+    context, word = text.rsplit(" ", 1)  # as lm-eval: no stripping
+    return [(context, " " + word)], 0, None
+
+
+def read_lambada_pair(item, sep):
+    context, cont = strings(item["context"], item["continuation"])
+    if not (context[-1].isspace() or cont[0].isspace()):
+        cont = " " + cont  # llm-foundry's file: "... I don't care about" + "signs"
+    return [(context, cont)], 0, None
+
+
+# (kind, keys that identify the format, keys every line must have, reader), tried in this order
+FORMATS = [
+    ("winogrande", ("context_options",), ("context_options", "continuation", "gold"), read_schema),
+    ("winogrande", ("sentence", "option1"), ("sentence", "option1", "option2", "answer"), read_winogrande),
+    ("hellaswag", ("endings",), ("endings", "label"), read_hellaswag),
+    ("siqa", ("answerA",), ("context", "question", "answerA", "answerB", "answerC", "label"), read_siqa),
+    ("arc", ("answerKey",), ("question", "answerKey"), read_arc),
+    ("piqa", ("goal", "sol1"), ("goal", "sol1", "sol2", "label"), read_piqa),
+    ("mc", ("query",), ("query", "choices", "gold"), read_query_choices),
+    ("lambada", ("continuation",), ("context", "continuation"), read_lambada_pair),
+    ("wikitext", ("page",), ("page",), None),
+    ("lambada", ("text",), ("text",), read_lambada_text),
+]
+CHOICE_KINDS = ("winogrande", "hellaswag", "siqa", "arc", "piqa", "mc")
+
+
+def find_format(item):
+    """The first entry of FORMATS whose identifying keys the object has, or None."""
+    return next((f for f in FORMATS if all(k in item for k in f[1])), None)
+
+
+def unknown_format(item):
+    expected = "; ".join("{" + ", ".join(f[2]) + "}" for f in FORMATS)
+    return f"unknown benchmark format (keys {', '.join(sorted(item)) or 'none'}); expected one of: {expected}"
+
+
+def read_benchmark(path, kinds, sep=" ", max_examples=None):
+    """(kind, items) of a JSONL benchmark whose kind is one of `kinds`; items: (pairs, gold, lengths)."""
+    rows = read_jsonl(path, max_examples)
+    fmt = find_format(rows[0][1])
+    if fmt is None:
+        raise EvalError(f"{path}:{rows[0][0]}: {unknown_format(rows[0][1])}")
+    kind, _, keys, reader = fmt
+    if kind not in kinds:
+        raise EvalError(f"{path}: a {kind} file, expected {' or '.join(kinds)}")
+    items = []
+    for lineno, item in rows:
+        missing = [k for k in keys if k not in item]
+        if missing:
+            raise EvalError(f"{path}:{lineno}: missing key(s) {', '.join(map(repr, missing))}")
+        if reader is None:
+            items.append(item["page"])
+            continue
+        try:
+            items.append(reader(item, sep))
+        except (ValueError, TypeError, AttributeError) as e:
+            raise EvalError(f"{path}:{lineno}: {e}") from None
+    return kind, items
+
 
 def evaluate_lambada(model, path, enc, block_size, batch_size, device, max_examples=None, progress=True):
     """LAMBADA last-word prediction: dict(acc, ppl, nll = mean summed target NLL, n)."""
-    pairs = []
-    for lineno, item in read_jsonl(path, ["text"], max_examples):
-        text = item["text"]
-        if not isinstance(text, str) or " " not in text:
-            raise EvalError(f"{path}:{lineno}: 'text' must be a string with a space before its last word")
-        context, word = text.rsplit(" ", 1)  # as lm-eval-harness: no stripping
-        pairs.append((enc.encode_ordinary(context), enc.encode_ordinary(" " + word)))
+    _, items = read_benchmark(path, ("lambada",), max_examples=max_examples)
+    pairs = [encode_pair(enc, *pairs[0]) for pairs, _, _ in items]
     scores = score_continuations(model, pairs, block_size, batch_size, device, progress, "lambada")
     nll = sum(s[0] for s in scores) / len(scores)
     return dict(acc=sum(s[1] for s in scores) / len(scores), ppl=math.exp(nll), nll=nll, n=len(scores))
 
 
-def evaluate_mc(model, path, enc, block_size, batch_size, device, max_examples=None, progress=True):
-    """Zero-shot multiple choice: dict(acc, acc_norm, n)."""
-    items = read_jsonl(path, ["query", "choices", "gold"], max_examples)
-    pairs, spans = [], []
-    for lineno, item in items:
-        q, choices, gold = item["query"], item["choices"], item["gold"]
-        if not isinstance(q, str) or not isinstance(choices, list) or not choices or \
-                not all(isinstance(c, str) and c for c in choices):
-            raise EvalError(f"{path}:{lineno}: 'query' must be a string and 'choices' a list of non-empty strings")
-        if isinstance(gold, bool) or not isinstance(gold, int) or not 0 <= gold < len(choices):
-            raise EvalError(f"{path}:{lineno}: gold={gold!r} is not an index into its {len(choices)} choices")
-        q_tokens = enc.encode_ordinary(q)
-        spans.append((len(pairs), choices, gold))
-        pairs.extend((q_tokens, enc.encode_ordinary(c)) for c in choices)
-    scores = score_continuations(model, pairs, block_size, batch_size, device, progress, "choices")
-    correct = correct_norm = 0
-    for start, choices, gold in spans:
-        ll = [-scores[start + j][0] for j in range(len(choices))]
-        norm = [l / len(c) for l, c in zip(ll, choices)]
+def evaluate_mc(model, path, enc, block_size, batch_size, device, max_examples=None, progress=True, sep=" "):
+    """Zero-shot multiple choice, any choice format above: dict(acc, acc_norm, n); WinoGrande has no acc_norm."""
+    kind, items = read_benchmark(path, CHOICE_KINDS, sep, max_examples)
+    pairs = [encode_pair(enc, c, x) for ps, _, _ in items for c, x in ps]
+    scores = score_continuations(model, pairs, block_size, batch_size, device, progress, kind)
+    correct = correct_norm = start = 0
+    for item_pairs, gold, lengths in items:
+        ll = [-scores[start + j][0] for j in range(len(item_pairs))]
+        start += len(item_pairs)
         correct += max(range(len(ll)), key=ll.__getitem__) == gold  # max keeps the first of equals
-        correct_norm += max(range(len(norm)), key=norm.__getitem__) == gold
-    return dict(acc=correct / len(spans), acc_norm=correct_norm / len(spans), n=len(spans))
+        if lengths is not None:
+            norm = [l / n for l, n in zip(ll, lengths)]
+            correct_norm += max(range(len(norm)), key=norm.__getitem__) == gold
+    out = dict(acc=correct / len(items), acc_norm=correct_norm / len(items), n=len(items))
+    if items[0][2] is None:
+        del out["acc_norm"]
+    return out
+
+# -----------------------------------------------------------------------------
+# a folder of benchmark files: the paper's zero-shot table
+
+TEXT_EXTS = (".txt", ".raw", ".tokens")
+
+
+def file_kind(path):
+    """(what a benchmark file holds: 'lambada', 'wikitext', 'text' or one of CHOICE_KINDS, None) or
+    (None, why it is not one). Unreadable or non-UTF-8 files are errors, not skips."""
+    ext = os.path.splitext(path)[1].lower()
+    if ext in TEXT_EXTS:
+        first = next((line.strip() for line in read_text(path).split("\n") if line.strip()), "")
+        wiki = re.fullmatch(r"= [^=].* =", first) is not None  # WikiText's files open with " = Title = "
+        return ("wikitext" if wiki else "text"), None
+    if ext not in (".jsonl", ".json"):
+        return None, f"not .jsonl, .json or {', '.join(TEXT_EXTS)}"
+    first = next((line for line in read_text(path).split("\n") if line.strip()), None)
+    try:
+        item = json.loads(first) if first is not None else None
+    except ValueError:
+        return None, "its first line is not JSON (JSON Lines expected)"
+    if not isinstance(item, dict):
+        return None, "not JSON Lines of objects"
+    fmt = find_format(item)
+    return (fmt[0], None) if fmt else (None, unknown_format(item))
+
+
+def evaluate_file(model, path, kind, enc, block_size, batch_size, device, max_examples=None, max_tokens=None,
+                  sep=" ", token_bytes=None, progress=True):
+    common = dict(block_size=block_size, batch_size=batch_size, device=device, progress=progress)
+    if kind == "lambada":
+        return evaluate_lambada(model, path, enc, max_examples=max_examples, **common)
+    if kind in CHOICE_KINDS:
+        return evaluate_mc(model, path, enc, max_examples=max_examples, sep=sep, **common)
+    if kind == "text":
+        return evaluate_text(model, path, enc, max_tokens=max_tokens, token_bytes=token_bytes, **common)
+    if os.path.splitext(path)[1].lower() in TEXT_EXTS:
+        docs = wikitext_articles(read_text(path))[:max_examples]
+    else:
+        docs = read_benchmark(path, ("wikitext",), max_examples=max_examples)[1]
+    if not docs or not all(isinstance(d, str) for d in docs):
+        raise EvalError(f"{path}: no articles (or a 'page' that is not a string)")
+    return evaluate_documents(model, docs, enc, token_bytes=token_bytes, **common)
+
+
+def evaluate_suite(model, folder, enc, block_size, batch_size, device, max_examples=None, max_tokens=None,
+                   sep=" ", token_bytes=None, progress=True):
+    """Every benchmark file directly in `folder`, in name order: (results {"kind:file stem": dict with the
+    file's name under 'file'}, skipped [(name, why)]). Sub-folders and files of no known format are
+    skipped, not fatal; a recognised file with a bad line is an EvalError."""
+    if not os.path.isdir(folder):
+        raise EvalError(f"--suite {folder}: not a folder")
+    token_bytes = token_byte_lengths(enc) if token_bytes is None else token_bytes
+    results, skipped = {}, []
+    for name in sorted(os.listdir(folder)):
+        path = os.path.join(folder, name)
+        if not os.path.isfile(path):
+            skipped.append((name, "a folder"))
+            continue
+        kind, why = file_kind(path)
+        if kind is None:
+            skipped.append((name, why))
+            continue
+        if progress:
+            print(f"{name}: {kind}", file=sys.stderr)
+        r = evaluate_file(model, path, kind, enc, block_size, batch_size, device, max_examples, max_tokens,
+                          sep, token_bytes, progress)
+        key = f"{kind}:{os.path.splitext(name)[0]}"
+        results[key if key not in results else f"{kind}:{name}"] = dict(r, file=name)  # wiki.test.raw and .jsonl
+    if not results:
+        raise EvalError(f"--suite {folder}: no benchmark file found ({len(skipped)} other entries)")
+    return results, skipped
 
 # -----------------------------------------------------------------------------
 # command line
 
 
-def print_table(results):
-    cols = ["n", "loss", "ppl", "bpb", "acc", "acc_norm"]
-    print(f"{'task':<28}" + "".join(f"{c:>12}" for c in cols))
+def markdown_table(results, skipped=()):
+    """One Markdown table of every result (n: examples, documents or predicted tokens), then the files skipped."""
+    cols = ["n", "acc", "acc_norm", "ppl", "word_ppl", "bpb", "loss"]
+    lines = ["| task | " + " | ".join(cols) + " |", "|---|" + "---|" * len(cols)]
     for name, r in results.items():
         cells = []
         for c in cols:
-            v = r.get("tokens", r.get("n")) if c == "n" else r.get(c)
-            cells.append("-" if v is None else f"{v:d}" if isinstance(v, int) else f"{v:.4f}")
-        print(f"{name[:27]:<28}" + "".join(f"{c:>12}" for c in cells))
+            v = r.get("n", r.get("tokens")) if c == "n" else r.get(c)
+            cells.append("–" if v is None else f"{v:d}" if isinstance(v, int) else f"{v:.4f}")
+        lines.append(f"| {name} | " + " | ".join(cells) + " |")
+    if skipped:
+        lines += ["", "Not evaluated: " + "; ".join(f"{n} ({why})" for n, why in skipped)]
+    return "\n".join(lines) + "\n"
+
+
+def write_results(path, record, table):
+    """JSON at path, the Markdown table next to it (same name, .md), each through a renamed temporary file."""
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    for p, text in ((path, json.dumps(record, indent=2) + "\n"), (os.path.splitext(path)[0] + ".md", table)):
+        with open(p + ".tmp", "w") as f:
+            f.write(text)
+        os.replace(p + ".tmp", p)
 
 
 def main(argv=None):
@@ -240,25 +609,32 @@ def main(argv=None):
     p.add_argument("--data_dir", help="a prepare.py output folder (train.bin, val.bin, meta.json)")
     p.add_argument("--split", default="val")
     p.add_argument("--text", nargs="+", default=[], metavar="FILE", help="UTF-8 text files, each one document")
-    p.add_argument("--lambada", help="OpenAI's lambada_test.jsonl")
-    p.add_argument("--mc", nargs="+", default=[], metavar="PATH", help='JSONL of {"query", "choices", "gold"}')
+    p.add_argument("--lambada", help='LAMBADA JSONL: OpenAI\'s {"text"} or {"context", "continuation"}')
+    p.add_argument("--mc", nargs="+", default=[], metavar="PATH", help="multiple-choice JSONL files (formats: top of eval.py)")
+    p.add_argument("--suite", metavar="DIR", help="every benchmark file in DIR; writes eval_suite.json/.md next to --ckpt")
+    p.add_argument("--mc_sep", default=" ", help='separator between query and choice in {"query", "choices", "gold"} files')
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"], help="autocast on cuda")
     p.add_argument("--batch_size", type=int, default=8)
     p.add_argument("--block_size", type=int, default=0, help="context length (default: the model's)")
     p.add_argument("--max_tokens", type=int, default=None, help="evaluate only the first N tokens of each stream")
-    p.add_argument("--max_examples", type=int, default=None, help="only the first N LAMBADA / multiple-choice examples")
-    p.add_argument("--json_out", help="also write the results here as JSON")
+    p.add_argument("--max_examples", type=int, default=None, help="only the first N examples (or articles) of each file")
+    p.add_argument("--out", "--json_out", dest="out", help="write the results here as JSON, and as Markdown beside it (.md)")
     args = p.parse_args(argv)
 
     try:
         if bool(args.ckpt) == bool(args.init_from):
             raise EvalError("give exactly one of --ckpt or --init_from")
-        if not (args.data_dir or args.text or args.lambada or args.mc):
-            raise EvalError("nothing to evaluate: give --data_dir, --text, --lambada and/or --mc")
+        if not (args.data_dir or args.text or args.lambada or args.mc or args.suite):
+            raise EvalError("nothing to evaluate: give --data_dir, --text, --lambada, --mc and/or --suite")
         for k in ("batch_size", "max_tokens", "max_examples"):
             if getattr(args, k) is not None and getattr(args, k) < 1:
                 raise EvalError(f"--{k} must be at least 1")
+        if args.suite and not args.out:  # next to the model it describes
+            home = os.path.dirname(os.path.abspath(args.ckpt)) if args.ckpt else args.init_from
+            if not os.path.isdir(home):
+                raise EvalError(f"--init_from={args.init_from} is not a folder: give --out for the suite's results")
+            args.out = os.path.join(home, "eval_suite.json")
         info = {}
         try:
             if args.ckpt:
@@ -284,7 +660,7 @@ def main(argv=None):
             raise EvalError(str(e)) from None
         token_bytes = token_byte_lengths(enc)
         common = dict(block_size=block_size, batch_size=args.batch_size, device=args.device)
-        results = {}
+        results, skipped = {}, []
         with ctx:
             if tokens is not None:
                 results[f"{args.split}"] = evaluate_tokens(model, tokens, max_tokens=args.max_tokens,
@@ -296,18 +672,23 @@ def main(argv=None):
                 results["lambada"] = evaluate_lambada(model, args.lambada, enc, max_examples=args.max_examples, **common)
             for path in args.mc:
                 name = os.path.splitext(os.path.basename(path))[0]
-                results[f"mc:{name}"] = evaluate_mc(model, path, enc, max_examples=args.max_examples, **common)
+                results[f"mc:{name}"] = evaluate_mc(model, path, enc, max_examples=args.max_examples,
+                                                    sep=args.mc_sep, **common)
+            if args.suite:
+                suite, skipped = evaluate_suite(model, args.suite, enc, max_examples=args.max_examples,
+                                                max_tokens=args.max_tokens, sep=args.mc_sep,
+                                                token_bytes=token_bytes, **common)
+                results.update(suite)
     except EvalError as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(1)
 
-    print_table(results)
-    if args.json_out:
-        out = dict(ckpt=args.ckpt, init_from=args.init_from, block_size=block_size, **info, results=results)
-        os.makedirs(os.path.dirname(os.path.abspath(args.json_out)), exist_ok=True)
-        with open(args.json_out, "w") as f:
-            json.dump(out, f, indent=2)
-            f.write("\n")
+    table = markdown_table(results, skipped)
+    print(table, end="")
+    if args.out:
+        record = dict(ckpt=args.ckpt, init_from=args.init_from, block_size=block_size, **info, results=results,
+                      skipped=[dict(file=n, why=w) for n, w in skipped])
+        write_results(args.out, record, table)
     return results
 
 

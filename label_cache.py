@@ -6,8 +6,10 @@ Batches are drawn from a fixed grid of block_size windows (train.py), and a wind
 on its tokens, the source, the SAE and the label settings, so they can be kept next to the token file.
 """
 
+import functools
 import hashlib
 import json
+import mmap
 import os
 import sys
 
@@ -16,9 +18,10 @@ import torch
 
 from weights import GPT2_NAMES, download_gpt2, file_sha256
 
-LABELS_VERSION = 1  # bump when the labels' arithmetic changes, so that no older cache is served
+LABELS_VERSION = 2  # bump when the labels' arithmetic changes, so that no older cache is served
 
 
+@functools.lru_cache  # train.py asks twice (the SAE's host check, the cache's identity); a GPT-2 file is 0.5 GB
 def source_sha256(path):
     """Content hash of a concept source as model.load_frozen_gpt reads it: our checkpoint (or the
     ckpt.pt in a folder), or a Hugging Face GPT-2 folder's config.json and weights file."""
@@ -33,10 +36,15 @@ def source_sha256(path):
 
 
 def label_identity(labeler, source_path, sae_path, dtype):
-    """Everything a window's labels depend on besides its tokens and block_size (LabelCache adds those)."""
+    """Everything a window's labels depend on besides its tokens and block_size (LabelCache adds those).
+    The device kind and, on CUDA, TF32 are in it too: the source's passes round differently on another
+    device, which can swap near-tied labels, so a cache is only reused where its labels were made.
+    (On CUDA the attention backward is not deterministic either; near ties can differ between runs.)"""
+    device = next(labeler.sae.parameters()).device.type
     return {"version": LABELS_VERSION, "source_sha256": source_sha256(source_path), "sae_sha256": file_sha256(sae_path),
-            "sae_layer": labeler.layer, "k_attr": labeler.k_attr, "label_rule": labeler.rule,
-            "n_concepts": labeler.sae.n_latents, "dtype": dtype}
+            "sae_layer": labeler.layer, "k_attr": labeler.k_attr, "label_rule": labeler.rule, "label_fill": labeler.fill,
+            "n_concepts": labeler.sae.n_latents, "dtype": dtype, "device": device,
+            **({"tf32": torch.backends.cuda.matmul.allow_tf32} if device == "cuda" else {})}
 
 
 class LabelCache:
@@ -46,12 +54,15 @@ class LabelCache:
         labels-<digest>.json   what the labels depend on (`label_identity`, block_size, the token file);
                                <digest> is a hash of it, so other settings never open the same files
         labels-<digest>.bin    n_windows x T x k_attr labels (-1 = none), int16 while C <= 32768
-        labels-<digest>.done   per window: a keyed hash of the tokens its labels were computed from, 0 = none
+        labels-<digest>.done   per window: keyed hashes of the tokens its labels were computed from and of
+                               the labels as stored, 0 = none
 
-    A window's stored labels are used only when its .done entry equals the hash of the tokens asked for,
-    keyed with <digest>: a changed token file, files renamed from another cache, or labels written
-    but never marked (a crash) all read as misses and are recomputed, never served. Processes (DDP
-    ranks) share the files: they only ever write the same values for the same window."""
+    A window's stored labels are used only when its .done entry holds the hash of the tokens asked for and
+    the hash of the labels found, both keyed with <digest>, and every label lies in [-1, C): a changed
+    token file, files renamed from another cache, labels written but never marked (a crash) or edited
+    afterwards all read as misses and are recomputed, never served. Processes (DDP ranks) share the
+    files: they only ever write the same values for the same window. A full disk turns the cache off (with
+    a warning), never the run: the labels are then computed as without one."""
 
     def __init__(self, labeler, data_dir, split, block_size, identity):
         self.labeler = labeler
@@ -69,16 +80,21 @@ class LabelCache:
         self.base = os.path.join(data_dir, f"labels-{self.digest}")
         self._claim(self.base + ".json")
         self.table = self._open(self.base + ".bin", np.dtype(self.meta["label_dtype"]), (n_windows, block_size, K))
-        self.done = self._open(self.base + ".done", np.dtype(np.uint64), (n_windows,))
-        self.hits = self.misses = 0  # windows served from disk / computed, by this process
+        self.done = self._open(self.base + ".done", np.dtype(np.uint64), (n_windows, 2))  # (tokens, labels) hashes
+        self.n_concepts, self.off = C, False
+        self.hits = self.misses = self.rejected = 0  # windows served from disk / computed / found tampered, by this process
 
     def _claim(self, path):
         """Write the identity record, or check the one found: a mismatch means hand-made files."""
         if not os.path.exists(path):
             tmp = f"{path}.tmp-{os.getpid()}"
-            with open(tmp, "w") as f:
-                json.dump(self.meta, f, indent=2, sort_keys=True)
-            os.replace(tmp, path)  # atomic; ranks racing here write the same text
+            try:
+                with open(tmp, "w") as f:
+                    json.dump(self.meta, f, indent=2, sort_keys=True)
+                os.replace(tmp, path)  # atomic; ranks racing here write the same text
+            finally:
+                if os.path.exists(tmp):  # a full disk
+                    os.remove(tmp)
         with open(path) as f:
             try:
                 found = json.load(f)
@@ -103,28 +119,70 @@ class LabelCache:
                 raise ValueError(f"label cache {path} has {size} bytes, expected {nbytes}: delete it")
         return np.memmap(path, dtype=dtype, mode="r+", shape=shape)
 
-    def _fingerprints(self, x, y):
-        """Per window, a 64-bit hash of its tokens keyed with the digest; never 0, which marks 'not done'."""
+    def _fingerprints(self, *arrays):
+        """Per window (row of the arrays), a 64-bit hash of its rows' bytes keyed with the digest; never 0,
+        which marks 'not done'."""
         key = bytes.fromhex(self.digest)
-        x, y = x.cpu().numpy(), y.cpu().numpy()
-        fps = [int.from_bytes(hashlib.blake2b(a.tobytes() + b.tobytes(), digest_size=8, key=key).digest(), "little")
-               for a, b in zip(x, y)]
+        fps = [int.from_bytes(hashlib.blake2b(b"".join(np.ascontiguousarray(r).tobytes() for r in rows), digest_size=8,
+                                              key=key).digest(), "little") for rows in zip(*arrays)]
         return np.array(fps, dtype=np.uint64) | np.uint64(1)
+
+    def _allocate(self, windows):
+        """Give the files' bytes of these windows disk space before they are touched through the memory maps:
+        there a full disk is a SIGBUS that kills the process (when writing, and on tmpfs even when reading a
+        hole), here it is an OSError. Whole pages, since a page is what a map faults in and writes back;
+        bytes that have their space already cost nothing."""
+        for path, arr in ((self.base + ".bin", self.table), (self.base + ".done", self.done)):
+            row = arr[0].nbytes
+            fd = os.open(path, os.O_RDWR)
+            try:
+                for w in np.unique(windows).tolist():
+                    start = w * row // mmap.PAGESIZE * mmap.PAGESIZE
+                    os.posix_fallocate(fd, start, min(-(-(w + 1) * row // mmap.PAGESIZE) * mmap.PAGESIZE, arr.nbytes) - start)
+            finally:
+                os.close(fd)
+
+    def _store(self, windows, labels, fps):
+        """Write labels and then their marks; a crash in between leaves windows unmarked (recomputed later)."""
+        self.table[windows] = labels
+        self.table.flush()  # the labels reach the file before the mark that says they are there
+        self.done[windows] = np.stack([fps, self._fingerprints(labels)], axis=1)
+
+    def _turn_off(self, e):
+        self.off = True
+        print(f"warning: label cache off ({e.strerror or e}; {self.base}.*): labels are computed for every batch "
+              "from now on", file=sys.stderr)
 
     def labels(self, windows, x, y):
         """Labels (B, T, k_attr) for the windows `windows` (B indices into the grid) whose tokens are
         x and targets y (B, T), as ConceptLabeler(x, y) gives them. Call under the same autocast."""
         windows = np.asarray(windows, dtype=np.int64)
-        fps = self._fingerprints(x, y)
-        hit = self.done[windows] == fps
-        out = torch.from_numpy(self.table[windows].astype(np.int64))
+        if not self.off:
+            try:
+                self._allocate(windows)
+            except OSError as e:  # a full disk
+                self._turn_off(e)
+        if self.off:
+            self.misses += len(windows)
+            return self.labeler(x, y)
+        fps = self._fingerprints(x.cpu().numpy(), y.cpu().numpy())
+        stored, marks = np.array(self.table[windows]), np.array(self.done[windows])
+        intact = (marks[:, 1] == self._fingerprints(stored)) & ((stored >= -1) & (stored < self.n_concepts)).all(axis=(1, 2))
+        hit = (marks[:, 0] == fps) & intact
+        if tampered := int(((marks[:, 0] == fps) & ~intact).sum()):
+            if not self.rejected:
+                print(f"warning: {self.base}.bin: stored labels of {tampered} window(s) fail their checksum or range "
+                      "(edited or damaged); recomputed", file=sys.stderr)
+            self.rejected += tampered
+        out = torch.from_numpy(stored.astype(np.int64))
         miss = np.flatnonzero(~hit)
         if len(miss):
             # one labeler call for all missing windows (a window drawn twice is simply computed twice)
             new = self.labeler(x[torch.from_numpy(miss).to(x.device)], y[torch.from_numpy(miss).to(y.device)]).cpu()
-            self.table[windows[miss]] = new.numpy().astype(self.table.dtype)
-            self.table.flush()  # the labels reach the file before the mark that says they are there
-            self.done[windows[miss]] = fps[miss]  # a crash before this line leaves the windows unmarked
+            try:
+                self._store(windows[miss], new.numpy().astype(self.table.dtype), fps[miss])
+            except OSError as e:
+                self._turn_off(e)
             out[torch.from_numpy(miss)] = new
         self.hits += len(windows) - len(miss)
         self.misses += len(miss)

@@ -26,7 +26,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from ops import sparse_mix
-from weights import GPT2_NAMES, copy_gpt2_weights, read_gpt2_config
+from weights import GPT2_NAMES, copy_gpt2_weights, first_line, load_torch_file, read_gpt2_config
 
 MIX_MODES = ("interleave", "add", "none", "pause")
 
@@ -165,7 +165,8 @@ class ConceptMixer(nn.Module):
     """The student's two concept maps, both on the standardised hidden state of block insert_layer:
     predict  z = W_pred (x - b_pre) + b_pred                  concept logits, B x T x C
     compress c = (W_cmp TopK(z) + b_cmp + b_pre) * std + mu    back to width d, in the units of h
-    where x, mu, std = standardise(h)."""
+    where x, mu, std = standardise(h). With mix='none' (prediction only) there is no compression: a
+    parameter that never gets a gradient would also stop DDP at its second step."""
 
     def __init__(self, config):
         super().__init__()
@@ -173,8 +174,9 @@ class ConceptMixer(nn.Module):
         self.topk = config.concept_topk
         self.b_pre = nn.Parameter(torch.zeros(d))
         self.concept_head = nn.Linear(d, C)                  # W_pred, b_pred
-        self.W_cmp = nn.Parameter(torch.empty(C, d))         # stored C x d so a concept is one row to gather
-        self.b_cmp = nn.Parameter(torch.zeros(d))
+        if config.mix != "none":
+            self.W_cmp = nn.Parameter(torch.empty(C, d))     # stored C x d so a concept is one row to gather
+            self.b_cmp = nn.Parameter(torch.zeros(d))
 
     def predict(self, x):
         return self.concept_head(x - self.b_pre)
@@ -245,7 +247,7 @@ class GPT(nn.Module):
         for pn, p in self.named_parameters():  # GPT-2's scaled init of the residual projections
             if pn.endswith("c_proj.weight"):
                 torch.nn.init.normal_(p, mean=0.0, std=0.02 / math.sqrt(2 * config.n_layer))
-        if config.n_concepts > 0:
+        if config.n_concepts > 0 and config.mix != "none":
             torch.nn.init.normal_(self.mixer.W_cmp, mean=0.0, std=0.02)
         if config.mix == "pause":
             torch.nn.init.normal_(self.pause, mean=0.0, std=0.02)
@@ -333,11 +335,12 @@ class GPT(nn.Module):
         head, from which the teacher's logits are made a chunk of rows at a time."""
         return self.final_hidden(self.embed(idx), -1), self.lm_head.weight
 
-    def configure_optimizers(self, weight_decay, learning_rate, betas, device_type, eps=1e-8):
-        # decay every 2D weight (matmuls, embeddings); not biases, LayerNorm gains or the d-vectors
+    def configure_optimizers(self, weight_decay, learning_rate, betas, device_type, eps=1e-8, decay_all=False):
+        # decay every 2D weight (matmuls, embeddings), not biases, LayerNorm gains or the d-vectors
+        # (nanoGPT's rule); decay_all: every parameter, as the released CoCoMix trainer does
         params = [p for p in self.parameters() if p.requires_grad]
-        decay = [p for p in params if p.dim() >= 2]
-        no_decay = [p for p in params if p.dim() < 2]
+        decay = [p for p in params if p.dim() >= 2 or decay_all]
+        no_decay = [p for p in params if p.dim() < 2 and not decay_all]
         groups = [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
         return torch.optim.AdamW(groups, lr=learning_rate, betas=betas, eps=eps, fused=device_type == "cuda")
 
@@ -420,15 +423,20 @@ def load_checkpoint(path, device="cpu"):
     """A model saved by train.py (or sae.py's host): returns (model, checkpoint dict)."""
     if not os.path.isfile(path):
         raise FileNotFoundError(f"{path}: no such checkpoint")
-    try:
-        ckpt = torch.load(path, map_location=device, weights_only=True)
-    except Exception as e:  # truncated or foreign files fail here, never by running their code
-        raise ValueError(f"{path}: not a readable checkpoint ({type(e).__name__}: {str(e).splitlines()[0][:200]})") from None
-    if not isinstance(ckpt, dict) or "model" not in ckpt or "model_args" not in ckpt:
+    ckpt = load_torch_file(path, "checkpoint", device)  # one-line ValueErrors; no pickle code ever runs
+    if not isinstance(ckpt, dict) or not isinstance(ckpt.get("model"), dict) or not isinstance(ckpt.get("model_args"), dict):
         raise ValueError(f"{path}: not a cocomix checkpoint (no 'model' and 'model_args' entries)")
+    if unknown := sorted(set(ckpt["model_args"]) - set(GPTConfig.__dataclass_fields__)):
+        raise ValueError(f"{path}: its model_args has settings this GPTConfig does not know ({', '.join(unknown)}): "
+                         "written by another version of model.py?")
     model = GPT(GPTConfig(**ckpt["model_args"]))
     sd = {k.removeprefix("_orig_mod.").removeprefix("module."): v for k, v in ckpt["model"].items()}
-    model.load_state_dict(sd)
+    if model.config.mix == "none":  # older mix='none' checkpoints carry an unused compression layer
+        sd = {k: v for k, v in sd.items() if k not in ("mixer.W_cmp", "mixer.b_cmp")}
+    try:
+        model.load_state_dict(sd)
+    except RuntimeError as e:  # missing, unexpected or misshapen weights
+        raise ValueError(f"{path}: its weights do not fit its model_args ({first_line(e)})") from None
     return model.to(device), ckpt
 
 

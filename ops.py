@@ -40,77 +40,88 @@ def sparse_mix(values, indices, W):
     return out.view(*shape, W.size(1))
 
 
-class ChunkedLMLoss(torch.autograd.Function):
-    """Mean next-token cross-entropy of logits x W^T (x: N x d, W: V x d, targets: N, -1 = ignore),
-    computed in row chunks so the N x V logits never exist at once. The gradients are computed in
-    the forward, chunk by chunk, while each chunk's logits are at hand (softmax - onehot), and the
-    backward only scales them: the logits are never stored for the backward at all.
+class LMHeadLoss(torch.autograd.Function):
+    """Mean next-token cross-entropy of the logits x W^T (x: N x d, W: V x d, targets: N, -1 = ignore)
+    in the fewest passes over the N x V logits. The forward makes them in one matmul, in the compute
+    precision (bf16 under autocast), and turns them in place, a chunk of rows at a time, into the
+    logit gradient softmax - onehot; the backward is two more large matmuls, grad_x = G W and
+    grad_W = G^T x. Only N-sized things are scaled: ignored rows are masked in x and in grad_x, and
+    the 1/n of the mean is applied after the matmuls, in fp32, so that fp16 does not flush the
+    gradient to zero. Nothing else of size N x V is stored.
+
+    The softmax runs in the compute precision (PyTorch's kernel sums in fp32 and rounds its output
+    once, as storing an fp32 softmax in bf16 would). The loss is -log p_target from it, within bf16's
+    rounding of p (<= 0.004 nats per row, unbiased); evaluation (no autograd) is exact.
 
     With a frozen teacher (teacher_x: N x d_t, teacher_W: V x d_t) the loss is KD's
     CE + lam_kd * KL(p_teacher || p_student), whose gradient in the student's logits is
-    (1 + lam_kd) p_student - onehot - lam_kd p_teacher: the teacher's logits are made chunk by chunk
-    too. Returns (loss, CE, KL); only the loss has a gradient."""
+    (1 + lam_kd) p_student - onehot - lam_kd p_teacher, made in fp32 a chunk at a time, with the
+    teacher's logits. Returns (loss, CE, KL); only the loss has a gradient."""
 
     @staticmethod
     def forward(ctx, x, W, targets, chunk, teacher_x=None, teacher_W=None, lam_kd=0.0):
         dev = x.device.type
         cdt = torch.get_autocast_dtype(dev) if torch.is_autocast_enabled(dev) else x.dtype  # matmul precision
-        acc = torch.promote_types(cdt, torch.float32)  # softmax and sums: at least fp32
-        kd = teacher_x is not None
+        acc = torch.promote_types(cdt, torch.float32)  # sums: at least fp32
         with torch.autocast(dev, enabled=False):
-            Wc, Wt = W.to(cdt), teacher_W.to(cdt) if kd else None
+            xc, Wc = x.to(cdt), W.to(cdt)
+            G = xc @ Wc.t()  # the logits, becoming the logit gradient chunk by chunk below
             valid = targets >= 0
             n = valid.sum().clamp(min=1)
             ce, kl = torch.zeros((), dtype=acc, device=x.device), torch.zeros((), dtype=acc, device=x.device)
-            grad_x = torch.empty_like(x)
-            need_W = ctx.needs_input_grad[1]  # a frozen head (the concept labeler's source) needs no weight gradient
-            grad_W = torch.zeros(W.shape, dtype=acc, device=W.device) if need_W else None
             for s in range(0, x.size(0), chunk):
-                xs, t, v = x[s:s + chunk].to(cdt), targets[s:s + chunk].clamp(min=0), valid[s:s + chunk]
-                logits = (xs @ Wc.t()).to(acc)
-                lse = torch.logsumexp(logits, dim=-1)
-                ce += ((lse - logits.gather(1, t[:, None]).squeeze(1)) * v).sum()
-                logp = logits.sub_(lse[:, None])  # log-softmax, in place of the logits
-                if kd:
-                    logq = (teacher_x[s:s + chunk].to(cdt) @ Wt.t()).to(acc)
-                    logq = logq.sub_(torch.logsumexp(logq, dim=-1, keepdim=True))
+                logits, t, v = G[s:s + chunk], targets[s:s + chunk].clamp(min=0), valid[s:s + chunk]
+                rows = torch.arange(len(t), device=x.device)
+                target_logit = logits[rows, t].to(acc)
+                if teacher_x is None:
+                    p = torch.softmax(logits, dim=-1)
+                    # log-sum-exp = x_t - log p_t; p_t below the smallest normal number would make it
+                    # infinite, and only a row more than ~87 nats wrong gets there: it counts as 87
+                    lse = target_logit - p[rows, t].to(acc).clamp(min=torch.finfo(cdt).tiny).log()
+                else:
+                    logp = torch.log_softmax(logits, dim=-1, dtype=acc)
+                    logq = torch.log_softmax(teacher_x[s:s + chunk].to(cdt) @ teacher_W.to(cdt).t(), dim=-1, dtype=acc)
                     q = logq.exp()
                     kl += ((q * (logq - logp)).sum(-1) * v).sum()
+                    lse = target_logit - logp[rows, t]
                     p = logp.exp_().mul_(1 + lam_kd).sub_(q.mul_(lam_kd))
-                else:
-                    p = logp.exp_()  # softmax
-                p[torch.arange(len(t), device=p.device), t] -= 1.0
-                p = p.mul_((v / n)[:, None]).to(cdt)
-                grad_x[s:s + chunk] = (p @ Wc).to(x.dtype)
-                if need_W:
-                    grad_W += (p.t() @ xs).to(acc)
-        ctx.save_for_backward(grad_x, grad_W.to(W.dtype) if need_W else None)
+                ce += ((lse - target_logit) * v).sum()
+                p[rows, t] -= 1.0
+                logits.copy_(p)
+        ctx.save_for_backward(G, xc * valid[:, None].to(cdt) if ctx.needs_input_grad[1] else None, Wc, valid, n)
+        ctx.dtypes = x.dtype, W.dtype
         ce, kl = ce / n, kl / n
         ctx.mark_non_differentiable(ce, kl)
         return ce + lam_kd * kl, ce, kl
 
     @staticmethod
     def backward(ctx, g, _ce, _kl):
-        grad_x, grad_W = ctx.saved_tensors
-        return grad_x * g, None if grad_W is None else grad_W * g, None, None, None, None, None
+        G, x_valid, Wc, valid, n = ctx.saved_tensors
+        acc = torch.promote_types(G.dtype, torch.float32)
+        scale = g.to(acc) / n  # in fp32 (at least), after the matmuls
+        with torch.autocast(G.device.type, enabled=False):
+            grad_x = ((G @ Wc).to(acc) * (valid[:, None] * scale)).to(ctx.dtypes[0])  # ignored rows: 0
+            # a frozen head (the concept labeler's source) needs no weight gradient
+            grad_W = None if x_valid is None else ((G.t() @ x_valid).to(acc) * scale).to(ctx.dtypes[1])
+        return grad_x, grad_W, None, None, None, None, None
 
 
 def default_lm_chunk(device):
-    """Rows per LM-head chunk: 4096 on a GPU, 256 elsewhere (see lm_loss)."""
-    return 4096 if torch.device(device).type == "cuda" else 256
+    """Rows per LM-head chunk: 4096 on a GPU, 1024 elsewhere (see lm_loss)."""
+    return 4096 if torch.device(device).type == "cuda" else 1024
 
 
 def lm_loss(x, W, targets, chunk=None, teacher=None, lam_kd=0.1):
-    """Next-token cross-entropy of the LM head without its full logits (see ChunkedLMLoss). With
+    """Next-token cross-entropy of the LM head (see LMHeadLoss). With
     teacher = (teacher_x, teacher_W): (CE + lam_kd * KL, CE, KL), KD's loss and its two terms.
-    Without autograd (evaluation) the chunks are simply summed. chunk: rows per chunk; by default 256
-    on CPU (a 256 x 50257 fp32 chunk, ~50 MB, stays near the caches) and 4096 on a GPU (big enough to
-    keep it busy, and few chunks for torch.compile, which unrolls the loop)."""
+    Without autograd (evaluation) the chunks are simply summed. chunk: rows per softmax chunk; by
+    default 1024 on CPU (measured fastest of 256, 1024 and 4096 on a 2-core AVX512-BF16 CPU, see
+    BENCHMARKS.md) and 4096 on a GPU (few chunks for torch.compile, which unrolls the loop)."""
     x, targets = x.reshape(-1, x.size(-1)), targets.reshape(-1)
     tx, tW = (teacher[0].reshape(-1, teacher[0].size(-1)), teacher[1]) if teacher is not None else (None, None)
     chunk = chunk or default_lm_chunk(x.device)
     if torch.is_grad_enabled() and (x.requires_grad or W.requires_grad):
-        out = ChunkedLMLoss.apply(x, W, targets, chunk, tx, tW, lam_kd)
+        out = LMHeadLoss.apply(x, W, targets, chunk, tx, tW, lam_kd)
         return out[0] if teacher is None else out
     n = (targets >= 0).sum().clamp(min=1)
     ce = kl = 0.0

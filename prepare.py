@@ -246,19 +246,43 @@ def check_out_dir(out, settings, input_ids, overwrite):
                         == 2 * meta["splits"][s]["tokens"] for s in ("train", "val"))
 
 
+TMP_NAME = re.compile(r"\.(stream|train|val|meta)\.tmp-(\d+)")  # write_corpus's temporary files
+
+
+def pid_alive(pid):
+    """Whether a process of this number runs on this machine (signal 0 checks without sending anything)."""
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # another user's process
+        return True
+    return True
+
+
+def remove_stale_tmp(out):
+    """Temporary files of runs that were killed (kill -9 skips write_corpus's clean-up): the token stream
+    alone is the size of the corpus. Those of a live process are another run's, still working."""
+    for f in out.iterdir():
+        if (m := TMP_NAME.fullmatch(f.name)) and not pid_alive(int(m.group(2))):
+            f.unlink(missing_ok=True)
+
+
 def write_corpus(docs, inputs, settings, out_dir, num_proc, total_chars=None, overwrite=False, verbose=True):
     """Encodes docs into out_dir/{train,val}.bin + meta.json. Everything goes to temporary files in
-    out_dir first and is moved into place at the end, meta.json last; on any error they are removed."""
+    out_dir first and is moved into place at the end, meta.json last; on any error they are removed
+    (a full disk is a PrepareError)."""
     out = Path(out_dir)
     if check_out_dir(out, settings, [i["sha256"] for i in inputs], overwrite):
         if verbose:
             print(f"already prepared: {out} holds this corpus with these settings")
         return load_meta(out)
     created = not out.exists()
-    out.mkdir(parents=True, exist_ok=True)
     tmp = {name: out / f".{name}.tmp-{os.getpid()}" for name in ("stream", "train", "val", "meta")}
     t0 = time.time()
     try:
+        out.mkdir(parents=True, exist_ok=True)
+        remove_stale_tmp(out)
         # 1) encode every document, in order, into one token stream
         doc_lens, doc_fracs = [], []
         with open(tmp["stream"], "wb") as f, tqdm(total=total_chars, unit="char", unit_scale=True,
@@ -297,11 +321,14 @@ def write_corpus(docs, inputs, settings, out_dir, num_proc, total_chars=None, ov
         os.replace(tmp["train"], out / "train.bin")
         os.replace(tmp["val"], out / "val.bin")
         os.replace(tmp["meta"], out / "meta.json")
+    except OSError as e:  # a full disk, a read-only folder
+        raise PrepareError(f"cannot write in {out} ({e.strerror or e}; {weights.free_bytes(tmp['stream']):,} bytes "
+                           "free there); its temporary files are removed") from None
     finally:
         for path in tmp.values():
             if path.exists():
                 path.unlink()
-        if created and not any(out.iterdir()):
+        if created and out.exists() and not any(out.iterdir()):
             out.rmdir()
     if verbose:
         s = meta["splits"]
@@ -387,7 +414,7 @@ def main(argv=None):
             prepare_source(args.source, args.out_dir, args.cache_dir, args.val_fraction, args.num_proc, args.overwrite)
         else:
             prepare(args.input, args.out_dir, args.val_fraction, args.num_proc, args.overwrite, args.doc_separator)
-    except PrepareError as e:
+    except (PrepareError, OSError) as e:  # OSError: an input that cannot be read
         print(f"error: {e}", file=sys.stderr)
         sys.exit(1)
     except KeyboardInterrupt:

@@ -70,7 +70,7 @@ PRESETS = {
         input='source:openwebtext', ood='tinyshakespeare/input.txt', lambada='lambada/lambada_test.jsonl',
         seeds='1', threads=0, concept_source='gpt2', sae_path='openai:resid_post_mlp_v5_32k/5', sae_layer=5,
         n_concepts=32768, student='config/reproduce_gpu_student.py',
-        eval=dict(max_tokens=2_000_000, lambada_max=None, batch_size=32)),
+        eval=dict(max_tokens=2_000_000, lambada_max=None, batch_size=32), suite='benchmarks'),
 }
 METHODS = ('ntp', 'cocomix', 'kd', 'pause')
 # -----------------------------------------------------------------------------
@@ -100,8 +100,14 @@ def write_json(path, obj):
 
 
 def read_log(run_dir):
+    records = []
     with open(os.path.join(run_dir, 'log.jsonl')) as f:
-        return [json.loads(line) for line in f if line.strip()]
+        for line in f:
+            try:
+                records.append(json.loads(line))
+            except ValueError:  # a line torn by a kill (train.py drops it when it resumes)
+                pass
+    return records
 
 
 def flatten(d, prefix=''):
@@ -144,34 +150,71 @@ def run_logged(stage, cmd, log_path, env):
                 sys.stdout.flush()
                 log.write(chunk)
             rc = proc.wait()
-        except KeyboardInterrupt:
-            proc.send_signal(signal.SIGINT)  # a terminal's Ctrl-C reached it already; a lone SIGINT to us did not
-            proc.wait()  # train.py finishes its step, saves and exits; let it
-            fail(f"interrupted in stage {stage}; run the same command again to redo that stage")
+        except KeyboardInterrupt:  # Ctrl-C, or SIGTERM (main makes it one)
+            proc.send_signal(signal.SIGINT)  # a terminal's Ctrl-C reached it already; a lone signal to us did not
+            proc.wait()  # train.py and sae.py finish their step, save and exit; let them
+            fail(f"interrupted in stage {stage}; run the same command again to resume it")
     if rc:
         fail(f"stage {stage} failed (exit {rc}); see {log_path}")
 
 
 def command_stage(name, folder, settings, outputs, cmds, a, env, log_name, check=None):
-    """A stage made of subprocesses writing into `folder`; returns its record. Earlier outputs go first:
-    train.py and sae.py append to their logs, and a half-finished attempt must not leak into this one."""
-    record = os.path.join(folder, 'stage.json')
+    """A stage made of subprocesses writing into `folder`; returns its record. attempt.json records the
+    settings of an attempt until it succeeds: an interrupted attempt with these settings is resumed, its
+    checkpoints kept (train.py's ckpt.pt, sae.py's resume file); other outputs of an earlier attempt go
+    first, since train.py and sae.py append to their logs and another attempt must not leak into this one.
+    check() may refuse the result (fail) or return entries for the record."""
+    record, attempt = os.path.join(folder, 'stage.json'), os.path.join(folder, 'attempt.json')
     if done(name, record, settings, outputs, a.force):
         return read_json(record)
     os.makedirs(folder, exist_ok=True)
+    prev, settings = read_json(attempt), json.loads(json.dumps(settings))
+    resume = prev is not None and prev.get('settings') == settings
+    if prev is not None and not resume and not a.force:  # that attempt's checkpoints are work: never discarded unasked
+        old, new = flatten(prev.get('settings', {})), flatten(settings)
+        diff = sorted(k for k in set(old) | set(new) if old.get(k) != new.get(k))
+        fail(f"stage {name}: {folder} holds an interrupted attempt with other settings ({', '.join(diff)}); "
+             "use another --out_dir, or --force to discard it")
+    resume = resume and any(f == 'ckpt.pt' or f.endswith('.resume.pt') for f in os.listdir(folder))
     for f in os.listdir(folder):
-        if f.split('.')[0] in ('ckpt', 'log', 'train', 'sae', 'eval'):
+        if f.split('.')[0] in (('eval',) if resume else ('ckpt', 'log', 'train', 'sae', 'eval')):
             os.remove(os.path.join(folder, f))
-    t0 = time.time()
-    for cmd in cmds:
-        cmd = cmd() if callable(cmd) else cmd  # a callable decides after the previous command
-        if cmd:
-            run_logged(name, [sys.executable, *cmd], os.path.join(folder, log_name), env)
-    if check:
-        check()
-    rec = {'settings': settings, 'wall': time.time() - t0}
+    if resume:
+        print(f"resuming stage {name} from {folder}")
+    else:
+        write_json(attempt, {'settings': settings, 'wall': 0.0})
+    t0, wall = time.time(), (prev or {}).get('wall', 0.0) if resume else 0.0
+    try:
+        for cmd in cmds:
+            cmd = cmd() if callable(cmd) else cmd  # a callable decides after the previous command
+            if cmd:
+                run_logged(name, [sys.executable, *cmd], os.path.join(folder, log_name), env)
+    finally:  # the wall time of every attempt, so that a resumed stage reports the time it took in all
+        write_json(attempt, {'settings': settings, 'wall': wall + time.time() - t0})
+    rec = {'settings': settings, 'wall': wall + time.time() - t0, **((check and check()) or {})}
     write_json(record, rec)
+    os.remove(attempt)
     return rec
+
+
+def resumable(cmd, folder):
+    """train.py's command, resuming from folder/ckpt.pt when an interrupted attempt left one (command_stage
+    keeps it only for an attempt with the same settings)."""
+    return lambda: cmd + ['--init_from=resume'] if os.path.exists(os.path.join(folder, 'ckpt.pt')) else cmd
+
+
+def checkpoint_step(stage, run_dir, cfg):
+    """A train.py stage is finished when its checkpoint is of step max_iters (train.py exits 0 after SIGINT
+    or SIGTERM too, with a checkpoint of where it stopped): the record then holds the checkpoint's budget."""
+    from weights import load_torch_file
+    try:
+        step = load_torch_file(os.path.join(run_dir, 'ckpt.pt'), 'checkpoint').get('iter_num')
+    except (OSError, ValueError) as e:
+        fail(f"stage {stage}: {e}")
+    if step != cfg['max_iters']:
+        fail(f"stage {stage} stopped at step {step} of max_iters={cfg['max_iters']} (its checkpoint); run the same "
+             f"command again to resume it; see {run_dir}/train.log")
+    return {'iter_num': step, 'tokens': step * cfg['batch_size'] * cfg.get('gradient_accumulation_steps', 1) * cfg['block_size']}
 
 
 def flags(d):
@@ -223,6 +266,9 @@ def evaluate_run(run_dir, data_dir, ev, device):
     with torch.no_grad():
         val = evaluate_tokens(model, load_tokens(data_dir, 'val'), T, B, device, ev['max_tokens'], tb)
         out = {'params': model.get_num_params(), 'val': val}
+        if ev.get('suite'):  # the paper's zero-shot table: every benchmark file of the folder (eval.py --suite)
+            from eval import evaluate_suite
+            out['suite'] = evaluate_suite(model, ev['suite'], enc, T, B, device, token_bytes=tb, progress=False)[0]
         if ev['ood']:
             out['ood'] = evaluate_text(model, ev['ood'], enc, T, B, device, ev['max_tokens'], tb)
         if ev['lambada']:
@@ -275,7 +321,7 @@ def report(out_dir, runs, methods, seeds, notes):
              '| method | params | tokens | val loss | val ppl | val bpb | OOD loss | LAMBADA acc | LAMBADA ppl | wall (s) | tokens/s |',
              '|---|---|---|---|---|---|---|---|---|---|---|']
     for m in methods:
-        tokens = [curves[m, s][-1][0] for s in seeds]
+        tokens = [runs[m, s]['train'].get('tokens', curves[m, s][-1][0]) for s in seeds]  # the checkpoints' budget
         wall = get(m, lambda r: r['train']['wall'])
         lines.append(f"| {m} | {runs[m, seeds[0]]['eval']['params'] / 1e6:.2f}M | {tokens[0]:,} | "
                      f"{stats(get(m, opt('val', 'loss')))} | {stats(get(m, opt('val', 'ppl')), 1)} | "
@@ -365,6 +411,12 @@ def report(out_dir, runs, methods, seeds, notes):
         lines += ['', '![val loss vs tokens](curves.png)']
     except ImportError:
         lines += ['', '(matplotlib is not installed: no curves.png; the curves are in curves.csv)']
+    suites = {k: r['eval']['suite'] for k, r in runs.items() if r['eval'].get('suite')}
+    if suites:  # acc for choices, perplexity for LAMBADA and texts: the paper's zero-shot table
+        from eval import markdown_table
+        lines += ['', "## Zero-shot suite (eval.py --suite)"]
+        for (m, s), res in suites.items():
+            lines += ['', f"{m}, seed {s}:", '', markdown_table(res).rstrip()]
     with open(os.path.join(out_dir, 'results.md'), 'w') as f:
         f.write('\n'.join(lines) + '\n')
 
@@ -373,6 +425,14 @@ def report(out_dir, runs, methods, seeds, notes):
 
 
 def main():
+    signal.signal(signal.SIGTERM, signal.default_int_handler)  # stopped like Ctrl-C: the running stage saves and exits
+    try:
+        reproduce()
+    except KeyboardInterrupt:
+        fail("interrupted; run the same command again to resume")
+
+
+def reproduce():
     p = argparse.ArgumentParser(description="CoCoMix vs NTP, KD and pause at small scale, end to end.")
     p.add_argument('--preset', choices=sorted(PRESETS), required=True)
     p.add_argument('--input', nargs='+', help="text files/folders (default: the preset's, under --data_root)")
@@ -399,6 +459,11 @@ def main():
     methods += list(ablations)
     if not seeds or not methods:
         fail('nothing to run: give at least one seed and one method')
+    from train_utils import hold_lock
+    try:  # one reproduce.py per out_dir: a second would discard the first's work in progress
+        hold_lock(os.path.join(out, 'lock'))
+    except RuntimeError as e:
+        fail(str(e))
     # child processes: unbuffered, so progress shows as it happens (and TIKTOKEN_CACHE_DIR as the user set it)
     env = dict(os.environ, PYTHONUNBUFFERED='1')
     import torch
@@ -462,7 +527,8 @@ def main():
         source = os.path.join(src_dir, 'ckpt.pt')
         cmd, cfg = train_command(P['source'], {'seed': 1337}, data_dir, src_dir)
         settings = {'train': cfg, 'deps': dict(deps)}
-        command_stage('source', src_dir, settings, [source], [cmd], a, env, 'train.log')
+        command_stage('source', src_dir, settings, [source], [resumable(cmd, src_dir)], a, env, 'train.log',
+                      lambda: checkpoint_step('source', src_dir, cfg))
         deps['source'] = digest(settings)
 
     # 3. SAE (trained here, or OpenAI's) and its concept dictionary
@@ -480,6 +546,9 @@ def main():
         cmds = [['sae.py', f'--ckpt={source}', f'--out={sae_path}', '--seed=1337', *flags(P['sae']), D, f'--device={device}'],
                 # training writes the dictionary itself; describe only if it did not
                 lambda: None if os.path.exists(concepts) else ['sae.py', '--describe', f'--sae={sae_path}', D]]
+        # sae.py exits 0 when a signal stops it, with its resume file written and no SAE
+        cmds.insert(1, lambda: None if os.path.exists(sae_path) else
+                    fail(f"stage sae stopped before the end; run the same command again to resume it; see {sae_dir}/sae.log"))
     command_stage('sae', sae_dir, settings, outputs, cmds, a, env, 'sae.log')
     deps['sae'] = digest(settings)
 
@@ -513,12 +582,8 @@ def main():
             settings = {'train': {k: rel(v) for k, v in cfg.items()}, 'deps': {k: deps[k] for k in needs}}
             name = f'train {m} seed {seed}'
 
-            def finished():  # train.py exits 0 after a SIGINT too, with a checkpoint of where it stopped
-                last = [r for r in read_log(run_dir) if 'val/loss' in r][-1:]
-                if not last or last[0]['iter'] != cfg['max_iters']:
-                    fail(f"stage {name} stopped before max_iters={cfg['max_iters']}; see {run_dir}/train.log")
-            rec = command_stage(name, run_dir, settings, [os.path.join(run_dir, 'ckpt.pt')], [cmd], a, env, 'train.log',
-                                finished)
+            rec = command_stage(name, run_dir, settings, [os.path.join(run_dir, 'ckpt.pt')], [resumable(cmd, run_dir)], a,
+                                env, 'train.log', lambda: checkpoint_step(name, run_dir, cfg))
             runs[m, seed] = {'dir': run_dir, 'settings': settings, 'train': rec}
 
     # 5. evaluate every final checkpoint
@@ -538,6 +603,12 @@ def main():
         lambada = ''
     ood, lambada = ood or '', lambada or ''
     ev = {**P['eval'], 'ood': ood and os.path.abspath(ood), 'lambada': lambada and os.path.abspath(lambada)}
+    suite = at(P['suite']) if P.get('suite') else None
+    if suite and os.path.isdir(suite):
+        ev['suite'] = os.path.abspath(suite)
+        notes.append(f"- Zero-shot suite: every benchmark file in `{suite}` (eval.py --suite).")
+    elif P.get('suite'):
+        notes.append(f"- No benchmark folder {suite or P['suite']} under the data folder: no zero-shot suite.")
     notes += [f"- OOD: `{os.path.basename(ood)}`, first {ev['max_tokens']:,} tokens."] if ood else []
     notes += [f"- LAMBADA: first {ev['lambada_max'] or 'all'} examples, contexts cut to the model's window."] \
         if lambada else []

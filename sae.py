@@ -21,7 +21,6 @@ import argparse
 import json
 import math
 import os
-import pickle
 
 import torch
 import torch.nn as nn
@@ -32,7 +31,7 @@ from dictionary import describe
 from model import load_frozen_gpt, standardise
 from ops import sparse_mix
 from sae_train import ShuffleBuffer, activation_chunk, evaluate, geometric_median, train
-from weights import download, file_sha256
+from weights import download, file_sha256, first_line, load_torch_file, save_atomic
 
 OPENAI_URL = "https://openaipublic.blob.core.windows.net/sparse-autoencoder/gpt2-small/{location}/autoencoders/{layer}.pt"
 CACHE_DIR = os.path.join(os.path.expanduser("~"), ".cache", "cocomix")
@@ -120,8 +119,7 @@ class SAE(nn.Module):
         """Our format, written atomically so a crash never leaves a half-written SAE behind."""
         os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
         obj = {"state_dict": self.state_dict(), "d": self.d, "n_latents": self.n_latents, "k": self.k, "meta": self.meta}
-        torch.save(obj, path + ".tmp")
-        os.replace(path + ".tmp", path)
+        save_atomic(obj, path)
 
     @classmethod
     def load(cls, path, map_location="cpu", layer=None):
@@ -132,14 +130,7 @@ class SAE(nn.Module):
             location, _, lay = path.removeprefix("openai:").rpartition("/")
             layer = int(lay) if layer is None else layer
             path, host = download_openai_sae(location or "resid_post_mlp_v5_32k", int(lay)), "gpt2"
-        try:
-            obj = torch.load(path, map_location=map_location, weights_only=True)
-        except FileNotFoundError:
-            raise
-        except pickle.UnpicklingError:  # torch's own message advises weights_only=False, which would run its code
-            raise ValueError(f"{path}: not a readable SAE file (not a torch file of plain tensors, or truncated)") from None
-        except Exception as e:  # truncated or foreign files fail here, never by running them
-            raise ValueError(f"{path}: not a readable SAE file ({type(e).__name__}: {str(e).splitlines()[0][:200]})") from None
+        obj = load_torch_file(path, "SAE file", map_location)
         if isinstance(obj, dict) and "state_dict" in obj and "n_latents" in obj:
             sae = cls._from_ours(obj, path)
         elif isinstance(obj, dict) and "encoder.weight" in obj:
@@ -161,7 +152,7 @@ class SAE(nn.Module):
             sae = cls(int(obj["d"]), int(obj["n_latents"]), int(obj["k"]), obj.get("meta"))
             sae.load_state_dict(obj["state_dict"])
         except (KeyError, TypeError, ValueError, RuntimeError) as e:
-            raise ValueError(f"{path}: malformed SAE file ({type(e).__name__}: {str(e).splitlines()[0][:200]})") from None
+            raise ValueError(f"{path}: malformed SAE file ({first_line(e)})") from None
         return sae
 
     @classmethod
@@ -183,7 +174,7 @@ class SAE(nn.Module):
                                                 "tokenizer": "gpt2", "layer": None})
             sae.load_state_dict({key: sd[key].float() for key in expected})
         except (KeyError, TypeError, ValueError, RuntimeError) as e:
-            raise ValueError(f"{path}: malformed OpenAI SAE state dict ({type(e).__name__}: {str(e).splitlines()[0][:200]})") from None
+            raise ValueError(f"{path}: malformed OpenAI SAE state dict ({first_line(e)})") from None
         return sae
 
     def check_host(self, host, layer):
@@ -242,14 +233,38 @@ def arg_parser():
     return p
 
 
+def check_args(a):
+    """Settings that are wrong whatever the host and data: a one-line message for the first, or None."""
+    from train_utils import check_device
+    if a.n_latents <= 0 or not 0 < a.k <= a.n_latents:
+        return f"--n_latents must be positive and --k in [1, n_latents], got n_latents={a.n_latents}, k={a.k}"
+    if min(a.tokens, a.batch_size, a.buffer, a.host_batch, a.eval_tokens, a.log_interval) <= 0 or a.ckpt_interval < 0:
+        return "--tokens, --batch_size, --buffer, --host_batch, --eval_tokens and --log_interval must be positive"
+    if any(v is not None and v <= 0 for v in (a.dead_tokens, a.k_aux, a.block_size)):
+        return "--dead_tokens, --k_aux and --block_size must be positive"
+    if a.lr is not None and not (a.lr > 0 and math.isfinite(a.lr)) or not (a.aux_coef >= 0 and math.isfinite(a.aux_coef)):
+        return f"--lr must be a positive number and --aux_coef >= 0, got lr={a.lr}, aux_coef={a.aux_coef}"
+    return check_device(a.device)
+
+
+def usable(m):
+    """A one-line reason why a trained SAE's held-out metrics make it useless, or None: it reconstructs
+    worse than the mean activation would (FVU > 1), or no latent fires."""
+    if not m["fvu"] <= 1 or m["l0"] == 0 or m["dead"] >= 1.0:
+        return f"FVU {m['fvu']:.4g}, L0 {m['l0']:.3g}, {m['dead']:.0%} of the latents never fire on held-out text"
+    return None
+
+
 def eval_or_describe(a):
     """--eval_only / --describe: an existing SAE (ours, OpenAI's or 'openai:...') on the host it was trained on."""
+    from train_utils import check_sae_host
     sae = SAE.load(a.sae or a.out, map_location=a.device, layer=a.layer)
     layer, ckpt = sae.meta.get("layer"), a.ckpt or sae.meta.get("host")
     if layer is None or ckpt is None:
         raise SystemExit(f"error: {sae.path} does not record its host and layer; pass --ckpt and --layer")
     model = load_frozen_gpt(ckpt, a.device)
     sae.check_host(model, layer)
+    check_sae_host(sae, ckpt)
     if a.describe:
         out = os.path.splitext(sae.path)[0] + ".concepts.json"
         describe(sae, model, layer, a.data_dir, a.eval_tokens, block_size=a.block_size, device=a.device, out=out)
@@ -316,8 +331,7 @@ def fit(a, sae, model, settings, same, saved):
             sae.pre_bias.copy_(geometric_median(buffer.pool[:min(len(buffer.pool), 32768)]))
 
     def checkpoint(state):  # to a temporary file, then renamed: a crash while writing keeps the previous one
-        torch.save({"settings": same, "train": state, "buffer": buffer.state_dict()}, resume_path + ".tmp")
-        os.replace(resume_path + ".tmp", resume_path)
+        save_atomic({"settings": same, "train": state, "buffer": buffer.state_dict()}, resume_path)
 
     os.makedirs(os.path.dirname(os.path.abspath(a.out)), exist_ok=True)
     with open(out_file(a, ".metrics.jsonl"), "a") as f:  # after a resume, steps since the last save appear twice, identically
@@ -326,8 +340,8 @@ def fit(a, sae, model, settings, same, saved):
         m = train(sae, buffer, settings["steps"], settings["lr"], settings["dead_tokens"], a.k_aux, a.aux_coef, log=log,
                   log_interval=a.log_interval, state=saved and saved["train"], checkpoint=checkpoint,
                   ckpt_interval=a.ckpt_interval)
-        if "stopped" not in m:
-            sae.meta["train_final"] = m
+        if "stopped" not in m:  # no wall time in the file: the same training gives the same bytes (and label cache)
+            sae.meta["train_final"] = {k: v for k, v in m.items() if k != "time"}
             sae.meta["eval"] = evaluate(sae, model, a.layer, a.data_dir, a.eval_tokens, a.host_batch,
                                         settings["block_size"], a.device)
             log({"eval": sae.meta["eval"]})
@@ -337,6 +351,8 @@ def fit(a, sae, model, settings, same, saved):
 def main(argv=None):
     """Train an SAE on a host's activations, evaluate and describe it; or, with --eval_only / --describe, an existing one."""
     a = arg_parser().parse_args(argv)
+    if problem := check_args(a):
+        raise SystemExit(f"error: {problem}")
     torch.manual_seed(a.seed)
     if a.eval_only or a.describe:
         return eval_or_describe(a)
@@ -346,8 +362,23 @@ def main(argv=None):
     cfg = model.config
     if not 0 <= a.layer < cfg.n_layer:
         raise SystemExit(f"error: --layer={a.layer} is outside the host's {cfg.n_layer} blocks")
+    if (a.block_size or 0) > cfg.block_size:
+        raise SystemExit(f"error: --block_size={a.block_size} is longer than the host's context ({cfg.block_size})")
     settings, meta = run_settings(a, cfg)
     same, resume_path = resume_key(settings, meta), out_file(a, ".resume.pt")
+    from train_utils import hold_lock
+    try:  # one training per --out: two would overwrite each other's resume file
+        release = hold_lock(out_file(a, ".lock"))
+    except RuntimeError as e:
+        raise SystemExit(f"error: {e}") from None
+    try:
+        train_and_write(a, model, cfg, settings, meta, same, resume_path)
+    finally:
+        release()
+
+
+def train_and_write(a, model, cfg, settings, meta, same, resume_path):
+    """Train the SAE (resuming from <out>.resume.pt when there is one), then write it and its dictionary."""
     saved = read_resume(resume_path, same)  # before anything is written, so a refusal leaves every file as it was
     sae = SAE(cfg.n_embd, a.n_latents, a.k, meta).to(a.device)
     sae.path = a.out
@@ -355,6 +386,10 @@ def main(argv=None):
     if "stopped" in m:
         print(f"stopped at step {m['stopped']} of {settings['steps']}; run the same command to resume from {resume_path}")
         return
+    if problem := usable(sae.meta["eval"]):  # e.g. a far too large --lr: say so rather than hand on a useless SAE
+        os.remove(resume_path)  # a finished run: nothing to resume, and a rerun with a lower --lr must not be refused
+        raise SystemExit(f"error: the trained SAE is unusable ({problem}); not written to {a.out}: lower --lr "
+                         f"(it was {settings['lr']:.3g}) or check the host")
     sae.save(a.out)
     print(json.dumps(sae.meta["eval"]))
     out = out_file(a, ".concepts.json")
@@ -366,5 +401,5 @@ def main(argv=None):
 if __name__ == "__main__":
     try:
         main()
-    except (ValueError, FileNotFoundError) as e:  # expected failures read better as one line than a traceback
+    except (ValueError, OSError) as e:  # expected failures (bad files, a full disk) read better as one line than a traceback
         raise SystemExit(f"error: {e}")

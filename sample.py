@@ -120,9 +120,21 @@ def side_by_side(columns, width):
 # -----------------------------------------------------------------------------
 
 
-def run(args):
+def check_args(args):
+    """The sampling settings, before any model is loaded."""
+    from train_utils import check_device
     if args.num_samples < 1 or args.max_new_tokens < 0:
         raise UsageError("--num_samples must be >= 1 and --max_new_tokens >= 0")
+    if not args.temperature >= 0 or args.temperature == float("inf"):  # a negative one would sample the least likely
+        raise UsageError(f"--temperature must be >= 0 (0 = greedy), got {args.temperature}")
+    if args.top_k < 0 or args.shift < 0 or args.inspect_top < 1 or args.n_prompts < 1 or args.width < 0:
+        raise UsageError("--top_k, --shift and --width must be >= 0, --inspect_top and --n_prompts >= 1")
+    if problem := check_device(args.device):
+        raise UsageError(problem)
+
+
+def run(args):
+    check_args(args)
     torch.manual_seed(args.seed)
     model, train_config = load_model(args)
     cfg = model.config

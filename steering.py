@@ -18,6 +18,7 @@ from dictionary import concept_name, load_concepts
 from inspect_html import concept_logits, has_concept_head, token_text, windowed
 from model import load_frozen_gpt
 from sae import SAE
+from train_utils import check_sae_host
 
 STEER_RANGE = 10.0  # |factor| <= 10, as the paper's steering experiments
 EOT = "<|endoftext|>"
@@ -90,6 +91,8 @@ def load_source_and_sae(args, train_config, model, what="--steer_source"):
     else:
         raise UsageError(f"{what} needs --concept_source (the plain GPT the SAE reads)")
     sae.check_host(source, layer)
+    if src_path:  # the same width and layer are not enough: the SAE records its host's file hash
+        check_sae_host(sae, src_path)
     if not 0 <= layer < source.config.n_layer:
         raise UsageError(f"SAE layer {layer} is outside the concept source's {source.config.n_layer} blocks")
     return source, sae, layer, sae_path

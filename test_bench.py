@@ -17,7 +17,7 @@ FAST = ["--tiny", "--rounds=1", "--warmup=0", "--steps=1"]
 def test_gpu_mfu_cpu_path(capsys):
     bench_compile.main(["--gpu_mfu", "--device=cpu", *FAST])
     out = capsys.readouterr().out
-    assert "labels on the fly" in out and "MFU" in out and "chunks of 256 rows" in out
+    assert "labels on the fly" in out and "MFU" in out and "chunks of 1024 rows" in out
 
 
 def test_compile_cli():
@@ -118,3 +118,40 @@ def test_flops_and_mfu():
     assert flops.PEAK_FLOPS["H100"] == 989e12
     coco = GPT(GPTConfig(n_layer=4, n_head=2, n_embd=64, block_size=32, n_concepts=256, concept_topk=8, insert_layer=1))
     assert math.isclose(flops.estimate_mfu(coco, 64, 32, 0.5, "cpu"), 21624192 * 64 / 0.5 / 1e12)
+
+
+def test_gpu_check_dry_run(tmp_path):
+    """scripts/gpu_check.sh's check at smoke-test size on the CPU: every part runs, and its figures say
+    what they should (the ops equal their references, the compiled student equals eager, no graph break)."""
+    import json
+    import os
+    import subprocess
+    root = os.path.dirname(os.path.abspath(__file__))
+    p = subprocess.run(["bash", os.path.join(root, "scripts", "gpu_check.sh"), "--dry_run", "--minutes=0",
+                        f"--out_dir={tmp_path}"], capture_output=True, text=True, timeout=900)
+    assert p.returncode == 0, p.stdout[-2000:] + p.stderr[-2000:]
+    r = json.load(open(tmp_path / "gpu_check.json"))
+    assert not [k for k, v in r.items() if isinstance(v, dict) and "FAILED" in v]
+    ops = r["1 ops on the device"]
+    assert max(ops["sparse_mix fp32: output, grad values, grad W (rel. diff)"]) < 1e-5
+    assert max(ops["lm_loss float32: grad x, grad W vs float64 full logits (rel. diff)"]) < 1e-5
+    assert max(ops["lm_loss float16: grad x, grad W vs float64 full logits (rel. diff)"]) < 2e-3
+    eager, compiled, grad_diff = r["2 compiled vs eager"]["compiled cocomix: loss eager, loss compiled, max grad rel. diff"]
+    assert abs(eager - compiled) < 1e-4 and grad_diff < 1e-4
+    assert r["2 graph breaks and recompiles"]["cocomix"]["graph_breaks"] == 0
+    assert r["3 MFU"]["cocomix 2L d=64, cached labels"]["tokens_per_s"] > 0
+    assert "gpu_check.md" in os.listdir(tmp_path)
+
+
+def test_vs_nanogpt(tmp_path, capsys):
+    """bench.py --vs_nanogpt's plumbing, with a stand-in for nanoGPT's model.py (nanoGPT's interface: GPT,
+    GPTConfig, forward(idx, targets) -> (logits, loss), configure_optimizers): same weights, so the first
+    losses agree exactly in fp32; a missing checkout is a one-line error."""
+    import os
+    root = os.path.dirname(os.path.abspath(__file__))
+    (tmp_path / "model.py").write_text(f"import sys\nsys.path.insert(0, {root!r})\nfrom model import GPT, GPTConfig\n")
+    bench.main(["--vs_nanogpt", str(tmp_path), "--dtypes=float32", *FAST])
+    out = capsys.readouterr().out
+    assert "first loss ours - nanoGPT's: 0.0e+00" in out and "ours vs nanoGPT" in out and "parameter-matched ntp" in out
+    with pytest.raises(SystemExit, match="no nanoGPT model.py"):
+        bench.main(["--vs_nanogpt", str(tmp_path / "nowhere"), *FAST])

@@ -238,6 +238,24 @@ def test_chunked_lm_loss_equals_full_logits(teacher):
         torch.testing.assert_close(out[0] if teacher else out, ref)
 
 
+def test_lm_loss_fp16_gradient_is_not_flushed():
+    """Under fp16 autocast (what GPUs without bf16 get) the LM head's gradient (softmax - onehot) / n
+    must not be cast to fp16 before its matmul: at n = 32,768 rows most entries of p / n fall below
+    fp16's smallest number and flush to zero (a few percent of the gradient here, up to half of it at
+    GPT-2's vocabulary). lm_loss scales after the matmul, in fp32: its gradients stay within fp16's
+    precision of the float64 full-logit gradients."""
+    torch.manual_seed(0)
+    N, V, d = 32768, 2048, 16
+    x = (torch.randn(N, d) * 0.5).requires_grad_()
+    W = (torch.randn(V, d) * 0.5).requires_grad_()
+    targets = torch.randint(0, V, (N,))
+    ref = torch.autograd.grad(F.cross_entropy(x.double() @ W.double().t(), targets), (x, W))
+    with torch.autocast("cpu", dtype=torch.float16):
+        loss = lm_loss(x, W, targets)
+    for g, r in zip(torch.autograd.grad(loss, (x, W)), ref):
+        assert ((g.double() - r).norm() / r.norm()).item() < 2e-3  # scaling before the matmul: 2-6e-2
+
+
 def test_kd_fast_path_equals_full_logits():
     """The student's KD training loss (train.py: lm_loss of its final hidden states with the teacher's),
     chunked vs from the full logits."""
@@ -259,6 +277,23 @@ def test_kd_fast_path_equals_full_logits():
     with torch.no_grad():  # and the KL is the teacher's own: against itself it is zero
         logits = source(idx)[0]
         torch.testing.assert_close(kd_loss(logits, teacher[0] @ teacher[1].t()), torch.tensor(0.0), atol=1e-5, rtol=0)
+
+
+@pytest.mark.parametrize("decay_all", [False, True])
+def test_weight_decay_groups(decay_all):
+    """With zero gradients an AdamW step only decays: by (1 - lr * wd) every matrix, and with decay_all
+    (the released recipe) every bias, LayerNorm gain and vector too; otherwise those stay put."""
+    torch.manual_seed(0)
+    m = GPT(tiny_config(n_concepts=64, concept_topk=4, insert_layer=1))
+    before = {k: p.detach().clone() for k, p in m.named_parameters()}
+    opt = m.configure_optimizers(0.1, 0.5, (0.9, 0.95), "cpu", decay_all=decay_all)
+    for p in m.parameters():
+        p.grad = torch.zeros_like(p)
+    opt.step()
+    for k, p in m.named_parameters():
+        decayed = p.dim() >= 2 or decay_all
+        torch.testing.assert_close(p.detach(), before[k] * (1 - 0.05 if decayed else 1.0), msg=k)
+    assert any(p.dim() < 2 for p in m.parameters())
 
 
 def test_mix_none_with_zero_lambda_trains_like_ntp():
@@ -306,6 +341,46 @@ def test_config_errors():
         tiny_config(n_concepts=8, concept_topk=9, insert_layer=1)
     with pytest.raises(ValueError, match="mix must be"):
         tiny_config(mix="concat")
+
+
+# Every config/ preset: tokens of the run = max_iters x batch_size x block_size x gradient_accumulation_steps,
+# warm-up, width and the recipe switches. The gpu_* rows are the released CoCoMix configurations
+# (tokens, 0.5M or 1M per step, warm-up 130 or 65, NTP widths 624 / 1072 / 2096, dropout 0.1 and weight
+# decay on every parameter); a new preset must be added here with its numbers.
+B = 2**19  # 0.5M tokens per step
+PRESETS = {  # file: (tokens, tokens per step, warmup_iters, n_embd, dropout, decay_all)
+    "gpu_69m_cocomix": (40_000 * B, B, 130, 512, 0.1, True),
+    "gpu_69m_ntp": (40_000 * B, B, 130, 624, 0.1, True),
+    "gpu_386m_cocomix": (40_000 * B, B, 130, 1024, 0.1, True),
+    "gpu_386m_ntp": (40_000 * B, B, 130, 1072, 0.1, True),
+    "gpu_1b_cocomix": (20_000 * 2 * B, 2 * B, 65, 2048, 0.1, True),
+    "gpu_1b_ntp": (20_000 * 2 * B, 2 * B, 65, 2096, 0.1, True),
+    "reproduce_gpu_student": (1000 * B, B, -1, 512, 0.1, True),
+    "cpu_source": (1000 * 4096, 4096, -1, 256, 0.0, False),
+    "cpu_cocomix": (1000 * 4096, 4096, -1, 192, 0.0, False),
+    "reproduce_cpu_source": (600 * 4096, 4096, -1, 256, 0.0, False),
+    "reproduce_cpu_student": (72 * 4096, 4096, -1, 192, 0.0, False),
+    "tiny": (200 * 512, 512, -1, 64, 0.0, False),
+    "reproduce_tiny_source": (60 * 128, 128, -1, 64, 0.0, False),
+    "reproduce_tiny_student": (40 * 128, 128, -1, 64, 0.0, False),
+}
+
+
+def test_preset_budgets(monkeypatch):
+    src = open(os.path.join(ROOT, "train.py")).read()
+    defaults = src[src.index("# ---"):src.index("config_keys = ")]  # train.py's settings block
+    configurator = open(os.path.join(ROOT, "configurator.py")).read()
+    monkeypatch.chdir(ROOT)  # config files exec their base files from the repo root, as train.py runs them
+    files = sorted(f[:-3] for f in os.listdir(os.path.join(ROOT, "config")) if f.endswith(".py"))
+    assert files == sorted(PRESETS), "a preset without its row in PRESETS, or a row without its file"
+    for name, (tokens, per_step, warmup, width, dropout, decay_all) in PRESETS.items():
+        monkeypatch.setattr(sys, "argv", ["train.py", f"config/{name}.py"])
+        c = {}
+        exec(defaults, c)
+        exec(configurator, c)  # train.py's own reading of the file: unknown keys and wrong types fail here
+        step = c["batch_size"] * c["block_size"] * c["gradient_accumulation_steps"]
+        got = (c["max_iters"] * step, step, c["warmup_iters"], c["n_embd"], c["dropout"], c["decay_all"])
+        assert got == (tokens, per_step, warmup, width, dropout, decay_all), name
 
 
 # -----------------------------------------------------------------------------
@@ -427,9 +502,15 @@ def test_sigterm_saves_a_checkpoint_and_resumes(data_dir, tmp_path):
     assert ckpt["iter_num"] >= 3
 
 
-def test_ddp_two_cpu_processes_match_one(data_dir, tmp_path):
-    """torchrun with 2 gloo processes trains to the losses of 1 process with the same global batch."""
+@pytest.mark.parametrize("mode", ["ntp", "mix=none"])
+def test_ddp_two_cpu_processes_match_one(mode, data_dir, tmp_path, request):
+    """torchrun with 2 gloo processes trains to the losses of 1 process with the same global batch. A
+    CoCoMix student with mix=none (prediction only) must own no parameter without a gradient, or DDP
+    stops at its second step."""
     common = [f"--data_dir={data_dir}", "--max_iters=6", "--eval_interval=6", "--gradient_accumulation_steps=2", *TINY]
+    if mode == "mix=none":
+        src, sae = request.getfixturevalue("source_and_sae")
+        common += ["--mode=cocomix", "--mix=none", f"--concept_source={src}", f"--sae_path={sae}", "--label_cache=False"]
     one, two = str(tmp_path / "one"), str(tmp_path / "two")
     run("train.py", f"--out_dir={one}", *common)
     run("-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "train.py", f"--out_dir={two}", *common)
@@ -439,6 +520,39 @@ def test_ddp_two_cpu_processes_match_one(data_dir, tmp_path):
     s1 = [r["loss"] for r in read_log(one) if "train_step" in r]
     s2 = [r["loss"] for r in read_log(two) if "train_step" in r]
     assert s1 == pytest.approx(s2, abs=1e-4)
+
+
+SYNC_COUNTER = """
+import os, runpy, sys, torch
+root, n = os.path.dirname(os.path.abspath('train.py')), [0]
+def counted(name):  # a read of a tensor's value by the project's own code: a host sync on a GPU
+    orig = getattr(torch.Tensor, name)
+    def read(self, *a, **k):
+        if os.path.dirname(os.path.abspath(sys._getframe(1).f_code.co_filename)) == root:
+            n[0] += 1
+        return orig(self, *a, **k)
+    setattr(torch.Tensor, name, read)
+for name in ('item', 'tolist', '__bool__', '__float__', '__int__'):
+    counted(name)
+sys.argv = ['train.py', *sys.argv[1:]]
+runpy.run_path('train.py', run_name='__main__')
+print('SYNCS', n[0])
+"""
+
+
+def test_one_host_sync_per_training_step(data_dir, source_and_sae, tmp_path):
+    """The training loop reads the device once per optimizer step, however many micro-batches (the
+    CoCoMix student with its labels, 4 micro-batches): the loss, its parts and the gradient norm are
+    summed on the device. Counted as the difference between a 2-step and a 6-step run."""
+    src, sae = source_and_sae
+    syncs = []
+    for steps in (2, 6):
+        out = str(tmp_path / f"run{steps}")
+        p = run("-c", SYNC_COUNTER, f"--data_dir={data_dir}", f"--out_dir={out}", f"--max_iters={steps}",
+                f"--eval_interval={steps}", "--gradient_accumulation_steps=4", "--mode=cocomix", f"--concept_source={src}",
+                f"--sae_path={sae}", *TINY)
+        syncs.append(int(p.stdout.split("SYNCS")[-1]))
+    assert (syncs[1] - syncs[0]) / 4 == 1
 
 
 def test_bad_inputs_fail_clearly_and_touch_nothing(data_dir, tmp_path):
@@ -483,35 +597,76 @@ def test_bad_inputs_fail_clearly_and_touch_nothing(data_dir, tmp_path):
 # concept labels
 
 
-def test_labels_equal_brute_force_attribution():
-    """Labels from the activation-gradient shortcut equal a dense attribution obtained by
-    differentiating the whole model, parameters and all, and scoring every one of the C latents."""
+def released_labels(source, sae, layer, idx, targets, k_attr):
+    """The released code's label algorithm, ported independently of concepts.py: differentiate the
+    whole model's mean next-token loss (parameters and all) to the output of block `layer`, encode it
+    with the SAE into dense latents over all C, attribution = (g W_dec) * latents, and torch.topk over
+    all C latents, where inactive ones score exactly 0. Returns (labels, their scores)."""
+    seen = {}
+    def keep(module, inp, out):
+        out.retain_grad()
+        seen["h"] = out
+    handle = source.transformer.h[layer].register_forward_hook(keep)
+    logits, _ = source(idx, targets)
+    F.cross_entropy(logits.flatten(0, 1), targets.flatten()).backward()
+    handle.remove()
+    h, g = seen["h"].detach(), seen["h"].grad
+    values, indices, _, _ = sae.encode(h)
+    latents = torch.zeros(*h.shape[:-1], sae.n_latents).scatter(-1, indices, values)
+    attribution = (g @ sae.decoder.weight) * latents  # decoder.weight is d x C: g . W_dec for every latent
+    top = torch.topk(attribution, k=k_attr, dim=-1)
+    return top.indices, top.values
+
+
+@pytest.mark.parametrize("fill", ["released", "none", "active"])
+def test_labels_equal_the_released_algorithm(fill):
+    """concepts.py's labels (activation-gradient shortcut, K_sae scores per token) against the released
+    algorithm ported above, on every token of a random source and k=8 SAE, where many tokens have fewer
+    than K_attr positive scores: label_fill='released' gives exactly the released labels everywhere,
+    'none' the released labels where they are defined (positive score) and -1 elsewhere, 'active' the
+    released labels where defined and then the best remaining active latents."""
     from concepts import ConceptLabeler
     from sae import SAE
     torch.manual_seed(0)
     source = GPT(tiny_config(n_layer=3)).eval()
     sae = SAE(32, 96, 8, meta={"layer": 1})
+    idx, targets = torch.randint(0, 50257, (2, 12)), torch.randint(0, 50257, (2, 12))
+    labels = ConceptLabeler(source, sae, 1, k_attr=4, fill=fill)(idx, targets)
+    ref, ref_score = released_labels(source, sae, 1, idx, targets, 4)
+    defined = ref_score > 0
+    short = (~defined).any(-1)
+    assert 0 < short.sum() < short.numel()  # the edge case is exercised, and so is the common case
+    if fill == "released":
+        assert (labels.sort(-1).values == ref.sort(-1).values).all()
+    elif fill == "none":
+        assert (labels.sort(-1).values == ref.masked_fill(~defined, -1).sort(-1).values).all()
+    else:  # the positive-score labels first (as the released ones), then active latents of lower score
+        assert (labels[defined] == ref[defined]).all()
+        values, indices, _, _ = sae.encode(source.forward_to(idx, 1))
+        active = torch.zeros(2, 12, 96, dtype=torch.bool).scatter(-1, indices, values > 0)
+        picked = labels.clamp(min=0)
+        assert (active.gather(-1, picked) | (labels < 0)).all()
+        assert ((labels >= 0).sum(-1) == (values > 0).sum(-1).clamp(max=4)).all()
+
+
+def test_label_scores_are_fp32_under_autocast():
+    """The SAE encoding and the scores run in fp32 under bf16 autocast: the same (values, indices,
+    scores) as without autocast, bit for bit (in bf16 a few percent of the labels would change)."""
+    from concepts import ConceptLabeler
+    from sae import SAE
+    torch.manual_seed(0)
+    source = GPT(tiny_config(n_layer=3)).eval()
+    sae = SAE(32, 96, 8, meta={"layer": 1})
+    labeler = ConceptLabeler(source, sae, 1, k_attr=4)
     idx = torch.randint(0, 50257, (2, 12))
-    targets = torch.randint(0, 50257, (2, 12))
-    labels = ConceptLabeler(source, sae, 1, k_attr=4)(idx, targets)
-    # brute force
-    seen = {}
-    def keep(module, inp, out):
-        out.retain_grad()
-        seen["h"] = out
-    handle = source.transformer.h[1].register_forward_hook(keep)
-    logits, loss = source(idx, targets)
-    loss.backward()
-    handle.remove()
-    h, g = seen["h"].detach(), seen["h"].grad
-    values, indices, _, _ = sae.encode(h)
-    a = torch.zeros(2, 12, 96).scatter(-1, indices, values)  # dense latents
-    s = a * (g @ sae.decoder.weight)                            # g . W_dec for all C latents
-    s = s.masked_fill(a <= 0, float("-inf"))
-    top, expected = s.topk(4, dim=-1)
-    expected = expected.masked_fill(torch.isinf(top), -1)
-    assert (labels.sort(-1).values == expected.sort(-1).values).all()
-    assert (labels >= 0).float().mean() > 0.5  # the test must compare real labels
+    h, g = labeler.hidden_and_grad(idx, idx)
+    h, g = h + torch.randn_like(h) * 1e-3, g  # not bf16-representable, so a bf16 encoder would change them
+    fp32 = labeler.scores(h, g)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        bf16 = labeler.scores(h, g)
+        assert sae.encode(h)[0].dtype == torch.bfloat16  # the SAE on its own would run in bf16 here
+    for a, b in zip(fp32, bf16):
+        assert a.dtype == b.dtype and torch.equal(a, b)
 
 
 @pytest.mark.parametrize("rule", ["attribution_pre", "neg_attribution", "abs_attribution", "activation"])
@@ -525,7 +680,7 @@ def test_label_rules(rule):
     base = ConceptLabeler(source, sae, 1, 4)
     h, g = base.hidden_and_grad(idx, idx)
     values, indices, s = base.scores(h, g)
-    labels = ConceptLabeler(source, sae, 1, 4, rule)(idx, idx)
+    labels = ConceptLabeler(source, sae, 1, 4, rule, fill="active")(idx, idx)
     pre = sae.encode(h, return_pre=True)[4].gather(-1, indices)
     score = {"attribution_pre": s / values.clamp(min=1e-30) * pre, "neg_attribution": -s,
              "abs_attribution": s.abs(), "activation": values}[rule]

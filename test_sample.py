@@ -52,7 +52,7 @@ def tiny(kind="interleave", seed=0, vocab_size=512, **kw):
     with torch.no_grad():  # random biases and gains too, so no part of the model is a no-op
         for p in model.parameters():
             p.add_(0.05 * torch.randn_like(p))
-        if hasattr(model, "mixer"):  # concepts strong enough that steering them shows in greedy text
+        if hasattr(model, "mixer") and model.config.mix != "none":  # concepts strong enough that steering shows in greedy text
             model.mixer.W_cmp.mul_(20)
     return model
 

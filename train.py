@@ -29,8 +29,9 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 from corpus import VOCAB_SIZE, load_tokens, token_byte_lengths
 from model import GPT, GPTConfig, concept_loss, concept_recall, load_checkpoint, load_frozen_gpt
 from ops import lm_loss
-from train_utils import (auto_device, auto_dtype, check_config, check_resume, check_source, init_processes, label_cache_note,
-                         make_labeler, rng_state, set_rng_state)
+from train_utils import (auto_device, auto_dtype, check_config, check_resume, check_sae_host, check_source, hold_lock,
+                         init_processes, label_cache_note, make_labeler, rng_state, set_rng_state, trim_log)
+from weights import save_atomic
 
 # -----------------------------------------------------------------------------
 # default config: a small GPT on a laptop CPU
@@ -65,6 +66,7 @@ insert_layer = 1  # the student's block where concepts are predicted and mixed
 mix = 'interleave'  # interleave | add | none (concept prediction only)
 k_attr = 4  # concept labels per token
 label_rule = 'attribution'  # attribution | attribution_pre | neg_attribution | abs_attribution | activation
+label_fill = 'none'  # labels a token lacks when fewer than k_attr latents score > 0: none (-1) | active | released
 label_cache = True  # cocomix: keep each window's labels in data_dir (labels-*), reused by later runs; False = always computed
 lam = 0.1  # concept loss weight (0 = mixing only)
 lam_kd = 0.1  # KD loss weight
@@ -72,6 +74,7 @@ lam_kd = 0.1  # KD loss weight
 learning_rate = 1e-3
 max_iters = 2000
 weight_decay = 1e-1
+decay_all = False  # True: weight decay on every parameter (the released recipe), not only on matrices
 beta1 = 0.9
 beta2 = 0.95
 grad_clip = 1.0
@@ -109,6 +112,11 @@ try:
 except ValueError as e:
     fail(str(e))
 master = rank == 0
+if master:  # one run per out_dir: a second would overwrite this one's checkpoints and interleave its log
+    try:
+        hold_lock(os.path.join(out_dir, 'lock'))
+    except RuntimeError as e:
+        fail(str(e))
 device_type = 'cuda' if 'cuda' in device else 'mps' if 'mps' in device else 'cpu'
 dtype = auto_dtype(dtype, device_type)
 ptdtype = {'float32': torch.float32, 'bfloat16': torch.bfloat16, 'float16': torch.float16}[dtype]
@@ -158,11 +166,9 @@ if mode in ('cocomix', 'kd'):
     if problem := check_source(source, VOCAB_SIZE, block_size, concept_source):
         fail(problem)
 if mode == 'cocomix':
-    from label_cache import open_label_caches
     try:
-        labeler, n_concepts = make_labeler(source, sae_path, sae_layer, k_attr, label_rule, n_concepts, device)
-        if label_cache:  # labels of a window are computed once and read from data_dir after (label_cache.py)
-            label_caches = open_label_caches(labeler, data_dir, block_size, concept_source, labeler.sae.path, dtype)
+        labeler, n_concepts = make_labeler(source, sae_path, sae_layer, k_attr, label_rule, label_fill, n_concepts, device)
+        check_sae_host(labeler.sae, concept_source)
     except (OSError, ValueError) as e:
         fail(str(e))
 
@@ -192,15 +198,23 @@ elif init_from == 'scratch':
 else:
     model = GPT.from_pretrained(init_from, dropout=dropout)
     model_args = {k: getattr(model.config, k) for k in GPTConfig.__dataclass_fields__}
+if master:  # the log keeps the steps before this run's start (none from scratch): it logs the rest again
+    trim_log(os.path.join(out_dir, 'log.jsonl'), iter_num)
 model.to(device)
 torch.manual_seed(seed + rank)
 scaler = torch.amp.GradScaler(device_type, enabled=(dtype == 'float16'))
-optimizer = model.configure_optimizers(weight_decay, learning_rate, (beta1, beta2), device_type)
+optimizer = model.configure_optimizers(weight_decay, learning_rate, (beta1, beta2), device_type, decay_all=decay_all)
 if checkpoint is not None:
     optimizer.load_state_dict(checkpoint['optimizer'])
     scaler.load_state_dict(checkpoint['scaler'])
     set_rng_state(checkpoint['rng'], device_type)
 checkpoint = None
+if labeler is not None and label_cache:  # labels of a window are computed once and read from data_dir after (label_cache.py)
+    from label_cache import open_label_caches  # only now, after every check: a refused run leaves no labels-* files
+    try:
+        label_caches = open_label_caches(labeler, data_dir, block_size, concept_source, labeler.sae.path, dtype)
+    except ValueError as e:
+        fail(str(e))
 
 
 # ---- the objective
@@ -231,12 +245,13 @@ class Objective(torch.nn.Module):
 
 
 raw_model = model
-objective = Objective(model)
-if compile:
-    objective = torch.compile(objective)
-eval_objective = objective  # never the DDP wrapper: only rank 0 evaluates, and DDP's forward may talk to the others
+objective = eval_objective = Objective(model)  # eval: never DDP's wrapper, whose forward may talk to the other ranks
 if ddp:
-    objective = DDP(objective, device_ids=[local_rank] if device_type == 'cuda' else None)
+    objective = ddp_objective = DDP(objective, device_ids=[local_rank] if device_type == 'cuda' else None)
+if compile:  # after DDP, as PyTorch advises: the graph is then split at DDP's gradient buckets, so that
+    # each bucket's all-reduce overlaps with the backward of the layers below it
+    objective = torch.compile(objective)
+    eval_objective = torch.compile(eval_objective) if ddp else objective
 timing = {'source': 0.0, 'student': 0.0}  # the cost split reported at each eval
 
 
@@ -309,8 +324,10 @@ def save_checkpoint():
         return
     ckpt = {'model': sd, 'optimizer': optimizer.state_dict(), 'scaler': scaler.state_dict(), 'model_args': model_args,
             'iter_num': iter_num, 'best_val_loss': best_val_loss, 'config': config, 'rng': rng_state(device_type)}
-    torch.save(ckpt, ckpt_path + '.tmp')
-    os.replace(ckpt_path + '.tmp', ckpt_path)
+    try:
+        save_atomic(ckpt, ckpt_path)
+    except OSError as e:  # a full disk: the previous checkpoint stays, and the run stops rather than go on unsaved
+        fail(str(e))
 
 
 def log(record):
@@ -353,29 +370,29 @@ while True:
     if eval_only or iter_num >= max_iters:
         break
 
-    # one optimizer step over the global batch of this step
-    loss_sum, parts_sum = 0.0, {}
+    # one optimizer step over the global batch of this step. The sums stay on the device and are read
+    # once, after the step's backward: a read per micro-batch would make the GPU wait each time.
+    sums = {}
     for micro in range(micro_batches):
         X, Y, where = get_batch('train', iter_num, micro)
         if ddp:  # sync gradients only on the last micro-batch
-            objective.require_backward_grad_sync = micro == micro_batches - 1
+            ddp_objective.require_backward_grad_sync = micro == micro_batches - 1
         loss, parts = step_loss(X, Y, where, objective)
-        loss = loss / micro_batches
-        scaler.scale(loss).backward()
-        loss_sum += loss.item()
-        for key, v in parts.items():  # logged as means over the micro-batches
-            parts_sum[key] = parts_sum.get(key, 0.0) + v.item() / micro_batches
+        scaler.scale(loss / micro_batches).backward()
+        for key, v in {'loss': loss.detach(), **parts}.items():  # logged as means over the micro-batches
+            sums[key] = sums.get(key, 0.0) + v.float() / micro_batches
     if ddp:  # the mean over all processes, so every rank takes the same skip decision
-        t = torch.tensor(loss_sum, device=device)
-        torch.distributed.all_reduce(t)
-        loss_sum = t.item() / world_size
+        torch.distributed.all_reduce(sums['loss'])
+        sums['loss'] /= world_size
+    gnorm = torch.zeros((), device=device)
     if grad_clip:
         scaler.unscale_(optimizer)
         gnorm = torch.nn.utils.clip_grad_norm_(raw_model.parameters(), grad_clip)
-    else:
-        gnorm = torch.tensor(0.0)
+    gnorm, *values = torch.stack([gnorm.float(), *sums.values()]).tolist()  # the step's one host sync
+    parts_sum = dict(zip(sums, values))
+    loss_sum = parts_sum.pop('loss')
     iter_num += 1
-    if not (math.isfinite(loss_sum) and torch.isfinite(gnorm)) and dtype != 'float16':
+    if not (math.isfinite(loss_sum) and math.isfinite(gnorm)) and dtype != 'float16':
         # fp16's scaler handles its own overflows; anywhere else a non-finite step is skipped
         skipped_in_a_row += 1
         say(f"warning: step {iter_num - 1}: non-finite loss or gradients, step skipped")

@@ -4,13 +4,20 @@ train.py's plumbing, kept out of it so that hardening never hides the method: ch
 chosen by default, and the random-number state that makes a resumed run exact.
 """
 
+import json
+import math
 import os
 import random
+import socket
+import sys
 
 import numpy as np
 import torch
 
+from weights import GPT2_NAMES
+
 MODES = ("ntp", "cocomix", "kd", "pause")
+DTYPES = ("auto", "float32", "bfloat16", "float16")
 STUDENT_MIX = ("interleave", "add", "none")  # pause is a mode of its own, not a mixing rule
 
 
@@ -26,7 +33,42 @@ def check_config(c):
         return f"mode={c['mode']} needs --concept_source (a checkpoint of ours or a GPT-2 folder)"
     if c["mode"] == "cocomix" and not c["sae_path"]:
         return "mode=cocomix needs --sae_path (an SAE trained by sae.py, or OpenAI's)"
-    return None
+    if bad := [k for k, v in c.items() if isinstance(v, float) and not math.isfinite(v)]:
+        return f"{', '.join(bad)} must be finite numbers"
+    if min(c["eval_interval"], c["log_interval"], c["eval_iters"]) <= 0:
+        return "eval_interval, log_interval and eval_iters must be positive"
+    if c["learning_rate"] < 0 or c["min_lr"] < 0 and c["min_lr"] != -1 or c["weight_decay"] < 0:
+        return "learning_rate and weight_decay must be >= 0, min_lr >= 0 (or -1: learning_rate / 10)"
+    if not (0 <= c["beta1"] < 1 and 0 <= c["beta2"] < 1):
+        return f"beta1 and beta2 must be in [0, 1), got {c['beta1']} and {c['beta2']}"
+    if c["grad_clip"] < 0:
+        return f"grad_clip must be >= 0 (0: no clipping), got {c['grad_clip']}"
+    if not 0 <= c["dropout"] < 1:
+        return f"dropout must be in [0, 1), got {c['dropout']}"
+    if min(c["k_attr"], c["concept_topk"]) <= 0 or min(c["lam"], c["lam_kd"], c["n_concepts"]) < 0:
+        return "k_attr and concept_topk must be positive, lam, lam_kd and n_concepts >= 0"
+    if c["dtype"] not in DTYPES:
+        return f"dtype must be one of {', '.join(DTYPES)}, got {c['dtype']!r}"
+    if c["init_from"] not in ("scratch", "resume") and c["init_from"] not in GPT2_NAMES and not os.path.isdir(c["init_from"]):
+        return (f"init_from must be 'scratch', 'resume', a GPT-2 name ({', '.join(GPT2_NAMES)}) or a GPT-2 folder, "
+                f"got {c['init_from']!r}")
+    return check_device(c["device"])
+
+
+def check_device(device):
+    """'auto', 'cpu', 'cuda', 'cuda:N' or 'mps', and there on this machine."""
+    kind, _, index = device.partition(":")
+    if device in ("auto", "cpu"):
+        return None
+    if kind == "cuda" and (not index or index.isdigit()):
+        if not torch.cuda.is_available():
+            return f"device={device}, but CUDA is not available here (try --device=cpu)"
+        if index and int(index) >= torch.cuda.device_count():
+            return f"device={device}, but there are {torch.cuda.device_count()} CUDA devices"
+        return None
+    if device == "mps":
+        return None if torch.backends.mps.is_available() else "device=mps, but MPS is not available here"
+    return f"device must be auto, cpu, cuda, cuda:N or mps, got {device!r}"
 
 
 def check_source(source, vocab_size, block_size, concept_source):
@@ -38,14 +80,29 @@ def check_source(source, vocab_size, block_size, concept_source):
     return None
 
 
+# a resume continues the run exactly only with the same model, objective and batches: other values are refused
+RESUME_SAME = ('mode', 'label_rule', 'label_fill', 'concept_source', 'sae_path', 'sae_layer', 'k_attr', 'seed', 'data_dir',
+               'batch_size', 'gradient_accumulation_steps', 'decay_all')  # decay_all: other optimizer parameter groups
+# the optimisation may change on purpose (a longer schedule, a lower rate): allowed, with a warning
+RESUME_WARN = ('learning_rate', 'min_lr', 'warmup_iters', 'lr_decay_iters', 'decay_lr', 'weight_decay', 'beta1',
+               'beta2', 'grad_clip', 'lam', 'lam_kd', 'dtype')
+RESUME_KEYS = ('model', 'model_args', 'optimizer', 'scaler', 'iter_num', 'best_val_loss', 'rng')
+
+
 def check_resume(checkpoint, model_args, config, ckpt_path):
-    """A resumed run must be the run that wrote the checkpoint: same model and objective."""
+    """A resumed run must be the run that wrote the checkpoint: same model, objective and batches. Changed
+    optimisation settings are printed as warnings."""
+    if missing := [k for k in RESUME_KEYS if k not in checkpoint]:
+        return f"{ckpt_path} cannot be resumed: it has no {', '.join(missing)} (not a checkpoint train.py wrote)"
     changed = {k: (checkpoint['model_args'].get(k), v) for k, v in model_args.items() if checkpoint['model_args'].get(k) != v}
-    old = checkpoint.get('config', {})
-    changed.update({k: (old[k], config[k]) for k in ('mode', 'label_rule', 'concept_source', 'sae_path', 'seed')
-                    if k in old and old[k] != config[k]})
+    old = checkpoint.get('config') or {}
+    norm = lambda k, v: os.path.normpath(v) if k == 'data_dir' else v
+    changed.update({k: (old[k], config[k]) for k in RESUME_SAME if k in old and k in config and norm(k, old[k]) != norm(k, config[k])})
     if changed:
         return f"resume config disagrees with {ckpt_path}: " + ", ".join(f"{k}={b!r} (checkpoint: {a!r})" for k, (a, b) in changed.items())
+    if warn := [f"{k}={config[k]!r} (checkpoint: {old[k]!r})" for k in RESUME_WARN if k in old and k in config and old[k] != config[k]]:
+        print(f"warning: resuming {ckpt_path} with other settings: {', '.join(warn)}; the run is no longer the one "
+              "an uninterrupted run would give", file=sys.stderr)
     return None
 
 
@@ -100,7 +157,7 @@ def init_processes(device, backend, gradient_accumulation_steps):
     return True, rank, local_rank, world_size, device
 
 
-def make_labeler(source, sae_path, sae_layer, k_attr, label_rule, n_concepts, device):
+def make_labeler(source, sae_path, sae_layer, k_attr, label_rule, label_fill, n_concepts, device):
     """The attribution labeler (concepts.py) from the concept source and an SAE file; (labeler, C)."""
     from concepts import ConceptLabeler
     from sae import SAE
@@ -109,7 +166,95 @@ def make_labeler(source, sae_path, sae_layer, k_attr, label_rule, n_concepts, de
         raise ValueError(f"{sae_path} does not say which layer it was trained on: pass --sae_layer")
     if n_concepts and n_concepts != sae.n_latents:
         raise ValueError(f"n_concepts={n_concepts} but the SAE has {sae.n_latents} latents")
-    return ConceptLabeler(source, sae, sae.meta['layer'], k_attr, label_rule), sae.n_latents
+    return ConceptLabeler(source, sae, sae.meta['layer'], k_attr, label_rule, label_fill), sae.n_latents
+
+
+def check_sae_host(sae, source_path):
+    """Refuse an SAE trained on another concept source: sae.py records the SHA-256 of its host's file, and
+    another model of the same width and layer has another residual stream (its labels would be noise)."""
+    want = sae.meta.get('host_sha256')
+    if not want or not source_path:  # OpenAI's SAEs and hosts given as folders record no file hash
+        return
+    from label_cache import source_sha256
+    if (have := source_sha256(source_path)) != want:
+        raise ValueError(f"SAE {sae.path} was trained on {sae.meta.get('host')} (sha256 {want[:12]}), not on the concept "
+                         f"source {source_path} (sha256 {have[:12]}): pass the concept source it was trained on")
+
+
+def hold_lock(path):
+    """Take the lock file `path` for this process, or raise RuntimeError naming the process holding it: one
+    run per folder, since two would overwrite each other's checkpoints and interleave their logs. The lock
+    is an flock, which the kernel drops when its process ends, however it ends (kill -9 too), so a killed
+    run never leaves it stale; the file holds the holder's PID and host for the message and is removed at
+    exit, or by calling the function returned (a second call does nothing)."""
+    import atexit
+    import fcntl
+    folder = os.path.dirname(os.path.abspath(path))
+    created = not os.path.isdir(folder)  # removed again at exit if the run wrote nothing else there
+    while True:
+        try:
+            os.makedirs(folder, exist_ok=True)
+            fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+        except OSError as e:  # read-only, or not a folder
+            raise RuntimeError(f"cannot write in {folder} ({e.strerror})") from None
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            try:
+                holder = json.loads(os.pread(fd, 4096, 0) or b'{}')
+            except ValueError:  # the holder is still writing it
+                holder = {}
+            os.close(fd)
+            raise RuntimeError(f"{folder} is in use by another run (PID {holder.get('pid', '?')} "
+                               f"on {holder.get('host', '?')}): wait for it, stop it, or use another folder") from None
+        except OSError as e:
+            os.close(fd)
+            print(f"warning: cannot lock {path} ({e.strerror}); nothing stops a second run on this folder", file=sys.stderr)
+            return lambda: None
+        try:  # a holder that just exited may have removed the file we opened: then lock the one there now
+            if os.path.samestat(os.fstat(fd), os.stat(path)):
+                break
+        except FileNotFoundError:
+            pass
+        os.close(fd)
+    os.ftruncate(fd, 0)
+    os.pwrite(fd, json.dumps({'pid': os.getpid(), 'host': socket.gethostname()}).encode(), 0)
+
+    def release():
+        if fd in held:
+            held.remove(fd)
+            try:
+                os.remove(path)  # while still holding it, so no other run can have locked this file
+                if created:
+                    os.rmdir(folder)
+            except OSError:  # not empty
+                pass
+            os.close(fd)
+    held = [fd]
+    atexit.register(release)
+    return release
+
+
+def trim_log(path, iter_num):
+    """For a run starting at step iter_num (a checkpoint's; 0 from scratch): drop the records log.jsonl holds
+    of later steps (a run killed after its last checkpoint logged them, and this run logs them again), of
+    the eval at iter_num (which it repeats), and a line torn by a kill, so that the log reads as one run's."""
+    if not os.path.exists(path):
+        return
+    with open(path) as f:
+        lines = f.readlines()
+    keep = []
+    for line in lines:
+        try:
+            r = json.loads(line)
+        except ValueError:
+            continue
+        if r.get('iter', -1) < iter_num and r.get('train_step', -1) <= iter_num:
+            keep.append(line if line.endswith('\n') else line + '\n')
+    if keep != lines:
+        with open(path + '.tmp', 'w') as f:
+            f.writelines(keep)
+        os.replace(path + '.tmp', path)
 
 
 def label_cache_note(label_caches, record):

@@ -7,11 +7,13 @@ import hashlib
 import json
 import math
 import os
+import pickle
 import struct
 
 import torch
 
 GPT2_NAMES = ("gpt2", "gpt2-medium", "gpt2-large", "gpt2-xl")  # downloaded by GPT.from_pretrained when online
+GPT2_CONV1D = ("attn.c_attn.weight", "attn.c_proj.weight", "mlp.c_fc.weight", "mlp.c_proj.weight")  # stored (in, out)
 SAFETENSORS_DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
                       "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8,
                       "U8": torch.uint8, "BOOL": torch.bool}
@@ -34,7 +36,7 @@ def load_safetensors(path):
         data = f.read()
     if not isinstance(header, dict):
         raise ValueError(f"{path}: safetensors header is not a JSON object")
-    out = {}
+    out, spans = {}, []
     for name, info in header.items():
         if name == "__metadata__":
             continue
@@ -49,7 +51,36 @@ def load_safetensors(path):
             raise ValueError(f"{path}: tensor {name!r} has offsets {start}..{end} that do not fit its shape "
                              f"{shape} or the file's {len(data)} data bytes")
         out[name] = torch.frombuffer(bytearray(data[start:end]), dtype=dtype).view(shape) if nbytes else torch.empty(shape, dtype=dtype)
+        spans.append((start, end, name))
+    # two tensors sharing bytes would alias each other's values: the format forbids it, and no writer makes it
+    spans = sorted(s for s in spans if s[0] < s[1])
+    for (_, end, a), (start, _, b) in zip(spans, spans[1:]):
+        if start < end:
+            raise ValueError(f"{path}: tensors {a!r} and {b!r} overlap in the file's data bytes")
     return out
+
+
+def save_safetensors(tensors, path, metadata=None):
+    """Write a dict of tensors as a .safetensors file (what load_safetensors reads; shared storage is
+    not kept), through a temporary file renamed into place."""
+    names = {dtype: name for name, dtype in SAFETENSORS_DTYPES.items()}
+    header, chunks, offset = {}, [], 0
+    if metadata:
+        header["__metadata__"] = {str(k): str(v) for k, v in metadata.items()}
+    for name, t in tensors.items():
+        t = t.detach().cpu().contiguous()
+        raw = t.reshape(-1).view(torch.uint8).numpy().tobytes()  # native byte order: little-endian on x86/ARM
+        header[name] = {"dtype": names[t.dtype], "shape": list(t.shape), "data_offsets": [offset, offset + len(raw)]}
+        chunks.append(raw)
+        offset += len(raw)
+    head = json.dumps(header, separators=(",", ":")).encode()
+    head += b" " * (-len(head) % 8)  # the format pads the header so the data starts 8-byte aligned
+    tmp = f"{path}.tmp"
+    with open(tmp, "wb") as f:
+        f.write(struct.pack("<Q", len(head)) + head)
+        for raw in chunks:
+            f.write(raw)
+    os.replace(tmp, path)
 
 
 def load_hf_state_dict(path):
@@ -96,6 +127,52 @@ def download_gpt2(name, cache_dir=None):
     return cache_dir
 
 
+def first_line(e, limit=200):
+    """'Type: first line of the message' of an exception, or just its type when the message is empty (an
+    EOFError from a zero-length file has none)."""
+    lines = str(e).strip().splitlines()
+    return f"{type(e).__name__}: {lines[0][:limit]}" if lines else type(e).__name__
+
+
+def load_torch_file(path, what, map_location="cpu"):
+    """torch.load(weights_only=True), every failure a one-line ValueError naming `what` the file should be
+    ('checkpoint', 'SAE file'). No pickle code ever runs, and torch's advice to retry with
+    weights_only=False (which would run it) is never passed on."""
+    if os.path.isfile(path) and os.path.getsize(path) == 0:
+        raise ValueError(f"{path}: empty (0 bytes), not a readable {what}")
+    try:
+        return torch.load(path, map_location=map_location, weights_only=True)
+    except (FileNotFoundError, IsADirectoryError):
+        raise
+    except pickle.UnpicklingError:
+        raise ValueError(f"{path}: not a readable {what} (not a torch file of plain tensors, or truncated)") from None
+    except Exception as e:  # truncated or foreign files fail here, never by running them
+        raise ValueError(f"{path}: not a readable {what} ({first_line(e)})") from None
+
+
+def save_atomic(obj, path):
+    """torch.save through a temporary file renamed into place: a crash or a full disk leaves the previous
+    file as it was and no temporary one. A failed write is an OSError with a one-line message."""
+    tmp = path + ".tmp"
+    try:
+        torch.save(obj, tmp)
+        os.replace(tmp, path)
+    except (OSError, RuntimeError) as e:  # torch's zip writer reports a failed write as a RuntimeError
+        if os.path.exists(tmp):
+            os.remove(tmp)
+        raise OSError(f"cannot write {path} ({first_line(e)}; {free_bytes(path):,} bytes free there); "
+                      f"the previous file is unchanged") from None
+
+
+def free_bytes(path):
+    """Space left on the disk that holds path (a file or folder, existing or not), for error messages."""
+    folder = os.path.dirname(os.path.abspath(path))
+    while not os.path.isdir(folder):
+        folder = os.path.dirname(folder)
+    st = os.statvfs(folder)
+    return st.f_bavail * st.f_frsize
+
+
 def file_sha256(path):
     with open(path, "rb") as f:
         return hashlib.file_digest(f, "sha256").hexdigest()
@@ -124,10 +201,11 @@ def copy_gpt2_weights(model, path):
     missing, unexpected = set(own) - set(sd), set(sd) - set(own)
     if missing or unexpected:
         raise ValueError(f"{path}: not a GPT-2 checkpoint (missing {sorted(missing)[:3]}, unexpected {sorted(unexpected)[:3]})")
-    conv1d = ("attn.c_attn.weight", "attn.c_proj.weight", "mlp.c_fc.weight", "mlp.c_proj.weight")
     with torch.no_grad():
         for k, p in own.items():
-            w = sd[k].t() if k.endswith(conv1d) else sd[k]  # HF's Conv1D stores (in, out)
+            w = sd[k].t() if k.endswith(GPT2_CONV1D) else sd[k]  # HF's Conv1D stores (in, out)
+            if not w.is_floating_point():  # integer weights would be copied as numbers, silently wrong
+                raise ValueError(f"{path}: {k} has dtype {w.dtype}; GPT-2 weights are floating point")
             if w.shape != p.shape:
                 raise ValueError(f"{path}: {k} has shape {tuple(w.shape)}, expected {tuple(p.shape)}")
             p.copy_(w)

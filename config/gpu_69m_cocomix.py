@@ -18,7 +18,12 @@ k_attr = 4
 lam = 0.1
 learning_rate = 6e-4
 max_iters = 40000  # 20B tokens, the paper's budget; lower it for an affordable run
+warmup_iters = 130
 eval_interval = 1000
 eval_iters = 100
+# The released recipe: its students are GPT-2 configurations with only widths and depths changed, so
+# GPT-2's dropout of 0.1 (attention, residual, embedding) is on, and AdamW decays every parameter.
+dropout = 0.1
 weight_decay = 0.1
+decay_all = True
 compile = True
