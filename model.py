@@ -342,7 +342,8 @@ class GPT(nn.Module):
         decay = [p for p in params if p.dim() >= 2 or decay_all]
         no_decay = [p for p in params if p.dim() < 2 and not decay_all]
         groups = [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
-        return torch.optim.AdamW(groups, lr=learning_rate, betas=betas, eps=eps, fused=device_type == "cuda")
+        # fused: one kernel over all parameters instead of ~7 ops per tensor (on a CPU, 15% of a small step)
+        return torch.optim.AdamW(groups, lr=learning_rate, betas=betas, eps=eps, fused=device_type in ("cuda", "cpu"))
 
     # -------------------------------------------------------------------------
     # loading GPT-2
