@@ -15,7 +15,7 @@ import pytest
 
 REPO = Path(__file__).parent
 SHARED = REPO.parent / "shared"
-DATA = SHARED / "data"
+DATA = Path(os.environ.get("COCOMIX_DATA", SHARED / "data"))  # as .ci/run sets it
 if (SHARED / "tiktoken").is_dir():  # offline copy of the gpt2 tokenizer files
     os.environ.setdefault("TIKTOKEN_CACHE_DIR", str(SHARED / "tiktoken"))
 
@@ -139,7 +139,8 @@ def test_chunked_encoding_is_exact():
         parts = P.chunk_text(t, size=7 if len(t) < 1000 else 5000)
         assert "".join(parts) == t
         assert [x for p in parts for x in enc.encode_ordinary(p)] == enc.encode_ordinary(t)
-    assert len(P.chunk_text(texts[-1], 5000)) > 1
+    if shakespeare.exists():  # a long text really is cut into several chunks
+        assert len(P.chunk_text(texts[-1], 5000)) > 1
 
 # -----------------------------------------------------------------------------
 # errors: one line on stderr, exit 1, nothing written or changed
