@@ -19,6 +19,7 @@ from bench import (alternate, autocast, batch, make_labeler, optimizer, options,
 from flops import device_peak_flops, flops_per_token, label_flops
 from model import GPT, GPTConfig
 from ops import default_lm_chunk
+from weights import first_line
 
 
 def parse(argv=None):
@@ -98,8 +99,8 @@ def compile_check(args):
             for fn in (step, step, step, evaluate, step):
                 fn()
         except Exception as e:  # a failure to compile is a finding, not the end of the check
-            print(f"  compiled run FAILED: {type(e).__name__}: {(str(e).splitlines() or [''])[0][:300]}")
-            results[mode]["failed"] = f"{type(e).__name__}: {(str(e).splitlines() or [''])[0][:300]}"
+            results[mode]["failed"] = first_line(e, 300)
+            print(f"  compiled run FAILED: {results[mode]['failed']}")
             continue
         results[mode].update(eager_loss=ref.item(), compiled_loss=loss.item(), recompiles_warmup=n_warm,
                              recompiles_after=len(recompiles) - n_warm, graphs_after=counters["stats"]["unique_graphs"] - warm)

@@ -20,7 +20,7 @@ import numpy as np
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from concepts import ConceptLabeler  # noqa: E402
+from concepts import LABEL_FILLS, ConceptLabeler  # noqa: E402
 from corpus import load_tokens  # noqa: E402
 from model import load_frozen_gpt  # noqa: E402
 from sae import SAE  # noqa: E402
@@ -38,7 +38,7 @@ def main(argv=None):
     a = p.parse_args(argv)
     source, sae = load_frozen_gpt(a.ckpt), SAE.load(a.sae)
     layer = sae.meta["layer"]
-    fills = {f: ConceptLabeler(source, sae, layer, a.k_attr, fill=f) for f in ("none", "active", "released")}
+    fills = {f: ConceptLabeler(source, sae, layer, a.k_attr, fill=f) for f in LABEL_FILLS}
     data, T = load_tokens(a.data_dir, a.split), a.block_size
     n_windows = (len(data) - 1) // T
     tokens = short = no_active = diff_bf16 = valid = 0
