@@ -25,7 +25,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from ops import sparse_mix
+from ops import sparse_mix, topk
 from weights import GPT2_NAMES, copy_gpt2_weights, first_line, load_torch_file, read_gpt2_config
 
 MIX_MODES = ("interleave", "add", "none", "pause")
@@ -182,7 +182,7 @@ class ConceptMixer(nn.Module):
         return self.concept_head(x - self.b_pre)
 
     def compress(self, z, mu, std):
-        values, indices = torch.topk(z, self.topk, dim=-1)   # raw logits: no ReLU, no softmax
+        values, indices = topk(z, self.topk)   # raw logits: no ReLU, no softmax
         # sum_k values_k W_cmp[indices_k] without the dense B x T x C masked matrix (ops.py); cheap in fp32
         c = sparse_mix(values.to(self.W_cmp.dtype), indices, self.W_cmp) + self.b_cmp + self.b_pre
         return c * std + mu
@@ -200,16 +200,6 @@ def interleave(h, c):
     """h_1, c_1, h_2, c_2, ...: (B, T, d) x 2 -> (B, 2T, d)."""
     B, T, d = h.shape
     return torch.stack((h, c.to(h.dtype)), dim=2).view(B, 2 * T, d)
-
-
-def concept_loss(z, labels):
-    """Mean cross-entropy of the concept logits z (..., C) at the K_attr labels (..., K_attr; -1 = no
-    label). One log-softmax serves all K_attr labels; invalid labels are ignored."""
-    logp = F.log_softmax(z.float().flatten(0, -2), dim=-1)
-    labels = labels.flatten(0, -2)
-    valid = labels >= 0
-    nll = -logp.gather(-1, labels.clamp(min=0)) * valid
-    return nll.sum() / valid.sum().clamp(min=1)
 
 
 @torch.no_grad()

@@ -1,18 +1,21 @@
 """
-Two operations, each the exact value of a plain PyTorch expression written next to it (the
+Three operations, each the exact value of a plain PyTorch expression written next to it (the
 `*_reference` functions, which the tests compare against), computed without that expression's
 large intermediate:
 
 - sparse top-k mixing (the CoCoMix student's compression and the SAE's decoder):
   sparse_mix = sparse_mix_reference, without the dense N x C masked matrix;
 - the LM head's next-token cross-entropy (and KD's KL to a teacher's head):
-  lm_loss = lm_loss_reference, without the N x V logits.
+  lm_loss = lm_loss_reference, without the N x V logits;
+- the concept loss, the cross-entropy of the concept logits at the K_attr labels:
+  concept_loss = concept_loss_reference, without an fp32 copy of the N x C logits.
 
 Read the references first: they are what the model means; the rest is how it is made fast.
 """
 
 import torch
 import torch.nn.functional as F
+from torch.autograd.function import once_differentiable
 
 
 def sparse_mix_reference(values, indices, W):
@@ -152,3 +155,83 @@ def kl_rows(student_logits, teacher_logits, valid):
     """Per row KL(p_teacher || p_student), zero where not valid."""
     logq, logp = F.log_softmax(teacher_logits, dim=-1), F.log_softmax(student_logits, dim=-1)
     return (logq.exp() * (logq - logp)).sum(-1) * valid
+
+
+def concept_loss_reference(z, labels):
+    """Mean cross-entropy of the concept logits z (..., C) at the K_attr labels (..., K_attr; -1 = no
+    label): one log-softmax (in fp32) serves all K_attr labels of a token; invalid labels are ignored."""
+    logp = F.log_softmax(z.float().flatten(0, -2), dim=-1)
+    labels = labels.flatten(0, -2)
+    valid = labels >= 0
+    nll = -logp.gather(-1, labels.clamp(min=0)) * valid
+    return nll.sum() / valid.sum().clamp(min=1)
+
+
+class ConceptLoss(torch.autograd.Function):
+    """concept_loss_reference in the way LMHeadLoss makes the LM head's: the softmax p of z runs in z's
+    own precision (bf16 under autocast; PyTorch's kernel sums in fp32) and is the only N x C tensor
+    kept. The gradient in z, (cnt * p - sum_k onehot(label_k)) * g / n (cnt: the row's valid labels,
+    n: all valid labels), is made from it in place in the backward, with g / n in fp32. No fp32 copy of z, no log-softmax backward, no N x C scatter. The loss is -log p
+    at the labels, within bf16's rounding of p (<= 0.004 nats per label, unbiased); in fp32 it is the
+    reference's to float precision."""
+
+    @staticmethod
+    def forward(ctx, z, labels):
+        acc = torch.promote_types(z.dtype, torch.float32)
+        p = torch.softmax(z, dim=-1)  # kept in z's shape: the gradient returned is then no view
+        labels = labels.reshape(-1, labels.size(-1))
+        valid = labels >= 0
+        n = valid.sum().clamp(min=1)
+        p_label = p.view(-1, p.size(-1)).gather(-1, labels.clamp(min=0)).to(acc)
+        loss = -(p_label.clamp(min=torch.finfo(p.dtype).tiny).log() * valid).sum() / n  # below the smallest normal: 87 nats
+        ctx.save_for_backward(p, labels, n)
+        return loss
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, g):
+        p, labels, n = ctx.saved_tensors
+        valid = labels >= 0
+        scale = g.to(torch.promote_types(p.dtype, torch.float32)) / n  # fp32: not rounded to p's dtype
+        # in place (one backward only), in two passes: a bf16 tensor times fp32 rows is 5x slower on a CPU
+        grad = p.view(-1, p.size(-1)).mul_(valid.sum(-1, keepdim=True).to(p.dtype)).mul_(scale)  # cnt: exact
+        # minus g/n at each valid label: index_put_ touches N x K_attr entries (a CPU scatter_add_ copies all N x C)
+        rows = torch.arange(len(grad), device=p.device)[:, None].expand_as(labels)
+        grad.index_put_((rows, labels.clamp(min=0)), (-scale * valid).to(p.dtype), accumulate=True)
+        return p, None  # p now holds the gradient; autograd adds the mixing's to it in place
+
+
+class TopK(torch.autograd.Function):
+    """torch.topk(z, k, dim=-1) (sorted), whose backward puts the k gradients of a row into zeros with
+    index_put_: PyTorch's own topk backward uses scatter_, which on a CPU in bf16 takes 3x as long as
+    the N x C zeros it fills (BENCHMARKS.md)."""
+
+    @staticmethod
+    def forward(ctx, z, k):
+        values, indices = torch.topk(z, k, dim=-1)
+        ctx.save_for_backward(indices)
+        ctx.shape, ctx.dtype = z.shape, z.dtype
+        ctx.mark_non_differentiable(indices)
+        return values, indices
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, g, _):
+        indices, = ctx.saved_tensors
+        grad = torch.zeros(ctx.shape, dtype=ctx.dtype, device=g.device)
+        k = indices.size(-1)
+        rows = torch.arange(grad.numel() // grad.size(-1), device=g.device)[:, None].expand(-1, k)
+        grad.view(-1, grad.size(-1)).index_put_((rows, indices.reshape(-1, k)), g.reshape(-1, k).to(ctx.dtype))
+        return grad, None
+
+
+def topk(z, k):
+    """(values, indices) of the k largest entries of the last dim, as torch.topk; see TopK."""
+    return TopK.apply(z, k) if torch.is_grad_enabled() and z.requires_grad else torch.topk(z, k, dim=-1)
+
+
+def concept_loss(z, labels):
+    """concept_loss_reference's value; with autograd, through ConceptLoss (see there)."""
+    if torch.is_grad_enabled() and z.requires_grad:
+        return ConceptLoss.apply(z, labels)
+    return concept_loss_reference(z, labels)

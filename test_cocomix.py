@@ -11,9 +11,10 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from model import GPT, GPTConfig, MIX_MODES, concept_loss, concept_recall, load_checkpoint
+from model import GPT, GPTConfig, MIX_MODES, concept_recall, load_checkpoint
 from weights import load_safetensors
-from ops import kl_rows, lm_loss, lm_loss_reference, sparse_mix, sparse_mix_backward_reference, sparse_mix_reference
+from ops import (concept_loss, concept_loss_reference, kl_rows, lm_loss, lm_loss_reference, sparse_mix,
+                 sparse_mix_backward_reference, sparse_mix_reference)
 
 ROOT = os.path.dirname(os.path.abspath(__file__))
 SHARED = os.path.join(os.path.dirname(ROOT), "shared")
@@ -181,6 +182,48 @@ def test_concept_loss_equals_separate_cross_entropies():
     valid = labels >= 0
     per = -F.log_softmax(z, -1).gather(1, labels.clamp(min=0))
     torch.testing.assert_close(concept_loss(z, labels), per[valid].mean())
+
+
+def test_concept_loss_op_equals_reference():
+    """ops.concept_loss (the softmax kept, the gradient made from it in place) against
+    concept_loss_reference in float64: loss and gradient in z, with missing labels, a row without any
+    valid label, a label 0 next to -1s (which clamp to 0), and an upstream gradient that is not 1; then
+    under bf16 within its rounding (the fp32 log-softmax path is what the reference does)."""
+    torch.manual_seed(0)
+    z = torch.randn(3, 40, 300, dtype=torch.float64) * 3
+    labels = torch.randint(1, 300, (3, 40, 4))
+    labels[0, :5, 2:] = -1
+    labels[1, 3] = -1
+    labels[2, 7] = torch.tensor([0, -1, 5, -1])
+    for dtype, tol in ((torch.float64, 1e-6), (torch.float32, 1e-6), (torch.bfloat16, 4e-3)):
+        zz = z.to(dtype).requires_grad_()
+        loss = concept_loss(zz, labels)
+        grad, = torch.autograd.grad(0.7 * loss, zz)
+        ref_z = zz.detach().double().requires_grad_()  # the same (rounded) logits, exactly
+        ref = concept_loss_reference(ref_z, labels)  # (which casts to fp32 first)
+        ref_grad, = torch.autograd.grad(0.7 * ref, ref_z)
+        assert grad.dtype == dtype and grad.shape == z.shape
+        assert abs(loss.item() - ref.item()) < tol * ref.item(), dtype
+        assert ((grad.double() - ref_grad).norm() / ref_grad.norm()).item() < tol, dtype
+    assert grad[1, 3].abs().max() == 0 and ref_grad[1, 3].abs().max() == 0  # a token without labels: no gradient
+    with torch.no_grad():  # evaluation takes the reference itself
+        assert concept_loss(z.float(), labels).item() == concept_loss_reference(z.float(), labels).item()
+
+
+def test_topk_op_gradient():
+    """ops.topk: torch.topk's values and indices, and the gradient of the values put back at their indices
+    (its backward is index_put_ instead of PyTorch's scatter_), in float64 and bf16."""
+    from ops import topk
+    torch.manual_seed(0)
+    for dtype in (torch.float64, torch.bfloat16):
+        z = torch.randn(2, 7, 50, dtype=dtype, requires_grad=True)
+        g = torch.randn(2, 7, 5, dtype=dtype)
+        values, indices = topk(z, 5)
+        ref_values, ref_indices = torch.topk(z, 5, dim=-1)
+        assert torch.equal(values, ref_values) and torch.equal(indices, ref_indices)
+        grad, = torch.autograd.grad(values, z, g)
+        ref_grad, = torch.autograd.grad(ref_values, z, g)
+        assert grad.dtype == dtype and torch.equal(grad, ref_grad)
 
 
 def test_concept_recall():
@@ -357,6 +400,7 @@ PRESETS = {  # file: (tokens, tokens per step, warmup_iters, n_embd, dropout, de
     "gpu_1b_ntp": (20_000 * 2 * B, 2 * B, 65, 2096, 0.1, True),
     "reproduce_gpu_student": (1000 * B, B, -1, 512, 0.1, True),
     "cpu_source": (1000 * 4096, 4096, -1, 256, 0.0, False),
+    "cpu_source_strong": (3400 * 4096, 4096, -1, 256, 0.0, False),
     "cpu_cocomix": (1000 * 4096, 4096, -1, 192, 0.0, False),
     "reproduce_cpu_source": (600 * 4096, 4096, -1, 256, 0.0, False),
     "reproduce_cpu_student": (72 * 4096, 4096, -1, 192, 0.0, False),

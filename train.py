@@ -27,8 +27,8 @@ from torch.distributed import destroy_process_group
 from torch.nn.parallel import DistributedDataParallel as DDP
 
 from corpus import VOCAB_SIZE, load_tokens, token_byte_lengths
-from model import GPT, GPTConfig, concept_loss, concept_recall, load_checkpoint, load_frozen_gpt
-from ops import lm_loss
+from model import GPT, GPTConfig, concept_recall, load_checkpoint, load_frozen_gpt
+from ops import concept_loss, lm_loss
 from train_utils import (auto_device, auto_dtype, check_config, check_resume, check_sae_host, check_source, hold_lock,
                          init_processes, label_cache_note, make_labeler, rng_state, set_rng_state, trim_log)
 from weights import save_atomic
