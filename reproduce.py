@@ -15,7 +15,8 @@ Stages, each skipped when its output exists and its stage.json records the same 
 finished stage with other settings stops the run: use another --out_dir, or --force to redo it):
   1. data     prepare.prepare(--input) -> OUT/data
   2. source   the concept source, train.py on the preset's source config -> OUT/source
-  3. sae      sae.py on the source + its concept dictionary -> OUT/sae
+              (or --concept_source FILE: a trained one, recorded by its SHA-256)
+  3. sae      sae.py on the source + its concept dictionary -> OUT/sae (or --sae_path FILE, likewise)
   4. train    every method x seed for the same token budget and batches -> OUT/runs/{method}_s{seed}
   5. eval     val loss/ppl/bpb, out-of-domain loss, LAMBADA -> OUT/runs/*/eval.json
   6. report   OUT/results.md, OUT/curves.csv (and OUT/curves.png with matplotlib), always rewritten
@@ -215,6 +216,18 @@ def checkpoint_step(stage, run_dir, cfg):
         fail(f"stage {stage} stopped at step {step} of max_iters={cfg['max_iters']} (its checkpoint); run the same "
              f"command again to resume it; see {run_dir}/train.log")
     return {'iter_num': step, 'tokens': step * cfg['batch_size'] * cfg.get('gradient_accumulation_steps', 1) * cfg['block_size']}
+
+
+def given_file(path, flag):
+    """The record of a file given instead of a stage's output: its path and SHA-256 (of a folder: of its
+    GPT-2 config and weights)."""
+    from label_cache import source_sha256
+    if not os.path.exists(path):
+        fail(f"{flag} {path}: not found")
+    try:
+        return {'path': path, 'sha256': source_sha256(path)}
+    except OSError as e:
+        fail(f"{flag} {path}: {e}")
 
 
 def flags(d):
@@ -446,6 +459,10 @@ def reproduce():
     p.add_argument('--set', nargs='+', action='extend', default=[], metavar='KEY=VALUE', dest='overrides',
                    help="student train.py keys for every method, e.g. max_iters=288 learning_rate=3e-3 (the budget, "
                         "the schedule); use a new --out_dir, or --force, since the finished runs had other settings")
+    p.add_argument('--concept_source', help="a trained concept source (train.py checkpoint or GPT-2 folder) in place of "
+                                            "the source stage (and KD's teacher); its SHA-256 goes into the records")
+    p.add_argument('--sae_path', help="an SAE of that source (sae.py's file) in place of the sae stage; needs "
+                                      "--concept_source; its SHA-256 goes into the records")
     p.add_argument('--ood', help="out-of-domain text file ('' to skip; default: the preset's)")
     p.add_argument('--force', action='store_true', help='redo stages whose recorded settings differ')
     a = p.parse_args()
@@ -518,8 +535,15 @@ def reproduce():
     deps = {'data': digest(data_settings)}
     D = f'--data_dir={data_dir}'
 
-    # 2. concept source (trained here, or GPT-2)
-    if P.get('concept_source'):
+    # 2. concept source (trained here, given, or GPT-2). A given file is recorded by its SHA-256, so that the
+    # stages built on it (SAE, CoCoMix, KD) refuse another file under the same path
+    if a.sae_path and not a.concept_source:
+        fail("--sae_path needs --concept_source: an SAE belongs to the model it was trained on")
+    if a.concept_source:
+        source = os.path.abspath(a.concept_source)
+        deps['source'] = given_file(source, '--concept_source')
+        print(f"skip source: given, {source} (sha256 {deps['source']['sha256'][:12]})")
+    elif P.get('concept_source'):
         source = deps['source'] = P['concept_source']
         print(f"skip source: the concept source is {source}")
     else:
@@ -533,7 +557,21 @@ def reproduce():
 
     # 3. SAE (trained here, or OpenAI's) and its concept dictionary
     sae_dir = os.path.join(out, 'sae')
-    if P.get('sae_path'):  # the dictionary goes next to the downloaded file
+    if a.sae_path:
+        from sae import SAE
+        from train_utils import check_sae_host
+        sae_path = os.path.abspath(a.sae_path)
+        deps['sae'] = given_file(sae_path, '--sae_path')
+        try:
+            sae = SAE.load(sae_path)
+            check_sae_host(sae, source)
+        except (OSError, ValueError) as e:
+            fail(f"--sae_path: {e}")
+        n_concepts, sae_layer = sae.n_latents, sae.meta.get('layer')
+        if sae_layer is None:
+            fail(f"--sae_path {sae_path}: the file does not record its layer (an OpenAI state dict?)")
+        print(f"skip sae: given, {sae_path} (sha256 {deps['sae']['sha256'][:12]}, layer {sae_layer}, {n_concepts} latents)")
+    elif P.get('sae_path'):  # the dictionary goes next to the downloaded file
         sae_path, n_concepts, sae_layer = P['sae_path'], P['n_concepts'], P['sae_layer']
         settings, outputs = {'sae': sae_path, 'deps': dict(deps)}, []
         cmds = [['sae.py', '--describe', f'--sae={sae_path}', f'--ckpt={source}', f'--layer={sae_layer}', D,
@@ -549,8 +587,9 @@ def reproduce():
         # sae.py exits 0 when a signal stops it, with its resume file written and no SAE
         cmds.insert(1, lambda: None if os.path.exists(sae_path) else
                     fail(f"stage sae stopped before the end; run the same command again to resume it; see {sae_dir}/sae.log"))
-    command_stage('sae', sae_dir, settings, outputs, cmds, a, env, 'sae.log')
-    deps['sae'] = digest(settings)
+    if not a.sae_path:
+        command_stage('sae', sae_dir, settings, outputs, cmds, a, env, 'sae.log')
+        deps['sae'] = digest(settings)
 
     # 4. every method x seed: the same student config, token budget and seed, hence the same batches
     from model import GPTConfig, ntp_matched_width
@@ -629,8 +668,8 @@ def reproduce():
                     f"parameter-matched), block {s['block_size']}, {s['max_iters']} steps of "
                     f"{s['batch_size'] * s.get('gradient_accumulation_steps', 1) * s['block_size']:,} tokens; "
                     f"concept source `{rel(source)}`, SAE `{rel(sae_path)}` ({n_concepts} concepts).")
-    sae_eval = [json.loads(x)['eval'] for x in open(os.path.join(sae_dir, 'sae.metrics.jsonl')) if '"eval"' in x][-1:] \
-        if os.path.exists(os.path.join(sae_dir, 'sae.metrics.jsonl')) else []
+    metrics = os.path.splitext(sae_path)[0] + '.metrics.jsonl'  # sae.py's log, next to its SAE (given or trained here)
+    sae_eval = [json.loads(x)['eval'] for x in open(metrics) if '"eval"' in x][-1:] if os.path.exists(metrics) else []
     for e in sae_eval:
         notes.insert(1, f"- SAE on held-out text: FVU {e['fvu']:.3f}, L0 {e['l0']:.1f}, dead fraction {e['dead']:.3f}.")
     # derived from the records above in a second or two: always written, so it follows this file's report code

@@ -111,6 +111,41 @@ def test_tiny_end_to_end(tmp_path):
     r = run(*args, '--set', 'max_iters', timeout=120)
     assert r.returncode != 0 and "--set 'max_iters': expected KEY=VALUE" in r.stderr, r.stderr
 
+    # a given concept source and SAE in place of the source and sae stages, recorded by their SHA-256
+    import shutil
+    import torch
+    from weights import file_sha256
+    given, out2 = tmp_path / 'given', tmp_path / 'out2'
+    given.mkdir()
+    shutil.copy(out / 'source' / 'ckpt.pt', given / 'source.pt')
+    shutil.copy(out / 'sae' / 'sae.pt', given / 'sae.pt')
+    args2 = [a for a in args if not a.startswith('--out_dir')] + [f'--out_dir={out2}', '--methods=cocomix',
+                                                                   f'--concept_source={given / "source.pt"}',
+                                                                   f'--sae_path={given / "sae.pt"}']
+    r = run(*args2)
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    assert 'skip source: given' in r.stdout and 'skip sae: given' in r.stdout
+    assert not (out2 / 'source').exists() and not (out2 / 'sae').exists()
+    deps = json.loads((out2 / 'runs' / 'cocomix_s1' / 'stage.json').read_text())['settings']['deps']
+    assert deps['source'] == {'path': str(given / 'source.pt'), 'sha256': file_sha256(str(given / 'source.pt'))}
+    assert deps['sae'] == {'path': str(given / 'sae.pt'), 'sha256': file_sha256(str(given / 'sae.pt'))}
+    assert 'cocomix' in table_rows(out2 / 'results.md')
+    # another file under the same name: the SAE (same host) -> the finished run refuses, naming what changed
+    obj = torch.load(given / 'sae.pt', weights_only=False)
+    obj['meta']['note'] = 'resaved'
+    torch.save(obj, given / 'sae.pt')
+    r = run(*args2, timeout=120)
+    assert r.returncode == 1 and 'deps.sae.sha256' in r.stderr and 'use another --out_dir' in r.stderr, r.stderr
+    # the source: its SAE no longer belongs to it
+    obj = torch.load(given / 'source.pt', weights_only=False)
+    obj['note'] = 'resaved'
+    torch.save(obj, given / 'source.pt')
+    r = run(*args2, timeout=120)
+    assert r.returncode == 1 and '--sae_path: SAE' in r.stderr and 'pass the concept source it was trained on' in r.stderr
+    r = run(*[a for a in args2 if not a.startswith('--concept_source')], timeout=120)
+    assert r.returncode == 1 and r.stderr.strip() == ("error: --sae_path needs --concept_source: an SAE belongs to the "
+                                                      "model it was trained on"), r.stderr
+
 
 def test_data_folder_errors(tmp_path):
     """Without a data folder the cpu preset (gutenberg) stops at once, with one line naming the ways to give
