@@ -235,9 +235,10 @@ def flags(d):
 
 
 def read_config(path):
-    """The settings a config/ file (path relative to the repo) assigns: what train.py's configurator sets from it."""
+    """The settings a config/ file (path relative to the repo) assigns: what train.py's configurator sets from it,
+    less the folders, which reproduce.py sets itself (a stage records where its inputs come from by their digests)."""
     with contextlib.chdir(REPO):  # config files exec their base files by paths relative to the repo, as train.py runs them
-        return {k: v for k, v in runpy.run_path(path).items() if not k.startswith('_')}
+        return {k: v for k, v in runpy.run_path(path).items() if not k.startswith('_') and k not in ('data_dir', 'out_dir')}
 
 
 def train_command(config_file, extra, data_dir, out_dir):

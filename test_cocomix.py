@@ -398,7 +398,7 @@ PRESETS = {  # file: (tokens, tokens per step, warmup_iters, n_embd, dropout, de
     "gpu_386m_ntp": (40_000 * B, B, 130, 1072, 0.1, True),
     "gpu_1b_cocomix": (20_000 * 2 * B, 2 * B, 65, 2048, 0.1, True),
     "gpu_1b_ntp": (20_000 * 2 * B, 2 * B, 65, 2096, 0.1, True),
-    "reproduce_gpu_student": (1000 * B, B, -1, 512, 0.1, True),
+    "reproduce_gpu_student": (1000 * B, B, 130, 512, 0.1, True),
     "cpu_source": (1000 * 4096, 4096, -1, 256, 0.0, False),
     "cpu_source_strong": (3400 * 4096, 4096, -1, 256, 0.0, False),
     "cpu_cocomix": (1000 * 4096, 4096, -1, 192, 0.0, False),
