@@ -479,23 +479,6 @@ TINY = ["--n_layer=2", "--n_head=2", "--n_embd=32", "--block_size=32", "--batch_
         "--dtype=float32", "--progress=False", "--eval_iters=2", "--log_interval=1"]
 
 
-@pytest.fixture(scope="session")
-def data_dir(tmp_path_factory):
-    """TinyShakespeare when ../shared/data is there, else a generated text."""
-    from prepare import prepare
-    out = tmp_path_factory.mktemp("data")
-    src = os.path.join(SHARED, "data", "tinyshakespeare", "input.txt")
-    if not os.path.exists(src):
-        src = str(out / "text.txt")
-        rng = np.random.default_rng(0)
-        words = ["the", "cat", "sat", "on", "a", "mat", "and", "dog", "ran", "far", "away", "home"]
-        with open(src, "w") as f:
-            f.write(" ".join(rng.choice(words, 200_000)))
-    os.environ.setdefault("TIKTOKEN_CACHE_DIR", ENV["TIKTOKEN_CACHE_DIR"])
-    prepare([src], str(out / "prepared"), verbose=False)
-    return str(out / "prepared")
-
-
 def read_log(out_dir):
     with open(os.path.join(out_dir, "log.jsonl")) as f:
         return [json.loads(line) for line in f]
@@ -742,19 +725,6 @@ def test_labeler_refuses_mismatched_sae():
         ConceptLabeler(source, SAE(32, 96, 8, meta={"layer": 2}), 1)
     with pytest.raises(ValueError, match="d=48"):
         ConceptLabeler(source, SAE(48, 96, 8, meta={"layer": 1}), 1)
-
-
-@pytest.fixture(scope="session")
-def source_and_sae(data_dir, tmp_path_factory):
-    """A concept source trained briefly by train.py and an SAE on its layer 1 (random init is
-    enough for the plumbing; the SAE tests check SAE training)."""
-    from sae import SAE
-    out = str(tmp_path_factory.mktemp("source"))
-    run("train.py", f"--data_dir={data_dir}", f"--out_dir={out}", "--max_iters=10", "--eval_interval=10", *TINY)
-    torch.manual_seed(0)
-    sae = SAE(32, 128, 8, meta={"layer": 1})
-    sae.save(os.path.join(out, "sae.pt"))
-    return os.path.join(out, "ckpt.pt"), os.path.join(out, "sae.pt")
 
 
 @pytest.mark.parametrize("mode,extra", [("cocomix", []), ("cocomix", ["--mix=add", "--label_rule=activation"]),

@@ -23,7 +23,7 @@ import numpy as np
 import pytest
 import torch
 
-from test_cocomix import ENV, ROOT, TINY, data_dir, read_log, run, source_and_sae  # noqa: F401 (fixtures)
+from test_cocomix import ENV, ROOT, TINY, read_log, run
 
 STEPS = 8
 TIMES = ("time", "time_source", "time_student", "label_hits", "label_computed")  # differ between runs of one computation
