@@ -7,15 +7,16 @@ import numpy as np
 import pytest
 import torch
 
-from test_cocomix import ENV, SHARED, TINY, run
+from test_cocomix import ENV, TINY, run
 
 
 @pytest.fixture(scope="session")
 def data_dir(tmp_path_factory):
-    """TinyShakespeare when ../shared/data is there, else a generated text."""
+    """TinyShakespeare from the data folder in $COCOMIX_DATA (what .ci/run sets) when it is there, else a
+    generated text."""
     from prepare import prepare
     out = tmp_path_factory.mktemp("data")
-    src = os.path.join(SHARED, "data", "tinyshakespeare", "input.txt")
+    src = os.path.join(os.environ.get("COCOMIX_DATA", ""), "tinyshakespeare", "input.txt")
     if not os.path.exists(src):
         src = str(out / "text.txt")
         rng = np.random.default_rng(0)
