@@ -153,9 +153,10 @@ class LabelCache:
         print(f"warning: label cache off ({e.strerror or e}; {self.base}.*): labels are computed for every batch "
               "from now on", file=sys.stderr)
 
-    def labels(self, windows, x, y):
-        """Labels (B, T, k_attr) for the windows `windows` (B indices into the grid) whose tokens are
-        x and targets y (B, T), as ConceptLabeler(x, y) gives them. Call under the same autocast."""
+    def labels(self, windows, x, y, device="cpu"):
+        """Labels (B, T, k_attr) on `device` for the windows `windows` (B indices into the grid) whose tokens
+        are x and targets y (B, T, in host memory: hashing them costs no device read), as ConceptLabeler
+        gives them for x, y on `device`. Call under the same autocast. Only a miss waits for the device."""
         windows = np.asarray(windows, dtype=np.int64)
         if not self.off:
             try:
@@ -164,8 +165,8 @@ class LabelCache:
                 self._turn_off(e)
         if self.off:
             self.misses += len(windows)
-            return self.labeler(x, y)
-        fps = self._fingerprints(x.cpu().numpy(), y.cpu().numpy())
+            return self.labeler(x.to(device), y.to(device))
+        fps = self._fingerprints(x.numpy(), y.numpy())
         stored, marks = np.array(self.table[windows]), np.array(self.done[windows])
         intact = (marks[:, 1] == self._fingerprints(stored)) & ((stored >= -1) & (stored < self.n_concepts)).all(axis=(1, 2))
         hit = (marks[:, 0] == fps) & intact
@@ -178,7 +179,7 @@ class LabelCache:
         miss = np.flatnonzero(~hit)
         if len(miss):
             # one labeler call for all missing windows (a window drawn twice is simply computed twice)
-            new = self.labeler(x[torch.from_numpy(miss).to(x.device)], y[torch.from_numpy(miss).to(y.device)]).cpu()
+            new = self.labeler(x[miss].to(device), y[miss].to(device)).cpu()
             try:
                 self._store(windows[miss], new.numpy().astype(self.table.dtype), fps[miss])
             except OSError as e:
@@ -186,7 +187,9 @@ class LabelCache:
             out[torch.from_numpy(miss)] = new
         self.hits += len(windows) - len(miss)
         self.misses += len(miss)
-        return out.to(x.device)
+        if torch.device(device).type == "cuda":  # a copy the host does not wait for, like get_batch's
+            return out.pin_memory().to(device, non_blocking=True)
+        return out.to(device)
 
 
 def open_label_caches(labeler, data_dir, block_size, source_path, sae_path, dtype):
