@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 import torch
 
-from test_cocomix import ENV, TINY, run
+from test_cocomix import TINY, run
 
 
 @pytest.fixture(scope="session")
@@ -23,7 +23,6 @@ def data_dir(tmp_path_factory):
         words = ["the", "cat", "sat", "on", "a", "mat", "and", "dog", "ran", "far", "away", "home"]
         with open(src, "w") as f:
             f.write(" ".join(rng.choice(words, 200_000)))
-    os.environ.setdefault("TIKTOKEN_CACHE_DIR", ENV["TIKTOKEN_CACHE_DIR"])
     prepare([src], str(out / "prepared"), verbose=False)
     return str(out / "prepared")
 

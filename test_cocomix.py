@@ -17,8 +17,7 @@ from ops import (concept_loss, concept_loss_reference, kl_rows, lm_loss, lm_loss
                  sparse_mix_backward_reference, sparse_mix_reference)
 
 ROOT = os.path.dirname(os.path.abspath(__file__))
-SHARED = os.path.join(os.path.dirname(ROOT), "shared")
-ENV = dict(os.environ, TIKTOKEN_CACHE_DIR=os.environ.get("TIKTOKEN_CACHE_DIR", os.path.join(SHARED, "tiktoken")))
+ENV = dict(os.environ)  # TIKTOKEN_CACHE_DIR, where set (offline), reaches the scripts run as subprocesses
 
 
 def tiny_config(**kw):

@@ -13,14 +13,11 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-REPO = Path(__file__).parent
-SHARED = REPO.parent / "shared"
-if (SHARED / "tiktoken").is_dir():  # offline copy of the gpt2 tokenizer files
-    os.environ.setdefault("TIKTOKEN_CACHE_DIR", str(SHARED / "tiktoken"))
+import corpus
+import eval as E
+from model import GPT, GPTConfig
 
-import corpus  # noqa: E402
-import eval as E  # noqa: E402
-from model import GPT, GPTConfig  # noqa: E402
+REPO = Path(__file__).parent
 
 enc = corpus.tokenizer()
 EOT = 50256

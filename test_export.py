@@ -3,19 +3,14 @@ computes, read back by our loader (bit for bit) and by transformers (when instal
 
 import json
 import os
-from pathlib import Path
 
 import pytest
 import torch
 
-SHARED = Path(__file__).parent.parent / "shared"
-if (SHARED / "tiktoken").is_dir():  # offline copy of the gpt2 tokenizer files
-    os.environ.setdefault("TIKTOKEN_CACHE_DIR", str(SHARED / "tiktoken"))
-
-import corpus  # noqa: E402
-import export_hf  # noqa: E402
-from model import GPT, GPTConfig  # noqa: E402
-from weights import load_safetensors, save_safetensors  # noqa: E402
+import corpus
+import export_hf
+from model import GPT, GPTConfig
+from weights import load_safetensors, save_safetensors
 
 ARGS = dict(n_layer=2, n_head=2, n_embd=32, block_size=48, vocab_size=50257)
 

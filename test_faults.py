@@ -328,8 +328,7 @@ def test_full_disk_while_saving_a_checkpoint(data_dir, small_disk):
 
 
 def test_full_disk_while_preparing_data(small_disk):
-    src = os.path.join(os.environ.get("COCOMIX_DATA", os.path.join(os.path.dirname(ROOT), "shared", "data")),
-                       "tinyshakespeare", "input.txt")
+    src = os.path.join(os.environ.get("COCOMIX_DATA", ""), "tinyshakespeare", "input.txt")
     if not os.path.exists(src):
         pytest.skip("no tinyshakespeare under COCOMIX_DATA")
     disk = small_disk("400k")

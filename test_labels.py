@@ -18,7 +18,7 @@ from model import GPT, GPTConfig
 from sae import SAE
 
 ROOT = os.path.dirname(os.path.abspath(__file__))
-ENV = dict(os.environ, TIKTOKEN_CACHE_DIR=os.environ.get("TIKTOKEN_CACHE_DIR", os.path.join(os.path.dirname(ROOT), "shared", "tiktoken")))
+ENV = dict(os.environ)
 T = 16  # block_size of these tests
 
 
