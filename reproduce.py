@@ -152,7 +152,9 @@ def run_logged(stage, cmd, log_path, env):
                 log.write(chunk)
             rc = proc.wait()
         except KeyboardInterrupt:  # Ctrl-C, or SIGTERM (main makes it one)
-            proc.send_signal(signal.SIGINT)  # a terminal's Ctrl-C reached it already; a lone signal to us did not
+            # passed on as SIGTERM, which train.py and sae.py take like Ctrl-C: a stage started by
+            # `nohup ... &` inherits SIGINT ignored until it sets its handler, and would not stop
+            proc.send_signal(signal.SIGTERM)
             proc.wait()  # train.py and sae.py finish their step, save and exit; let them
             fail(f"interrupted in stage {stage}; run the same command again to resume it")
     if rc:

@@ -177,6 +177,26 @@ def test_stopped_and_resumed_run_is_the_uninterrupted_one(data_dir, sae_run, ref
     assert numbers(read_log(out)) == numbers(read_log(reference))
 
 
+def test_reproduce_stop_reaches_a_stage_that_ignores_sigint(tmp_path):
+    """reproduce.py stopped by SIGTERM stops its running stage even when the stage ignores SIGINT, as
+    every process started by `nohup ... &` from a script does until it sets its own handler (train.py
+    does so only after its imports): the stop is passed on as SIGTERM, which nothing inherits ignored."""
+    stage = "import time; print('sta' 'rted', flush=True); time.sleep(60)"  # a stage before its handlers exist
+    code = (f"import signal, sys; sys.path.insert(0, {ROOT!r}); import reproduce\n"
+            "signal.signal(signal.SIGTERM, signal.default_int_handler)\n"
+            f"reproduce.run_logged('train x', [sys.executable, '-c', {stage!r}], {str(tmp_path / 'log')!r}, None)")
+    p = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                         preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_IGN))
+    try:
+        while "started" not in p.stdout.readline():  # the stage's output, not run_logged's echo of its command
+            pass
+        p.send_signal(signal.SIGTERM)
+        _, err = p.communicate(timeout=30)  # SIGINT, ignored, would leave it waiting for the 60 s stage
+    finally:
+        p.kill()
+    assert p.returncode == 1 and "interrupted in stage train x" in err, err
+
+
 def test_reproduce_resumes_an_interrupted_stage_and_trusts_only_the_checkpoint(tmp_path, capsys):
     """reproduce.py's stages: a train.py that exits 0 with a checkpoint short of max_iters (stopped by a
     signal) leaves the stage unfinished, whatever its log says; the rerun resumes from that checkpoint
