@@ -16,6 +16,7 @@ import sys
 import numpy as np
 import torch
 
+from train_utils import to_device
 from weights import GPT2_NAMES, download_gpt2, file_sha256
 
 LABELS_VERSION = 2  # bump when the labels' arithmetic changes, so that no older cache is served
@@ -187,9 +188,7 @@ class LabelCache:
             out[torch.from_numpy(miss)] = new
         self.hits += len(windows) - len(miss)
         self.misses += len(miss)
-        if torch.device(device).type == "cuda":  # a copy the host does not wait for, like get_batch's
-            return out.pin_memory().to(device, non_blocking=True)
-        return out.to(device)
+        return to_device(out, device)
 
 
 def open_label_caches(labeler, data_dir, block_size, source_path, sae_path, dtype):

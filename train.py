@@ -30,7 +30,7 @@ from corpus import VOCAB_SIZE, load_tokens, token_byte_lengths
 from model import GPT, GPTConfig, concept_recall, load_checkpoint, load_frozen_gpt
 from ops import concept_loss, lm_loss
 from train_utils import (auto_device, auto_dtype, check_config, check_resume, check_sae_host, check_source, hold_lock,
-                         init_processes, label_cache_note, make_labeler, rng_state, set_rng_state, trim_log)
+                         init_processes, label_cache_note, make_labeler, rng_state, set_rng_state, to_device, trim_log)
 from weights import save_atomic
 
 # -----------------------------------------------------------------------------
@@ -150,10 +150,7 @@ def get_batch(split, step, micro):
     d = data[split]
     x = torch.from_numpy(np.stack([d[i:i + block_size].astype(np.int64) for i in ix]))
     y = torch.from_numpy(np.stack([d[i + 1:i + 1 + block_size].astype(np.int64) for i in ix]))
-    where = (split, ix // block_size, x, y)  # the host copies: the label cache hashes them without a device read
-    if device_type == 'cuda':
-        return x.pin_memory().to(device, non_blocking=True), y.pin_memory().to(device, non_blocking=True), where
-    return x.to(device), y.to(device), where
+    return to_device(x, device), to_device(y, device), (split, ix // block_size, x, y)
 
 
 # ---- the concept source (KD: the teacher), the SAE and the concept labels
@@ -242,7 +239,7 @@ class Objective(torch.nn.Module):
         concept = concept_loss(z, labels)  # CE of z at the K_attr attribution labels
         loss = ntp + lam * concept  # the paper's objective
         parts = {'ntp': ntp.detach(), 'concept': concept.detach()}
-        if not self.training:  # recall's top-K_attr over C costs 2% of a CPU step: measured at evaluation only
+        if not self.training:  # recall's top-K_attr over C costs 2% of a CPU step: at evaluation only
             parts['recall'] = concept_recall(z, labels)
         return loss, parts
 

@@ -112,6 +112,14 @@ def auto_device(device):
     return 'cuda' if torch.cuda.is_available() else 'mps' if torch.backends.mps.is_available() else 'cpu'
 
 
+def to_device(t, device):
+    """A host tensor on `device`; to a GPU from pinned memory without blocking, so the host does not wait
+    for the work already queued there."""
+    if torch.device(device).type == 'cuda':
+        return t.pin_memory().to(device, non_blocking=True)
+    return t.to(device)
+
+
 def auto_dtype(dtype, device_type):
     """bf16 on GPUs that have it (else fp16 with a gradient scaler) and on CPUs with native bf16
     (AVX512-BF16/AMX; emulated bf16 is slower than fp32); fp32 elsewhere."""
