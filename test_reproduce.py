@@ -12,7 +12,7 @@ from unittest import mock
 
 import pytest
 
-from reproduce import report, stats, tokens_to_reach
+from report import paired_t, report, stats, tokens_to_reach
 
 REPO = os.path.dirname(os.path.abspath(__file__))
 TIKTOKEN_DIR = os.path.join(REPO, '..', 'shared', 'tiktoken')
@@ -176,6 +176,19 @@ def test_stats_and_tokens_to_reach():
     assert tokens_to_reach(curve, 4.0) is None
 
 
+def test_paired_t_against_closed_forms():
+    """The t-test's p against Student's t in closed form (1 and 2 degrees of freedom) and a table value."""
+    for t in (0.0, 0.3, 2.0, 12.7, 40.0):  # two seeds t +- 1: mean t, std sqrt(2), t statistic t
+        assert paired_t([t - 1, t + 1]) == pytest.approx((t, 1 - 2 / math.pi * math.atan(t)), rel=1e-6)
+        t3, p = paired_t([t - 1, t, t + 1])  # std 1: t statistic t * sqrt(3)
+        assert p == pytest.approx(1 - t3 / math.sqrt(2 + t3 ** 2), rel=1e-6, abs=1e-12)
+    e = [-2, -1, -0.5, 0, 0, 0, 0, 0.5, 1, 2]  # mean 0; shifted so that t = 2.2622, the 97.5% point at 9 df
+    m = 2.2622 * math.sqrt(sum(x * x for x in e) / 9) / math.sqrt(10)
+    t, p = paired_t([m + x for x in e])
+    assert t == pytest.approx(2.2622) and p == pytest.approx(0.05, abs=1e-4)
+    assert paired_t([1.0]) is None and paired_t([0.5, 0.5]) is None  # one seed; no spread
+
+
 def test_report_numbers_from_records(tmp_path, monkeypatch):
     """The report's paired numbers from hand-made records: Δ val loss, wins, the tokens CoCoMix needs to
     reach NTP's final val loss, CoCoMix (and an ablation) vs pause and KD; and without matplotlib, a note
@@ -196,13 +209,16 @@ def test_report_numbers_from_records(tmp_path, monkeypatch):
     text = (tmp_path / 'results.md').read_text()
     row = next(line for line in text.splitlines() if line.startswith('| cocomix | 0.'))
     cells = [c.strip() for c in row.strip('|').split('|')]
-    assert cells[1] == stats([-0.1, 0.1], 4) and cells[2] == '0.1000 ± 0.0000' and cells[3] == '1/2 (-0.100, +0.100)'
-    assert cells[4] == '350 (1/2 seeds)' and cells[5] == '12.5%'  # 1 - 350 / 400
+    assert cells[1] == stats([-0.1, 0.1], 4) and cells[2] == '+0.0 (p = 1)'  # mean 0: t = 0
+    assert cells[3] == '0.1000 ± 0.0000' and cells[4] == '1/2 (-0.100, +0.100)'
+    assert cells[5] == '350 (1/2 seeds)' and cells[6] == '12.5%'  # 1 - 350 / 400
     assert f"Δ val loss {stats([-0.2, -0.2], 4)}, CoCoMix lower on 2/2 seeds" in text
-    assert f"**cocomix vs KD** (same seed, same batches): Δ val loss {stats([-0.05, 0.05], 4)}, cocomix lower on " \
+    assert f"**cocomix vs KD** (same seed, same batches): Δ val loss {stats([-0.05, 0.05], 4)}, t +0.0 (p = 1), " \
+        "cocomix lower on " \
         "1/2 seeds (-0.050, +0.050)." in text
+    # mean -0.1, std 0.1 / sqrt(2): t = -2 on 1 degree of freedom, p = 1 - 2 atan(2) / pi = 0.295
     assert f"**cocomix[mix=add] vs KD** (same seed, same batches): Δ val loss {stats([-0.15, -0.05], 4)}, " \
-        "cocomix[mix=add] lower on 2/2 seeds (-0.150, -0.050)." in text
+        "t -2.0 (p = 0.3), cocomix[mix=add] lower on 2/2 seeds (-0.150, -0.050)." in text
     assert 'pause vs KD' not in text and 'kd vs KD' not in text
     assert "CoCoMix reaches NTP's final val loss with 12.5% fewer tokens (1/2 seeds reach it)" in text
     # seed 2: NTP passes CoCoMix's final 5.3 halfway between 300 and 400 tokens; seed 1: NTP never gets to 4.9
