@@ -33,6 +33,7 @@ from contextlib import contextmanager
 import torch
 
 from model import GPT, GPTConfig, interleave, load_frozen_gpt, standardise
+from objective import training_loss
 from flops import estimate_mfu, flops_per_token, label_flops, stage_flops
 from ops import concept_loss, lm_loss, lm_loss_reference, sparse_mix
 
@@ -134,16 +135,12 @@ def optimizer(model):
 
 
 def student_loss(model, X, Y, labels=None, lam=0.1, teacher=None, lam_kd=0.1, full_logits=False):
-    """The loss train.py's Objective computes, from the model's final hidden states x and concept logits z:
-    next-token cross-entropy in row chunks (ops.lm_loss), plus lam * the concept loss given labels, or
-    KD's CE + lam_kd * KL given teacher = (its final hidden state, its head weight). full_logits: the same
+    """train.py's loss (objective.training_loss), the mode implied by the arguments: KD given teacher =
+    (its final hidden state, its head weight), CoCoMix given labels, NTP otherwise. full_logits: the same
     loss from the whole B x T x V logits (ops.lm_loss_reference), what the chunked loss is measured against."""
-    x, z = model.hidden_states(X)
-    head = lm_loss_reference if full_logits else lm_loss
-    if teacher is not None:
-        return head(x, model.lm_head.weight, Y, teacher=teacher, lam_kd=lam_kd)[0]
-    ntp = head(x, model.lm_head.weight, Y)
-    return ntp if labels is None else ntp + lam * concept_loss(z, labels)
+    mode = 'kd' if teacher is not None else 'cocomix' if labels is not None else 'ntp'
+    head_loss = lm_loss_reference if full_logits else lm_loss
+    return training_loss(model, X, Y, mode, labels, teacher, lam, lam_kd, head_loss=head_loss)[0]
 
 
 def train_step(model, opt, X, Y, ctx, labels=None, lam=0.1, loss_fn=student_loss, teacher=None, full_logits=False):

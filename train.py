@@ -6,7 +6,7 @@ One training loop for every objective of the paper (docs/method.md):
     kd       next-token prediction + lam_kd * KL(p_teacher || p_student), the concept source as teacher
     pause    a learned vector interleaved after every token at insert_layer (CoCoMix's shape, no concepts)
 
-The objective is Objective.forward below. Single process:  python train.py config/tiny.py --device=cpu
+The loss of every mode is objective.py's. Single process:  python train.py config/tiny.py --device=cpu
 DDP (CPU or GPU):  torchrun --standalone --nproc_per_node=2 train.py config/tiny.py
 
 Every method with the same seed sees the same batches in the same order: the batch of step s is
@@ -27,8 +27,8 @@ from torch.distributed import destroy_process_group
 from torch.nn.parallel import DistributedDataParallel as DDP
 
 from corpus import VOCAB_SIZE, load_tokens, token_byte_lengths
-from model import GPT, GPTConfig, concept_recall, load_checkpoint, load_frozen_gpt
-from ops import concept_loss, lm_loss
+from model import GPT, GPTConfig, load_checkpoint, load_frozen_gpt
+from objective import Objective
 from train_utils import (auto_device, auto_dtype, check_config, check_resume, check_sae_host, check_source, hold_lock,
                          init_processes, label_cache_note, make_labeler, rng_state, set_rng_state, to_device, trim_log)
 from weights import save_atomic
@@ -213,39 +213,10 @@ if labeler is not None and label_cache:  # labels of a window are computed once 
     except ValueError as e:
         fail(str(e))
 
-
-# ---- the objective
-
-
-class Objective(torch.nn.Module):
-    """The loss of one micro-batch under `mode`, composed from what the model returns: its final hidden
-    states x and concept logits z. DDP wraps (and torch.compile compiles) this module, so the whole
-    loss is one forward. The next-token loss is taken from x in row chunks (ops.lm_loss), never
-    holding the B x T x V logits."""
-
-    def __init__(self, model):
-        super().__init__()
-        self.model = model
-
-    def forward(self, X, Y, labels=None, teacher=None):
-        x, z = self.model.hidden_states(X)
-        W = self.model.lm_head.weight
-        if mode == 'kd':  # CE + lam_kd * KL, the teacher's logits made in the same row chunks
-            loss, ntp, kd = lm_loss(x, W, Y, teacher=teacher, lam_kd=lam_kd)
-            return loss, {'ntp': ntp, 'kd': kd}
-        ntp = lm_loss(x, W, Y)
-        if mode != 'cocomix':
-            return ntp, {'ntp': ntp.detach()}
-        concept = concept_loss(z, labels)  # CE of z at the K_attr attribution labels
-        loss = ntp + lam * concept  # the paper's objective
-        parts = {'ntp': ntp.detach(), 'concept': concept.detach()}
-        if not self.training:  # recall's top-K_attr over C costs 2% of a CPU step: at evaluation only
-            parts['recall'] = concept_recall(z, labels)
-        return loss, parts
-
+# ---- the loss (objective.py), wrapped for DDP and torch.compile
 
 raw_model = model
-objective = eval_objective = Objective(model)  # eval: never DDP's wrapper, whose forward may talk to the other ranks
+objective = eval_objective = Objective(model, mode, lam, lam_kd)  # eval: never DDP's wrapper, whose forward may talk to the other ranks
 if ddp:
     objective = ddp_objective = DDP(objective, device_ids=[local_rank] if device_type == 'cuda' else None)
 if compile:  # after DDP, as PyTorch advises: the graph is then split at DDP's gradient buckets, so that

@@ -88,7 +88,7 @@ def check_labels(dev, small):
 
 
 def check_compiled(dev, small):
-    """The compiled student (bench.student_loss, what train.py's Objective computes) against eager, fp32
+    """The compiled student (bench.student_loss: objective.training_loss, train.py's loss) against eager, fp32
     without TF32: loss and the largest relative difference over the parameter gradients."""
     args = bench.parse(["--tiny"] if small else ["--batch_size=8"])
     X, Y = bench.batch(args, dev)
