@@ -32,9 +32,9 @@ from contextlib import contextmanager
 
 import torch
 
+from flops import estimate_mfu, flops_per_token, label_flops, stage_flops
 from model import GPT, GPTConfig, interleave, load_frozen_gpt, standardise
 from objective import training_loss
-from flops import estimate_mfu, flops_per_token, label_flops, stage_flops
 from ops import concept_loss, lm_loss, lm_loss_reference, sparse_mix
 
 

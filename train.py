@@ -150,6 +150,7 @@ def get_batch(split, step, micro):
     d = data[split]
     x = torch.from_numpy(np.stack([d[i:i + block_size].astype(np.int64) for i in ix]))
     y = torch.from_numpy(np.stack([d[i + 1:i + 1 + block_size].astype(np.int64) for i in ix]))
+    # the host copies go along: the label cache hashes them without a read back from the device
     return to_device(x, device), to_device(y, device), (split, ix // block_size, x, y)
 
 
