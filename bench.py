@@ -32,8 +32,9 @@ from contextlib import contextmanager
 
 import torch
 
+from checkpoint import load_frozen_gpt
 from flops import estimate_mfu, flops_per_token, label_flops, stage_flops
-from model import GPT, GPTConfig, interleave, load_frozen_gpt, standardise
+from model import GPT, GPTConfig, interleave, standardise
 from objective import training_loss
 from ops import concept_loss, lm_loss, lm_loss_reference, sparse_mix
 

@@ -59,8 +59,9 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
+from checkpoint import load_checkpoint
 from corpus import EOT, load_tokens, token_byte_lengths, tokenizer
-from model import GPT, load_checkpoint
+from model import GPT
 from tasks import CHOICE_KINDS, EvalError, find_format, read_benchmark, unknown_format
 
 

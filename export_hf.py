@@ -28,8 +28,9 @@ import sys
 
 import torch
 
+from checkpoint import load_checkpoint
 from corpus import EOT
-from model import GPT, load_checkpoint
+from model import GPT
 from weights import GPT2_CONV1D, save_safetensors
 
 # where tiktoken gets GPT-2's BPE files (and the SHA-256 it checks them against); its cache names them

@@ -24,7 +24,7 @@ LABELS_VERSION = 2  # bump when the labels' arithmetic changes, so that no older
 
 @functools.lru_cache  # train.py asks twice (the SAE's host check, the cache's identity); a GPT-2 file is 0.5 GB
 def source_sha256(path):
-    """Content hash of a concept source as model.load_frozen_gpt reads it: our checkpoint (or the
+    """Content hash of a concept source as checkpoint.load_frozen_gpt reads it: our checkpoint (or the
     ckpt.pt in a folder), or a Hugging Face GPT-2 folder's config.json and weights file."""
     if path in GPT2_NAMES and not os.path.isdir(path):
         path = download_gpt2(path)  # a cached download after the first time

@@ -11,7 +11,7 @@ def evaluate_run(run_dir, data_dir, ev, device):
     import torch
     from corpus import load_tokens, token_byte_lengths, tokenizer
     from eval import evaluate_lambada, evaluate_text, evaluate_tokens
-    from model import load_checkpoint
+    from checkpoint import load_checkpoint
     model, _ = load_checkpoint(os.path.join(run_dir, 'ckpt.pt'), device)
     model.eval()
     enc = tokenizer()

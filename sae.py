@@ -26,9 +26,10 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from checkpoint import load_frozen_gpt
 from corpus import load_tokens
 from dictionary import describe
-from model import load_frozen_gpt, standardise
+from model import standardise
 from ops import sparse_mix
 from sae_train import ShuffleBuffer, activation_chunk, evaluate, geometric_median, train
 from weights import download, file_sha256, first_line, load_torch_file, save_atomic

@@ -27,10 +27,11 @@ from contextlib import nullcontext
 
 import torch
 
+from checkpoint import load_checkpoint
 from corpus import tokenizer
 from dictionary import load_concepts
 from inspect_html import has_concept_head, inspect_runs
-from model import GPT, load_checkpoint
+from model import GPT
 from steering import (SourceSteering, UsageError, concepts_path, encode_prompt, generate, load_source_and_sae,
                       parse_steer, run_measurements)
 

@@ -13,10 +13,10 @@ from contextlib import nullcontext
 
 import torch
 
+from checkpoint import load_frozen_gpt
 from corpus import tokenizer
 from dictionary import concept_name, load_concepts
 from inspect_html import concept_logits, has_concept_head, token_text, windowed
-from model import load_frozen_gpt
 from sae import SAE
 from train_utils import check_sae_host
 

@@ -11,10 +11,11 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from model import GPT, GPTConfig, MIX_MODES, concept_recall, load_checkpoint
-from weights import load_safetensors
+from checkpoint import load_checkpoint
+from model import GPT, GPTConfig, MIX_MODES, concept_recall
 from ops import (concept_loss, concept_loss_reference, kl_rows, lm_loss, lm_loss_reference, sparse_mix,
                  sparse_mix_backward_reference, sparse_mix_reference)
+from weights import load_safetensors
 
 ROOT = os.path.dirname(os.path.abspath(__file__))
 ENV = dict(os.environ)  # TIKTOKEN_CACHE_DIR, where set (offline), reaches the scripts run as subprocesses

@@ -26,8 +26,9 @@ import torch
 from torch.distributed import destroy_process_group
 from torch.nn.parallel import DistributedDataParallel as DDP
 
+from checkpoint import load_checkpoint, load_frozen_gpt
 from corpus import VOCAB_SIZE, load_tokens, token_byte_lengths
-from model import GPT, GPTConfig, load_checkpoint, load_frozen_gpt
+from model import GPT, GPTConfig
 from objective import Objective
 from train_utils import (auto_device, auto_dtype, check_config, check_resume, check_sae_host, check_source, hold_lock,
                          init_processes, label_cache_note, make_labeler, rng_state, set_rng_state, to_device, trim_log)

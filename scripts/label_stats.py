@@ -20,9 +20,9 @@ import numpy as np
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from checkpoint import load_frozen_gpt  # noqa: E402
 from concepts import LABEL_FILLS, ConceptLabeler  # noqa: E402
 from corpus import load_tokens  # noqa: E402
-from model import load_frozen_gpt  # noqa: E402
 from sae import SAE  # noqa: E402
 
 
