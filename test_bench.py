@@ -122,12 +122,15 @@ def test_flops_and_mfu():
 
 def test_gpu_check_dry_run(tmp_path):
     """scripts/gpu_check.sh's check at smoke-test size on the CPU: every part runs, and its figures say
-    what they should (the ops equal their references, the compiled student equals eager, no graph break)."""
+    what they should (the ops equal their references, the compiled student equals eager, no graph break),
+    and the last part, the comparison, runs reproduce.py's tiny preset to its table."""
     import json
     import os
     import subprocess
     root = os.path.dirname(os.path.abspath(__file__))
-    p = subprocess.run(["bash", os.path.join(root, "scripts", "gpu_check.sh"), "--dry_run", "--minutes=0",
+    offline_text = os.path.join(os.environ.get("COCOMIX_DATA", ""), "tinyshakespeare", "input.txt")
+    comparing = os.path.isfile(offline_text)  # else the tiny preset would download its text: part 4 skipped
+    p = subprocess.run(["bash", os.path.join(root, "scripts", "gpu_check.sh"), "--dry_run", f"--minutes={5 if comparing else 0}",
                         f"--out_dir={tmp_path}"], capture_output=True, text=True, timeout=900)
     assert p.returncode == 0, p.stdout[-2000:] + p.stderr[-2000:]
     r = json.load(open(tmp_path / "gpu_check.json"))
@@ -141,6 +144,34 @@ def test_gpu_check_dry_run(tmp_path):
     assert r["2 graph breaks and recompiles"]["cocomix"]["graph_breaks"] == 0
     assert r["3 MFU"]["cocomix 2L d=64, cached labels"]["tokens_per_s"] > 0
     assert "gpu_check.md" in os.listdir(tmp_path)
+    if comparing:  # the tiny preset's NTP and CoCoMix, end to end (~35 s here)
+        comparison = r["4 comparison"]
+        assert comparison["returncode"] == 0 and "results:" in comparison["tail"], comparison
+        assert sorted(os.listdir(tmp_path / "reproduce_tiny" / "runs")) == ["cocomix_s1", "ntp_s1"]
+
+
+def test_gpu_check_stops_at_its_deadline(tmp_path):
+    """gpu_check's last part runs reproduce.py until the check's deadline: then SIGTERM, so the running stage
+    saves (reproduce.py passes it on), and SIGKILL only if the command outlives the grace period."""
+    import importlib.util
+    import os
+    import sys
+    import time
+    root = os.path.dirname(os.path.abspath(__file__))
+    spec = importlib.util.spec_from_file_location("gpu_check", os.path.join(root, "scripts", "gpu_check.py"))
+    gpu_check = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(gpu_check)
+    saved = tmp_path / "saved"
+    polite = ("import signal, sys, time\n"
+              "def stop(*_):\n    open(sys.argv[1], 'w').write('checkpoint'); print('saved', flush=True); sys.exit(3)\n"
+              "signal.signal(signal.SIGTERM, stop)\nprint('training', flush=True)\ntime.sleep(60)\n")
+    rc, out = gpu_check.run_until([sys.executable, "-c", polite, str(saved)], seconds=4, grace=20)
+    assert rc is None and saved.read_text() == "checkpoint" and out.split() == ["training", "saved"]
+    stubborn = "import signal, time\nsignal.signal(signal.SIGTERM, signal.SIG_IGN)\nprint('busy', flush=True)\ntime.sleep(60)\n"
+    t0 = time.time()
+    rc, out = gpu_check.run_until([sys.executable, "-c", stubborn], seconds=2, grace=1)
+    assert rc is None and out.strip() == "busy" and time.time() - t0 < 20
+    assert gpu_check.run_until([sys.executable, "-c", "print('done'); raise SystemExit(4)"], seconds=30) == (4, "done\n")
 
 
 def test_vs_nanogpt(tmp_path, capsys):

@@ -12,15 +12,17 @@ In order, each part's figures going into OUT/gpu_check.json and OUT/gpu_check.md
  3. MFU: GPT-2 124M NTP and the paper's 69M CoCoMix student, bf16, torch.compile, fused AdamW
     (bench_compile.py --gpu_mfu);
  4. with the minutes left: reproduce.py's `cpu` comparison (its own concept source and SAE, trained
-    here on Gutenberg) at a larger budget, NTP and CoCoMix, stopped at the deadline (its stages
-    resume: rerun the same command to go on).
+    here on Gutenberg) at a larger budget, NTP and CoCoMix, stopped at the deadline with SIGTERM, so
+    that the running stage saves (its stages resume: rerun the same command to go on).
 """
 
 import argparse
 import json
 import os
+import signal
 import subprocess
 import sys
+import tempfile
 import time
 import traceback
 
@@ -110,6 +112,27 @@ def check_compiled(dev, small):
     return out
 
 
+def run_until(cmd, seconds, grace=30):
+    """Runs cmd from the repo root until it ends or `seconds` pass, then stops it with SIGTERM, which
+    reproduce.py passes on to its running stage (train.py and sae.py save a checkpoint and exit, so a rerun
+    resumes there), and with SIGKILL if it is still running `grace` seconds later. Returns (exit status,
+    or None if stopped at the deadline; the output, stdout and stderr together)."""
+    with tempfile.TemporaryFile() as out:  # a file, not a pipe: a long output cannot block the child
+        proc = subprocess.Popen(cmd, cwd=REPO, stdout=out, stderr=subprocess.STDOUT)
+        try:
+            rc = proc.wait(timeout=seconds)
+        except subprocess.TimeoutExpired:
+            rc = None
+            proc.send_signal(signal.SIGTERM)
+            try:
+                proc.wait(timeout=grace)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait()
+        out.seek(0)
+        return rc, out.read().decode(errors="replace")
+
+
 def markdown(results):
     lines = ["| part | figure | value |", "|---|---|---|"]
     for part, figures in results.items():
@@ -166,16 +189,14 @@ def main(argv=None):
            "--seeds=1", "--methods=ntp,cocomix", f"--data_root={a.data_root}"]
     if not small:
         cmd += ["--set", "max_iters=2304", "eval_interval=288"]  # 4x the CPU comparison's longest runs: 9.4M tokens
-    if left > 30:
+    if left > 60:
         t0 = time.time()
-        try:
-            p = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=left)
-            results["4 comparison"] = {"command": " ".join(cmd[1:]), "returncode": p.returncode, "tail": p.stdout[-3000:],
-                                       "stderr": p.stderr[-1500:]}
-            failed |= p.returncode != 0
-        except subprocess.TimeoutExpired:
-            results["4 comparison"] = {"command": " ".join(cmd[1:]), "stopped": f"at the deadline after {time.time() - t0:.0f} s; "
-                                       "rerun the check (or the command) to go on from the finished stages"}
+        rc, output = run_until(cmd, left - 30, grace=30)
+        results["4 comparison"] = {"command": " ".join(cmd[1:]), "returncode": rc, "tail": output[-4000:]}
+        if rc is None:
+            results["4 comparison"]["stopped"] = (f"at the deadline after {time.time() - t0:.0f} s, its running stage "
+                                                  "saved; rerun the check (or the command) to go on from there")
+        failed |= rc not in (0, None)
     else:
         results["4 comparison"] = {"skipped": f"{left:.0f} s left"}
     save()
