@@ -1,7 +1,7 @@
 """
 The paper's comparison at small scale, in one command:
 
-    python reproduce.py --preset=tiny                  # smoke test, ~3 minutes on a 2-core CPU
+    python reproduce.py --preset=tiny                  # smoke test: 1 minute on an idle 2-core CPU, ~3 loaded
     python reproduce.py --preset=cpu --seeds 1,2,3     # gutenberg, source + SAE ~50 min, ~25-30 min per seed, 2 cores
     python reproduce.py --preset=gpu                   # the 69M setup, GPT-2 + OpenAI SAE, one H100
     python reproduce.py --preset=tiny --ablation label_rule=activation mix=add lam=0
