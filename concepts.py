@@ -62,7 +62,8 @@ class ConceptLabeler:
         self.source, self.sae, self.layer, self.k_attr, self.rule, self.fill = source, sae, layer, k_attr, rule, fill
 
     def hidden_and_grad(self, idx, targets):
-        """h_con after block `layer` and g = dL/dh_con for the mean next-token loss L."""
+        """h_con after block `layer` and g = dL/dh_con, for L the sum over windows of each window's mean
+        next-token loss (so that a window's labels do not depend on the rest of the batch)."""
         with torch.no_grad():  # blocks below the SAE layer need no graph
             h = self.source.forward_to(idx, self.layer)
         if self.rule == "activation":

@@ -291,7 +291,7 @@ class GPT(nn.Module):
 
     def forward(self, idx, targets=None, steer=None):
         """nanoGPT's interface: idx (B, T) -> (logits (B, T, V), next-token loss or None). Training
-        computes its loss from hidden_states instead, without the B x T x V logits (train.py)."""
+        computes its loss from hidden_states instead, without the B x T x V logits (objective.py)."""
         x, _ = self.hidden_states(idx, steer)
         logits = self.lm_head(x)
         if targets is None:
@@ -324,15 +324,16 @@ class GPT(nn.Module):
         head, from which the teacher's logits are made a chunk of rows at a time."""
         return self.final_hidden(self.embed(idx), -1), self.lm_head.weight
 
-    def configure_optimizers(self, weight_decay, learning_rate, betas, device_type, eps=1e-8, decay_all=False):
+    def configure_optimizers(self, weight_decay, learning_rate, betas, device_type, decay_all=False):
         # decay every 2D weight (matmuls, embeddings), not biases, LayerNorm gains or the d-vectors
         # (nanoGPT's rule); decay_all: every parameter, as the released CoCoMix trainer does
         params = [p for p in self.parameters() if p.requires_grad]
         decay = [p for p in params if p.dim() >= 2 or decay_all]
         no_decay = [p for p in params if p.dim() < 2 and not decay_all]
         groups = [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
-        # fused: one kernel over all parameters instead of ~7 ops per tensor (on a CPU, 15% of a small step)
-        return torch.optim.AdamW(groups, lr=learning_rate, betas=betas, eps=eps, fused=device_type in ("cuda", "cpu"))
+        # fused: one kernel over all parameters instead of ~7 ops per tensor (on a CPU, 15% of a small step);
+        # eps is AdamW's default, 1e-8, the paper's
+        return torch.optim.AdamW(groups, lr=learning_rate, betas=betas, fused=device_type in ("cuda", "cpu"))
 
     # -------------------------------------------------------------------------
     # loading GPT-2
@@ -387,7 +388,8 @@ class GPT(nn.Module):
 
 def ntp_matched_width(config):
     """The plain-GPT width (a multiple of n_head) whose parameter count is closest to the CoCoMix
-    student's, for the paper's parameter-matched NTP baseline (it widens 512 to 624)."""
+    student's, for the paper's parameter-matched NTP baseline (the paper widens 512 to 624; this count gives
+    712, docs/method.md)."""
     if not config.has_insert_layer:
         return config.n_embd
     target = GPT(config).get_num_params()  # non-embedding: without the position table, as count()

@@ -7,7 +7,7 @@ hidden states x (B x T x d) and the concept logits z (B x T x C, CoCoMix only).
     kd           L = CE(next token) + lam_kd * KL(p_teacher || p_student)
 
 The next-token loss comes from x in row chunks (ops.lm_loss), never holding the B x T x V logits;
-KD makes the teacher's logits in the same chunks. train.py trains with Objective; bench.py times it.
+KD makes the teacher's logits in the same chunks. train.py trains with Objective; bench.py times training_loss.
 """
 
 import torch

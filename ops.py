@@ -10,6 +10,9 @@ large intermediate:
 - the concept loss, the cross-entropy of the concept logits at the K_attr labels:
   concept_loss = concept_loss_reference, without an fp32 copy of the N x C logits.
 
+Besides them, topk: torch.topk itself (its values and gradients), with a cheaper backward
+(index_put_ where PyTorch's own uses scatter_); the compression picks its K concepts with it.
+
 Read the references first: they are what the model means; the rest is how it is made fast.
 """
 

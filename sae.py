@@ -12,9 +12,9 @@ their GPT-2 SAEs load directly.
 Train on a GPT checkpoint's activations, evaluate (both in sae_train.py), and describe the latents
 (dictionary.py):
 
-    python sae.py --ckpt=out/teacher/ckpt.pt --data_dir=data/gutenberg --layer=2 --out=out/sae/sae.pt
-    python sae.py --eval_only --sae=out/sae/sae.pt --data_dir=data/gutenberg
-    python sae.py --describe --sae=out/sae/sae.pt --data_dir=data/gutenberg
+    python sae.py --ckpt=out/source/ckpt.pt --data_dir=data/gutenberg --layer=2 --out=out/source/sae.pt
+    python sae.py --eval_only --sae=out/source/sae.pt --data_dir=data/gutenberg
+    python sae.py --describe --sae=out/source/sae.pt --data_dir=data/gutenberg
 """
 
 import argparse
@@ -61,7 +61,7 @@ class SAE(nn.Module):
 
     @property
     def W_dec(self):
-        """Decoder as C x d rows, so that a latent's direction is one row to gather."""
+        """W_dec transposed: the decoder as C x d rows, so that a latent's direction is one row to gather."""
         return self.decoder.weight.t()
 
     standardise = staticmethod(standardise)
@@ -129,7 +129,9 @@ class SAE(nn.Module):
         host = None
         if path.startswith("openai:"):
             location, _, lay = path.removeprefix("openai:").rpartition("/")
-            layer = int(lay) if layer is None else layer
+            if layer is not None and layer != int(lay):
+                raise ValueError(f"{path} is OpenAI's SAE for layer {lay}, but layer={layer} was asked for")
+            layer = int(lay)
             path, host = download_openai_sae(location or "resid_post_mlp_v5_32k", int(lay)), "gpt2"
         obj = load_torch_file(path, "SAE file", map_location)
         if isinstance(obj, dict) and "state_dict" in obj and "n_latents" in obj:
@@ -189,9 +191,9 @@ class SAE(nn.Module):
                              f"the concept source has d={d} at layer {layer}")
 
 
-def download_openai_sae(location="resid_post_mlp_v5_32k", layer=5, cache_dir=None):
+def download_openai_sae(location, layer):
     """Fetch one of OpenAI's GPT-2 small SAEs (the paper's: resid_post_mlp_v5_32k, layer 5) into a cache."""
-    dst = os.path.join(cache_dir or CACHE_DIR, "openai_sae", location, f"{layer}.pt")
+    dst = os.path.join(CACHE_DIR, "openai_sae", location, f"{layer}.pt")
     return download(OPENAI_URL.format(location=location, layer=layer), dst,
                     f"SAE.load('/path/to/{layer}.pt', layer={layer})")
 
@@ -240,7 +242,7 @@ def check_args(a):
     if a.n_latents <= 0 or not 0 < a.k <= a.n_latents:
         return f"--n_latents must be positive and --k in [1, n_latents], got n_latents={a.n_latents}, k={a.k}"
     if min(a.tokens, a.batch_size, a.buffer, a.host_batch, a.eval_tokens, a.log_interval) <= 0 or a.ckpt_interval < 0:
-        return "--tokens, --batch_size, --buffer, --host_batch, --eval_tokens and --log_interval must be positive"
+        return "--tokens, --batch_size, --buffer, --host_batch, --eval_tokens and --log_interval must be positive, --ckpt_interval >= 0"
     if any(v is not None and v <= 0 for v in (a.dead_tokens, a.k_aux, a.block_size)):
         return "--dead_tokens, --k_aux and --block_size must be positive"
     if a.lr is not None and not (a.lr > 0 and math.isfinite(a.lr)) or not (a.aux_coef >= 0 and math.isfinite(a.aux_coef)):

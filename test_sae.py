@@ -88,6 +88,20 @@ def test_openai_non_topk_is_refused(tmp_path):
         SAE.load(path)
 
 
+def test_openai_name_sets_the_layer_and_refuses_another(tmp_path, monkeypatch):
+    """'openai:<location>/<layer>' names the layer the SAE was trained on: that layer is recorded, and a
+    different layer asked for (e.g. --sae_layer=3 with .../5) is an error, not a silent mismatch."""
+    import sae as sae_module
+    monkeypatch.setattr(sae_module, "CACHE_DIR", str(tmp_path))  # a cached copy: no download
+    os.makedirs(tmp_path / "openai_sae" / "loc")
+    torch.save(openai_state_dict(), str(tmp_path / "openai_sae" / "loc" / "5.pt"))
+    for layer in (None, 5):
+        sae = SAE.load("openai:loc/5", layer=layer)
+        assert sae.meta["layer"] == 5 and sae.meta["host"] == "gpt2"
+    with pytest.raises(ValueError, match="layer 5, but layer=3"):
+        SAE.load("openai:loc/5", layer=3)
+
+
 def test_sparse_decode_equals_dense_with_gradients():
     torch.manual_seed(0)
     sae = SAE(12, 40, 5).double()

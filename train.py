@@ -266,7 +266,7 @@ except Exception:  # no tokenizer files: bits per byte is left out
 
 @torch.no_grad()
 def evaluate():
-    """Mean losses on fixed windows of both splits (the same windows for every method and seed)."""
+    """Mean losses on fixed windows of both splits (the same windows for every method with the same seed)."""
     out = {}
     eval_objective.eval()
     for split in ('train', 'val'):
