@@ -55,15 +55,22 @@ def read_meta(data_dir):
 
 
 def load_tokens(data_dir, split, min_tokens=2, need="2"):
-    """DIR/{split}.bin as a read-only uint16 memmap, after checking meta.json, the file's size and
-    (on its first million tokens) that every id is a GPT-2 token. need: min_tokens as the user set it."""
-    read_meta(data_dir)
+    """DIR/{split}.bin as a read-only uint16 memmap, after checking meta.json (tokenizer, dtype, and the
+    split's token count against the file's size) and, on its first million tokens, that every id is a
+    GPT-2 token. need: min_tokens as the user set it."""
+    meta = read_meta(data_dir)
     path = os.path.join(data_dir, f"{split}.bin")
     if not os.path.exists(path):
         raise FileNotFoundError(f"{path} not found: prepare a corpus first, e.g. python prepare.py --input FILES --out_dir {data_dir}")
+    if meta.get("dtype", "uint16") != "uint16":
+        raise ValueError(f"{data_dir}/meta.json says the tokens are {meta['dtype']}; this project reads uint16 token files")
     if os.path.getsize(path) % 2:
         raise ValueError(f"{path} has an odd number of bytes: not a file of uint16 tokens written by prepare.py")
     n = os.path.getsize(path) // 2
+    expected = (meta.get("splits") or {}).get(split, {}).get("tokens")
+    if expected is not None and expected != n:  # e.g. a crash of prepare.py between its files, or a hand-made mix
+        raise ValueError(f"{path} holds {n} tokens but meta.json says {expected}: not the files prepare.py wrote "
+                         "together; re-run it")
     if n < min_tokens:
         raise ValueError(f"{path} holds {n} tokens, fewer than {need} = {min_tokens}")
     tokens = np.memmap(path, dtype=np.uint16, mode="r")

@@ -409,6 +409,8 @@ def main(argv=None):
     parser.add_argument("--cache_dir", default=DEFAULT_CACHE_DIR, help="where named sources are downloaded")
     parser.add_argument("--overwrite", action="store_true", help="replace a different corpus in --out_dir")
     args = parser.parse_args(argv)
+    if args.source and args.doc_separator is not None:  # a named source comes with its own documents
+        parser.error("--doc_separator applies to --input files; a named --source is split its own way")
     try:
         if args.source:
             prepare_source(args.source, args.out_dir, args.cache_dir, args.val_fraction, args.num_proc, args.overwrite)

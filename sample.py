@@ -32,8 +32,8 @@ from corpus import tokenizer
 from dictionary import load_concepts
 from inspect_html import has_concept_head, inspect_runs
 from model import GPT
-from steering import (SourceSteering, UsageError, concepts_path, encode_prompt, generate, load_source_and_sae,
-                      parse_steer, run_measurements)
+from steering import (SourceSteering, UsageError, check_steerable, concepts_path, encode_prompt, generate,
+                      load_source_and_sae, parse_steer, run_measurements)
 
 
 def parse_args(argv=None):
@@ -147,12 +147,14 @@ def run(args):
     ids = encode_prompt(enc, read_prompt(args.start), cfg.vocab_size)
     inspect = args.inspect or bool(args.html)
     if args.measure_steer or args.measure_steer_source:
+        if ignored := [f for f, v in (("--steer", args.steer), ("--steer_source", args.steer_source),
+                                      ("--inspect", args.inspect), ("--html", args.html)) if v]:
+            raise UsageError(f"{', '.join(ignored)} cannot go with --measure_steer/--measure_steer_source, which only measure")
         return run_measurements(args, model, train_config, enc, amp)
 
     steer = {}
     if args.steer:
-        if not has_concept_head(model):
-            raise UsageError("--steer needs a model with a concept head (a CoCoMix checkpoint with n_concepts > 0)")
+        check_steerable(model, "--steer")
         steer = parse_steer(args.steer, cfg.n_concepts, "--steer")
     if inspect and not has_concept_head(model):
         raise UsageError("--inspect/--html need a model with a concept head (a CoCoMix checkpoint with n_concepts > 0)")

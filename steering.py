@@ -28,6 +28,15 @@ class UsageError(Exception):
     pass
 
 
+def check_steerable(model, flag):
+    """A UsageError unless steering the student's concept logits can change what it generates."""
+    if not has_concept_head(model):
+        raise UsageError(f"{flag} needs a model with a concept head (a CoCoMix checkpoint with n_concepts > 0)")
+    if model.config.mix == "none":
+        raise UsageError(f"{flag}: this student (mix='none') predicts concepts but never mixes them back into its "
+                         "hidden states, so steering them changes nothing it generates")
+
+
 def parse_steer(specs, n_latents, what):
     """['3:2.5,7:-1', '9:4'] -> {3: 2.5, 7: -1.0, 9: 4.0}, checked against n_latents and [-10, 10]."""
     steer = {}
@@ -239,8 +248,8 @@ def run_measurements(args, model, train_config, enc, amp):
     for flag, spec in (("--measure_steer", args.measure_steer), ("--measure_steer_source", args.measure_steer_source)):
         if not spec:
             continue
-        if flag == "--measure_steer" and student is None:
-            raise UsageError("--measure_steer needs a model with a concept head (a CoCoMix checkpoint with n_concepts > 0)")
+        if flag == "--measure_steer":
+            check_steerable(model, flag)
         n = student.config.n_concepts if flag == "--measure_steer" else sae.n_latents
         steer = parse_steer([spec], n, flag)
         if len(steer) != 1:

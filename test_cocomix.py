@@ -598,6 +598,13 @@ def test_bad_inputs_fail_clearly_and_touch_nothing(data_dir, tmp_path):
     for s in ("train", "val"):
         (other_vocab / f"{s}.bin").write_bytes(np.ones(1000, np.uint16).tobytes())
     (other_vocab / "meta.json").write_text(json.dumps({"tokenizer": "gpt2", "vocab_size": 32000}))
+    wide, mixed = tmp_path / "uint32", tmp_path / "mixed"  # GPT-2 ids as uint32; a val.bin of another corpus
+    for d, dtype, n_val in ((wide, "uint32", 1000), (mixed, "uint16", 900)):
+        d.mkdir()
+        for s in ("train", "val"):
+            (d / f"{s}.bin").write_bytes(np.ones(1000, getattr(np, dtype)).tobytes())
+        splits = {"train": {"tokens": 1000}, "val": {"tokens": n_val}}
+        (d / "meta.json").write_text(json.dumps({"tokenizer": "gpt2", "vocab_size": 50257, "dtype": dtype, "splits": splits}))
     bad_ckpt = tmp_path / "bad"
     bad_ckpt.mkdir()
     (bad_ckpt / "ckpt.pt").write_bytes(before[:1000])
@@ -611,6 +618,8 @@ def test_bad_inputs_fail_clearly_and_touch_nothing(data_dir, tmp_path):
         (["--init_from=resume", "--n_embd=64"], "resume config disagrees"),
         ([f"--data_dir={garbage}"], "odd number of bytes"),
         ([f"--data_dir={other_vocab}"], "vocab_size 32000"),
+        ([f"--data_dir={wide}"], "the tokens are uint32"),
+        ([f"--data_dir={mixed}"], "val.bin holds 1000 tokens but meta.json says 900"),
         ([f"--data_dir={tmp_path}/missing"], "prepare a corpus first"),
         ([f"--out_dir={bad_ckpt}", "--init_from=resume"], "not a readable checkpoint"),
     ]

@@ -497,6 +497,20 @@ def test_safetensors_overlap_and_integer_weights(tmp_path):
     write_safetensors(sd, str(folder / "model.safetensors"))
     with pytest.raises(ValueError, match="h.0.mlp.c_fc.weight has dtype torch.int32; GPT-2 weights are floating point"):
         GPT.from_pretrained(str(folder))
+    # GPT-2 variants that Hugging Face runs differently, and an untied head: refused, not run as plain GPT-2
+    sd["h.0.mlp.c_fc.weight"] = sd["h.0.mlp.c_fc.weight"].float()
+    config = {"n_positions": 16, "vocab_size": 64, "n_layer": 1, "n_head": 2, "n_embd": 8}
+    for key, value in (("tie_word_embeddings", False), ("scale_attn_by_inverse_layer_idx", True),
+                       ("reorder_and_upcast_attn", True), ("scale_attn_weights", False)):
+        (folder / "config.json").write_text(json.dumps({**config, key: value}))
+        with pytest.raises(ValueError, match=f"config.json sets {key}="):
+            GPT.from_pretrained(str(folder))
+    (folder / "config.json").write_text(json.dumps(config))
+    write_safetensors({**sd, "lm_head.weight": sd["wte.weight"] + 1}, str(folder / "model.safetensors"))
+    with pytest.raises(ValueError, match="lm_head.weight differs from wte.weight"):
+        GPT.from_pretrained(str(folder))
+    write_safetensors({**sd, "lm_head.weight": sd["wte.weight"].clone()}, str(folder / "model.safetensors"))
+    assert GPT.from_pretrained(str(folder)).config.n_embd == 8  # a tied copy is fine
 
 
 def make_files(root, data_dir, src, sae):

@@ -241,6 +241,10 @@ def test_offline_source_gives_clear_error(tmp_path, monkeypatch, capsys):
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and err[0].startswith("error: could not download https://huggingface.co/")
     assert "--doc_separator" in err[0] and not (tmp_path / "out").exists()
+    # a separator given with a named source was dropped without a word: refused before any download
+    with pytest.raises(SystemExit) as e:
+        P.main(["--source", "shakespeare", "--doc_separator", "\n\n", "--out_dir", str(tmp_path / "out")])
+    assert e.value.code == 2 and "split its own way" in capsys.readouterr().err
 
 
 def test_download_is_cached(tmp_path, monkeypatch):

@@ -388,6 +388,21 @@ def test_cli_rejects_steering_and_inspection_without_a_concept_head(tmp_path, ca
         assert "concept head" in capsys.readouterr().err
 
 
+def test_cli_rejects_steering_that_would_change_nothing(tmp_path, capsys):
+    """A mix='none' student predicts concepts but never mixes them back: steering them would print a
+    'steered' column identical to the unsteered one. And the measurements do not also steer, inspect or
+    write HTML: those flags were dropped without a word."""
+    out, _ = save_ckpt(tmp_path, "none")
+    with pytest.raises(SystemExit):
+        sample.main([f"--out_dir={out}", "--max_new_tokens=2", "--steer=1:2"])
+    assert "never mixes them back" in capsys.readouterr().err
+    out, _ = save_ckpt(tmp_path)
+    for flag in ("--steer=1:2", "--inspect", "--html=x.html", "--steer_source=1:2"):
+        with pytest.raises(SystemExit):
+            sample.main([f"--out_dir={out}", "--max_new_tokens=2", "--measure_steer=1:2", flag])
+        assert f"{flag.split('=')[0]} cannot go with --measure_steer" in capsys.readouterr().err
+
+
 # -----------------------------------------------------------------------------
 # measuring steering
 

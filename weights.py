@@ -118,9 +118,9 @@ def download(url, path, hint):
     return path
 
 
-def download_gpt2(name, cache_dir=None):
+def download_gpt2(name):
     """config.json and model.safetensors of a GPT-2 from the Hugging Face hub, cached."""
-    cache_dir = cache_dir or os.path.join(os.path.expanduser("~"), ".cache", "cocomix", name)
+    cache_dir = os.path.join(os.path.expanduser("~"), ".cache", "cocomix", name)
     for fname in ("config.json", "model.safetensors"):
         download(f"https://huggingface.co/{name}/resolve/main/{fname}", os.path.join(cache_dir, fname),
                  "a folder with config.json and model.safetensors, e.g. --init_from=/path/to/gpt2")
@@ -186,6 +186,11 @@ def read_gpt2_config(path):
         hf = json.load(f)
     if hf.get("activation_function", "gelu_new") not in ("gelu_new", "gelu_pytorch_tanh"):
         raise ValueError(f"{path}: activation_function {hf['activation_function']!r} is not GPT-2's tanh GELU")
+    # variants of GPT-2 that Hugging Face's class runs and ours would run as plain GPT-2, wrongly
+    for key, gpt2 in (("tie_word_embeddings", True), ("scale_attn_weights", True),
+                      ("scale_attn_by_inverse_layer_idx", False), ("reorder_and_upcast_attn", False)):
+        if hf.get(key, gpt2) != gpt2:
+            raise ValueError(f"{path}: config.json sets {key}={hf[key]}; only GPT-2's own ({key}={gpt2}) is supported")
     return hf, path
 
 
@@ -195,7 +200,9 @@ def copy_gpt2_weights(model, path):
     sd = {k.removeprefix("transformer."): v for k, v in sd.items()}
     # the published gpt2 files carry attention-mask buffers; they are not weights
     sd = {k: v for k, v in sd.items() if not k.endswith((".attn.bias", ".attn.masked_bias"))}
-    sd.pop("lm_head.weight", None)  # tied to wte
+    head = sd.pop("lm_head.weight", None)  # tied to wte: a copy of it, if there at all
+    if head is not None and "wte.weight" in sd and not torch.equal(head, sd["wte.weight"]):
+        raise ValueError(f"{path}: its lm_head.weight differs from wte.weight; GPT-2 ties them")
     own = {k.removeprefix("transformer."): p for k, p in model.state_dict().items()
            if k != "lm_head.weight" and not k.startswith(("mixer.", "pause"))}
     missing, unexpected = set(own) - set(sd), set(sd) - set(own)
