@@ -305,6 +305,8 @@ def file_kind(path):
     if not isinstance(item, dict):
         return None, "not JSON Lines of objects"
     fmt = find_format(item)
+    if fmt and fmt[1] == ("text",) and "lambada" not in os.path.basename(path).lower():
+        return None, '{"text"} lines, LAMBADA\'s format and any corpus\'s: read as LAMBADA only in a file named lambada*'
     return (fmt[0], None) if fmt else (None, unknown_format(item))
 
 
@@ -324,6 +326,11 @@ def evaluate_file(model, path, kind, enc, block_size, batch_size, device, max_ex
     if not docs or not all(isinstance(d, str) for d in docs):
         raise EvalError(f"{path}: no articles (or a 'page' that is not a string)")
     return evaluate_documents(model, docs, enc, token_bytes=token_bytes, **common)
+
+
+def put(results, key, alt, value):
+    """results[key] = value, or results[alt] when key is taken (two files of one name): never overwritten."""
+    results[alt if key in results else key] = value
 
 
 def evaluate_suite(model, folder, enc, block_size, batch_size, device, max_examples=None, max_tokens=None,
@@ -348,8 +355,7 @@ def evaluate_suite(model, folder, enc, block_size, batch_size, device, max_examp
             print(f"{name}: {kind}", file=sys.stderr)
         r = evaluate_file(model, path, kind, enc, block_size, batch_size, device, max_examples, max_tokens,
                           sep, token_bytes, progress)
-        key = f"{kind}:{os.path.splitext(name)[0]}"
-        results[key if key not in results else f"{kind}:{name}"] = dict(r, file=name)  # wiki.test.raw and .jsonl
+        put(results, f"{kind}:{os.path.splitext(name)[0]}", f"{kind}:{name}", dict(r, file=name))  # wiki.test.raw and .jsonl
     if not results:
         raise EvalError(f"--suite {folder}: no benchmark file found ({len(skipped)} other entries)")
     return results, skipped
@@ -446,19 +452,20 @@ def main(argv=None):
                 results[f"{args.split}"] = evaluate_tokens(model, tokens, max_tokens=args.max_tokens,
                                                            token_bytes=token_bytes, **common)
             for path in args.text:
-                results[f"text:{os.path.basename(path)}"] = evaluate_text(
-                    model, path, enc, max_tokens=args.max_tokens, token_bytes=token_bytes, **common)
+                put(results, f"text:{os.path.basename(path)}", f"text:{path}", evaluate_text(
+                    model, path, enc, max_tokens=args.max_tokens, token_bytes=token_bytes, **common))
             if args.lambada:
                 results["lambada"] = evaluate_lambada(model, args.lambada, enc, max_examples=args.max_examples, **common)
             for path in args.mc:
                 name = os.path.splitext(os.path.basename(path))[0]
-                results[f"mc:{name}"] = evaluate_mc(model, path, enc, max_examples=args.max_examples,
-                                                    sep=args.mc_sep, **common)
+                put(results, f"mc:{name}", f"mc:{path}", evaluate_mc(model, path, enc, max_examples=args.max_examples,
+                                                                sep=args.mc_sep, **common))
             if args.suite:
                 suite, skipped = evaluate_suite(model, args.suite, enc, max_examples=args.max_examples,
                                                 max_tokens=args.max_tokens, sep=args.mc_sep,
                                                 token_bytes=token_bytes, **common)
-                results.update(suite)
+                for key, r in suite.items():
+                    put(results, key, f"suite:{key}", r)
     except EvalError as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(1)

@@ -4,6 +4,7 @@ reproduce.py's last two stages: evaluate a finished run, and write the compariso
 only decides what to run and when.
 """
 
+import csv
 import math
 import os
 
@@ -22,7 +23,8 @@ def evaluate_run(run_dir, data_dir, ev, device):
         out = {'params': model.get_num_params(), 'val': val}
         if ev.get('suite'):  # the paper's zero-shot table: every benchmark file of the folder (eval.py --suite)
             from eval import evaluate_suite
-            out['suite'] = evaluate_suite(model, ev['suite'], enc, T, B, device, token_bytes=tb, progress=False)[0]
+            out['suite'], out['suite_skipped'] = evaluate_suite(model, ev['suite'], enc, T, B, device, token_bytes=tb,
+                                                                progress=False)
         if ev['ood']:
             out['ood'] = evaluate_text(model, ev['ood'], enc, T, B, device, ev['max_tokens'], tb)
         if ev['lambada']:
@@ -80,20 +82,21 @@ def report(out_dir, runs, methods, seeds, notes):
     curves = {k: [(r['tokens'], r['val/loss']) for r in v['log'] if 'val/loss' in r] for k, v in runs.items()}
     train_loss = {k: {r['train_step']: r.get('ntp', r['loss']) for r in v['log'] if 'train_step' in r}
                   for k, v in runs.items()}
-    with open(os.path.join(out_dir, 'curves.csv'), 'w') as f:
-        f.write('method,seed,iter,tokens,train_loss,val_loss,val_bpb,time\n')
+    with open(os.path.join(out_dir, 'curves.csv'), 'w', newline='') as f:
+        w = csv.writer(f)  # quotes a label with commas, e.g. cocomix[mix=add,lam=0]
+        w.writerow(['method', 'seed', 'iter', 'tokens', 'train_loss', 'val_loss', 'val_bpb', 'time'])
         for (m, s), v in runs.items():
             for r in v['log']:
                 if 'val/loss' in r:
-                    f.write(f"{m},{s},{r['iter']},{r['tokens']},{r['train/loss']},{r['val/loss']},"
-                            f"{r.get('val/bpb', '')},{r['time']:.1f}\n")
+                    w.writerow([m, s, r['iter'], r['tokens'], r['train/loss'], r['val/loss'], r.get('val/bpb', ''),
+                                f"{r['time']:.1f}"])
     get = lambda m, f: [f(runs[m, s]) for s in seeds]
     dval = lambda a, b: [runs[a, s]['eval']['val']['loss'] - runs[b, s]['eval']['val']['loss'] for s in seeds]
     wins = lambda d, unit='': f"{sum(x < 0 for x in d)}/{len(d)}{unit} ({', '.join(f'{x:+.3f}' for x in d)})"
     opt = lambda key, sub: (lambda r: r['eval'][key][sub] if key in r['eval'] else None)
     lines = ['# CoCoMix reproduction: results', '', *notes, '',
-             f"Mean ± sample std over seeds {', '.join(map(str, seeds))}. Val: the prepared val split "
-             "(eval.evaluate_tokens); OOD: loss on another text; wall: the train.py process, "
+             f"Mean ± sample std over seeds {', '.join(map(str, seeds))}. Val: the prepared val split, up to "
+             "the evaluation's max_tokens (eval.evaluate_tokens); OOD: loss on another text; wall: the train.py process, "
              "tokens/s = training tokens / wall.", '',
              '| method | params | tokens | val loss | val ppl | val bpb | OOD loss | LAMBADA acc | LAMBADA ppl | wall (s) | tokens/s |',
              '|---|---|---|---|---|---|---|---|---|---|---|']
@@ -194,6 +197,6 @@ def report(out_dir, runs, methods, seeds, notes):
         from eval import markdown_table
         lines += ['', "## Zero-shot suite (eval.py --suite)"]
         for (m, s), res in suites.items():
-            lines += ['', f"{m}, seed {s}:", '', markdown_table(res).rstrip()]
+            lines += ['', f"{m}, seed {s}:", '', markdown_table(res, runs[m, s]['eval'].get('suite_skipped', ())).rstrip()]
     with open(os.path.join(out_dir, 'results.md'), 'w') as f:
         f.write('\n'.join(lines) + '\n')

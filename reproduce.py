@@ -7,7 +7,8 @@ The paper's comparison at small scale, in one command:
     python reproduce.py --preset=tiny --ablation label_rule=activation mix=add lam=0
 
 Data: --data_root (default: the environment variable COCOMIX_DATA), a folder laid out like our
-offline copy: tinyshakespeare/input.txt, gutenberg/*.txt, lambada/lambada_test.jsonl. Without one,
+offline copy: tinyshakespeare/input.txt, gutenberg/*.txt, lambada/lambada_test.jsonl (and benchmarks/ for
+the gpu preset's zero-shot suite). Without one,
 the tiny preset downloads TinyShakespeare and has no OOD or LAMBADA numbers; the cpu preset needs
 it (or --input). The tokenizer: tiktoken's, offline from TIKTOKEN_CACHE_DIR (see corpus.py).
 
@@ -18,7 +19,8 @@ finished stage with other settings stops the run: use another --out_dir, or --fo
               (or --concept_source FILE: a trained one, recorded by its SHA-256)
   3. sae      sae.py on the source + its concept dictionary -> OUT/sae (or --sae_path FILE, likewise)
   4. train    every method x seed for the same token budget and batches -> OUT/runs/{method}_s{seed}
-  5. eval     val loss/ppl/bpb, out-of-domain loss, LAMBADA -> OUT/runs/*/eval.json
+  5. eval     val loss/ppl/bpb, out-of-domain loss, LAMBADA, the zero-shot suite (gpu preset: benchmarks/ under
+              the data folder) -> OUT/runs/*/eval.json
   6. report   OUT/results.md, OUT/curves.csv (and OUT/curves.png with matplotlib), always rewritten
 Stages 5 and 6 are report.py's.
 """
@@ -43,7 +45,7 @@ REPO = os.path.dirname(os.path.abspath(__file__))
 # -----------------------------------------------------------------------------
 # presets. The training settings live in config/ files that train.py reads ('source': the concept
 # source's, 'student': what every method's student shares); reproduce.py adds the seed, mode, paths
-# and the method's keys. 'sae' are sae.py flags, 'eval' this file's evaluation; 'input', 'ood' and
+# and the method's keys. 'sae' are sae.py flags, 'eval' report.evaluate_run's settings; 'input', 'ood' and
 # 'lambada' are paths under --data_root. GPT-2's 50257-token LM head dominates the cost of these
 # small models: time scales with tokens.
 PRESETS = {
@@ -216,10 +218,11 @@ def checkpoint_step(stage, run_dir, cfg):
         step = load_torch_file(os.path.join(run_dir, 'ckpt.pt'), 'checkpoint').get('iter_num')
     except (OSError, ValueError) as e:
         fail(f"stage {stage}: {e}")
-    if step != cfg['max_iters']:
+    n = lambda key, default=None: int(cfg.get(key, default))  # an --ablation value is kept as written: '100'
+    if step != n('max_iters'):
         fail(f"stage {stage} stopped at step {step} of max_iters={cfg['max_iters']} (its checkpoint); run the same "
              f"command again to resume it; see {run_dir}/train.log")
-    return {'iter_num': step, 'tokens': step * cfg['batch_size'] * cfg.get('gradient_accumulation_steps', 1) * cfg['block_size']}
+    return {'iter_num': step, 'tokens': step * n('batch_size') * n('gradient_accumulation_steps', 1) * n('block_size')}
 
 
 def given_file(path, flag):
@@ -306,6 +309,8 @@ def reproduce():
     methods = [m.strip() for m in a.methods.split(',') if m.strip()]
     if bad := [m for m in methods if m not in METHODS]:
         fail(f"unknown method(s) {', '.join(bad)}; choose from {', '.join(METHODS)}")
+    if len(set(seeds)) < len(seeds) or len(set(methods)) < len(methods) or len(set(a.ablation)) < len(a.ablation):
+        fail("a seed, method or ablation is given twice: it would count twice in every mean and test")
     ablations = dict(parse_ablation(s) for s in a.ablation)
     methods += list(ablations)
     if not seeds or not methods:

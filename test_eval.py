@@ -338,7 +338,7 @@ def test_lambada_readers_agree(model, tmp_path):
     }
     hand = [hand_continuation(model, *lm_eval_encode(t.rsplit(" ", 1)[0], " " + t.rsplit(" ", 1)[1])) for t in texts]
     for form, lines in forms.items():
-        path = write_jsonl(tmp_path / f"{form}.jsonl", lines)
+        path = write_jsonl(tmp_path / f"lambada_{form}.jsonl", lines)  # {"text"}: LAMBADA only by its name
         assert E.file_kind(str(path)) == ("lambada", None)
         out = E.evaluate_lambada(model, path, enc, 64, 2, "cpu", progress=False)
         assert out["acc"] == sum(g for _, g in hand) / 2
@@ -503,6 +503,7 @@ def test_suite(model, tmp_path, capsys):
     (bench / "README.md").write_text("notes")
     write_jsonl(bench / "odd.jsonl", [{"prompt": "p"}])
     (bench / "array.json").write_text('[{"text": "a b"}]')
+    write_jsonl(bench / "corpus.jsonl", [{"text": "A pretraining document, not a LAMBADA passage."}])
     (bench / "sub").mkdir()
     E.main([f"--ckpt={ckpt}", f"--suite={bench}", "--device=cpu", "--batch_size=3"])
     table = capsys.readouterr().out
@@ -513,10 +514,20 @@ def test_suite(model, tmp_path, capsys):
     assert {s["file"]: s["why"] for s in record["skipped"]} == {
         "README.md": "not .jsonl, .json or .txt, .raw, .tokens", "sub": "a folder",
         "array.json": "not JSON Lines of objects",
-        "odd.jsonl": E.unknown_format({"prompt": "p"})}
+        "odd.jsonl": E.unknown_format({"prompt": "p"}),
+        "corpus.jsonl": '{"text"} lines, LAMBADA\'s format and any corpus\'s: read as LAMBADA only in a file named lambada*'}
     lines = table.splitlines()
     assert lines[0].startswith("| task | n | acc | acc_norm |") and len([l for l in lines if l.startswith("| ")]) == 9
     assert lines[-1].startswith("Not evaluated: README.md")
+    # two --text files of one name, and a suite key met again: each kept under a longer key, none overwritten
+    (tmp_path / "other").mkdir()
+    (tmp_path / "other" / "story.txt").write_text("A different story about a dog. " * 4)
+    E.main([f"--ckpt={ckpt}", "--device=cpu", "--batch_size=3", "--text", str(bench / "story.txt"),
+            str(tmp_path / "other" / "story.txt"), "--mc", str(bench / "mc_lm_eval.jsonl"), f"--suite={bench}"])
+    capsys.readouterr()
+    keys = set(json.loads((ckpt.parent / "eval_suite.json").read_text())["results"])
+    assert {"text:story.txt", f"text:{tmp_path / 'other' / 'story.txt'}", "mc:mc_lm_eval", "suite:mc:mc_lm_eval",
+            "text:story"} <= keys
     tb = corpus.token_byte_lengths(enc)
     for key, r in record["results"].items():
         kind, path = key.split(":")[0], str(bench / r.pop("file"))

@@ -164,6 +164,18 @@ def test_data_folder_errors(tmp_path):
     assert r.returncode == 1 and r.stderr.strip() == (f"error: input not found: {tmp_path / 'data' / 'gutenberg'}; "
                                                       "pass --input FILES or another --data_root"), r.stderr
     assert not out.exists()
+    r = run('--preset=tiny', f'--out_dir={out}', '--seeds=1,2,1', timeout=120)
+    assert r.returncode == 1 and "given twice" in r.stderr and not out.exists(), r.stderr
+
+
+def test_checkpoint_step_reads_ablation_values_as_numbers(tmp_path):
+    """--ablation max_iters=100 keeps '100' as written in its record; the finished stage must still count as
+    finished (it used to compare 100 != '100' and stop), and its tokens as a number."""
+    import torch
+    from reproduce import checkpoint_step
+    torch.save({'iter_num': 100}, tmp_path / 'ckpt.pt')
+    cfg = {'max_iters': '100', 'batch_size': '4', 'block_size': 64}
+    assert checkpoint_step('train', str(tmp_path), cfg) == {'iter_num': 100, 'tokens': 100 * 4 * 64}
 
 
 def test_stats_and_tokens_to_reach():
@@ -191,21 +203,26 @@ def test_paired_t_against_closed_forms():
 
 def test_report_numbers_from_records(tmp_path, monkeypatch):
     """The report's paired numbers from hand-made records: Δ val loss, wins, the tokens CoCoMix needs to
-    reach NTP's final val loss, CoCoMix (and an ablation) vs pause and KD; and without matplotlib, a note
-    instead of the plot."""
+    reach NTP's final val loss, CoCoMix (and an ablation) vs pause and KD; without matplotlib, a note
+    instead of the plot; curves.csv readable with a comma in a method's label; the suite's skipped files."""
     monkeypatch.setitem(sys.modules, 'matplotlib', None)  # import matplotlib -> ImportError
     final = {('ntp', 1): 5.0, ('ntp', 2): 5.2, ('cocomix', 1): 4.9, ('cocomix', 2): 5.3, ('pause', 1): 5.1, ('pause', 2): 5.5,
-             ('kd', 1): 4.95, ('kd', 2): 5.25, ('cocomix[mix=add]', 1): 4.8, ('cocomix[mix=add]', 2): 5.2}
+             ('kd', 1): 4.95, ('kd', 2): 5.25, ('cocomix[mix=add,lam=0]', 1): 4.8, ('cocomix[mix=add,lam=0]', 2): 5.2}
     runs = {}
     for (m, s), v in final.items():
         # val curves: NTP ends at 5.0 / 5.2; CoCoMix seed 1 passes 5.0 halfway between 300 and 400 tokens
         curve = {'ntp': [10, 6, 5.5, 5.2 if s == 1 else 5.4, v], 'cocomix': [10, 6, 5.4, 5.1 if s == 1 else 5.5, v],
-                 'pause': [10, 7, 6, 5.6, v], 'kd': [10, 7, 6, 5.6, v], 'cocomix[mix=add]': [10, 7, 6, 5.6, v]}[m]
+                 'pause': [10, 7, 6, 5.6, v], 'kd': [10, 7, 6, 5.6, v], 'cocomix[mix=add,lam=0]': [10, 7, 6, 5.6, v]}[m]
         log = [{'iter': i, 'tokens': 100 * i, 'train/loss': l, 'val/loss': l, 'time': 1.0} for i, l in enumerate(curve)]
         log += [{'train_step': i, 'loss': 6.0 + (0.1 if m == 'cocomix' else 0.0)} for i in range(4)]
         runs[m, s] = {'eval': {'params': 1e6, 'val': {'loss': v, 'ppl': math.exp(v), 'bpb': v / 2}},
                       'train': {'wall': 10.0}, 'log': log}
-    report(str(tmp_path), runs, ['ntp', 'cocomix', 'kd', 'pause', 'cocomix[mix=add]'], [1, 2], ['- a note'])
+    runs['ntp', 1]['eval'].update(suite={'piqa:piqa': {'n': 3, 'acc': 0.5}}, suite_skipped=[['notes.md', 'not .jsonl']])
+    report(str(tmp_path), runs, ['ntp', 'cocomix', 'kd', 'pause', 'cocomix[mix=add,lam=0]'], [1, 2], ['- a note'])
+    with open(tmp_path / 'curves.csv') as f:
+        curves = list(csv.DictReader(f))
+    assert {(c['method'], c['seed']) for c in curves} == {(m, str(s)) for m, s in runs}
+    assert all(len(c) == 8 and float(c['time']) == 1.0 for c in curves)
     text = (tmp_path / 'results.md').read_text()
     row = next(line for line in text.splitlines() if line.startswith('| cocomix | 0.'))
     cells = [c.strip() for c in row.strip('|').split('|')]
@@ -217,13 +234,14 @@ def test_report_numbers_from_records(tmp_path, monkeypatch):
         "cocomix lower on " \
         "1/2 seeds (-0.050, +0.050)." in text
     # mean -0.1, std 0.1 / sqrt(2): t = -2 on 1 degree of freedom, p = 1 - 2 atan(2) / pi = 0.295
-    assert f"**cocomix[mix=add] vs KD** (same seed, same batches): Δ val loss {stats([-0.15, -0.05], 4)}, " \
-        "t -2.0 (p = 0.3), cocomix[mix=add] lower on 2/2 seeds (-0.150, -0.050)." in text
+    assert f"**cocomix[mix=add,lam=0] vs KD** (same seed, same batches): Δ val loss {stats([-0.15, -0.05], 4)}, " \
+        "t -2.0 (p = 0.3), cocomix[mix=add,lam=0] lower on 2/2 seeds (-0.150, -0.050)." in text
     assert 'pause vs KD' not in text and 'kd vs KD' not in text
     assert "CoCoMix reaches NTP's final val loss with 12.5% fewer tokens (1/2 seeds reach it)" in text
     # seed 2: NTP passes CoCoMix's final 5.3 halfway between 300 and 400 tokens; seed 1: NTP never gets to 4.9
     assert "NTP reaches CoCoMix's final val loss with 12.5% fewer tokens (1/2 seeds reach it)" in text
     assert 'matplotlib is not installed' in text and not (tmp_path / 'curves.png').exists()
+    assert '| piqa:piqa | 3 | 0.5000 |' in text and 'Not evaluated: notes.md (not .jsonl)' in text
 
 
 def test_presets_name_real_flags(monkeypatch):
