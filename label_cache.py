@@ -38,8 +38,9 @@ def source_sha256(path):
 
 def label_identity(labeler, source_path, sae_path, dtype):
     """Everything a window's labels depend on besides its tokens and block_size (LabelCache adds those).
-    The device kind and, on CUDA, TF32 are in it too: the source's passes round differently on another
-    device, which can swap near-tied labels, so a cache is only reused where its labels were made.
+    The device kind (cpu, cuda) and, on CUDA, TF32 are in it too: the source's passes round differently on
+    another kind of device, which can swap near-tied labels, so a cache is only reused on the kind of device
+    that made it (not checked: another GPU model or PyTorch version, which can round differently too).
     (On CUDA the attention backward is not deterministic either; near ties can differ between runs.)"""
     device = next(labeler.sae.parameters()).device.type
     return {"version": LABELS_VERSION, "source_sha256": source_sha256(source_path), "sae_sha256": file_sha256(sae_path),

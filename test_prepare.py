@@ -266,6 +266,33 @@ def test_download_is_cached(tmp_path, monkeypatch):
     assert P.fetch_source("shakespeare", cache_dir=tmp_path)[0] == path and len(calls) == 1
 
 
+def test_download_cut_short_is_not_cached(tmp_path):
+    """A server that closes the connection early (here after 10 of the 1,000 bytes it announced): urllib
+    reads that as a clean end, and the short file used to be cached as complete and reused forever."""
+    import socket
+    import threading
+    from weights import download
+    server = socket.socket()
+    server.bind(("127.0.0.1", 0))
+    server.listen(2)
+
+    def serve(bodies):
+        for body in bodies:
+            conn, _ = server.accept()
+            conn.recv(65536)
+            conn.sendall(b"HTTP/1.1 200 OK\r\nContent-Length: 1000\r\n\r\n" + body)
+            conn.close()
+    thread = threading.Thread(target=serve, args=([b"x" * 10, b"y" * 1000],), daemon=True)
+    thread.start()
+    url, path = f"http://127.0.0.1:{server.getsockname()[1]}/input.txt", tmp_path / "cache" / "input.txt"
+    with pytest.raises(RuntimeError, match="closed after 10 of 1,000 bytes"):
+        download(url, str(path), "--input FILE")
+    assert not path.exists() and not list((tmp_path / "cache").iterdir())  # no file, no temporary left
+    assert open(download(url, str(path), "--input FILE"), "rb").read() == b"y" * 1000
+    thread.join(5)
+    server.close()
+
+
 def test_offline_tokenizer_gives_one_line_error(tmp_path, monkeypatch, capsys):
     """No tokenizer files and no network: corpus.tokenizer's one line, exit 1, nothing written."""
     def offline(name):

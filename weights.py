@@ -109,6 +109,8 @@ def download(url, path, hint):
                 while chunk := r.read(1 << 20):
                     f.write(chunk)
                     bar.update(len(chunk))
+            if total is not None and bar.n != total:  # a connection closed early reads as a short, clean end
+                raise OSError(f"connection closed after {bar.n:,} of {total:,} bytes")
         os.replace(tmp, path)
     except (urllib.error.URLError, OSError) as e:
         raise RuntimeError(f"could not download {url} ({getattr(e, 'reason', e)}); offline? use a local copy: {hint}") from None
