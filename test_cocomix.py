@@ -511,6 +511,33 @@ def test_resume_is_exact(data_dir, tmp_path):
     assert evals(a)[12] == evals(b)[12]
 
 
+def test_resume_refuses_other_files_behind_the_same_paths(data_dir, source_and_sae, tmp_path):
+    """A resume compares the SHA-256 of the SAE, the concept source and the data's meta.json with the ones
+    the run started with: a retrained SAE or a re-prepared corpus at the same path would otherwise go on
+    training on other concepts or batches without a word. The files put back, it resumes."""
+    import shutil
+    from sae import SAE
+    src, sae = source_and_sae
+    data, my_src, my_sae, out = tmp_path / "data", tmp_path / "src.pt", tmp_path / "sae.pt", str(tmp_path / "run")
+    shutil.copytree(data_dir, data)
+    shutil.copy(src, my_src)
+    shutil.copy(sae, my_sae)
+    common = [f"--data_dir={data}", f"--out_dir={out}", "--mode=cocomix", f"--concept_source={my_src}",
+              f"--sae_path={my_sae}", "--eval_interval=2", "--label_cache=False", *TINY]
+    run("train.py", "--max_iters=2", *common)
+    torch.manual_seed(1)
+    SAE(32, 128, 8, meta={"layer": 1}).save(str(my_sae))  # retrained at the same path
+    meta = (data / "meta.json").read_text()
+    (data / "meta.json").write_text(meta.replace("{", '{"note": "re-prepared", ', 1))
+    p = run("train.py", "--max_iters=4", "--init_from=resume", *common, check=False)
+    assert p.returncode != 0 and "Traceback" not in p.stderr, p.stderr[-1500:]
+    assert f"data_dir={data}, sae_path={my_sae} changed since" in p.stderr, p.stderr[-1500:]
+    shutil.copy(sae, my_sae)
+    (data / "meta.json").write_text(meta)
+    run("train.py", "--max_iters=4", "--init_from=resume", *common)
+    assert max(r["iter"] for r in read_log(out) if "val/loss" in r) == 4
+
+
 def test_sigterm_saves_a_checkpoint_and_resumes(data_dir, tmp_path):
     import signal
     import time

@@ -31,7 +31,8 @@ from corpus import VOCAB_SIZE, load_tokens, token_byte_lengths
 from model import GPT, GPTConfig
 from objective import Objective
 from train_utils import (auto_device, auto_dtype, check_config, check_resume, check_sae_host, check_source, hold_lock,
-                         init_processes, label_cache_note, make_labeler, rng_state, set_rng_state, to_device, trim_log)
+                         init_processes, input_hashes, label_cache_note, make_labeler, rng_state, set_rng_state,
+                         to_device, trim_log)
 from weights import save_atomic
 
 # -----------------------------------------------------------------------------
@@ -170,6 +171,8 @@ if mode == 'cocomix':
         check_sae_host(labeler.sae, concept_source)
     except (OSError, ValueError) as e:
         fail(str(e))
+inputs = input_hashes(data_dir, concept_source if source is not None else None,  # checked by a resume
+                      labeler.sae.path if labeler is not None else None)
 
 # ---- model
 model_args = dict(n_layer=n_layer, n_head=n_head, n_embd=n_embd, block_size=block_size, bias=bias,
@@ -186,7 +189,7 @@ if init_from == 'resume':
         model, checkpoint = load_checkpoint(ckpt_path)
     except (OSError, ValueError, RuntimeError) as e:
         fail(f"--init_from=resume: {e}")
-    if problem := check_resume(checkpoint, model_args, config, ckpt_path):
+    if problem := check_resume(checkpoint, model_args, config, ckpt_path, inputs):
         fail(problem)
     iter_num, best_val_loss = checkpoint['iter_num'], checkpoint['best_val_loss']
 elif init_from == 'scratch':
@@ -296,7 +299,8 @@ def save_checkpoint():
         print(f"warning: step {iter_num}: parameters are not finite, checkpoint not written", file=sys.stderr)
         return
     ckpt = {'model': sd, 'optimizer': optimizer.state_dict(), 'scaler': scaler.state_dict(), 'model_args': model_args,
-            'iter_num': iter_num, 'best_val_loss': best_val_loss, 'config': config, 'rng': rng_state(device_type)}
+            'iter_num': iter_num, 'best_val_loss': best_val_loss, 'config': config, 'inputs': inputs,
+            'rng': rng_state(device_type)}
     try:
         save_atomic(ckpt, ckpt_path)
     except OSError as e:  # a full disk: the previous checkpoint stays, and the run stops rather than go on unsaved

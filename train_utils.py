@@ -89,11 +89,29 @@ RESUME_WARN = ('learning_rate', 'min_lr', 'warmup_iters', 'lr_decay_iters', 'dec
 RESUME_KEYS = ('model', 'model_args', 'optimizer', 'scaler', 'iter_num', 'best_val_loss', 'rng')
 
 
-def check_resume(checkpoint, model_args, config, ckpt_path):
-    """A resumed run must be the run that wrote the checkpoint: same model, objective and batches. Changed
-    optimisation settings are printed as warnings."""
+def input_hashes(data_dir, concept_source=None, sae_path=None):
+    """SHA-256 of the files a run reads behind its settings' paths: the data's meta.json (prepare.py writes
+    a new one with every corpus), the concept source and the SAE. Kept in the checkpoint for check_resume."""
+    from label_cache import source_sha256  # cached: the label cache hashes the source too
+    from weights import file_sha256
+    meta = os.path.join(data_dir, 'meta.json')
+    hashes = {'data_dir': file_sha256(meta) if os.path.exists(meta) else None}
+    if concept_source:
+        hashes['concept_source'] = source_sha256(concept_source)
+    if sae_path:
+        hashes['sae_path'] = file_sha256(sae_path)
+    return hashes
+
+
+def check_resume(checkpoint, model_args, config, ckpt_path, inputs):
+    """A resumed run must be the run that wrote the checkpoint: same model, objective and batches, and the
+    same files behind its paths (inputs: input_hashes). Changed optimisation settings are printed as warnings."""
     if missing := [k for k in RESUME_KEYS if k not in checkpoint]:
         return f"{ckpt_path} cannot be resumed: it has no {', '.join(missing)} (not a checkpoint train.py wrote)"
+    old_inputs = checkpoint.get('inputs') or {}
+    if swapped := [k for k, h in inputs.items() if k in old_inputs and old_inputs[k] != h]:
+        return (f"{ckpt_path} was trained with other files at the same paths: {', '.join(f'{k}={config[k]}' for k in swapped)} "
+                "changed since (SHA-256); resume only with the files the run started with")
     changed = {k: (checkpoint['model_args'].get(k), v) for k, v in model_args.items() if checkpoint['model_args'].get(k) != v}
     old = checkpoint.get('config') or {}
     norm = lambda k, v: os.path.normpath(v) if k == 'data_dir' else v
