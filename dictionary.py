@@ -13,6 +13,7 @@ import torch
 
 from corpus import load_tokens, tokenizer
 from sae_train import val_windows
+from weights import file_sha256
 
 
 def top_per_group(groups, scores, n_groups, top):
@@ -56,7 +57,8 @@ def describe(sae, model, layer, data_dir, tokens=65536, top_n=10, before=8, afte
         top_tokens = [[text([int(pairs[j]) % enc.n_vocab]), int(counts[j])] for j in pair_top[c].tolist()]
         concepts.append({"id": c, "freq": float(freq[c]), "top_tokens": top_tokens, "examples": examples})
     if out:
-        obj = {"sae": sae.path, "layer": layer, "tokens": n, "data_dir": os.path.abspath(data_dir), "concepts": concepts}
+        obj = {"sae": sae.path, "sae_sha256": file_sha256(sae.path) if sae.path and os.path.isfile(sae.path) else None,
+               "layer": layer, "tokens": n, "data_dir": os.path.abspath(data_dir), "concepts": concepts}
         try:
             with open(out + ".tmp", "w") as f:
                 json.dump(obj, f, ensure_ascii=False)
@@ -67,8 +69,9 @@ def describe(sae, model, layer, data_dir, tokens=65536, top_n=10, before=8, afte
     return concepts
 
 
-def load_concepts(path):
-    """Concept dictionary (a list indexed by latent id, or {'concepts': [...]}) -> {id: entry}."""
+def load_concepts(path, sae_path=None):
+    """Concept dictionary (a list indexed by latent id, or {'concepts': [...]}) -> {id: entry}. Given the SAE's
+    file, a dictionary that records another SAE's SHA-256 (one left from an earlier SAE at that path) is refused."""
     if not path:
         return {}
     try:
@@ -76,6 +79,9 @@ def load_concepts(path):
             obj = json.load(f)
     except ValueError as e:  # not JSON, not UTF-8
         raise ValueError(f"{path}: not a JSON concept dictionary ({type(e).__name__})") from None
+    recorded = obj.get("sae_sha256") if isinstance(obj, dict) else None
+    if recorded and sae_path and os.path.isfile(sae_path) and file_sha256(sae_path) != recorded:
+        raise ValueError(f"{path} describes another SAE than {sae_path} (SHA-256): rerun sae.py --describe")
     entries = obj["concepts"] if isinstance(obj, dict) and "concepts" in obj else obj
     items = entries.items() if isinstance(entries, dict) else enumerate(entries) if isinstance(entries, list) else None
     try:

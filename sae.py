@@ -127,12 +127,11 @@ class SAE(nn.Module):
         """Our files, OpenAI's GPT-2 SAE state dicts, or 'openai:<location>/<layer>' (downloaded).
         `layer` fills in the host layer for OpenAI files, whose state dicts do not record it."""
         host = None
-        if path.startswith("openai:"):
-            location, _, lay = path.removeprefix("openai:").rpartition("/")
-            if layer is not None and layer != int(lay):
-                raise ValueError(f"{path} is OpenAI's SAE for layer {lay}, but layer={layer} was asked for")
-            layer = int(lay)
-            path, host = download_openai_sae(location or "resid_post_mlp_v5_32k", int(lay)), "gpt2"
+        if name := openai_name(path):
+            if layer is not None and layer != name[1]:
+                raise ValueError(f"{path} is OpenAI's SAE for layer {name[1]}, but layer={layer} was asked for")
+            layer = name[1]
+            path, host = download_openai_sae(path), "gpt2"
         obj = load_torch_file(path, "SAE file", map_location)
         if isinstance(obj, dict) and "state_dict" in obj and "n_latents" in obj:
             sae = cls._from_ours(obj, path)
@@ -191,10 +190,24 @@ class SAE(nn.Module):
                              f"the concept source has d={d} at layer {layer}")
 
 
-def download_openai_sae(location, layer):
-    """Fetch one of OpenAI's GPT-2 small SAEs (the paper's: resid_post_mlp_v5_32k, layer 5) into a cache."""
-    dst = os.path.join(CACHE_DIR, "openai_sae", location, f"{layer}.pt")
-    return download(OPENAI_URL.format(location=location, layer=layer), dst,
+def openai_name(path):
+    """'openai:<location>/<layer>' -> (location, layer), the paper's location when none is given; None for a path."""
+    if not path.startswith("openai:"):
+        return None
+    location, _, layer = path.removeprefix("openai:").rpartition("/")
+    return location or "resid_post_mlp_v5_32k", int(layer)
+
+
+def sae_file(path):
+    """The file behind an SAE path: for an OpenAI name, where its download is kept (there or not yet)."""
+    name = openai_name(path)
+    return os.path.join(CACHE_DIR, "openai_sae", name[0], f"{name[1]}.pt") if name else path
+
+
+def download_openai_sae(path):
+    """Fetch one of OpenAI's GPT-2 small SAEs (the paper's: openai:resid_post_mlp_v5_32k/5) into the cache."""
+    location, layer = openai_name(path)
+    return download(OPENAI_URL.format(location=location, layer=layer), sae_file(path),
                     f"SAE.load('/path/to/{layer}.pt', layer={layer})")
 
 

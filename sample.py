@@ -32,6 +32,7 @@ from corpus import tokenizer
 from dictionary import load_concepts
 from inspect_html import has_concept_head, inspect_runs
 from model import GPT
+from sae import sae_file
 from steering import (SourceSteering, UsageError, check_steerable, concepts_path, encode_prompt, generate,
                       load_source_and_sae, parse_steer, run_measurements)
 
@@ -61,7 +62,7 @@ def parse_args(argv=None):
     p.add_argument("--sae_layer", type=int, default=-1, help="-1 = the layer stored with the SAE")
     p.add_argument("--inspect", action="store_true", help="print the top predicted concepts of every token")
     p.add_argument("--inspect_top", type=int, default=3, help="concepts shown per token")
-    p.add_argument("--concepts", default="", help="concept dictionary JSON (default <sae_path>.concepts.json if present)")
+    p.add_argument("--concepts", default="", help="concept dictionary JSON (default: the one sae.py --describe wrote next to the SAE, if there)")
     p.add_argument("--html", default="", help="write the inspection as a self-contained HTML page (implies --inspect)")
     p.add_argument("--measure_steer", default="", metavar="ID:FACTOR", help="measure how often concept ID fires "
                    "in text generated with and without --steer=ID:FACTOR (paired seeds), over --prompts")
@@ -190,7 +191,8 @@ def run(args):
             print(side_by_side(cols, width))
 
     if inspect:
-        names = load_concepts(concepts_path(args, args.sae_path or train_config.get("sae_path", "")))
+        sae_path = args.sae_path or train_config.get("sae_path", "")
+        names = load_concepts(concepts_path(args, sae_path), sae_file(sae_path))
         inspect_runs(model, runs, len(ids), enc, names, args.inspect_top, args.html)
     return runs
 

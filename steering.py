@@ -17,7 +17,7 @@ from checkpoint import load_frozen_gpt
 from corpus import tokenizer
 from dictionary import concept_name, load_concepts
 from inspect_html import concept_logits, has_concept_head, token_text, windowed
-from sae import SAE
+from sae import SAE, sae_file
 from train_utils import check_sae_host
 
 STEER_RANGE = 10.0  # |factor| <= 10, as the paper's steering experiments
@@ -110,6 +110,7 @@ def load_source_and_sae(args, train_config, model, what="--steer_source"):
 def concepts_path(args, sae_path):
     if args.concepts:
         return args.concepts
+    sae_path = sae_file(sae_path)  # an OpenAI name: its downloaded file, which sae.py --describe wrote next to
     for p in (sae_path + ".concepts.json", os.path.splitext(sae_path)[0] + ".concepts.json") if sae_path else ():
         if os.path.exists(p):
             return p
@@ -242,7 +243,7 @@ def run_measurements(args, model, train_config, enc, amp):
     """sample.py's --measure_steer / --measure_steer_source: one table each."""
     source, sae, layer, sae_path = load_source_and_sae(args, train_config, model, "--measure_steer")
     student = model if has_concept_head(model) else None
-    names = load_concepts(concepts_path(args, sae_path))
+    names = load_concepts(concepts_path(args, sae_path), sae.path)
     prompts = read_prompts(args.prompts, args.n_prompts)
     results = {}
     for flag, spec in (("--measure_steer", args.measure_steer), ("--measure_steer_source", args.measure_steer_source)):

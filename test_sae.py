@@ -275,7 +275,11 @@ def test_cli_train_eval_describe(tmp_path, monkeypatch):
     assert abs(m["ce"] - loss.item()) < 1e-4 and abs(m["delta_ce"] - (m["ce_sae"] - m["ce"])) < 1e-9
     lines = [json.loads(l) for l in open(str(tmp_path / "sae" / "sae.metrics.jsonl"))]
     assert "settings" in lines[0] and "eval" in lines[-1] and lines[-2]["step"] == 15
-    by_id = load_concepts(str(tmp_path / "sae" / "sae.concepts.json"))
+    by_id = load_concepts(str(tmp_path / "sae" / "sae.concepts.json"), out)  # the dictionary of this very SAE
+    other = str(tmp_path / "other_sae.pt")
+    SAE(32, 128, 8, {"layer": 0}).save(other)
+    with pytest.raises(ValueError, match="describes another SAE"):  # e.g. one left from an earlier SAE at that path
+        load_concepts(str(tmp_path / "sae" / "sae.concepts.json"), other)
     concepts = list(by_id.values())
     assert list(by_id) == [c["id"] for c in concepts] == list(range(128))
     live = [c for c in concepts if c["freq"] > 0]

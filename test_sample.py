@@ -187,14 +187,15 @@ def test_parse_steer_checks_ids_and_range():
 
 
 class StubSAE:
-    """The SAE API steering.py relies on (standardise, encode_pre, topk, decode_sparse, check_host, k, n_latents, meta)."""
+    """The SAE API steering.py relies on (standardise, encode_pre, topk, decode_sparse, check_host, k, n_latents, meta,
+    path)."""
 
     def __init__(self, d, n_latents, k, layer, seed=0):
         g = torch.Generator().manual_seed(seed)
         self.W_enc = torch.randn(n_latents, d, generator=g) / d ** 0.5
         self.W = torch.randn(n_latents, d, generator=g) / d ** 0.5
         self.b_pre, self.k, self.n_latents, self.d = 0.1 * torch.randn(d, generator=g), k, n_latents, d
-        self.meta = {"layer": layer}
+        self.meta, self.path = {"layer": layer}, None
 
     @staticmethod
     def standardise(h):
@@ -386,6 +387,19 @@ def test_cli_rejects_steering_and_inspection_without_a_concept_head(tmp_path, ca
         with pytest.raises(SystemExit):
             sample.main([f"--out_dir={out}", "--max_new_tokens=2", flag])
         assert "concept head" in capsys.readouterr().err
+
+
+def test_concepts_of_an_openai_sae_are_found_next_to_its_download(tmp_path, monkeypatch):
+    """sae.py --describe writes OpenAI's SAE's dictionary next to the downloaded file; sample.py looked for
+    'openai:<location>/<layer>.concepts.json', a file that cannot exist, and named no concept."""
+    import sae as sae_module
+    monkeypatch.setattr(sae_module, "CACHE_DIR", str(tmp_path))
+    folder = tmp_path / "openai_sae" / "resid_post_mlp_v5_32k"
+    folder.mkdir(parents=True)
+    (folder / "5.concepts.json").write_text("[]")
+    args = sample.parse_args([])
+    assert steering.concepts_path(args, "openai:resid_post_mlp_v5_32k/5") == str(folder / "5.concepts.json")
+    assert steering.concepts_path(args, "openai:resid_post_mlp_v5_32k/6") == ""
 
 
 def test_cli_rejects_steering_that_would_change_nothing(tmp_path, capsys):
