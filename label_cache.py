@@ -6,7 +6,6 @@ Batches are drawn from a fixed grid of block_size windows (train.py), and a wind
 on its tokens, the source, the SAE and the label settings, so they can be kept next to the token file.
 """
 
-import functools
 import hashlib
 import json
 import mmap
@@ -17,23 +16,9 @@ import numpy as np
 import torch
 
 from train_utils import to_device
-from weights import GPT2_NAMES, download_gpt2, file_sha256
+from weights import file_sha256, source_sha256
 
 LABELS_VERSION = 2  # bump when the labels' arithmetic changes, so that no older cache is served
-
-
-@functools.lru_cache  # train.py asks twice (the SAE's host check, the cache's identity); a GPT-2 file is 0.5 GB
-def source_sha256(path):
-    """Content hash of a concept source as checkpoint.load_frozen_gpt reads it: our checkpoint (or the
-    ckpt.pt in a folder), or a Hugging Face GPT-2 folder's config.json and weights file."""
-    if path in GPT2_NAMES and not os.path.isdir(path):
-        path = download_gpt2(path)  # a cached download after the first time
-    if os.path.exists(os.path.join(path, "config.json")):
-        weights = os.path.join(path, "model.safetensors")
-        weights = weights if os.path.exists(weights) else os.path.join(path, "pytorch_model.bin")  # load_hf_state_dict's order
-        both = file_sha256(os.path.join(path, "config.json")) + file_sha256(weights)
-        return hashlib.sha256(both.encode()).hexdigest()
-    return file_sha256(os.path.join(path, "ckpt.pt") if os.path.isdir(path) else path)
 
 
 def label_identity(labeler, source_path, sae_path, dtype):

@@ -228,7 +228,7 @@ def checkpoint_step(stage, run_dir, cfg):
 def given_file(path, flag):
     """The record of a file given instead of a stage's output: its path and SHA-256 (of a folder: of its
     GPT-2 config and weights)."""
-    from label_cache import source_sha256
+    from weights import source_sha256
     if not os.path.exists(path):
         fail(f"{flag} {path}: not found")
     try:

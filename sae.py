@@ -32,7 +32,7 @@ from dictionary import describe
 from model import standardise
 from ops import sparse_mix
 from sae_train import ShuffleBuffer, activation_chunk, evaluate, geometric_median, train
-from weights import download, file_sha256, first_line, load_torch_file, save_atomic
+from weights import download, first_line, load_torch_file, save_atomic, source_sha256
 
 OPENAI_URL = "https://openaipublic.blob.core.windows.net/sparse-autoencoder/gpt2-small/{location}/autoencoders/{layer}.pt"
 CACHE_DIR = os.path.join(os.path.expanduser("~"), ".cache", "cocomix")
@@ -301,7 +301,7 @@ def run_settings(a, cfg):
                     block_size=a.block_size or cfg.block_size, steps=max(1, a.tokens // a.batch_size))
     host = os.path.join(a.ckpt, "ckpt.pt") if os.path.isdir(a.ckpt) and not os.path.exists(os.path.join(a.ckpt, "config.json")) else a.ckpt
     meta = {"host": os.path.abspath(host) if os.path.exists(host) else host,
-            "host_sha256": file_sha256(host) if os.path.isfile(host) else None,
+            "host_sha256": source_sha256(a.ckpt),  # a file's, or a GPT-2 folder's config and weights
             "layer": a.layer, "d": cfg.n_embd, "tokenizer": "gpt2", "data_dir": os.path.abspath(a.data_dir),
             "train": settings}
     return settings, meta

@@ -511,6 +511,21 @@ def test_safetensors_overlap_and_integer_weights(tmp_path):
         GPT.from_pretrained(str(folder))
     write_safetensors({**sd, "lm_head.weight": sd["wte.weight"].clone()}, str(folder / "model.safetensors"))
     assert GPT.from_pretrained(str(folder)).config.n_embd == 8  # a tied copy is fine
+    # an SAE trained on a GPT-2 folder records the folder's hash (it used to record none), so an SAE made
+    # on one GPT-2 folder is refused for another of the same width
+    import sae as S
+    from train_utils import check_sae_host
+    from weights import source_sha256
+    _, meta = S.run_settings(S.arg_parser().parse_args([f"--ckpt={folder}", "--data_dir=d", "--layer=0"]),
+                             GPT.from_pretrained(str(folder)).config)
+    assert meta["host_sha256"] == source_sha256(str(folder)) and len(meta["host_sha256"]) == 64
+    sae = S.SAE(8, 16, 2, meta)
+    check_sae_host(sae, str(folder))
+    other = tmp_path / "gpt2_other"
+    shutil.copytree(folder, other)
+    write_safetensors({**sd, "wte.weight": sd["wte.weight"] + 1}, str(other / "model.safetensors"))
+    with pytest.raises(ValueError, match="was trained on"):
+        check_sae_host(sae, str(other))
 
 
 def make_files(root, data_dir, src, sae):

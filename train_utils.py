@@ -92,8 +92,7 @@ RESUME_KEYS = ('model', 'model_args', 'optimizer', 'scaler', 'iter_num', 'best_v
 def input_hashes(data_dir, concept_source=None, sae_path=None):
     """SHA-256 of the files a run reads behind its settings' paths: the data's meta.json (prepare.py writes
     a new one with every corpus), the concept source and the SAE. Kept in the checkpoint for check_resume."""
-    from label_cache import source_sha256  # cached: the label cache hashes the source too
-    from weights import file_sha256
+    from weights import file_sha256, source_sha256
     meta = os.path.join(data_dir, 'meta.json')
     hashes = {'data_dir': file_sha256(meta) if os.path.exists(meta) else None}
     if concept_source:
@@ -199,9 +198,9 @@ def check_sae_host(sae, source_path):
     """Refuse an SAE trained on another concept source: sae.py records the SHA-256 of its host's file, and
     another model of the same width and layer has another residual stream (its labels would be noise)."""
     want = sae.meta.get('host_sha256')
-    if not want or not source_path:  # OpenAI's SAEs and hosts given as folders record no file hash
+    if not want or not source_path:  # OpenAI's SAEs record none (nor did ours on GPT-2 folders before 2026-12-02)
         return
-    from label_cache import source_sha256
+    from weights import source_sha256
     if (have := source_sha256(source_path)) != want:
         raise ValueError(f"SAE {sae.path} was trained on {sae.meta.get('host')} (sha256 {want[:12]}), not on the concept "
                          f"source {source_path} (sha256 {have[:12]}): pass the concept source it was trained on")

@@ -3,6 +3,7 @@ Weight files read without running code: safetensors parsed by hand with the head
 torch files only through torch.load(weights_only=True), and GPT-2's files from the Hugging Face hub.
 """
 
+import functools
 import hashlib
 import json
 import math
@@ -178,6 +179,20 @@ def free_bytes(path):
 def file_sha256(path):
     with open(path, "rb") as f:
         return hashlib.file_digest(f, "sha256").hexdigest()
+
+
+@functools.lru_cache  # asked several times per run (host check, resume, label cache); a GPT-2 file is 0.5 GB
+def source_sha256(path):
+    """Content hash of a concept source as checkpoint.load_frozen_gpt reads it: our checkpoint (or the
+    ckpt.pt in a folder), or a Hugging Face GPT-2 folder's config.json and weights file."""
+    if path in GPT2_NAMES and not os.path.isdir(path):
+        path = download_gpt2(path)  # a cached download after the first time
+    if os.path.exists(os.path.join(path, "config.json")):
+        weights = os.path.join(path, "model.safetensors")
+        weights = weights if os.path.exists(weights) else os.path.join(path, "pytorch_model.bin")  # load_hf_state_dict's order
+        both = file_sha256(os.path.join(path, "config.json")) + file_sha256(weights)
+        return hashlib.sha256(both.encode()).hexdigest()
+    return file_sha256(os.path.join(path, "ckpt.pt") if os.path.isdir(path) else path)
 
 
 def read_gpt2_config(path):
