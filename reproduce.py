@@ -286,8 +286,8 @@ def reproduce():
     p = argparse.ArgumentParser(description="CoCoMix vs NTP, KD and pause at small scale, end to end.")
     p.add_argument('--preset', choices=sorted(PRESETS), required=True)
     p.add_argument('--input', nargs='+', help="text files/folders (default: the preset's, under --data_root)")
-    p.add_argument('--data_root', help="folder of the data: tinyshakespeare/input.txt, gutenberg/, lambada/ "
-                                       "(default: $COCOMIX_DATA; '' for none)")
+    p.add_argument('--data_root', help="folder of the data: tinyshakespeare/input.txt, gutenberg/, lambada/, and "
+                                       "benchmarks/ for the gpu preset (default: $COCOMIX_DATA; '' for none)")
     p.add_argument('--out_dir', help='default out/reproduce_{preset}')
     p.add_argument('--seeds', help="comma-separated (default: the preset's)")
     p.add_argument('--methods', default=','.join(METHODS), help=f"subset of {','.join(METHODS)}")
