@@ -537,6 +537,8 @@ def bench_kd(args):
 def main(argv=None):
     args = parse(argv)
     if args.vs_nanogpt:
+        if args.compile:  # both steps eager: nanoGPT's compile is its own train.py's, not its model's
+            raise SystemExit("error: --vs_nanogpt times eager steps; --compile does not apply to it")
         from bench_nanogpt import bench_vs_nanogpt
         return bench_vs_nanogpt(args)
     for flag, fn in (("mixing", bench_mixing), ("split", bench_split), ("bars", bench_bars), ("kd", bench_kd)):

@@ -27,7 +27,8 @@ def load_nanogpt(path):
 
 def bench_vs_nanogpt(args):
     """Our NTP step (train.py's: lm_loss, clip, AdamW) against nanoGPT's (its GPT with full logits and
-    F.cross_entropy, the same clip and AdamW), same config, same initial weights, same batch, steps
+    F.cross_entropy, the same clip and AdamW settings; ours fused on a CPU too), same config, same initial
+    weights, same batch, steps
     alternating; then the CoCoMix student (cached labels) against the parameter-matched NTP step."""
     import contextlib
     import io
@@ -42,6 +43,7 @@ def bench_vs_nanogpt(args):
         theirs = nano.GPT(nano.GPTConfig(**cfg)).to(dev)
         theirs.load_state_dict(ours.state_dict())  # the same weights: the first losses must agree
         opt_theirs = theirs.configure_optimizers(0.1, 1e-4, (0.9, 0.95), torch.device(dev).type)
+    first = copy.deepcopy(ours), copy.deepcopy(theirs)  # both train below: the loss check takes these
     opt_ours = optimizer(ours)
     coco = student(args, "cocomix", dev)
     matched = copy.copy(args)
@@ -65,8 +67,8 @@ def bench_vs_nanogpt(args):
         steps = {"nanoGPT": nanogpt_step, "ours": train_step(ours, opt_ours, X, Y, ctx),
                  f"ntp d={matched.n_embd}": train_step(ntp, opt_ntp, X, Y, ctx),
                  "cocomix": train_step(coco, opt_coco, X, Y, ctx, labels, args.lam)}
-        with torch.no_grad(), ctx:  # same weights, same batch: the same loss up to the precision
-            same = abs(student_loss(ours, X, Y).item() - theirs(X, Y)[1].item())
+        with torch.no_grad(), ctx:  # the initial weights, same batch: the same loss up to the precision
+            same = abs(student_loss(first[0], X, Y).item() - first[1](X, Y)[1].item())
         peak = {k: transient_peak(fn, dev)[0] for k, fn in steps.items()}
         kept = {"nanoGPT": persistent_bytes(theirs, opt_theirs), "ours": persistent_bytes(ours, opt_ours),
                 f"ntp d={matched.n_embd}": persistent_bytes(ntp, opt_ntp), "cocomix": persistent_bytes(coco, opt_coco, labels)}

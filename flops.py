@@ -10,7 +10,7 @@ import torch
 
 PEAK_FLOPS = {  # dense bf16 tensor FLOP/s, no sparsity
     "H200": 989e12, "H100": 989e12, "A100": 312e12, "A10G": 125e12, "L4": 121e12,
-    "4090": 165e12, "3090": 71e12, "V100": 125e12, "T4": 65e12,
+    "L40S": 362e12, "L40": 181e12, "4090": 165e12, "3090": 71e12, "V100": 125e12, "T4": 65e12,
 }
 CPU_PEAK_FLOPS = 1e12  # a rough figure for a few cores with AVX-512; only a yardstick
 
@@ -19,10 +19,8 @@ def device_peak_flops(device=None):
     """The device's dense bf16 peak FLOP/s: PEAK_FLOPS by GPU name, 100 TFLOP/s for an unlisted GPU."""
     if device is not None and str(device).startswith("cuda") and torch.cuda.is_available():
         name = torch.cuda.get_device_name(device)
-        for key, peak in PEAK_FLOPS.items():
-            if key in name:
-                return peak
-        return 100e12
+        keys = [key for key in PEAK_FLOPS if key in name]  # the longest: "L4" is in "L40S" too
+        return PEAK_FLOPS[max(keys, key=len)] if keys else 100e12
     return CPU_PEAK_FLOPS
 
 
@@ -39,7 +37,7 @@ def flops_per_token(model, T):
     # causal attention: half the T x T (or 2T x 2T) square
     flops += 6 * 2 * d * T * L_below / 2 + 6 * 2 * d * (seq * T) * L_above * seq / 2
     if cfg.n_concepts:
-        flops += 6 * d * cfg.n_concepts + 6 * cfg.concept_topk * d
+        flops += 6 * d * cfg.n_concepts + (6 * cfg.concept_topk * d if cfg.mix != "none" else 0)  # none: no compression
     return flops
 
 
@@ -58,7 +56,7 @@ def stage_flops(model, T):
     f = {"below": below * block(T), "above": (L - below) * seq * block(seq * T), "lm_head": 6 * d * cfg.vocab_size,
          "optimizer": 0}
     if cfg.n_concepts:
-        f.update(concept=6 * d * cfg.n_concepts, mixing=6 * cfg.concept_topk * d)
+        f.update(concept=6 * d * cfg.n_concepts, mixing=6 * cfg.concept_topk * d if cfg.mix != "none" else 0)
     assert math.isclose(sum(f.values()), flops_per_token(model, T)), "stage FLOPs disagree with flops_per_token"
     return f
 

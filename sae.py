@@ -281,12 +281,13 @@ def eval_or_describe(a):
     model = load_frozen_gpt(ckpt, a.device)
     sae.check_host(model, layer)
     check_sae_host(sae, ckpt)
+    block_size = a.block_size or sae.meta.get("train", {}).get("block_size")  # the windows it was trained on
     if a.describe:
         out = os.path.splitext(sae.path)[0] + ".concepts.json"
-        describe(sae, model, layer, a.data_dir, a.eval_tokens, block_size=a.block_size, device=a.device, out=out)
+        describe(sae, model, layer, a.data_dir, a.eval_tokens, block_size=block_size, device=a.device, out=out)
         print(f"wrote {out}")
     if a.eval_only:
-        print(json.dumps(evaluate(sae, model, layer, a.data_dir, a.eval_tokens, a.host_batch, a.block_size, a.device)))
+        print(json.dumps(evaluate(sae, model, layer, a.data_dir, a.eval_tokens, a.host_batch, block_size, a.device)))
 
 
 def out_file(a, suffix):

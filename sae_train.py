@@ -4,7 +4,7 @@ stream, its shuffling buffer, the loss (FVU + AuxK, Gao et al. 2024), the Adam l
 decoder's unit-norm constraint, and the held-out evaluation (FVU, L0, dead latents, delta CE).
 
 This file never imports sae.py, so that sae.py's command line can import it: it takes an SAE object
-and uses only what any torch module has plus its sizes (d, n_latents) and methods (encode_pre,
+and uses only what any torch module has plus its sizes (d, n_latents), pre_bias and methods (encode_pre,
 topk, decode_latents, decode_sparse, normalise_decoder, project_decoder_grad). The equations are in
 docs/method.md.
 """
@@ -50,7 +50,7 @@ class ShuffleBuffer:
     many. Once half the pool has been served, the served rows are replaced by fresh ones.
     Row i of the stream is row i % chunk_rows of `chunk(i // chunk_rows)`, and the pool keeps the number of
     each row it holds: its state is then a few index tensors (the pool itself is GBs at GPT-2 scale), and a
-    resume rebuilds it exactly at the cost of one host pass per chunk still in it (~log2(chunk_rows) pools)."""
+    resume rebuilds it exactly at the cost of one host pass per chunk still in it (~log2(chunk_rows)/2 pools)."""
 
     def __init__(self, chunk, chunk_rows, size, batch_size, gen, state=None):
         if batch_size > size // 2:

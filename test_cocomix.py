@@ -640,6 +640,7 @@ def test_bad_inputs_fail_clearly_and_touch_nothing(data_dir, tmp_path):
         (["--batch_size=0"], "must be positive"),
         (["--block_size=100000"], "fewer than block_size"),
         (["--no_such_key=1"], "unknown config key 'no_such_key'"),
+        (["--VOCAB_SIZE=60000"], "unknown config key 'VOCAB_SIZE'"),  # a constant, not a setting: was accepted
         (["--n_layer=two"], "--n_layer expects a int"),
         (["--mode=cocomix"], "needs --concept_source"),
         (["--init_from=resume", "--n_embd=64"], "resume config disagrees"),

@@ -291,6 +291,19 @@ def test_cli_train_eval_describe(tmp_path, monkeypatch):
     assert abs(again["fvu"] - m["fvu"]) < 1e-6
 
 
+def test_cli_eval_only_uses_the_windows_it_was_trained_on(tmp_path, monkeypatch, capsys):
+    """--eval_only re-evaluates an SAE on windows of the block_size it was trained with (recorded in its
+    meta), so it gives its stored numbers back; it used the host's block_size, a different FVU."""
+    _, data, args = tiny_host_and_data(tmp_path, monkeypatch)
+    out = str(tmp_path / "sae16.pt")
+    main(args + ["--block_size=16", f"--out={out}"])
+    stored = SAE.load(out).meta["eval"]
+    capsys.readouterr()
+    main([f"--sae={out}", f"--data_dir={data}", "--eval_only", "--eval_tokens=1024"])
+    again = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert again["fvu"] == pytest.approx(stored["fvu"], rel=1e-6) and again["tokens"] == stored["tokens"]
+
+
 def step_records(path):
     """{step: metrics without the wall time} from a metrics log; a step logged twice (after a resume from
     an earlier save) must have been logged identically."""

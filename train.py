@@ -27,7 +27,8 @@ from torch.distributed import destroy_process_group
 from torch.nn.parallel import DistributedDataParallel as DDP
 
 from checkpoint import load_checkpoint, load_frozen_gpt
-from corpus import VOCAB_SIZE, load_tokens, token_byte_lengths
+import corpus  # its VOCAB_SIZE not imported by name: every int or str global here is a setting
+from corpus import load_tokens, token_byte_lengths
 from model import GPT, GPTConfig
 from objective import Objective
 from train_utils import (auto_device, auto_dtype, check_config, check_resume, check_sae_host, check_source, hold_lock,
@@ -163,7 +164,7 @@ if mode in ('cocomix', 'kd'):
         source = load_frozen_gpt(concept_source, device)
     except (OSError, ValueError, RuntimeError) as e:
         fail(str(e))
-    if problem := check_source(source, VOCAB_SIZE, block_size, concept_source):
+    if problem := check_source(source, corpus.VOCAB_SIZE, block_size, concept_source):
         fail(problem)
 if mode == 'cocomix':
     try:
@@ -176,7 +177,7 @@ inputs = input_hashes(data_dir, concept_source if source is not None else None, 
 
 # ---- model
 model_args = dict(n_layer=n_layer, n_head=n_head, n_embd=n_embd, block_size=block_size, bias=bias,
-                  vocab_size=VOCAB_SIZE, dropout=dropout)
+                  vocab_size=corpus.VOCAB_SIZE, dropout=dropout)
 if mode == 'cocomix':
     model_args.update(n_concepts=n_concepts, concept_topk=concept_topk, insert_layer=insert_layer, mix=mix)
 elif mode == 'pause':
