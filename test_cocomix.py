@@ -157,10 +157,11 @@ def test_sparse_mix_equals_dense_and_gradcheck():
     torch.testing.assert_close(gW, rW)
 
 
-def test_sparse_mix_chunked_backward_with_repeated_indices():
-    """Many tokens choosing the same concept: the scatter-add must accumulate across chunks."""
+def test_sparse_mix_backward_with_many_repeated_indices():
+    """Many tokens choosing the same concepts (3,000 tokens, 8 of 16 concepts each): the weight gradient
+    must add up every token's contribution to a concept's row."""
     torch.manual_seed(0)
-    N, K, C, d = 3000, 8, 16, 600  # chunking kicks in at 4M / (K d) = 873 tokens
+    N, K, C, d = 3000, 8, 16, 600
     values = torch.randn(N, K, dtype=torch.float64, requires_grad=True)
     indices = torch.rand(N, C).argsort(dim=1)[:, :K]  # distinct per token, as TopK gives
     W = torch.randn(C, d, dtype=torch.float64, requires_grad=True)
@@ -172,8 +173,9 @@ def test_sparse_mix_chunked_backward_with_repeated_indices():
 
 
 def test_concept_loss_equals_separate_cross_entropies():
+    """The op (z needs a gradient: ops.ConceptLoss) against the released code's K_attr separate CEs."""
     torch.manual_seed(0)
-    z = torch.randn(10, 30)
+    z = torch.randn(10, 30, requires_grad=True)
     labels = torch.randint(0, 30, (10, 4))
     separate = sum(F.cross_entropy(z, labels[:, j]) for j in range(4)) / 4  # the released code's way
     torch.testing.assert_close(concept_loss(z, labels), separate)
@@ -553,7 +555,12 @@ def test_sigterm_saves_a_checkpoint_and_resumes(data_dir, tmp_path):
     stdout, _ = p.communicate(timeout=60)
     assert p.returncode == 0 and "checkpoint saved" in stdout
     _, ckpt = load_checkpoint(os.path.join(out, "ckpt.pt"))
-    assert ckpt["iter_num"] >= 3
+    stopped = ckpt["iter_num"]
+    assert stopped >= 3
+    run("train.py", f"--data_dir={data_dir}", f"--out_dir={out}", f"--max_iters={stopped + 2}", "--eval_interval=100000",
+        "--init_from=resume", *TINY)
+    steps = [r["train_step"] for r in read_log(out) if "train_step" in r]
+    assert steps[-2:] == [stopped + 1, stopped + 2] and steps == sorted(set(steps))  # on from where it stopped
 
 
 @pytest.mark.parametrize("mode", ["ntp", "mix=none"])
@@ -754,6 +761,32 @@ def test_label_rules(rule):
     top, pos = score.topk(4, -1)
     expected = indices.gather(-1, pos).masked_fill(torch.isinf(top), -1)
     assert (labels.sort(-1).values == expected.sort(-1).values).all()
+
+
+def test_attribution_pre_scores_a_latent_by_its_pre_activation():
+    """The paper's rule (attribution with the pre-activation) equals plain attribution on active latents, where
+    pre = ReLU(pre); the two differ where the released fill ranks the SAE's top-k latents that did not fire
+    (pre <= 0): there the paper's rule scores pre x (g . W_dec), plain attribution 0. The test above cannot
+    see that (fill='active'); here every token has fewer than k_attr firing latents, so all are filled."""
+    from concepts import ConceptLabeler
+    from sae import SAE
+    torch.manual_seed(0)
+    source = GPT(tiny_config()).eval()
+    sae = SAE(32, 96, 8, meta={"layer": 1})
+    with torch.no_grad():
+        sae.latent_bias -= 4  # the top-k pre-activations mostly negative: few latents fire
+    idx = torch.randint(0, 50257, (1, 10))
+    paper = ConceptLabeler(source, sae, 1, 4, "attribution_pre", fill="released")
+    h, g = paper.hidden_and_grad(idx, idx)
+    values, indices = sae.encode(h)[:2]
+    pre = sae.encode(h, return_pre=True)[4]
+    assert ((values > 0).sum(-1) < 4).all()  # every token short of k_attr firing latents
+    s = (pre * (g @ sae.W_dec.t())).gather(-1, indices)  # dense g . W_dec, then the top-k latents' scores
+    expected = torch.zeros_like(pre).scatter_(-1, indices, s).topk(4, -1).indices
+    labels = paper(idx, idx)
+    assert (labels.sort(-1).values == expected.sort(-1).values).all()
+    plain = ConceptLabeler(source, sae, 1, 4, "attribution", fill="released")(idx, idx)
+    assert (labels.sort(-1).values != plain.sort(-1).values).any()
 
 
 def test_labeler_refuses_mismatched_sae():

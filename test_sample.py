@@ -474,9 +474,11 @@ def test_measure_steering_counts_what_it_says(tmp_path):
                 with torch.no_grad():
                     z = student.hidden_states(row, steer)[1][0, new]
                 assert r["student"][i] == (z.topk(4).indices == cid).any(-1).float().mean()
-        # the unsteered run is the same whichever steering it is paired with
-        assert res["unsteered"]["seqs"] == runs["student"]["unsteered"]["seqs"] or name == "source"
         assert res["steered"]["seqs"] != res["unsteered"]["seqs"]  # the steering did change the text
+    # the unsteered run is the same whichever steering it is paired with (another concept, another factor)
+    c2 = (c + 1) % student.config.n_concepts
+    other = steering.measure_steering(student, prompts, args, c2, steer={c2: -4.0}, **kw)
+    assert other["unsteered"]["seqs"] == runs["student"]["unsteered"]["seqs"]
     text = steering.format_measurement(runs["student"], "t")
     assert text.count("\n") == 4 and "steered - unsteered" in text and "±" in text
 
