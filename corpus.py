@@ -9,6 +9,7 @@ TIKTOKEN_CACHE_DIR (see the README); online it downloads them once.
 
 import json
 import os
+import warnings
 
 import numpy as np
 
@@ -62,6 +63,9 @@ def load_tokens(data_dir, split, min_tokens=2, need="2"):
     path = os.path.join(data_dir, f"{split}.bin")
     if not os.path.exists(path):
         raise FileNotFoundError(f"{path} not found: prepare a corpus first, e.g. python prepare.py --input FILES --out_dir {data_dir}")
+    if not os.path.exists(os.path.join(data_dir, "meta.json")):  # prepare.py writes it last: without it the files cannot be checked against each other
+        warnings.warn(f"{data_dir} has no meta.json: an unfinished prepare.py run, or token files of another tool; "
+                      "their dtype and sizes are not checked", stacklevel=2)
     if meta.get("dtype", "uint16") != "uint16":
         raise ValueError(f"{data_dir}/meta.json says the tokens are {meta['dtype']}; this project reads uint16 token files")
     if os.path.getsize(path) % 2:

@@ -151,6 +151,15 @@ def prepared_dir(tmp_path, docs, meta_overrides=None):
     return d, tokens
 
 
+def test_token_files_without_meta_json_are_read_with_a_warning(tmp_path):
+    """prepare.py writes meta.json last: a folder without one is an unfinished run or another tool's files,
+    whose dtype and sizes cannot be checked. Read (nanoGPT's own prepare writes none), but not in silence."""
+    d, tokens = prepared_dir(tmp_path, ["One document."])
+    (d / "meta.json").unlink()
+    with pytest.warns(UserWarning, match="has no meta.json"):
+        assert corpus.load_tokens(d, "val").tolist() == tokens
+
+
 def test_bpb_of_prepared_split_excludes_eot_bytes(model, tmp_path):
     d, tokens = prepared_dir(tmp_path, ["First doc, ünïcode.", "Second document here.", "Third — last."])
     stream = corpus.load_tokens(d, "val")
