@@ -50,7 +50,6 @@ MIN_DOCS_FOR_DOC_SPLIT = 20
 MIN_VAL_TOKENS = 1025
 CHUNK_CHARS = 1 << 18  # long documents are encoded in pieces of about this size, in parallel
 FORMAT_VERSION = 1
-DEFAULT_CACHE_DIR = os.path.join(os.path.expanduser("~"), ".cache", "cocomix")
 
 TINYSTORIES = "https://huggingface.co/datasets/roneneldan/TinyStories/resolve/main/"
 SOURCES = {  # name -> (url, document separator, what to pass instead when offline)
@@ -366,7 +365,7 @@ def download(url, path, hint):
         raise PrepareError(str(e)) from None
 
 
-def fetch_source(name, cache_dir=DEFAULT_CACHE_DIR):
+def fetch_source(name, cache_dir=weights.CACHE_DIR):
     """Downloads (or finds in cache_dir) a named file source; returns (path, doc_separator)."""
     if name not in SOURCES or SOURCES[name][0] is None:
         raise PrepareError(f"unknown file source {name!r}; choose from {', '.join(SOURCES)}")
@@ -374,7 +373,7 @@ def fetch_source(name, cache_dir=DEFAULT_CACHE_DIR):
     return download(url, Path(cache_dir) / name / url.rsplit("/", 1)[1], hint), doc_separator
 
 
-def prepare_source(name, out_dir, cache_dir=DEFAULT_CACHE_DIR, val_fraction=VAL_FRACTION, num_proc=None,
+def prepare_source(name, out_dir, cache_dir=weights.CACHE_DIR, val_fraction=VAL_FRACTION, num_proc=None,
                    overwrite=False, verbose=True):
     num_proc = num_proc or os.cpu_count() or 1
     if name != "openwebtext":
@@ -406,7 +405,7 @@ def main(argv=None):
     parser.add_argument("--val_fraction", type=float, default=VAL_FRACTION, help=f"default {VAL_FRACTION}")
     parser.add_argument("--num_proc", type=int, default=os.cpu_count(), help="encoding threads")
     parser.add_argument("--doc_separator", default=None, help="cut files into documents at this string")
-    parser.add_argument("--cache_dir", default=DEFAULT_CACHE_DIR, help="where named sources are downloaded")
+    parser.add_argument("--cache_dir", default=weights.CACHE_DIR, help="where named sources are downloaded")
     parser.add_argument("--overwrite", action="store_true", help="replace a different corpus in --out_dir")
     args = parser.parse_args(argv)
     if args.source and args.doc_separator is not None:  # a named source comes with its own documents

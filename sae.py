@@ -32,10 +32,9 @@ from dictionary import describe
 from model import standardise
 from ops import sparse_mix
 from sae_train import ShuffleBuffer, activation_chunk, evaluate, geometric_median, train
-from weights import download, first_line, load_torch_file, save_atomic, source_sha256
+from weights import CACHE_DIR, download, first_line, load_torch_file, save_atomic, source_sha256
 
 OPENAI_URL = "https://openaipublic.blob.core.windows.net/sparse-autoencoder/gpt2-small/{location}/autoencoders/{layer}.pt"
-CACHE_DIR = os.path.join(os.path.expanduser("~"), ".cache", "cocomix")
 
 # -----------------------------------------------------------------------------
 # The model

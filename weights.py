@@ -93,6 +93,9 @@ def load_hf_state_dict(path):
     raise FileNotFoundError(f"{path}: neither model.safetensors nor pytorch_model.bin found")
 
 
+CACHE_DIR = os.path.join(os.path.expanduser("~"), ".cache", "cocomix")  # every download: GPT-2, SAEs, texts
+
+
 def download(url, path, hint):
     """Fetch url to path once (cached), with a progress bar, through a temporary file so the cache
     never holds half a file. Offline, a one-line RuntimeError names the local-path alternative."""
@@ -123,7 +126,7 @@ def download(url, path, hint):
 
 def download_gpt2(name):
     """config.json and model.safetensors of a GPT-2 from the Hugging Face hub, cached."""
-    cache_dir = os.path.join(os.path.expanduser("~"), ".cache", "cocomix", name)
+    cache_dir = os.path.join(CACHE_DIR, name)
     for fname in ("config.json", "model.safetensors"):
         download(f"https://huggingface.co/{name}/resolve/main/{fname}", os.path.join(cache_dir, fname),
                  "a folder with config.json and model.safetensors, e.g. --init_from=/path/to/gpt2")
@@ -177,11 +180,18 @@ def free_bytes(path):
 
 
 def file_sha256(path):
+    """SHA-256 of a file, read once per version of it (path, size, mtime) in a process: a run asks for its
+    concept source's and SAE's several times (host check, resume, label cache), and a GPT-2 file is 0.5 GB."""
+    st = os.stat(path)
+    return _file_sha256(os.path.realpath(path), st.st_size, st.st_mtime_ns)
+
+
+@functools.lru_cache
+def _file_sha256(path, size, mtime_ns):
     with open(path, "rb") as f:
         return hashlib.file_digest(f, "sha256").hexdigest()
 
 
-@functools.lru_cache  # asked several times per run (host check, resume, label cache); a GPT-2 file is 0.5 GB
 def source_sha256(path):
     """Content hash of a concept source as checkpoint.load_frozen_gpt reads it: our checkpoint (or the
     ckpt.pt in a folder), or a Hugging Face GPT-2 folder's config.json and weights file."""
