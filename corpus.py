@@ -37,9 +37,12 @@ def token_byte_lengths(enc=None):
 
 
 def read_meta(data_dir):
-    """meta.json of a data folder ({} when absent), checked to describe GPT-2 BPE tokens."""
+    """meta.json of a data folder, checked to describe GPT-2 BPE tokens; {} with a warning when absent."""
     path = os.path.join(data_dir, "meta.json")
-    if not os.path.exists(path):
+    if not os.path.exists(path):  # prepare.py writes it last: without it the files cannot be checked against each other
+        if os.path.isdir(data_dir):  # (a missing folder is load_tokens' error)
+            warnings.warn(f"{data_dir} has no meta.json: an unfinished prepare.py run, or token files of another tool; "
+                          "their dtype and sizes are not checked", stacklevel=3)
         return {}
     try:
         with open(path) as f:
@@ -63,9 +66,6 @@ def load_tokens(data_dir, split, min_tokens=2, need="2"):
     path = os.path.join(data_dir, f"{split}.bin")
     if not os.path.exists(path):
         raise FileNotFoundError(f"{path} not found: prepare a corpus first, e.g. python prepare.py --input FILES --out_dir {data_dir}")
-    if not os.path.exists(os.path.join(data_dir, "meta.json")):  # prepare.py writes it last: without it the files cannot be checked against each other
-        warnings.warn(f"{data_dir} has no meta.json: an unfinished prepare.py run, or token files of another tool; "
-                      "their dtype and sizes are not checked", stacklevel=2)
     if meta.get("dtype", "uint16") != "uint16":
         raise ValueError(f"{data_dir}/meta.json says the tokens are {meta['dtype']}; this project reads uint16 token files")
     if os.path.getsize(path) % 2:
