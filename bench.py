@@ -36,7 +36,7 @@ from checkpoint import load_frozen_gpt
 from flops import estimate_mfu, flops_per_token, label_flops, stage_flops
 from model import GPT, GPTConfig, interleave, standardise
 from objective import training_loss
-from ops import concept_loss, lm_loss, lm_loss_reference, sparse_mix
+from ops import lm_loss, lm_loss_reference, sparse_mix
 
 
 def options(doc):
@@ -317,13 +317,13 @@ def staged_step(model, opt, X, Y, ctx, labels=None, lam=0.1):
 
     def concept(h):
         x, mu, std = standardise(h)
-        z = model.mixer.predict(x)
-        return z, mu, std, lam * concept_loss(z, labels)
+        _, values, indices, concept = model.mixer.predict(x, labels)
+        return values, indices, mu, std, lam * concept
 
-    def mixing(h, z, mu, std):  # the rest of GPT.mix_concepts, from the concept stage's z
+    def mixing(h, values, indices, mu, std):  # the rest of GPT.mix_concepts, from the concept stage's TopK
         if cfg.mix == "none":
             return h
-        c = model.mixer.compress(z, mu, std)
+        c = model.mixer.compress(values, indices, mu, std)
         return interleave(h, c) if cfg.mix == "interleave" else h + c.to(h.dtype)
     with ctx:
         if callable(labels):
@@ -331,8 +331,8 @@ def staged_step(model, opt, X, Y, ctx, labels=None, lam=0.1):
                 labels = st("labels", labels, X, Y)
         h = st("below", lambda x: blocks(tr.h[:L], model.embed(x)), X)
         if cfg.n_concepts:
-            z, mu, std, lc = st("concept", concept, h)
-            h = st("mixing", mixing, h, z, mu, std)
+            values, indices, mu, std, lc = st("concept", concept, h)
+            h = st("mixing", mixing, h, values, indices, mu, std)
         h = st("above", lambda h: blocks(tr.h[L:], h), h)
         ntp = st("lm_head", lambda h: lm_loss(tr.ln_f(h[:, 1::2] if cfg.interleaved else h), model.lm_head.weight, Y), h)
     st.backward()
@@ -348,8 +348,8 @@ STAGE_NAMES = {
     "labels: SAE + attribution": "  SAE encode + attribution",
     "labels: rest": "  source above it, fwd + act. bwd; top-k",
     "below": "embedding + blocks below insert layer",
-    "concept": "concept head + concept loss",
-    "mixing": "mixing: TopK, sparse mix, interleave",
+    "concept": "concept head, TopK + concept loss",
+    "mixing": "mixing: sparse mix, interleave",
     "above": "blocks from insert layer on",
     "lm_head": "final LN + chunked LM head + loss",
     "optimizer": "grad clip + AdamW",

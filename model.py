@@ -24,7 +24,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from ops import sparse_mix, topk
+from ops import concept_head, concept_loss_reference, sparse_mix
 from weights import copy_gpt2_weights, read_gpt2_config
 
 MIX_MODES = ("interleave", "add", "none", "pause")
@@ -170,18 +170,27 @@ class ConceptMixer(nn.Module):
     def __init__(self, config):
         super().__init__()
         d, C = config.n_embd, config.n_concepts
-        self.topk = config.concept_topk
+        self.k = 0 if config.mix == "none" else config.concept_topk  # the TopK's k (none: nothing to mix)
         self.b_pre = nn.Parameter(torch.zeros(d))
         self.concept_head = nn.Linear(d, C)                  # W_pred, b_pred
         if config.mix != "none":
             self.W_cmp = nn.Parameter(torch.empty(C, d))     # stored C x d so a concept is one row to gather
             self.b_cmp = nn.Parameter(torch.zeros(d))
 
-    def predict(self, x):
-        return self.concept_head(x - self.b_pre)
+    def predict(self, x, labels=None, steer=None):
+        """(z, TopK_k(z)'s values and indices, L_concept at the labels or None). Steering scales
+        z[..., i] by steer[i] before the TopK. In training (labels and autograd) one op makes the three
+        without keeping z (ops.concept_head; z is None), the same numbers as the plain path below."""
+        x = x - self.b_pre
+        if labels is not None and torch.is_grad_enabled() and not steer:
+            return None, *concept_head(x, self.concept_head.weight, self.concept_head.bias, self.k, labels)
+        z = self.concept_head(x)
+        if steer:
+            z = steer_logits(z, steer)
+        values, indices = torch.topk(z, self.k, dim=-1)  # raw logits: no ReLU, no softmax
+        return z, values, indices, None if labels is None else concept_loss_reference(z, labels)
 
-    def compress(self, z, mu, std):
-        values, indices = topk(z, self.topk)   # raw logits: no ReLU, no softmax
+    def compress(self, values, indices, mu, std):
         # sum_k values_k W_cmp[indices_k] without the dense B x T x C masked matrix (ops.py); cheap in fp32
         c = sparse_mix(values.to(self.W_cmp.dtype), indices, self.W_cmp) + self.b_cmp + self.b_pre
         return c * std + mu
@@ -263,36 +272,36 @@ class GPT(nn.Module):
         pos = torch.arange(pos_offset, pos_offset + T, dtype=torch.long, device=idx.device)
         return self.transformer.drop(self.transformer.wte(idx) + self.transformer.wpe(pos))
 
-    def mix_concepts(self, h, steer=None):
-        """At the input of block insert_layer: (concept logits z or None, the hidden state the blocks above see)."""
+    def mix_concepts(self, h, steer=None, labels=None):
+        """At the input of block insert_layer: (concept logits z, L_concept, the hidden state the blocks
+        above see); z is None for a pause model and in training (ConceptMixer.predict), L_concept without labels."""
         mix = self.config.mix
         if mix == "pause":
-            return None, interleave(h, self.pause.expand_as(h))
+            return None, None, interleave(h, self.pause.expand_as(h))
         x, mu, std = standardise(h)
-        z = self.mixer.predict(x)
-        if steer:
-            z = steer_logits(z, steer)
+        z, values, indices, concept = self.mixer.predict(x, labels, steer)
         if mix == "none":  # concept prediction only
-            return z, h
-        c = self.mixer.compress(z, mu, std)
-        return z, interleave(h, c) if mix == "interleave" else h + c.to(h.dtype)
+            return z, concept, h
+        c = self.mixer.compress(values, indices, mu, std)
+        return z, concept, interleave(h, c) if mix == "interleave" else h + c.to(h.dtype)
 
-    def hidden_states(self, idx, steer=None):
-        """idx (B, T) -> (final hidden states x (B, T, d) after ln_f, concept logits z (B, T, C) or None)."""
+    def hidden_states(self, idx, steer=None, labels=None):
+        """idx (B, T) -> (final hidden states x (B, T, d) after ln_f, concept logits z (B, T, C) or None,
+        L_concept at the labels (B, T, K_attr) or None). z is None for a plain GPT and in training."""
         cfg = self.config
-        x, z = self.embed(idx), None
+        x, z, concept = self.embed(idx), None, None
         for i, block in enumerate(self.transformer.h):
             if cfg.has_insert_layer and i == cfg.insert_layer:
-                z, x = self.mix_concepts(x, steer)
+                z, concept, x = self.mix_concepts(x, steer, labels)
             x = block(x)
         if cfg.interleaved:
             x = x[:, 1::2]  # the concept (or pause) slot c_t predicts x_{t+1}; token slots are discarded
-        return self.transformer.ln_f(x), z
+        return self.transformer.ln_f(x), z, concept
 
     def forward(self, idx, targets=None, steer=None):
         """nanoGPT's interface: idx (B, T) -> (logits (B, T, V), next-token loss or None). Training
         computes its loss from hidden_states instead, without the B x T x V logits (objective.py)."""
-        x, _ = self.hidden_states(idx, steer)
+        x, _, _ = self.hidden_states(idx, steer)
         logits = self.lm_head(x)
         if targets is None:
             return logits, None
@@ -358,7 +367,7 @@ class GPT(nn.Module):
         x, z = self.embed(idx, caches[-1].n // (2 if cfg.interleaved else 1)), None
         for i, (block, cache) in enumerate(zip(self.transformer.h, caches)):
             if cfg.has_insert_layer and i == cfg.insert_layer:
-                z, x = self.mix_concepts(x, steer)  # per token: the new tokens' c_t need no cache
+                z, _, x = self.mix_concepts(x, steer)  # per token: the new tokens' c_t need no cache
             x = block(x, cache)
         x = x[:, 1::2] if cfg.interleaved else x
         return self.lm_head(self.transformer.ln_f(x[:, -1:] if last_only else x)), z

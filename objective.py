@@ -1,6 +1,7 @@
 """
 The student's training loss for every mode, composed from what GPT.hidden_states returns: the final
-hidden states x (B x T x d) and the concept logits z (B x T x C, CoCoMix only).
+hidden states x (B x T x d) and, for CoCoMix, L_concept at the labels (and, without autograd, the
+concept logits z (B x T x C) for the recall).
 
     ntp, pause   L = CE(next token)
     cocomix      L = CE(next token) + lam * L_concept        L_concept: CE of z at the K_attr labels
@@ -13,15 +14,16 @@ KD makes the teacher's logits in the same chunks. train.py trains with Objective
 import torch
 
 from model import concept_recall
-from ops import concept_loss, lm_loss
+from ops import lm_loss
 
 
 def training_loss(model, X, Y, mode, labels=None, teacher=None, lam=0.1, lam_kd=0.1, recall=False, head_loss=lm_loss):
     """(loss, parts) of one micro-batch: parts holds the detached terms ('ntp', 'concept' or 'kd') for the log,
-    and with recall=True CoCoMix's concept recall@K_attr (a top-K_attr over C: at evaluation only).
+    and with recall=True CoCoMix's concept recall@K_attr (a top-K_attr over C: at evaluation only, without
+    autograd, when hidden_states returns z).
     labels: B x T x K_attr concept labels (cocomix); teacher: (final hidden state, head weight) of the
     KD teacher (GPT.as_teacher). head_loss: ops.lm_loss, or ops.lm_loss_reference (full logits) to compare."""
-    x, z = model.hidden_states(X)
+    x, z, concept = model.hidden_states(X, labels=labels if mode == 'cocomix' else None)  # concept: L_concept
     W = model.lm_head.weight
     if mode == 'kd':  # CE + lam_kd * KL, the teacher's logits made in the same row chunks
         loss, ntp, kd = head_loss(x, W, Y, teacher=teacher, lam_kd=lam_kd)
@@ -29,10 +31,11 @@ def training_loss(model, X, Y, mode, labels=None, teacher=None, lam=0.1, lam_kd=
     ntp = head_loss(x, W, Y)
     if mode != 'cocomix':
         return ntp, {'ntp': ntp.detach()}
-    concept = concept_loss(z, labels)  # CE of z at the K_attr attribution labels
     loss = ntp + lam * concept  # the paper's objective
     parts = {'ntp': ntp.detach(), 'concept': concept.detach()}
     if recall:
+        if z is None:
+            raise ValueError("concept recall is measured without autograd (torch.no_grad), where hidden_states returns z")
         parts['recall'] = concept_recall(z, labels)
     return loss, parts
 

@@ -1,17 +1,16 @@
 """
-Three operations, each the exact value of a plain PyTorch expression written next to it (the
-`*_reference` functions, which the tests compare against), computed without that expression's
-large intermediate:
+Three operations, each the exact value of a plain PyTorch expression (the `*_reference` functions
+written next to them, which the tests compare against), computed without that expression's large
+intermediate:
 
 - sparse top-k mixing (the CoCoMix student's compression and the SAE's decoder):
   sparse_mix = sparse_mix_reference, without the dense N x C masked matrix;
 - the LM head's next-token cross-entropy (and KD's KL to a teacher's head):
   lm_loss = lm_loss_reference, without the N x V logits;
-- the concept loss, the cross-entropy of the concept logits at the K_attr labels:
-  concept_loss = concept_loss_reference, without an fp32 copy of the N x C logits.
-
-Besides them, topk: torch.topk itself (its values and gradients), with a cheaper backward
-(index_put_ where PyTorch's own uses scatter_); the compression picks its K concepts with it.
+- the student's concept head in training: the concept logits z = x W^T + b, their TopK and the
+  concept loss (the cross-entropy of z at the K_attr labels, concept_loss_reference) in one op,
+  concept_head, without keeping z and without an N x C tensor in the backward. Its plain expression
+  is model.ConceptMixer.predict's other path: F.linear, torch.topk, concept_loss_reference.
 
 Read the references first: they are what the model means; the rest is how it is made fast.
 """
@@ -44,6 +43,18 @@ def sparse_mix(values, indices, W):
     shape, K = values.shape[:-1], values.size(-1)
     out = F.embedding_bag(indices.reshape(-1, K), W, per_sample_weights=values.reshape(-1, K), mode="sum")
     return out.view(*shape, W.size(1))
+
+
+def sparse_mix_t(values, indices, x, n_rows):
+    """sparse_mix's transpose: sparse_mix(values, indices, W) is S W for the N x n_rows matrix S that
+    holds the values at the indices, and this is S^T x (n_rows x d), sparse_mix_backward_reference's
+    grad_W with x for grad_out: row c sums values[n, k] x[n] over the (n, k) with indices[n, k] = c.
+    One embedding_bag over the (n, k) sorted by index, a bag per row: no N*K x d intermediate."""
+    flat = indices.reshape(-1)
+    order = flat.argsort()
+    offsets = torch.searchsorted(flat[order], torch.arange(n_rows, device=x.device))  # where row c's bag starts
+    rows = order // indices.size(-1)  # the n of each sorted (n, k)
+    return F.embedding_bag(rows, x, offsets, per_sample_weights=values.reshape(-1)[order].to(x.dtype), mode="sum")
 
 
 class LMHeadLoss(torch.autograd.Function):
@@ -162,79 +173,70 @@ def kl_rows(student_logits, teacher_logits, valid):
 
 def concept_loss_reference(z, labels):
     """Mean cross-entropy of the concept logits z (..., C) at the K_attr labels (..., K_attr; -1 = no
-    label): one log-softmax (in fp32) serves all K_attr labels of a token; invalid labels are ignored."""
-    logp = F.log_softmax(z.float().flatten(0, -2), dim=-1)
+    label): one log-softmax (in at least fp32) serves all K_attr labels of a token; invalid labels are ignored."""
+    logp = F.log_softmax(z.flatten(0, -2).to(torch.promote_types(z.dtype, torch.float32)), dim=-1)
     labels = labels.flatten(0, -2)
     valid = labels >= 0
     nll = -logp.gather(-1, labels.clamp(min=0)) * valid
     return nll.sum() / valid.sum().clamp(min=1)
 
 
-class ConceptLoss(torch.autograd.Function):
-    """concept_loss_reference in the way LMHeadLoss makes the LM head's: the softmax p of z runs in z's
-    own precision (bf16 under autocast; PyTorch's kernel sums in fp32) and is the only N x C tensor
-    kept. The gradient in z, (cnt * p - sum_k onehot(label_k)) * g / n (cnt: the row's valid labels,
-    n: all valid labels), is made from it in place in the backward, with g / n in fp32. No fp32 copy of z, no log-softmax backward, no N x C scatter. The loss is -log p
-    at the labels, within bf16's rounding of p (<= 0.004 nats per label, unbiased); in fp32 it is the
-    reference's to float precision."""
+class ConceptHead(torch.autograd.Function):
+    """The student's concept head in training, in one op: from x (N x d), W (C x d), b (C) and the labels
+    (N x K_attr, -1 = none), the values and indices of TopK_k(z) and L_concept =
+    concept_loss_reference(z, labels) for the concept logits z = x W^T + b; the same as
+    F.linear, torch.topk and concept_loss_reference (ConceptMixer.predict's plain path), without
+    keeping z and without any N x C tensor in the backward.
+
+    The forward keeps only z's softmax p, in z's precision (bf16 under autocast; PyTorch's kernel sums
+    in fp32); the loss is -log p at the labels, within bf16's rounding of p (<= 0.004 nats per label,
+    unbiased), and in fp32 the reference's to float precision. The gradient in z would be
+        dz = s (cnt p - onehot(labels)) + TopK's gradient g_values at its indices
+    (s = g / n, n: all valid labels, cnt: a row's valid labels). The backward never forms it: its
+    dense part s diag(cnt) p reaches x and [W | b] through two matmuls, s cnt (p W) and
+    s p^T [cnt x | cnt] (the bias is the weight of an input that is always 1), with s applied after
+    them in fp32 as in LMHeadLoss; its sparse part, N x (K_attr + k) entries, through sparse_mix and
+    sparse_mix_t. On a CPU this saves the N x C passes that autograd would make (scaling, zeros,
+    additions, a transposing copy, the bias's sum; BENCHMARKS.md)."""
 
     @staticmethod
-    def forward(ctx, z, labels):
-        acc = torch.promote_types(z.dtype, torch.float32)
-        p = torch.softmax(z, dim=-1)  # kept in z's shape: the gradient returned is then no view
-        labels = labels.reshape(-1, labels.size(-1))
+    def forward(ctx, x, W, b, k, labels):
+        dev = x.device.type
+        cdt = torch.get_autocast_dtype(dev) if torch.is_autocast_enabled(dev) else x.dtype  # matmul precision
+        acc = torch.promote_types(cdt, torch.float32)  # sums: at least fp32
+        with torch.autocast(dev, enabled=False):
+            Wc = W.to(cdt)
+            z = torch.addmm(b.to(cdt), x.to(cdt), Wc.t())
+            values, indices = torch.topk(z, k, dim=-1)
+            p = torch.softmax(z, dim=-1)
         valid = labels >= 0
         n = valid.sum().clamp(min=1)
-        p_label = p.view(-1, p.size(-1)).gather(-1, labels.clamp(min=0)).to(acc)
+        p_label = p.gather(-1, labels.clamp(min=0)).to(acc)
         loss = -(p_label.clamp(min=torch.finfo(p.dtype).tiny).log() * valid).sum() / n  # below the smallest normal: 87 nats
-        ctx.save_for_backward(p, labels, n)
-        return loss
-
-    @staticmethod
-    @once_differentiable
-    def backward(ctx, g):
-        p, labels, n = ctx.saved_tensors
-        valid = labels >= 0
-        scale = g.to(torch.promote_types(p.dtype, torch.float32)) / n  # fp32: not rounded to p's dtype
-        # in place (one backward only), in two passes: a bf16 tensor times fp32 rows is 5x slower on a CPU
-        grad = p.view(-1, p.size(-1)).mul_(valid.sum(-1, keepdim=True).to(p.dtype)).mul_(scale)  # cnt: exact
-        # minus g/n at each valid label: index_put_ touches N x K_attr entries (a CPU scatter_add_ copies all N x C)
-        rows = torch.arange(len(grad), device=p.device)[:, None].expand_as(labels)
-        grad.index_put_((rows, labels.clamp(min=0)), (-scale * valid).to(p.dtype), accumulate=True)
-        return p, None  # p now holds the gradient; autograd adds the mixing's to it in place
-
-
-class TopK(torch.autograd.Function):
-    """torch.topk(z, k, dim=-1) (sorted), whose backward puts the k gradients of a row into zeros with
-    index_put_: PyTorch's own topk backward uses scatter_, which on a CPU in bf16 takes 3x as long as
-    the N x C zeros it fills (BENCHMARKS.md)."""
-
-    @staticmethod
-    def forward(ctx, z, k):
-        values, indices = torch.topk(z, k, dim=-1)
-        ctx.save_for_backward(indices)
-        ctx.shape, ctx.dtype = z.shape, z.dtype
+        ctx.save_for_backward(x, Wc, p, indices, labels, n)
+        ctx.dtypes = x.dtype, W.dtype, b.dtype
         ctx.mark_non_differentiable(indices)
-        return values, indices
+        return values, indices, loss
 
     @staticmethod
     @once_differentiable
-    def backward(ctx, g, _):
-        indices, = ctx.saved_tensors
-        grad = torch.zeros(ctx.shape, dtype=ctx.dtype, device=g.device)
-        k = indices.size(-1)
-        rows = torch.arange(grad.numel() // grad.size(-1), device=g.device)[:, None].expand(-1, k)
-        grad.view(-1, grad.size(-1)).index_put_((rows, indices.reshape(-1, k)), g.reshape(-1, k).to(ctx.dtype))
-        return grad, None
+    def backward(ctx, g_values, _, g):
+        x, Wc, p, indices, labels, n = ctx.saved_tensors
+        acc = torch.promote_types(p.dtype, torch.float32)
+        s = g.to(acc) / n  # fp32: not rounded to p's dtype
+        valid = labels >= 0
+        cnt = valid.sum(-1, keepdim=True).to(acc)
+        x1 = torch.cat((x.to(acc), torch.ones_like(cnt)), 1)  # [x | 1]: the bias is the weight of a 1
+        # dz's sparse part: -s at each valid label, g_values at the TopK's indices
+        idx = torch.cat((labels.clamp(min=0), indices), 1)
+        w = torch.cat((-s * valid, g_values.to(acc)), 1)
+        with torch.autocast(x.device.type, enabled=False):
+            grad_x = (p @ Wc).to(acc) * (s * cnt) + sparse_mix(w, idx, Wc.to(acc))
+            grad_Wb = sparse_mix_t(w, idx, x1, Wc.size(0)).add_((p.t() @ (x1 * cnt).to(p.dtype)).to(acc) * s)
+        return grad_x.to(ctx.dtypes[0]), grad_Wb[:, :-1].to(ctx.dtypes[1]), grad_Wb[:, -1].to(ctx.dtypes[2]), None, None
 
 
-def topk(z, k):
-    """(values, indices) of the k largest entries of the last dim, as torch.topk; see TopK."""
-    return TopK.apply(z, k) if torch.is_grad_enabled() and z.requires_grad else torch.topk(z, k, dim=-1)
-
-
-def concept_loss(z, labels):
-    """concept_loss_reference's value; with autograd, through ConceptLoss (see there)."""
-    if torch.is_grad_enabled() and z.requires_grad:
-        return ConceptLoss.apply(z, labels)
-    return concept_loss_reference(z, labels)
+def concept_head(x, W, b, k, labels):
+    """(values, indices, L_concept) of x (..., d) and labels (..., K_attr) through ConceptHead."""
+    values, indices, loss = ConceptHead.apply(x.reshape(-1, x.size(-1)), W, b, k, labels.reshape(-1, labels.size(-1)))
+    return values.view(*x.shape[:-1], k), indices.view(*x.shape[:-1], k), loss

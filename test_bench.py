@@ -49,7 +49,7 @@ def test_split(capsys):
     # that the staged step computes train_step's loss and gradients: test_staged_step_is_train_step
     bench.main(["--split", "--mode=cocomix", "--dtypes=float32", *FAST])
     out = capsys.readouterr().out
-    assert "concept head + concept loss" in out and "whole step, unstaged" in out
+    assert "concept head, TopK + concept loss" in out and "whole step, unstaged" in out
 
 
 def test_bars(capsys):

@@ -13,8 +13,8 @@ import torch.nn.functional as F
 
 from checkpoint import load_checkpoint
 from model import GPT, GPTConfig, MIX_MODES, concept_recall
-from ops import (concept_loss, concept_loss_reference, kl_rows, lm_loss, lm_loss_reference, sparse_mix,
-                 sparse_mix_backward_reference, sparse_mix_reference)
+from ops import (concept_head, concept_loss_reference, kl_rows, lm_loss, lm_loss_reference, sparse_mix,
+                 sparse_mix_backward_reference, sparse_mix_reference, sparse_mix_t)
 from weights import load_safetensors
 
 ROOT = os.path.dirname(os.path.abspath(__file__))
@@ -98,7 +98,7 @@ def test_causality_every_mix(mix):
     with torch.no_grad():
         a, _ = model(idx)
         b, _ = model(changed)
-        (_, z_a), (_, z_b) = model.hidden_states(idx), model.hidden_states(changed)
+        (_, z_a, _), (_, z_b, _) = model.hidden_states(idx), model.hidden_states(changed)
     torch.testing.assert_close(a[:, :t + 1], b[:, :t + 1], atol=0, rtol=0)
     assert not torch.allclose(a[:, t + 1:], b[:, t + 1:])
     if z_a is not None:
@@ -173,59 +173,78 @@ def test_sparse_mix_backward_with_many_repeated_indices():
 
 
 def test_concept_loss_equals_separate_cross_entropies():
-    """The op (z needs a gradient: ops.ConceptLoss) against the released code's K_attr separate CEs."""
+    """concept_loss_reference against the released code's K_attr separate CEs."""
     torch.manual_seed(0)
     z = torch.randn(10, 30, requires_grad=True)
     labels = torch.randint(0, 30, (10, 4))
     separate = sum(F.cross_entropy(z, labels[:, j]) for j in range(4)) / 4  # the released code's way
-    torch.testing.assert_close(concept_loss(z, labels), separate)
+    torch.testing.assert_close(concept_loss_reference(z, labels), separate)
     # invalid labels (-1) are ignored: the mean is over the valid ones
     labels[0, 2:] = -1
     valid = labels >= 0
     per = -F.log_softmax(z, -1).gather(1, labels.clamp(min=0))
-    torch.testing.assert_close(concept_loss(z, labels), per[valid].mean())
+    torch.testing.assert_close(concept_loss_reference(z, labels), per[valid].mean())
 
 
-def test_concept_loss_op_equals_reference():
-    """ops.concept_loss (the softmax kept, the gradient made from it in place) against
-    concept_loss_reference in float64: loss and gradient in z, with missing labels, a row without any
-    valid label, a label 0 next to -1s (which clamp to 0), and an upstream gradient that is not 1; then
-    under bf16 within its rounding (the fp32 log-softmax path is what the reference does)."""
+def test_sparse_mix_t_is_the_weight_gradient():
+    """sparse_mix_t(values, indices, x, C) = S^T x, sparse_mix_backward_reference's grad_W with x for
+    the upstream gradient: repeated concepts, concepts nobody chose (rows of zeros), float64."""
     torch.manual_seed(0)
-    z = torch.randn(3, 40, 300, dtype=torch.float64) * 3
-    labels = torch.randint(1, 300, (3, 40, 4))
+    N, K, C, d = 500, 6, 40, 7
+    values = torch.randn(N, K, dtype=torch.float64)
+    indices = torch.randint(0, C // 2, (N, K))  # the upper half of the rows is never chosen
+    x, W = torch.randn(N, d, dtype=torch.float64), torch.randn(C, d, dtype=torch.float64)
+    out = sparse_mix_t(values, indices, x, C)
+    torch.testing.assert_close(out, sparse_mix_backward_reference(x, values, indices, W)[1])
+    assert out.shape == (C, d) and out[C // 2:].abs().max() == 0
+
+
+def concept_head_reference(x, W, b, k, labels):
+    """ConceptMixer.predict's plain path: F.linear, torch.topk and concept_loss_reference."""
+    z = F.linear(x, W, b)
+    return (*torch.topk(z, k, dim=-1), concept_loss_reference(z, labels))
+
+
+def test_concept_head_op_equals_reference():
+    """ops.concept_head (TopK and the concept loss in one op, no N x C tensor in the backward) against
+    F.linear + torch.topk + concept_loss_reference in float64: values, indices, loss and the gradients
+    of x, W and b from both the loss and the TopK's values, with missing labels, a row without any
+    valid label, a label 0 next to -1s (which clamp to 0), labels that are also in the TopK, upstream
+    gradients that are not 1, a loss weight of 0 (the lam = 0 ablation) and k = 0 (mix='none'); then
+    fp32, and bf16 under autocast within its rounding."""
+    torch.manual_seed(0)
+    B, T, d, C, k = 3, 40, 24, 300, 8
+    x0, W0, b0 = torch.randn(B, T, d, dtype=torch.float64), torch.randn(C, d, dtype=torch.float64) / 5, torch.randn(C, dtype=torch.float64)
+    labels = torch.randint(1, C, (B, T, 4))
     labels[0, :5, 2:] = -1
     labels[1, 3] = -1
     labels[2, 7] = torch.tensor([0, -1, 5, -1])
-    for dtype, tol in ((torch.float64, 1e-6), (torch.float32, 1e-6), (torch.bfloat16, 4e-3)):
-        zz = z.to(dtype).requires_grad_()
-        loss = concept_loss(zz, labels)
-        grad, = torch.autograd.grad(0.7 * loss, zz)
-        ref_z = zz.detach().double().requires_grad_()  # the same (rounded) logits, exactly
-        ref = concept_loss_reference(ref_z, labels)  # (which casts to fp32 first)
-        ref_grad, = torch.autograd.grad(0.7 * ref, ref_z)
-        assert grad.dtype == dtype and grad.shape == z.shape
-        assert abs(loss.item() - ref.item()) < tol * ref.item(), dtype
-        assert ((grad.double() - ref_grad).norm() / ref_grad.norm()).item() < tol, dtype
-    assert grad[1, 3].abs().max() == 0 and ref_grad[1, 3].abs().max() == 0  # a token without labels: no gradient
-    with torch.no_grad():  # evaluation takes the reference itself
-        assert concept_loss(z.float(), labels).item() == concept_loss_reference(z.float(), labels).item()
+    g_values = torch.randn(B, T, k, dtype=torch.float64)
 
+    def run(fn, dtype, lam, k, autocast=False):
+        x, W, b = (t.to(dtype).requires_grad_() for t in (x0, W0, b0))
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+            values, indices, loss = fn(x, W, b, k, labels)
+        grads = torch.autograd.grad(lam * loss + (values * g_values[..., :k].to(values.dtype)).sum(), (x, W, b))
+        return values.detach(), indices, loss.detach(), grads
 
-def test_topk_op_gradient():
-    """ops.topk: torch.topk's values and indices, and the gradient of the values put back at their indices
-    (its backward is index_put_ instead of PyTorch's scatter_), in float64 and bf16."""
-    from ops import topk
-    torch.manual_seed(0)
-    for dtype in (torch.float64, torch.bfloat16):
-        z = torch.randn(2, 7, 50, dtype=dtype, requires_grad=True)
-        g = torch.randn(2, 7, 5, dtype=dtype)
-        values, indices = topk(z, 5)
-        ref_values, ref_indices = torch.topk(z, 5, dim=-1)
-        assert torch.equal(values, ref_values) and torch.equal(indices, ref_indices)
-        grad, = torch.autograd.grad(values, z, g)
-        ref_grad, = torch.autograd.grad(ref_values, z, g)
-        assert grad.dtype == dtype and torch.equal(grad, ref_grad)
+    with torch.no_grad():  # the fixture is what it claims: labels inside the TopK, and a label-less row
+        top = F.linear(x0, W0, b0).topk(k, dim=-1).indices
+        labels[0, 9, 0] = top[0, 9, 0]
+    for lam, kk in ((0.7, k), (0.0, k), (0.7, 0)):
+        for dtype, autocast, tol in ((torch.float64, False, 1e-10), (torch.float32, False, 1e-5), (torch.float32, True, 1e-2)):
+            ref = run(concept_head_reference, torch.float64, lam, kk)
+            if autocast:  # the same bf16 logits, so that the TopK picks the same concepts
+                ref = run(concept_head_reference, dtype, lam, kk, autocast)
+            out = run(concept_head, dtype, lam, kk, autocast)
+            assert out[0].dtype == (torch.bfloat16 if autocast else dtype) and out[0].shape == (B, T, kk)
+            assert torch.equal(out[1], ref[1])
+            torch.testing.assert_close(out[0].double(), ref[0].double(), rtol=tol, atol=tol)
+            assert abs(out[2].item() - ref[2].item()) < tol * ref[2].item(), (dtype, autocast)
+            for g, r in zip(out[3], ref[3]):
+                assert g.dtype == dtype and g.shape == r.shape
+                assert ((g.double() - r.double()).norm() / r.double().norm()).item() < tol, (dtype, autocast, lam, kk)
+    assert out[3][0][1, 3].abs().max() == 0 and ref[3][0][1, 3].abs().max() == 0  # no labels, k = 0: no gradient
 
 
 def test_concept_recall():
@@ -311,7 +330,7 @@ def test_kd_fast_path_equals_full_logits():
         teacher = source.as_teacher(idx)
     grads, aux = [], []
     for loss_fn in (lm_loss_reference, lm_loss):
-        x, _ = student.hidden_states(idx)
+        x, _, _ = student.hidden_states(idx)
         loss, ce, kl = loss_fn(x, student.lm_head.weight, targets, teacher=teacher, lam_kd=0.5)
         grads.append(torch.autograd.grad(loss, student.lm_head.weight)[0])
         aux.append({"ntp": ce.detach(), "kd": kl.detach()})
@@ -352,10 +371,10 @@ def test_mix_none_with_zero_lambda_trains_like_ntp():
         idx = torch.randint(0, 50257, (2, 16))
         labels = torch.randint(0, 64, (2, 16, 4))
         for m, opt in zip((ntp, coco), opts):
-            x, z = m.hidden_states(idx)
+            x, _, concept = m.hidden_states(idx, labels=labels if m is coco else None)
             loss = lm_loss(x, m.lm_head.weight, idx)
-            if m is coco:  # train.py's objective with lam = 0
-                loss = loss + 0.0 * concept_loss(z, labels)
+            if m is coco:  # train.py's objective with lam = 0 (ops.concept_head, k = 0)
+                loss = loss + 0.0 * concept
             loss.backward()
             torch.nn.utils.clip_grad_norm_(m.parameters(), 1.0)
             opt.step()
