@@ -37,6 +37,7 @@ from flops import estimate_mfu, flops_per_token, label_flops, stage_flops
 from model import GPT, GPTConfig, interleave, standardise
 from objective import training_loss
 from ops import lm_loss, lm_loss_reference, sparse_mix
+from train_utils import keep_freed_memory
 
 
 def options(doc):
@@ -54,11 +55,15 @@ def options(doc):
     p.add_argument("--source_ckpt", default="", help="a trained concept source (ckpt.pt); default: random weights")
     p.add_argument("--sae_path", default="", help="a trained SAE for it; default: random weights")
     p.add_argument("--tiny", action="store_true", help="every model at smoke-test size")
+    p.add_argument("--no_cpu_heap", action="store_true", help="glibc's default allocation on a CPU (train.py's cpu_heap=False)")
     return p
 
 
 def settle(args, long_run=False):
-    """--tiny's sizes, then the defaults left open (long_run: the CUDA MFU run's batch and step counts)."""
+    """--tiny's sizes, then the defaults left open (long_run: the CUDA MFU run's batch and step counts); on a
+    CPU, the allocator as train.py sets it (train_utils.keep_freed_memory) unless --no_cpu_heap."""
+    if args.device == "cpu" and not args.no_cpu_heap:
+        keep_freed_memory()
     if args.tiny:
         args.__dict__.update(n_layer=2, n_head=2, n_embd=64, block_size=32, n_concepts=256, concept_topk=8,
                              src_layer=2, src_head=2, src_embd=64, sae_layer=0, sae_k=8, tokens=256)

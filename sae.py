@@ -32,6 +32,7 @@ from dictionary import describe
 from model import standardise
 from ops import sparse_mix
 from sae_train import ShuffleBuffer, activation_chunk, evaluate, geometric_median, train
+from train_utils import keep_freed_memory
 from weights import CACHE_DIR, download, first_line, load_torch_file, save_atomic, source_sha256
 
 OPENAI_URL = "https://openaipublic.blob.core.windows.net/sparse-autoencoder/gpt2-small/{location}/autoencoders/{layer}.pt"
@@ -370,6 +371,8 @@ def main(argv=None):
     if problem := check_args(a):
         raise SystemExit(f"error: {problem}")
     torch.manual_seed(a.seed)
+    if torch.device(a.device).type == "cpu":
+        keep_freed_memory()  # as train.py does (train_utils)
     if a.eval_only or a.describe:
         return eval_or_describe(a)
     if a.ckpt is None or a.layer is None:

@@ -2,6 +2,9 @@
 (--gpu_mfu) or for later (--split, --bars) do not rot. One step each, no timing claims."""
 
 import math
+import os
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -11,6 +14,7 @@ import bench_compile
 import flops
 from model import GPT, GPTConfig
 
+ROOT = os.path.dirname(os.path.abspath(__file__))
 FAST = ["--tiny", "--rounds=1", "--warmup=0", "--steps=1"]
 
 
@@ -196,3 +200,28 @@ def test_vs_nanogpt(tmp_path, capsys):
         bench.main(["--vs_nanogpt", str(tmp_path / "nowhere"), *FAST])
     with pytest.raises(SystemExit, match="--compile does not apply"):  # it was ignored: eager steps timed
         bench.main(["--vs_nanogpt", str(tmp_path), "--compile", *FAST])
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="glibc's allocator")
+def test_keep_freed_memory_stops_page_faults():
+    """train.py's cpu_heap (train_utils.keep_freed_memory): once a step-like cycle of 200-300 MB tensors
+    has run, later cycles mostly reuse the heap's pages. With glibc's defaults every cycle maps and page-faults
+    its tensors afresh (~200,000 minor faults each). Counted in fresh processes, one per setting."""
+    code = """
+import resource, sys, torch
+from train_utils import keep_freed_memory
+if sys.argv[1] == "heap":
+    assert keep_freed_memory()
+x, faults = torch.randn(1024, 1024), []
+for i in range(12):
+    before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+    a = x.repeat(64 + 16 * (i % 3), 1)  # 256-384 MB, then as much again
+    b = a * 2
+    (a + b).sum()
+    del a, b
+    faults.append(resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before)
+print(sum(faults[-6:]))
+"""
+    n = {m: int(subprocess.run([sys.executable, "-c", code, m], cwd=ROOT, capture_output=True, text=True,
+                               check=True).stdout) for m in ("default", "heap")}
+    assert n["default"] > 600_000 and n["heap"] < n["default"] / 5, n  # the heap still grows now and then

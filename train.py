@@ -32,8 +32,8 @@ from corpus import load_tokens, token_byte_lengths
 from model import GPT, GPTConfig
 from objective import Objective
 from train_utils import (auto_device, auto_dtype, check_config, check_resume, check_sae_host, check_source, hold_lock,
-                         init_processes, input_hashes, label_cache_note, make_labeler, rng_state, set_rng_state,
-                         to_device, trim_log)
+                         init_processes, input_hashes, keep_freed_memory, label_cache_note, make_labeler, rng_state,
+                         set_rng_state, to_device, trim_log)
 from weights import save_atomic
 
 # -----------------------------------------------------------------------------
@@ -90,6 +90,7 @@ device = 'auto'  # auto | cpu | cuda | cuda:N | mps
 dtype = 'auto'  # auto | float32 | bfloat16 | float16
 compile = False
 backend = 'auto'  # DDP backend: nccl on CUDA, gloo on CPU
+cpu_heap = True  # CPU with glibc: large tensors from the heap, not fresh page-faulted mappings (~1.4x faster steps)
 progress = True  # tqdm progress bar
 # -----------------------------------------------------------------------------
 config_keys = [k for k, v in globals().items() if not k.startswith('_') and isinstance(v, (int, float, bool, str))]
@@ -122,6 +123,8 @@ if master:  # one run per out_dir: a second would overwrite this one's checkpoin
         fail(str(e))
 device_type = 'cuda' if 'cuda' in device else 'mps' if 'mps' in device else 'cpu'
 dtype = auto_dtype(dtype, device_type)
+if device_type == 'cpu' and cpu_heap:
+    keep_freed_memory()  # a third of a CPU step went to the kernel mapping fresh pages (train_utils)
 ptdtype = {'float32': torch.float32, 'bfloat16': torch.bfloat16, 'float16': torch.float16}[dtype]
 ctx = nullcontext() if dtype == 'float32' else torch.autocast(device_type=device_type, dtype=ptdtype)
 torch.backends.cuda.matmul.allow_tf32 = True

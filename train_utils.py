@@ -1,9 +1,11 @@
 """
 train.py's plumbing, kept out of it so that hardening never hides the method: checks of its settings
 (each returns a one-line message for the first problem found, or None), the device and precision
-chosen by default, and the random-number state that makes a resumed run exact.
+chosen by default (and the CPU allocator's setting), and the random-number state that makes a resumed
+run exact.
 """
 
+import ctypes
 import json
 import math
 import os
@@ -147,6 +149,22 @@ def auto_dtype(dtype, device_type):
     if device_type == 'cpu' and torch.ops.mkldnn._is_mkldnn_bf16_supported():
         return 'bfloat16'
     return 'float32'
+
+
+def keep_freed_memory():
+    """On Linux with glibc: serve large blocks from the heap and keep freed memory there, instead of
+    glibc's default of mapping every block over 32 MB afresh and unmapping it when freed. A CPU step
+    frees and allocates such tensors (activations, the LM head's logit chunks) many times, and each
+    fresh mapping is page-faulted and zeroed by the kernel: on a 2-core CPU that was a third of the step
+    (BENCHMARKS.md). The process then holds on to its peak memory. Returns whether it was applied
+    (False where the C library is not glibc)."""
+    try:
+        libc = ctypes.CDLL("libc.so.6")
+        mallopt = libc.mallopt
+    except (OSError, AttributeError):
+        return False
+    M_TRIM_THRESHOLD, M_MMAP_THRESHOLD = -1, -3  # malloc.h; an int, so 2 GB is the largest setting
+    return bool(mallopt(M_MMAP_THRESHOLD, 2**31 - 1)) and bool(mallopt(M_TRIM_THRESHOLD, 2**31 - 1))
 
 
 def rng_state(device_type):
