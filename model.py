@@ -179,8 +179,8 @@ class ConceptMixer(nn.Module):
 
     def predict(self, x, labels=None, steer=None):
         """(z, TopK_k(z)'s values and indices, L_concept at the labels or None). Steering scales
-        z[..., i] by steer[i] before the TopK. In training (labels and autograd) one op makes the three
-        without keeping z (ops.concept_head; z is None), the same numbers as the plain path below."""
+        z[..., i] by steer[i] before the TopK. In training (labels and autograd) one op computes the plain
+        path below without keeping z (ops.concept_head; z is None): equal in fp32, within bf16's rounding."""
         x = x - self.b_pre
         if labels is not None and torch.is_grad_enabled() and not steer:
             return None, *concept_head(x, self.concept_head.weight, self.concept_head.bias, self.k, labels)
@@ -287,7 +287,8 @@ class GPT(nn.Module):
 
     def hidden_states(self, idx, steer=None, labels=None):
         """idx (B, T) -> (final hidden states x (B, T, d) after ln_f, concept logits z (B, T, C) or None,
-        L_concept at the labels (B, T, K_attr) or None). z is None for a plain GPT and in training."""
+        L_concept at the labels (B, T, K_attr) or None). z is None for a plain GPT and when labels are
+        given with autograd on (training)."""
         cfg = self.config
         x, z, concept = self.embed(idx), None, None
         for i, block in enumerate(self.transformer.h):
