@@ -225,3 +225,14 @@ print(sum(faults[-6:]))
     n = {m: int(subprocess.run([sys.executable, "-c", code, m], cwd=ROOT, capture_output=True, text=True,
                                check=True).stdout) for m in ("default", "heap")}
     assert n["default"] > 600_000 and n["heap"] < n["default"] / 5, n  # the heap still grows now and then
+
+
+def test_keep_freed_memory_elsewhere_does_nothing(monkeypatch):
+    """Without glibc (macOS, Windows, musl) there is no setting to make: False, no error."""
+    import ctypes
+    import train_utils
+
+    def no_glibc(name):
+        raise OSError(f"{name}: cannot open shared object file")
+    monkeypatch.setattr(ctypes, "CDLL", no_glibc)
+    assert train_utils.keep_freed_memory() is False
