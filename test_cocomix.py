@@ -844,3 +844,22 @@ def test_non_finite_steps_are_skipped_then_stop_without_a_nan_checkpoint(data_di
     assert "non-finite loss or gradients, step skipped" in p.stdout
     assert "10 non-finite steps in a row; stopping" in p.stderr
     assert not os.path.exists(os.path.join(out, "ckpt.pt"))
+
+
+def test_training_returns_no_z_and_recall_needs_no_grad():
+    """With labels and autograd the concept head is one op that keeps no z (hidden_states gives None and
+    the loss); recall, which needs z, is measured without autograd and refused with it, not skipped."""
+    from objective import training_loss
+    torch.manual_seed(0)
+    model = GPT(tiny_config(n_concepts=64, concept_topk=4, insert_layer=1))
+    idx, labels = torch.randint(0, 50257, (2, 16)), torch.randint(0, 64, (2, 16, 4))
+    x, z, concept = model.hidden_states(idx, labels=labels)
+    assert z is None and concept.requires_grad
+    with torch.no_grad():
+        x0, z0, concept0 = model.hidden_states(idx, labels=labels)
+        _, parts = training_loss(model, idx, idx, "cocomix", labels, recall=True)
+    torch.testing.assert_close(x, x0)
+    torch.testing.assert_close(concept, concept0)  # fp32: the op and the plain path agree
+    assert z0.shape == (2, 16, 64) and 0 <= parts["recall"] <= 1
+    with pytest.raises(ValueError, match="without autograd"):
+        training_loss(model, idx, idx, "cocomix", labels, recall=True)
