@@ -62,8 +62,8 @@ def options(doc):
 def settle(args, long_run=False):
     """--tiny's sizes, then the defaults left open (long_run: the CUDA MFU run's batch and step counts); on a
     CPU, the allocator as train.py sets it (train_utils.keep_freed_memory) unless --no_cpu_heap."""
-    if args.device == "cpu" and not args.no_cpu_heap:
-        keep_freed_memory()
+    if not args.no_cpu_heap:
+        keep_freed_memory(args.device)
     if args.tiny:
         args.__dict__.update(n_layer=2, n_head=2, n_embd=64, block_size=32, n_concepts=256, concept_topk=8,
                              src_layer=2, src_head=2, src_embd=64, sae_layer=0, sae_k=8, tokens=256)

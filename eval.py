@@ -438,8 +438,7 @@ def main(argv=None):
         model.eval()
         block_size = args.block_size or model.config.block_size
         device_type = "cuda" if str(args.device).startswith("cuda") else "cpu"
-        if device_type == "cpu":
-            keep_freed_memory()  # as train.py does (train_utils): 1.6x faster evaluation on a 2-core CPU
+        keep_freed_memory(args.device)  # as train.py does (train_utils): 1.6x faster evaluation on a 2-core CPU
         ctx = torch.autocast(device_type, dtype=getattr(torch, args.dtype),
                              enabled=device_type == "cuda" and args.dtype != "float32")
         try:  # corpus raises these with one-line messages: ours to print

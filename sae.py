@@ -371,8 +371,7 @@ def main(argv=None):
     if problem := check_args(a):
         raise SystemExit(f"error: {problem}")
     torch.manual_seed(a.seed)
-    if torch.device(a.device).type == "cpu":
-        keep_freed_memory()  # as train.py does (train_utils)
+    keep_freed_memory(a.device)  # as train.py does (train_utils)
     if a.eval_only or a.describe:
         return eval_or_describe(a)
     if a.ckpt is None or a.layer is None:

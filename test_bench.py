@@ -236,3 +236,5 @@ def test_keep_freed_memory_elsewhere_does_nothing(monkeypatch):
         raise OSError(f"{name}: cannot open shared object file")
     monkeypatch.setattr(ctypes, "CDLL", no_glibc)
     assert train_utils.keep_freed_memory() is False
+    monkeypatch.undo()
+    assert train_utils.keep_freed_memory("cuda:0") is False  # a GPU's tensors are not glibc's

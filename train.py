@@ -123,8 +123,8 @@ if master:  # one run per out_dir: a second would overwrite this one's checkpoin
         fail(str(e))
 device_type = 'cuda' if 'cuda' in device else 'mps' if 'mps' in device else 'cpu'
 dtype = auto_dtype(dtype, device_type)
-if device_type == 'cpu' and cpu_heap:
-    keep_freed_memory()  # a third of a CPU step went to the kernel mapping fresh pages (train_utils)
+if cpu_heap:
+    keep_freed_memory(device)  # a third of a CPU step went to the kernel mapping fresh pages (train_utils)
 ptdtype = {'float32': torch.float32, 'bfloat16': torch.bfloat16, 'float16': torch.float16}[dtype]
 ctx = nullcontext() if dtype == 'float32' else torch.autocast(device_type=device_type, dtype=ptdtype)
 torch.backends.cuda.matmul.allow_tf32 = True

@@ -151,13 +151,15 @@ def auto_dtype(dtype, device_type):
     return 'float32'
 
 
-def keep_freed_memory():
-    """On Linux with glibc: serve large blocks from the heap and keep freed memory there, instead of
-    glibc's default of mapping every block over 32 MB afresh and unmapping it when freed. A CPU step
-    frees and allocates such tensors (activations, the LM head's logit chunks) many times, and each
-    fresh mapping is page-faulted and zeroed by the kernel: on a 2-core CPU that was a third of the step
-    (BENCHMARKS.md). The process then holds on to its peak memory. Returns whether it was applied
-    (False where the C library is not glibc)."""
+def keep_freed_memory(device="cpu"):
+    """For work on a CPU device, on Linux with glibc: serve large blocks from the heap and keep freed
+    memory there, instead of glibc's default of mapping every block over 32 MB afresh and unmapping it
+    when freed. A CPU step frees and allocates such tensors (activations, the LM head's logit chunks)
+    many times, and each fresh mapping is page-faulted and zeroed by the kernel: on a 2-core CPU that
+    was a third of the step (BENCHMARKS.md). The process then holds on to its peak memory. Returns
+    whether it was applied: False for a GPU (its tensors are not glibc's) or without glibc."""
+    if torch.device(device).type != "cpu":
+        return False
     try:
         libc = ctypes.CDLL("libc.so.6")
         mallopt = libc.mallopt
