@@ -57,6 +57,14 @@ def sparse_mix_t(values, indices, x, n_rows):
     return F.embedding_bag(rows, x, offsets, per_sample_weights=values.reshape(-1)[order].to(x.dtype), mode="sum")
 
 
+def precisions(x):
+    """(matmul precision, sum precision) of an op on x: autocast's dtype where autocast is on, else x's;
+    sums in at least fp32. The ops below turn autocast off inside and cast by these themselves."""
+    dev = x.device.type
+    cdt = torch.get_autocast_dtype(dev) if torch.is_autocast_enabled(dev) else x.dtype
+    return cdt, torch.promote_types(cdt, torch.float32)
+
+
 class LMHeadLoss(torch.autograd.Function):
     """Mean next-token cross-entropy of the logits x W^T (x: N x d, W: V x d, targets: N, -1 = ignore)
     in the fewest passes over the N x V logits. The forward makes them in one matmul, in the compute
@@ -78,8 +86,7 @@ class LMHeadLoss(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, W, targets, chunk, teacher_x=None, teacher_W=None, lam_kd=0.0):
         dev = x.device.type
-        cdt = torch.get_autocast_dtype(dev) if torch.is_autocast_enabled(dev) else x.dtype  # matmul precision
-        acc = torch.promote_types(cdt, torch.float32)  # sums: at least fp32
+        cdt, acc = precisions(x)
         with torch.autocast(dev, enabled=False):
             xc, Wc = x.to(cdt), W.to(cdt)
             G = xc @ Wc.t()  # the logits, becoming the logit gradient chunk by chunk below
@@ -202,8 +209,7 @@ class ConceptHead(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, W, b, k, labels):
         dev = x.device.type
-        cdt = torch.get_autocast_dtype(dev) if torch.is_autocast_enabled(dev) else x.dtype  # matmul precision
-        acc = torch.promote_types(cdt, torch.float32)  # sums: at least fp32
+        cdt, acc = precisions(x)
         with torch.autocast(dev, enabled=False):
             Wc = W.to(cdt)
             z = torch.addmm(b.to(cdt), x.to(cdt), Wc.t())

@@ -133,6 +133,12 @@ def download_gpt2(name):
     return cache_dir
 
 
+def gpt2_folder(path):
+    """A GPT-2 name (GPT2_NAMES) -> its downloaded folder (cached after the first time); a path as it is,
+    including a local folder that happens to bear such a name."""
+    return download_gpt2(path) if path in GPT2_NAMES and not os.path.isdir(path) else path
+
+
 def first_line(e, limit=200):
     """'Type: first line of the message' of an exception, or just its type when the message is empty (an
     EOFError from a zero-length file has none)."""
@@ -195,8 +201,7 @@ def _file_sha256(path, size, mtime_ns):
 def source_sha256(path):
     """Content hash of a concept source as checkpoint.load_frozen_gpt reads it: our checkpoint (or the
     ckpt.pt in a folder), or a Hugging Face GPT-2 folder's config.json and weights file."""
-    if path in GPT2_NAMES and not os.path.isdir(path):
-        path = download_gpt2(path)  # a cached download after the first time
+    path = gpt2_folder(path)
     if os.path.exists(os.path.join(path, "config.json")):
         weights = os.path.join(path, "model.safetensors")
         weights = weights if os.path.exists(weights) else os.path.join(path, "pytorch_model.bin")  # load_hf_state_dict's order
@@ -207,8 +212,7 @@ def source_sha256(path):
 
 def read_gpt2_config(path):
     """(Hugging Face config.json of a GPT-2 folder, the folder); a GPT-2 name is downloaded first."""
-    if path in GPT2_NAMES and not os.path.isdir(path):
-        path = download_gpt2(path)
+    path = gpt2_folder(path)
     with open(os.path.join(path, "config.json")) as f:
         hf = json.load(f)
     if hf.get("activation_function", "gelu_new") not in ("gelu_new", "gelu_pytorch_tanh"):
