@@ -8,6 +8,7 @@ after defining the defaults as globals. Arguments are either a Python config fil
 overrides, where value is parsed as a Python literal when it is one and must have
 the default's type (ints are accepted for floats).
 """
+
 import sys
 from ast import literal_eval
 
@@ -18,8 +19,8 @@ def _config_error(msg):
 
 
 for arg in sys.argv[1:]:
-    if '=' not in arg:
-        if arg.startswith('--'):
+    if "=" not in arg:
+        if arg.startswith("--"):
             _config_error(f"expected --key=value, got {arg!r}")
         # a config file: its assignments become this script's settings
         try:
@@ -28,35 +29,54 @@ for arg in sys.argv[1:]:
         except OSError as e:
             _config_error(f"cannot read config file {arg}: {e.strerror}")
         _before = set(globals())
-        _defaults = {k: v for k, v in globals().items() if isinstance(v, (int, float, bool, str)) and not k.startswith('_')}
+        _defaults = {
+            k: v
+            for k, v in globals().items()
+            if isinstance(v, (int, float, bool, str)) and not k.startswith("_")
+        }
         try:
             exec(_src)
-        except Exception as _e:  # a typo in a config file: one line, not a traceback from inside exec
+        except (
+            Exception
+        ) as _e:  # a typo in a config file: one line, not a traceback from inside exec
             _config_error(f"config file {arg}: {type(_e).__name__}: {_e}")
-        _unknown = set(globals()) - _before - {'_src', '_before', '_defaults', '_e'}
-        _unknown = {k for k in _unknown if not k.startswith('_')}
+        _unknown = set(globals()) - _before - {"_src", "_before", "_defaults", "_e"}
+        _unknown = {k for k in _unknown if not k.startswith("_")}
         if _unknown:
             _config_error(f"{arg} sets unknown config keys: {', '.join(sorted(_unknown))}")
-        for _k, _v in _defaults.items():  # the file's values must have the defaults' types, as --key=value ones
+        for (
+            _k,
+            _v,
+        ) in (
+            _defaults.items()
+        ):  # the file's values must have the defaults' types, as --key=value ones
             _new = globals()[_k]
             if type(_new) != type(_v) and not (type(_v) is float and type(_new) is int):
                 _config_error(f"{arg} sets {_k} to {_new!r}, expected a {type(_v).__name__}")
             if type(_v) is float:
                 globals()[_k] = float(_new)
     else:
-        if not arg.startswith('--'):
+        if not arg.startswith("--"):
             _config_error(f"expected --key=value, got {arg!r}")
-        key, val = arg[2:].split('=', 1)
-        if key not in globals() or key.startswith('_') or key in ('config_keys',):
+        key, val = arg[2:].split("=", 1)
+        if key not in globals() or key.startswith("_") or key in ("config_keys",):
             _config_error(f"unknown config key {key!r}")
         try:
             attempt = literal_eval(val)
         except (SyntaxError, ValueError):
             attempt = val  # a plain string
         default = globals()[key]
-        if isinstance(default, bool) and isinstance(attempt, str) and attempt.lower() in ('true', 'false'):
-            attempt = attempt.lower() == 'true'
-        if isinstance(default, float) and isinstance(attempt, int) and not isinstance(attempt, bool):
+        if (
+            isinstance(default, bool)
+            and isinstance(attempt, str)
+            and attempt.lower() in ("true", "false")
+        ):
+            attempt = attempt.lower() == "true"
+        if (
+            isinstance(default, float)
+            and isinstance(attempt, int)
+            and not isinstance(attempt, bool)
+        ):
             attempt = float(attempt)
         if default is not None and type(attempt) != type(default):
             _config_error(f"--{key} expects a {type(default).__name__}, got {val!r}")

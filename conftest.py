@@ -1,5 +1,6 @@
-"""Session fixtures that several test files use, built once per run: a prepared text (data_dir) and a
-briefly trained concept source with an SAE on it (source_and_sae). Their helpers live in test_cocomix.py."""
+"""Session fixtures that several test files use, built once per run: a prepared text (data_dir) and
+a briefly trained concept source with an SAE on it (source_and_sae). Their helpers are in
+tests/fixtures.py."""
 
 import os
 
@@ -7,14 +8,15 @@ import numpy as np
 import pytest
 import torch
 
-from test_cocomix import TINY, run
+from tests.fixtures import TINY, run
 
 
 @pytest.fixture(scope="session")
 def data_dir(tmp_path_factory):
-    """TinyShakespeare from the data folder in $COCOMIX_DATA (what .ci/run sets) when it is there, else a
-    generated text."""
+    """TinyShakespeare from the data folder in $COCOMIX_DATA (what .ci/run sets) when it is there,
+    else a generated text."""
     from prepare import prepare
+
     out = tmp_path_factory.mktemp("data")
     src = os.path.join(os.environ.get("COCOMIX_DATA", ""), "tinyshakespeare", "input.txt")
     if not os.path.exists(src):
@@ -32,8 +34,16 @@ def source_and_sae(data_dir, tmp_path_factory):
     """A concept source trained briefly by train.py and an SAE on its layer 1 (random init is
     enough for the plumbing; the SAE tests check SAE training)."""
     from sae import SAE
+
     out = str(tmp_path_factory.mktemp("source"))
-    run("train.py", f"--data_dir={data_dir}", f"--out_dir={out}", "--max_iters=10", "--eval_interval=10", *TINY)
+    run(
+        "train.py",
+        f"--data_dir={data_dir}",
+        f"--out_dir={out}",
+        "--max_iters=10",
+        "--eval_interval=10",
+        *TINY,
+    )
     torch.manual_seed(0)
     sae = SAE(32, 128, 8, meta={"layer": 1})
     sae.save(os.path.join(out, "sae.pt"))

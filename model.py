@@ -13,21 +13,23 @@ compresses them back to a d-vector c_t (ConceptMixer.compress), then interleaves
     h_1, c_1, h_2, c_2, ..., h_T, c_T
 
 through the remaining blocks. The next token x_{t+1} is read from the concept
-slot c_t (GPT.hidden_states). `mix='pause'` puts one learned vector in every
+slot c_t (GPT.hidden_states). `pause=True` puts one learned vector in every
 slot instead: the same architecture without concepts, the paper's pause baseline.
 """
 
 import math
+import os
 from dataclasses import dataclass
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from ops import concept_head, concept_loss_reference, sparse_mix
-from weights import copy_gpt2_weights, read_gpt2_config
+from cocomix.checkpoint import load_weights, read_checkpoint
+from cocomix.ops import concept_loss_reference, fused_concept_head, lm_loss, sparse_mix
+from cocomix.weights import GPT2_NAMES, copy_gpt2_weights, read_gpt2_config
 
-MIX_MODES = ("interleave", "add", "none", "pause")
+MIX_MODES = ("interleave", "add", "none")
 
 
 @dataclass
@@ -41,10 +43,11 @@ class GPTConfig:
     bias: bool = True
     ln_eps: float = 1e-5
     # CoCoMix (0 concepts = plain GPT)
-    n_concepts: int = 0       # C, the number of SAE latents the student predicts
-    concept_topk: int = 32    # K, concepts kept per token for mixing
-    insert_layer: int = 3     # concept head sits at the input of this block (0-based)
-    mix: str = "interleave"   # interleave | add | none | pause
+    n_concepts: int = 0  # C, the number of SAE latents the student predicts
+    concept_topk: int = 32  # K, concepts kept per token for mixing
+    insert_layer: int = 1  # concept head sits at the input of this block (0-based)
+    mix: str = "interleave"  # interleave | add | none
+    pause: bool = False  # the pause baseline: a learned vector in every concept slot, no concepts
 
     def __post_init__(self):
         # config errors are cheaper to read here than as a shape error deep inside forward
@@ -55,21 +58,27 @@ class GPTConfig:
                 raise ValueError(f"{k} must be positive, got {getattr(self, k)}")
         if self.mix not in MIX_MODES:
             raise ValueError(f"mix must be one of {MIX_MODES}, got {self.mix!r}")
+        if self.pause and (self.n_concepts or self.mix != "interleave"):
+            raise ValueError("pause=True is the pause baseline: no concepts, interleaved slots")
         if self.has_insert_layer:
             if not 0 <= self.insert_layer < self.n_layer:
-                raise ValueError(f"insert_layer={self.insert_layer} is outside the model's {self.n_layer} blocks")
+                raise ValueError(
+                    f"insert_layer={self.insert_layer} is outside the model's {self.n_layer} blocks"
+                )
             if self.n_concepts and not 0 < self.concept_topk <= self.n_concepts:
-                raise ValueError(f"concept_topk={self.concept_topk} must be in [1, n_concepts={self.n_concepts}]")
+                raise ValueError(
+                    f"concept_topk={self.concept_topk} must be in [1, n_concepts={self.n_concepts}]"
+                )
 
     @property
     def has_insert_layer(self):
         """A CoCoMix student (concepts) or a pause model: block insert_layer's input is changed."""
-        return self.n_concepts > 0 or self.mix == "pause"
+        return self.n_concepts > 0 or self.pause
 
     @property
     def interleaved(self):
         """Two slots per token above insert_layer (h_t, c_t): mix interleave, or pause."""
-        return self.has_insert_layer and self.mix in ("interleave", "pause")
+        return self.has_insert_layer and self.mix == "interleave"
 
 
 # -----------------------------------------------------------------------------
@@ -77,7 +86,6 @@ class GPTConfig:
 
 
 class CausalSelfAttention(nn.Module):
-
     def __init__(self, config):
         super().__init__()
         self.c_attn = nn.Linear(config.n_embd, 3 * config.n_embd, bias=config.bias)
@@ -95,7 +103,9 @@ class CausalSelfAttention(nn.Module):
             k, v = kv_cache.update(k, v)
         Tk = k.size(2)
         if Tk == T:
-            y = F.scaled_dot_product_attention(q, k, v, dropout_p=self.dropout if self.training else 0.0, is_causal=True)
+            y = F.scaled_dot_product_attention(
+                q, k, v, dropout_p=self.dropout if self.training else 0.0, is_causal=True
+            )
         else:  # T new queries after Tk - T cached keys: query i sees keys up to Tk - T + i
             mask = torch.ones(T, Tk, dtype=torch.bool, device=x.device).tril(Tk - T)
             y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
@@ -104,8 +114,9 @@ class CausalSelfAttention(nn.Module):
 
 
 class KVCache:
-    """Keys and values (B, n_head, T, head_dim) of one attention layer for incremental decoding, in a
-    buffer that grows by doubling so that a step writes only its new positions."""
+    """Keys and values (B, n_head, T, head_dim) of one attention layer for incremental decoding, in
+    a buffer that grows by doubling so that a step writes only its new positions."""
+
     def __init__(self):
         self.k, self.v, self.n = None, None, 0  # n: positions held
 
@@ -115,15 +126,17 @@ class KVCache:
             cap = max(n, 64, 2 * self.n)
             k_buf, v_buf = (t.new_empty(*t.shape[:2], cap, t.size(3)) for t in (k, v))
             if self.n:
-                k_buf[:, :, :self.n], v_buf[:, :, :self.n] = self.k[:, :, :self.n], self.v[:, :, :self.n]
+                k_buf[:, :, : self.n], v_buf[:, :, : self.n] = (
+                    self.k[:, :, : self.n],
+                    self.v[:, :, : self.n],
+                )
             self.k, self.v = k_buf, v_buf
-        self.k[:, :, self.n:n], self.v[:, :, self.n:n] = k, v
+        self.k[:, :, self.n : n], self.v[:, :, self.n : n] = k, v
         self.n = n
         return self.k[:, :, :n], self.v[:, :, :n]
 
 
 class MLP(nn.Module):
-
     def __init__(self, config):
         super().__init__()
         self.c_fc = nn.Linear(config.n_embd, 4 * config.n_embd, bias=config.bias)
@@ -136,7 +149,6 @@ class MLP(nn.Module):
 
 
 class Block(nn.Module):
-
     def __init__(self, config):
         super().__init__()
         self.ln_1 = nn.LayerNorm(config.n_embd, eps=config.ln_eps, bias=config.bias)
@@ -170,20 +182,23 @@ class ConceptMixer(nn.Module):
     def __init__(self, config):
         super().__init__()
         d, C = config.n_embd, config.n_concepts
-        self.k = 0 if config.mix == "none" else config.concept_topk  # the TopK's k (none: nothing to mix)
+        self.k = (
+            0 if config.mix == "none" else config.concept_topk
+        )  # the TopK's k (none: nothing to mix)
         self.b_pre = nn.Parameter(torch.zeros(d))
-        self.concept_head = nn.Linear(d, C)                  # W_pred, b_pred
+        self.concept_head = nn.Linear(d, C)  # W_pred, b_pred
         if config.mix != "none":
-            self.W_cmp = nn.Parameter(torch.empty(C, d))     # stored C x d so a concept is one row to gather
+            self.W_cmp_T = nn.Parameter(torch.empty(C, d))  # W_cmp transposed: a concept is one row
             self.b_cmp = nn.Parameter(torch.zeros(d))
 
-    def predict(self, x, labels=None, steer=None):
+    def predict(self, x, steer=None, labels=None, fused=False):
         """(z, TopK_k(z)'s values and indices, L_concept at the labels or None). Steering scales
-        z[..., i] by steer[i] before the TopK. In training (labels and autograd) one op computes the plain
-        path below without keeping z (ops.concept_head; z is None): equal in fp32, within bf16's rounding."""
+        z[..., i] by steer[i] before the TopK. fused (training): one op computes the same values and
+        L_concept without keeping z (cocomix/ops.py, fused_concept_head), and z is None."""
         x = x - self.b_pre
-        if labels is not None and torch.is_grad_enabled() and not steer:
-            return None, *concept_head(x, self.concept_head.weight, self.concept_head.bias, self.k, labels)
+        if fused and labels is not None and not steer:
+            W, b = self.concept_head.weight, self.concept_head.bias
+            return None, *fused_concept_head(x, W, b, self.k, labels)
         z = self.concept_head(x)
         if steer:
             z = steer_logits(z, steer)
@@ -191,8 +206,10 @@ class ConceptMixer(nn.Module):
         return z, values, indices, None if labels is None else concept_loss_reference(z, labels)
 
     def compress(self, values, indices, mu, std):
-        # sum_k values_k W_cmp[indices_k] without the dense B x T x C masked matrix (ops.py); cheap in fp32
-        c = sparse_mix(values.to(self.W_cmp.dtype), indices, self.W_cmp) + self.b_cmp + self.b_pre
+        # sum_k values_k W_cmp[:, indices_k] without the dense B x T x C masked matrix
+        # (cocomix/ops.py)
+        W = self.W_cmp_T
+        c = sparse_mix(values.to(W.dtype), indices, W) + self.b_cmp + self.b_pre
         return c * std + mu
 
 
@@ -224,30 +241,31 @@ def concept_recall(z, labels):
 
 
 class GPT(nn.Module):
-
     def __init__(self, config):
         super().__init__()
         self.config = config
-        self.transformer = nn.ModuleDict(dict(
-            wte=nn.Embedding(config.vocab_size, config.n_embd),
-            wpe=nn.Embedding(config.block_size, config.n_embd),
-            drop=nn.Dropout(config.dropout),
-            h=nn.ModuleList([Block(config) for _ in range(config.n_layer)]),
-            ln_f=nn.LayerNorm(config.n_embd, eps=config.ln_eps, bias=config.bias),
-        ))
+        self.transformer = nn.ModuleDict(
+            dict(
+                wte=nn.Embedding(config.vocab_size, config.n_embd),
+                wpe=nn.Embedding(config.block_size, config.n_embd),
+                drop=nn.Dropout(config.dropout),
+                h=nn.ModuleList([Block(config) for _ in range(config.n_layer)]),
+                ln_f=nn.LayerNorm(config.n_embd, eps=config.ln_eps, bias=config.bias),
+            )
+        )
         self.lm_head = nn.Linear(config.n_embd, config.vocab_size, bias=False)
         self.transformer.wte.weight = self.lm_head.weight  # weight tying
         if config.n_concepts > 0:
             self.mixer = ConceptMixer(config)
-        if config.mix == "pause":
+        if config.pause:
             self.pause = nn.Parameter(torch.zeros(config.n_embd))
         self.apply(self._init_weights)
         for pn, p in self.named_parameters():  # GPT-2's scaled init of the residual projections
             if pn.endswith("c_proj.weight"):
                 torch.nn.init.normal_(p, mean=0.0, std=0.02 / math.sqrt(2 * config.n_layer))
         if config.n_concepts > 0 and config.mix != "none":
-            torch.nn.init.normal_(self.mixer.W_cmp, mean=0.0, std=0.02)
-        if config.mix == "pause":
+            torch.nn.init.normal_(self.mixer.W_cmp_T, mean=0.0, std=0.02)
+        if config.pause:
             torch.nn.init.normal_(self.pause, mean=0.0, std=0.02)
 
     def _init_weights(self, module):
@@ -268,82 +286,87 @@ class GPT(nn.Module):
         """Token + position embeddings (B x T x d)."""
         T = idx.size(1)
         if pos_offset + T > self.config.block_size:
-            raise ValueError(f"sequence of length {pos_offset + T} is longer than block_size={self.config.block_size}")
+            raise ValueError(
+                f"sequence of length {pos_offset + T} is longer than block_size={self.config.block_size}"
+            )
         pos = torch.arange(pos_offset, pos_offset + T, dtype=torch.long, device=idx.device)
         return self.transformer.drop(self.transformer.wte(idx) + self.transformer.wpe(pos))
 
-    def mix_concepts(self, h, steer=None, labels=None):
-        """At the input of block insert_layer: (concept logits z, L_concept, the hidden state the blocks
-        above see); z is None for a pause model and in training (ConceptMixer.predict), L_concept without labels."""
+    def mix_concepts(self, h, steer=None, labels=None, fused=False):
+        """At the input of block insert_layer: (concept logits z, L_concept, the hidden state the
+        blocks above see). z is None for a pause model and with fused (ConceptMixer.predict);
+        L_concept is None without labels."""
         mix = self.config.mix
-        if mix == "pause":
+        if self.config.pause:
             return None, None, interleave(h, self.pause.expand_as(h))
         x, mu, std = standardise(h)
-        z, values, indices, concept = self.mixer.predict(x, labels, steer)
+        z, values, indices, concept_loss = self.mixer.predict(x, steer, labels, fused)
         if mix == "none":  # concept prediction only
-            return z, concept, h
+            return z, concept_loss, h
         c = self.mixer.compress(values, indices, mu, std)
-        return z, concept, interleave(h, c) if mix == "interleave" else h + c.to(h.dtype)
+        return z, concept_loss, interleave(h, c) if mix == "interleave" else h + c.to(h.dtype)
 
-    def hidden_states(self, idx, steer=None, labels=None):
-        """idx (B, T) -> (final hidden states x (B, T, d) after ln_f, concept logits z (B, T, C) or None,
-        L_concept at the labels (B, T, K_attr) or None). z is None for a plain GPT and when labels are
-        given with autograd on (training)."""
+    def hidden_states(self, idx, steer=None, labels=None, fused=False):
+        """idx (B, T) -> (final hidden states x (B, T, d) after ln_f, concept logits z (B, T, C) or
+        None, L_concept at the labels (B, T, K_attr) or None). z is None for a plain GPT and with
+        fused=True, the training path that never keeps z."""
         cfg = self.config
-        x, z, concept = self.embed(idx), None, None
+        x, z, concept_loss = self.embed(idx), None, None
         for i, block in enumerate(self.transformer.h):
             if cfg.has_insert_layer and i == cfg.insert_layer:
-                z, concept, x = self.mix_concepts(x, steer, labels)
+                z, concept_loss, x = self.mix_concepts(x, steer, labels, fused)
             x = block(x)
         if cfg.interleaved:
-            x = x[:, 1::2]  # the concept (or pause) slot c_t predicts x_{t+1}; token slots are discarded
-        return self.transformer.ln_f(x), z, concept
+            x = x[
+                :, 1::2
+            ]  # the concept (or pause) slot c_t predicts x_{t+1}; token slots are discarded
+        return self.transformer.ln_f(x), z, concept_loss
 
     def forward(self, idx, targets=None, steer=None):
         """nanoGPT's interface: idx (B, T) -> (logits (B, T, V), next-token loss or None). Training
-        computes its loss from hidden_states instead, without the B x T x V logits (objective.py)."""
+        computes its loss from hidden_states instead, without the B x T x V logits (training_loss).
+        """
         x, _, _ = self.hidden_states(idx, steer)
         logits = self.lm_head(x)
         if targets is None:
             return logits, None
-        return logits, F.cross_entropy(logits.float().flatten(0, 1), targets.flatten(), ignore_index=-1)
+        return logits, F.cross_entropy(
+            logits.float().flatten(0, 1), targets.flatten(), ignore_index=-1
+        )
 
     # -------------------------------------------------------------------------
-    # as a concept source or KD teacher: the pass split at a block
+    # a plain GPT's pass split at a block: the concept source (labels) and the SAE's host
 
     def forward_to(self, idx, layer):
         """Residual stream after block `layer` (0-based), B x T x d. Plain GPT only."""
         x = self.embed(idx)
-        for block in self.transformer.h[:layer + 1]:
+        for block in self.transformer.h[: layer + 1]:
             x = block(x)
         return x
 
-    def final_hidden(self, h, layer):
-        """The final LayerNorm's output, from the residual stream h after block `layer` (-1: h is
-        the embeddings, so this is the whole pass)."""
-        for block in self.transformer.h[layer + 1:]:
+    def forward_from(self, h, layer):
+        """Final hidden states (after ln_f) from the residual stream h after block `layer`."""
+        for block in self.transformer.h[layer + 1 :]:
             h = block(h)
         return self.transformer.ln_f(h)
 
-    def forward_from(self, h, layer):
-        """Logits from the residual stream h after block `layer`."""
-        return self.lm_head(self.final_hidden(h, layer))
-
-    def as_teacher(self, idx):
-        """What KD's loss takes as the teacher (ops.lm_loss): this model's final hidden state and its
-        head, from which the teacher's logits are made a chunk of rows at a time."""
-        return self.final_hidden(self.embed(idx), -1), self.lm_head.weight
-
-    def configure_optimizers(self, weight_decay, learning_rate, betas, device_type, decay_all=False):
+    def configure_optimizers(
+        self, weight_decay, learning_rate, betas, device_type, decay_all=False
+    ):
         # decay every 2D weight (matmuls, embeddings), not biases, LayerNorm gains or the d-vectors
         # (nanoGPT's rule); decay_all: every parameter, as the released CoCoMix trainer does
         params = [p for p in self.parameters() if p.requires_grad]
         decay = [p for p in params if p.dim() >= 2 or decay_all]
         no_decay = [p for p in params if p.dim() < 2 and not decay_all]
-        groups = [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
-        # fused: one kernel over all parameters instead of ~7 ops per tensor (on a CPU, 15% of a small step);
-        # eps is AdamW's default, 1e-8, the paper's
-        return torch.optim.AdamW(groups, lr=learning_rate, betas=betas, fused=device_type in ("cuda", "cpu"))
+        groups = [
+            {"params": decay, "weight_decay": weight_decay},
+            {"params": no_decay, "weight_decay": 0.0},
+        ]
+        # fused: one kernel over all parameters instead of ~7 ops per tensor (on a CPU, 15% of a
+        # small step); eps is AdamW's default, 1e-8, the paper's
+        return torch.optim.AdamW(
+            groups, lr=learning_rate, betas=betas, fused=device_type in ("cuda", "cpu")
+        )
 
     # -------------------------------------------------------------------------
     # loading GPT-2
@@ -353,43 +376,62 @@ class GPT(nn.Module):
         """GPT-2 from a local Hugging Face checkpoint folder (config.json plus model.safetensors or
         pytorch_model.bin), or 'gpt2' to download it when online. No `transformers` needed."""
         hf, path = read_gpt2_config(path)
-        model = cls(GPTConfig(block_size=hf["n_positions"], vocab_size=hf["vocab_size"], n_layer=hf["n_layer"],
-                              n_head=hf["n_head"], n_embd=hf["n_embd"], ln_eps=hf.get("layer_norm_epsilon", 1e-5),
-                              bias=True, **overrides))
+        model = cls(
+            GPTConfig(
+                block_size=hf["n_positions"],
+                vocab_size=hf["vocab_size"],
+                n_layer=hf["n_layer"],
+                n_head=hf["n_head"],
+                n_embd=hf["n_embd"],
+                ln_eps=hf.get("layer_norm_epsilon", 1e-5),
+                bias=True,
+                **overrides,
+            )
+        )
         copy_gpt2_weights(model, path)
         return model
 
     @torch.no_grad()
     def forward_step(self, idx, caches, steer=None, last_only=False):
-        """The new tokens idx (B, T) after those held in `caches` (one KVCache per block, extended here);
-        above insert_layer an interleaved model adds two slots (h_t, c_t) per token, while positions count
-        tokens. Returns (logits (B, T or 1, V), z of the new tokens or None)."""
+        """The new tokens idx (B, T) after those held in `caches` (one KVCache per block, extended
+        here); above insert_layer an interleaved model adds two slots (h_t, c_t) per token, while
+        positions count tokens. Returns (logits (B, T or 1, V), z of the new tokens or None)."""
         cfg = self.config
         x, z = self.embed(idx, caches[-1].n // (2 if cfg.interleaved else 1)), None
         for i, (block, cache) in enumerate(zip(self.transformer.h, caches)):
             if cfg.has_insert_layer and i == cfg.insert_layer:
-                z, _, x = self.mix_concepts(x, steer)  # per token: the new tokens' c_t need no cache
+                z, _, x = self.mix_concepts(
+                    x, steer
+                )  # per token: the new tokens' c_t need no cache
             x = block(x, cache)
         x = x[:, 1::2] if cfg.interleaved else x
         return self.lm_head(self.transformer.ln_f(x[:, -1:] if last_only else x)), z
 
     @torch.no_grad()
-    def generate(self, idx, max_new_tokens, temperature=1.0, top_k=None, steer=None, use_cache=True, shift=0):
-        """Sample max_new_tokens tokens after idx (B, T). use_cache: each step runs only the newest token
-        (KV cache), else the whole window is recomputed. Past block_size tokens every learned position
-        moves as the window slides: shift=0 then recomputes the last block_size tokens per step, as the
-        uncached path does; shift=s > 0 rebuilds the cache from the last block_size - s tokens and
-        goes on cached for s steps (faster, shorter context)."""
+    def generate(
+        self, idx, max_new_tokens, temperature=1.0, top_k=None, steer=None, use_cache=True, shift=0
+    ):
+        """Sample max_new_tokens tokens after idx (B, T). use_cache: each step runs only the newest
+        token (KV cache), else the whole window is recomputed. Past block_size tokens every learned
+        position moves as the window slides: shift=0 then recomputes the last block_size tokens per
+        step, as the uncached path does; shift=s > 0 rebuilds the cache from the last block_size - s
+        tokens and goes on cached for s steps (faster, shorter context)."""
         bs, caches = self.config.block_size, None
         if not 0 <= shift < bs:
             raise ValueError(f"shift={shift} must be in [0, block_size={bs})")
         for _ in range(max_new_tokens):
             T = idx.size(1)
-            if use_cache and caches is not None and caches[-1].n < (2 if self.config.interleaved else 1) * bs:
+            if (
+                use_cache
+                and caches is not None
+                and caches[-1].n < (2 if self.config.interleaved else 1) * bs
+            ):
                 logits, _ = self.forward_step(idx[:, -1:], caches, steer, last_only=True)
             elif use_cache and (T <= bs or shift):
                 caches = [KVCache() for _ in self.transformer.h]
-                logits, _ = self.forward_step(idx[:, -(T if T <= bs else bs - shift):], caches, steer, last_only=True)
+                logits, _ = self.forward_step(
+                    idx[:, -(T if T <= bs else bs - shift) :], caches, steer, last_only=True
+                )
             else:
                 logits, _ = self(idx[:, -bs:], steer=steer)
             idx = torch.cat((idx, sample_next(logits[:, -1, :], temperature, top_k)), dim=1)
@@ -398,16 +440,114 @@ class GPT(nn.Module):
 
 def ntp_matched_width(config):
     """The plain-GPT width (a multiple of n_head) whose parameter count is closest to the CoCoMix
-    student's, for the paper's parameter-matched NTP baseline (the paper widens 512 to 624; this count gives
-    712, docs/method.md)."""
+    student's, for the paper's parameter-matched NTP baseline (the paper widens 512 to 624; this
+    count gives 712, docs/method.md)."""
     if not config.has_insert_layer:
         return config.n_embd
     target = GPT(config).get_num_params()  # non-embedding: without the position table, as count()
+
     def count(d):  # token embedding (tied with lm_head), blocks, final LayerNorm
         L, V = config.n_layer, config.vocab_size
         return V * d + L * (12 * d * d + 13 * d) + 2 * d
+
     widths = range(config.n_head, 4 * config.n_embd + 1, config.n_head)
     return min(widths, key=lambda d: abs(count(d) - target))
+
+
+# -----------------------------------------------------------------------------
+# The loss of every mode (docs/method.md, "The objective")
+#   ntp, pause   L = CE(next token)
+#   cocomix      L = CE(next token) + lam * L_concept        L_concept: CE of z at the K_attr labels
+#   kd           L = CE(next token) + lam_kd * KL(p_teacher || p_student)
+# The next-token CE comes from x in row chunks (cocomix/ops.py, lm_loss), never holding the B x T x
+# V logits; KD makes the teacher's logits in the same chunks. Its plain form is lm_loss_reference.
+
+
+def training_loss(
+    model,
+    X,
+    Y,
+    mode,
+    labels=None,
+    teacher=None,
+    lam=0.1,
+    lam_kd=0.1,
+    recall=False,
+    head_loss=lm_loss,
+):
+    """(loss, parts) of one micro-batch; parts holds the detached terms ('ntp', 'concept', 'kd').
+    labels: B x T x K_attr concept labels (cocomix); teacher: (final hidden states, head weight) of
+    the KD teacher. recall=True (evaluation) also measures the concept recall@K_attr, which needs z:
+    the plain concept head runs then, the fused one otherwise."""
+    x, z, concept_loss = model.hidden_states(
+        X, labels=labels if mode == "cocomix" else None, fused=not recall
+    )
+    W = model.lm_head.weight
+    if mode == "kd":  # CE + lam_kd * KL, the teacher's logits made in the same row chunks
+        loss, ntp, kd = head_loss(x, W, Y, teacher=teacher, lam_kd=lam_kd)
+        return loss, {"ntp": ntp, "kd": kd}
+    ntp = head_loss(x, W, Y)
+    if mode != "cocomix":
+        return ntp, {"ntp": ntp.detach()}
+    loss = ntp + lam * concept_loss  # the paper's objective
+    parts = {"ntp": ntp.detach(), "concept": concept_loss.detach()}
+    if recall:
+        parts["recall"] = concept_recall(z, labels)
+    return loss, parts
+
+
+class Objective(nn.Module):
+    """training_loss as a module around the model, so that DDP wraps (and torch.compile compiles)
+    the whole loss as one forward. Recall is measured in eval mode only (2% of a CPU step)."""
+
+    def __init__(self, model, mode, lam=0.1, lam_kd=0.1):
+        super().__init__()
+        self.model, self.mode, self.lam, self.lam_kd = model, mode, lam, lam_kd
+
+    def forward(self, X, Y, labels=None, teacher=None):
+        return training_loss(
+            self.model,
+            X,
+            Y,
+            self.mode,
+            labels,
+            teacher,
+            self.lam,
+            self.lam_kd,
+            recall=not self.training,
+        )
+
+
+def teacher_of(source, idx):
+    """What KD's loss takes as the teacher: its final hidden states and head weight, from which
+    lm_loss makes the teacher's logits a chunk of rows at a time."""
+    return source.forward_from(source.embed(idx), -1), source.lm_head.weight
+
+
+# -----------------------------------------------------------------------------
+# Loading: train.py's checkpoints and the frozen plain GPTs (concept source, SAE host, KD teacher).
+# The file checks, each a one-line error, are in cocomix/checkpoint.py.
+
+
+def load_checkpoint(path, device="cpu"):
+    """A model saved by train.py: returns (model, checkpoint dict)."""
+    ckpt = read_checkpoint(path, GPTConfig.__dataclass_fields__, device)
+    model = GPT(GPTConfig(**ckpt["model_args"]))
+    load_weights(model, ckpt["model"], path)
+    return model.to(device), ckpt
+
+
+def load_frozen_gpt(path, device="cpu"):
+    """A frozen plain GPT: our ckpt.pt or its folder, a Hugging Face GPT-2 folder, or a GPT-2 name."""
+    if path in GPT2_NAMES or os.path.exists(os.path.join(path, "config.json")):
+        model = GPT.from_pretrained(path)
+    else:
+        model, _ = load_checkpoint(os.path.join(path, "ckpt.pt") if os.path.isdir(path) else path)
+    if model.config.has_insert_layer:
+        raise ValueError(
+            f"{path}: a concept source or SAE host must be a plain GPT, not a CoCoMix student"
+        )
+    return model.to(device).eval().requires_grad_(False)
 
 
 def sample_next(logits, temperature=1.0, top_k=None):

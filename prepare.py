@@ -4,9 +4,9 @@ Turn text into nanoGPT-style token files with tiktoken's GPT-2 encoding.
     python prepare.py --input $COCOMIX_DATA/gutenberg --out_dir data/gutenberg
     python prepare.py --source shakespeare --out_dir data/shakespeare
 
-out_dir gets train.bin and val.bin (raw np.uint16 token ids: np.memmap(path, dtype=np.uint16, mode="r"))
-and meta.json (tokenizer, vocab size, eot token, tokens and documents per split, input files with
-sizes and sha256, the split rule). meta.json is written last: it marks a finished run.
+out_dir gets train.bin and val.bin (raw np.uint16 token ids: np.memmap(path, dtype=np.uint16,
+mode="r")) and meta.json (tokenizer, vocab size, eot token, tokens and documents per split, input
+files with sizes and sha256, the split rule). meta.json is written last: it marks a finished run.
 
 Documents: each input file is one document (folders: all *.txt inside, recursively, sorted).
 With --doc_separator (automatic for --source tinystories) files are cut into documents at that
@@ -41,8 +41,9 @@ from pathlib import Path
 import numpy as np
 from tqdm import tqdm
 
-from corpus import EOT as EOT_TOKEN, VOCAB_SIZE, tokenizer
-import weights
+import cocomix.weights as weights
+from cocomix.corpus import EOT as EOT_TOKEN
+from cocomix.corpus import VOCAB_SIZE, tokenizer
 
 TOKENIZER = "gpt2"
 VAL_FRACTION = 0.01
@@ -53,10 +54,16 @@ FORMAT_VERSION = 1
 
 TINYSTORIES = "https://huggingface.co/datasets/roneneldan/TinyStories/resolve/main/"
 SOURCES = {  # name -> (url, document separator, what to pass instead when offline)
-    "shakespeare": ("https://raw.githubusercontent.com/karpathy/char-rnn/master/data/tinyshakespeare/input.txt",
-                    None, "--input PATH/TO/tinyshakespeare/input.txt"),
-    "tinystories": (TINYSTORIES + "TinyStoriesV2-GPT4-valid.txt", "<|endoftext|>",
-                    "--input TinyStoriesV2-GPT4-valid.txt --doc_separator '<|endoftext|>'"),
+    "shakespeare": (
+        "https://raw.githubusercontent.com/karpathy/char-rnn/master/data/tinyshakespeare/input.txt",
+        None,
+        "--input PATH/TO/tinyshakespeare/input.txt",
+    ),
+    "tinystories": (
+        TINYSTORIES + "TinyStoriesV2-GPT4-valid.txt",
+        "<|endoftext|>",
+        "--input TinyStoriesV2-GPT4-valid.txt --doc_separator '<|endoftext|>'",
+    ),
     "openwebtext": (None, None, None),  # via the optional `datasets` package
 }
 
@@ -69,14 +76,18 @@ def get_encoding():
     """corpus.tokenizer(), checked to fit what prepare.py writes."""
     try:
         enc = tokenizer()
-    except RuntimeError as e:  # offline without TIKTOKEN_CACHE_DIR: one line from main, like every other failure
+    except (
+        RuntimeError
+    ) as e:  # offline without TIKTOKEN_CACHE_DIR: one line from main, like every other failure
         raise PrepareError(str(e)) from None
     assert enc.n_vocab == VOCAB_SIZE and enc.eot_token == EOT_TOKEN
     assert enc.n_vocab <= 2**16, "token ids must fit in uint16"
     return enc
 
+
 # -----------------------------------------------------------------------------
 # reading inputs
+
 
 def find_input_files(inputs):
     """Files as given, folders searched recursively for *.txt (sorted, so the order is stable)."""
@@ -103,7 +114,9 @@ def decode_utf8(data, path):
     try:
         return data.decode("utf-8")
     except UnicodeDecodeError as e:
-        raise PrepareError(f"{path} is not UTF-8 text (byte 0x{data[e.start]:02x} at offset {e.start})") from None
+        raise PrepareError(
+            f"{path} is not UTF-8 text (byte 0x{data[e.start]:02x} at offset {e.start})"
+        ) from None
 
 
 def split_documents(text, doc_separator=None):
@@ -118,11 +131,20 @@ def scan_files(paths, doc_separator=None):
     for path in paths:
         data = path.read_bytes()
         docs = split_documents(decode_utf8(data, path), doc_separator)
-        infos.append(dict(path=str(path), bytes=len(data), sha256=hashlib.sha256(data).hexdigest(),
-                          documents=len(docs), chars=sum(len(d) for d in docs)))
+        infos.append(
+            dict(
+                path=str(path),
+                bytes=len(data),
+                sha256=hashlib.sha256(data).hexdigest(),
+                documents=len(docs),
+                chars=sum(len(d) for d in docs),
+            )
+        )
     empty = [i["path"] for i in infos if i["documents"] == 0]
     if len(empty) == len(infos):
-        raise PrepareError(f"no text: all {len(infos)} input file(s) are empty or whitespace ({', '.join(empty[:3])})")
+        raise PrepareError(
+            f"no text: all {len(infos)} input file(s) are empty or whitespace ({', '.join(empty[:3])})"
+        )
     for path in empty:
         print(f"warning: skipping empty file {path}", file=sys.stderr)
     return infos
@@ -133,6 +155,7 @@ def read_documents(paths, doc_separator=None):
     for path in paths:
         yield from split_documents(decode_utf8(Path(path).read_bytes(), path), doc_separator)
 
+
 # -----------------------------------------------------------------------------
 # encoding
 
@@ -140,13 +163,14 @@ def read_documents(paths, doc_separator=None):
 # GPT-2's pre-tokenizer regex, so encoding the pieces separately gives exactly the same tokens.
 SAFE_CUT = re.compile(r"\S\n(?=[A-Za-z])")
 
+
 def chunk_text(text, size=CHUNK_CHARS):
     pieces, start = [], 0
     while len(text) - start > size:
         m = SAFE_CUT.search(text, start + size)
         if m is None:
             break
-        pieces.append(text[start:m.end()])
+        pieces.append(text[start : m.end()])
         start = m.end()
     pieces.append(text[start:])
     return pieces
@@ -184,17 +208,23 @@ def encode_documents(docs, num_proc, progress):
             futures, frac = pending.popleft()
             yield finish(futures), frac
 
+
 # -----------------------------------------------------------------------------
 # splitting
 
+
 def split_rule(mode):
     if mode == "documents":
-        return ("whole documents: a document goes to val if int.from_bytes(sha256(document UTF-8)[:8], 'big') "
-                "/ 2**64 < val_fraction; if none does, the document with the smallest hash goes to val "
-                f"(used when there are >= {MIN_DOCS_FOR_DOC_SPLIT} documents)")
-    return ("token tail: documents are concatenated in input order, each followed by <|endoftext|>, and the "
-            f"last max(ceil(val_fraction * tokens), {MIN_VAL_TOKENS}) tokens, capped at half of the tokens, go "
-            f"to val (used when there are < {MIN_DOCS_FOR_DOC_SPLIT} documents)")
+        return (
+            "whole documents: a document goes to val if int.from_bytes(sha256(document UTF-8)[:8], 'big') "
+            "/ 2**64 < val_fraction; if none does, the document with the smallest hash goes to val "
+            f"(used when there are >= {MIN_DOCS_FOR_DOC_SPLIT} documents)"
+        )
+    return (
+        "token tail: documents are concatenated in input order, each followed by <|endoftext|>, and the "
+        f"last max(ceil(val_fraction * tokens), {MIN_VAL_TOKENS}) tokens, capped at half of the tokens, go "
+        f"to val (used when there are < {MIN_DOCS_FOR_DOC_SPLIT} documents)"
+    )
 
 
 def plan_split(doc_lens, doc_fracs, val_fraction):
@@ -208,14 +238,21 @@ def plan_split(doc_lens, doc_fracs, val_fraction):
             is_val[np.argmin(doc_fracs)] = True
         if is_val.all():  # only possible with a huge val_fraction; train must not be empty either
             is_val[np.argmax(doc_fracs)] = False
-        ranges = [(int(a), int(b), "val" if v else "train") for a, b, v in zip(starts, ends, is_val)]
+        ranges = [
+            (int(a), int(b), "val" if v else "train") for a, b, v in zip(starts, ends, is_val)
+        ]
         return "documents", ranges, {"train": int((~is_val).sum()), "val": int(is_val.sum())}
     cut = total - min(max(math.ceil(val_fraction * total), MIN_VAL_TOKENS), total // 2)
-    counts = {"train": int((starts < cut).sum()), "val": int((ends > cut).sum())}  # the cut doc counts twice
+    counts = {
+        "train": int((starts < cut).sum()),
+        "val": int((ends > cut).sum()),
+    }  # the cut doc counts twice
     return "tokens", [(0, cut, "train"), (cut, total, "val")], counts
+
 
 # -----------------------------------------------------------------------------
 # output folder
+
 
 def load_meta(out_dir):
     """The meta.json of a finished run; PrepareError if there is none."""
@@ -229,8 +266,10 @@ def check_out_dir(out, settings, input_ids, overwrite):
     """True if out already holds this exact corpus; PrepareError if it holds another one."""
     if not (out / "meta.json").exists():
         if ((out / "train.bin").exists() or (out / "val.bin").exists()) and not overwrite:
-            raise PrepareError(f"{out} holds train.bin/val.bin but no meta.json (another tool or an unfinished "
-                               "run); use another --out_dir or --overwrite")
+            raise PrepareError(
+                f"{out} holds train.bin/val.bin but no meta.json (another tool or an unfinished "
+                "run); use another --out_dir or --overwrite"
+            )
         return False
     try:
         meta = load_meta(out)
@@ -238,18 +277,24 @@ def check_out_dir(out, settings, input_ids, overwrite):
     except (PrepareError, KeyError, TypeError):
         same = False
     if not same and not overwrite:
-        raise PrepareError(f"{out} already holds a different corpus (other inputs or settings); "
-                           "use another --out_dir or --overwrite")
+        raise PrepareError(
+            f"{out} already holds a different corpus (other inputs or settings); "
+            "use another --out_dir or --overwrite"
+        )
     # the same corpus is done, unless its bins are missing or damaged: then they are ours to redo
-    return same and all((out / f"{s}.bin").is_file() and (out / f"{s}.bin").stat().st_size
-                        == 2 * meta["splits"][s]["tokens"] for s in ("train", "val"))
+    return same and all(
+        (out / f"{s}.bin").is_file()
+        and (out / f"{s}.bin").stat().st_size == 2 * meta["splits"][s]["tokens"]
+        for s in ("train", "val")
+    )
 
 
 TMP_NAME = re.compile(r"\.(stream|train|val|meta)\.tmp-(\d+)")  # write_corpus's temporary files
 
 
 def pid_alive(pid):
-    """Whether a process of this number runs on this machine (signal 0 checks without sending anything)."""
+    """Whether a process of this number runs on this machine (signal 0 checks without sending
+    anything)."""
     try:
         os.kill(pid, 0)
     except ProcessLookupError:
@@ -260,14 +305,17 @@ def pid_alive(pid):
 
 
 def remove_stale_tmp(out):
-    """Temporary files of runs that were killed (kill -9 skips write_corpus's clean-up): the token stream
-    alone is the size of the corpus. Those of a live process are another run's, still working."""
+    """Temporary files of runs that were killed (kill -9 skips write_corpus's clean-up): the token
+    stream alone is the size of the corpus. Those of a live process are another run's, still
+    working."""
     for f in out.iterdir():
         if (m := TMP_NAME.fullmatch(f.name)) and not pid_alive(int(m.group(2))):
             f.unlink(missing_ok=True)
 
 
-def write_corpus(docs, inputs, settings, out_dir, num_proc, total_chars=None, overwrite=False, verbose=True):
+def write_corpus(
+    docs, inputs, settings, out_dir, num_proc, total_chars=None, overwrite=False, verbose=True
+):
     """Encodes docs into out_dir/{train,val}.bin + meta.json. Everything goes to temporary files in
     out_dir first and is moved into place at the end, meta.json last; on any error they are removed
     (a full disk is a PrepareError)."""
@@ -284,8 +332,16 @@ def write_corpus(docs, inputs, settings, out_dir, num_proc, total_chars=None, ov
         remove_stale_tmp(out)
         # 1) encode every document, in order, into one token stream
         doc_lens, doc_fracs = [], []
-        with open(tmp["stream"], "wb") as f, tqdm(total=total_chars, unit="char", unit_scale=True,
-                                                  desc="encoding", disable=not verbose) as progress:
+        with (
+            open(tmp["stream"], "wb") as f,
+            tqdm(
+                total=total_chars,
+                unit="char",
+                unit_scale=True,
+                desc="encoding",
+                disable=not verbose,
+            ) as progress,
+        ):
             for tokens, frac in encode_documents(docs, num_proc, progress):
                 tokens.tofile(f)
                 doc_lens.append(len(tokens))
@@ -303,11 +359,22 @@ def write_corpus(docs, inputs, settings, out_dir, num_proc, total_chars=None, ov
         del stream
         meta = {
             "format": "nanoGPT: raw np.uint16 token ids, every document followed by eot_token",
-            "tokenizer": TOKENIZER, "vocab_size": VOCAB_SIZE, "eot_token": EOT_TOKEN, "dtype": "uint16",
-            "splits": {s: {"tokens": n_tokens[s], "documents": n_docs[s]} for s in ("train", "val")},
-            "total_tokens": int(sum(doc_lens)), "total_documents": len(doc_lens),
-            "split": {"mode": mode, "rule": split_rule(mode), "val_fraction": settings["val_fraction"],
-                      "min_docs_for_document_split": MIN_DOCS_FOR_DOC_SPLIT, "min_val_tokens": MIN_VAL_TOKENS},
+            "tokenizer": TOKENIZER,
+            "vocab_size": VOCAB_SIZE,
+            "eot_token": EOT_TOKEN,
+            "dtype": "uint16",
+            "splits": {
+                s: {"tokens": n_tokens[s], "documents": n_docs[s]} for s in ("train", "val")
+            },
+            "total_tokens": int(sum(doc_lens)),
+            "total_documents": len(doc_lens),
+            "split": {
+                "mode": mode,
+                "rule": split_rule(mode),
+                "val_fraction": settings["val_fraction"],
+                "min_docs_for_document_split": MIN_DOCS_FOR_DOC_SPLIT,
+                "min_val_tokens": MIN_VAL_TOKENS,
+            },
             "settings": settings,
             "inputs": [{k: v for k, v in i.items() if k != "chars"} for i in inputs],
         }
@@ -321,8 +388,10 @@ def write_corpus(docs, inputs, settings, out_dir, num_proc, total_chars=None, ov
         os.replace(tmp["val"], out / "val.bin")
         os.replace(tmp["meta"], out / "meta.json")
     except OSError as e:  # a full disk, a read-only folder
-        raise PrepareError(f"cannot write in {out} ({e.strerror or e}; {weights.free_bytes(tmp['stream']):,} bytes "
-                           "free there); its temporary files are removed") from None
+        raise PrepareError(
+            f"cannot write in {out} ({e.strerror or e}; {weights.free_bytes(tmp['stream']):,} bytes "
+            "free there); its temporary files are removed"
+        ) from None
     finally:
         for path in tmp.values():
             if path.exists():
@@ -331,38 +400,54 @@ def write_corpus(docs, inputs, settings, out_dir, num_proc, total_chars=None, ov
             out.rmdir()
     if verbose:
         s = meta["splits"]
-        print(f"train: {s['train']['tokens']:,} tokens ({s['train']['documents']} docs), "
-              f"val: {s['val']['tokens']:,} tokens ({s['val']['documents']} docs), split by {mode}, "
-              f"{time.time() - t0:.1f}s -> {out}")
+        print(
+            f"train: {s['train']['tokens']:,} tokens ({s['train']['documents']} docs), "
+            f"val: {s['val']['tokens']:,} tokens ({s['val']['documents']} docs), split by {mode}, "
+            f"{time.time() - t0:.1f}s -> {out}"
+        )
     return meta
 
 
 def make_settings(val_fraction, doc_separator):
     if not 0 < val_fraction <= 0.5:
         raise PrepareError(f"--val_fraction must be in (0, 0.5], got {val_fraction}")
-    return {"tokenizer": TOKENIZER, "val_fraction": val_fraction, "doc_separator": doc_separator,
-            "min_docs_for_document_split": MIN_DOCS_FOR_DOC_SPLIT, "min_val_tokens": MIN_VAL_TOKENS,
-            "format_version": FORMAT_VERSION}
+    return {
+        "tokenizer": TOKENIZER,
+        "val_fraction": val_fraction,
+        "doc_separator": doc_separator,
+        "min_docs_for_document_split": MIN_DOCS_FOR_DOC_SPLIT,
+        "min_val_tokens": MIN_VAL_TOKENS,
+        "format_version": FORMAT_VERSION,
+    }
 
 
-def prepare(inputs, out_dir, val_fraction=VAL_FRACTION, num_proc=None, overwrite=False,
-            doc_separator=None, verbose=True):
+def prepare(
+    inputs,
+    out_dir,
+    val_fraction=VAL_FRACTION,
+    num_proc=None,
+    overwrite=False,
+    doc_separator=None,
+    verbose=True,
+):
     """Prepares local text files/folders into out_dir; returns the meta dict (see module docstring)."""
     settings = make_settings(val_fraction, doc_separator)
     paths = find_input_files([inputs] if isinstance(inputs, (str, Path)) else inputs)
     infos = scan_files(paths, doc_separator)
-    return write_corpus(read_documents(paths, doc_separator), infos, settings, out_dir,
-                        num_proc or os.cpu_count() or 1, sum(i["chars"] for i in infos), overwrite, verbose)
+    return write_corpus(
+        read_documents(paths, doc_separator),
+        infos,
+        settings,
+        out_dir,
+        num_proc or os.cpu_count() or 1,
+        sum(i["chars"] for i in infos),
+        overwrite,
+        verbose,
+    )
+
 
 # -----------------------------------------------------------------------------
 # named sources
-
-def download(url, path, hint):
-    """Downloads url to path once (weights.download: cached, atomic, with a progress bar)."""
-    try:
-        return Path(weights.download(url, str(path), hint))
-    except RuntimeError as e:
-        raise PrepareError(str(e)) from None
 
 
 def fetch_source(name, cache_dir=weights.CACHE_DIR):
@@ -370,11 +455,22 @@ def fetch_source(name, cache_dir=weights.CACHE_DIR):
     if name not in SOURCES or SOURCES[name][0] is None:
         raise PrepareError(f"unknown file source {name!r}; choose from {', '.join(SOURCES)}")
     url, doc_separator, hint = SOURCES[name]
-    return download(url, Path(cache_dir) / name / url.rsplit("/", 1)[1], hint), doc_separator
+    path = Path(cache_dir) / name / url.rsplit("/", 1)[1]
+    try:  # once: cached, atomic, with a progress bar
+        return Path(weights.download(url, str(path), hint)), doc_separator
+    except RuntimeError as e:
+        raise PrepareError(str(e)) from None
 
 
-def prepare_source(name, out_dir, cache_dir=weights.CACHE_DIR, val_fraction=VAL_FRACTION, num_proc=None,
-                   overwrite=False, verbose=True):
+def prepare_source(
+    name,
+    out_dir,
+    cache_dir=weights.CACHE_DIR,
+    val_fraction=VAL_FRACTION,
+    num_proc=None,
+    overwrite=False,
+    verbose=True,
+):
     num_proc = num_proc or os.cpu_count() or 1
     if name != "openwebtext":
         path, doc_separator = fetch_source(name, cache_dir)
@@ -382,39 +478,92 @@ def prepare_source(name, out_dir, cache_dir=weights.CACHE_DIR, val_fraction=VAL_
     try:
         import datasets  # optional and heavy, so only imported here
     except ImportError:
-        raise PrepareError("--source openwebtext needs the optional 'datasets' package: pip install datasets") from None
+        raise PrepareError(
+            "--source openwebtext needs the optional 'datasets' package: pip install datasets"
+        ) from None
     try:
-        ds = datasets.load_dataset("Skylion007/openwebtext", split="train", num_proc=num_proc,
-                                   cache_dir=os.path.join(cache_dir, "openwebtext"))
+        ds = datasets.load_dataset(
+            "Skylion007/openwebtext",
+            split="train",
+            num_proc=num_proc,
+            cache_dir=os.path.join(cache_dir, "openwebtext"),
+        )
     except Exception as e:
-        raise PrepareError(f"could not load openwebtext with datasets ({type(e).__name__}: {e})") from None
+        raise PrepareError(
+            f"could not load openwebtext with datasets ({type(e).__name__}: {e})"
+        ) from None
     # the dataset's fingerprint stands in for a file hash in the "already prepared" check
-    inputs = [{"path": "huggingface:Skylion007/openwebtext:train", "rows": len(ds), "sha256": ds._fingerprint}]
+    inputs = [
+        {
+            "path": "huggingface:Skylion007/openwebtext:train",
+            "rows": len(ds),
+            "sha256": ds._fingerprint,
+        }
+    ]
     docs = (d for d in (row["text"] for row in ds) if d.strip())
-    return write_corpus(docs, inputs, make_settings(val_fraction, None), out_dir, num_proc,
-                        overwrite=overwrite, verbose=verbose)
+    return write_corpus(
+        docs,
+        inputs,
+        make_settings(val_fraction, None),
+        out_dir,
+        num_proc,
+        overwrite=overwrite,
+        verbose=verbose,
+    )
+
 
 # -----------------------------------------------------------------------------
+
 
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0].strip())
     what = parser.add_mutually_exclusive_group(required=True)
-    what.add_argument("--input", nargs="+", metavar="PATH", help="text files and/or folders of *.txt files")
-    what.add_argument("--source", choices=sorted(SOURCES), help="a named source, downloaded to --cache_dir")
+    what.add_argument(
+        "--input", nargs="+", metavar="PATH", help="text files and/or folders of *.txt files"
+    )
+    what.add_argument(
+        "--source", choices=sorted(SOURCES), help="a named source, downloaded to --cache_dir"
+    )
     parser.add_argument("--out_dir", required=True, help="folder for train.bin, val.bin, meta.json")
-    parser.add_argument("--val_fraction", type=float, default=VAL_FRACTION, help=f"default {VAL_FRACTION}")
+    parser.add_argument(
+        "--val_fraction", type=float, default=VAL_FRACTION, help=f"default {VAL_FRACTION}"
+    )
     parser.add_argument("--num_proc", type=int, default=os.cpu_count(), help="encoding threads")
-    parser.add_argument("--doc_separator", default=None, help="cut files into documents at this string")
-    parser.add_argument("--cache_dir", default=weights.CACHE_DIR, help="where named sources are downloaded")
-    parser.add_argument("--overwrite", action="store_true", help="replace a different corpus in --out_dir")
+    parser.add_argument(
+        "--doc_separator", default=None, help="cut files into documents at this string"
+    )
+    parser.add_argument(
+        "--cache_dir", default=weights.CACHE_DIR, help="where named sources are downloaded"
+    )
+    parser.add_argument(
+        "--overwrite", action="store_true", help="replace a different corpus in --out_dir"
+    )
     args = parser.parse_args(argv)
-    if args.source and args.doc_separator is not None:  # a named source comes with its own documents
-        parser.error("--doc_separator applies to --input files; a named --source is split its own way")
+    if (
+        args.source and args.doc_separator is not None
+    ):  # a named source comes with its own documents
+        parser.error(
+            "--doc_separator applies to --input files; a named --source is split its own way"
+        )
     try:
         if args.source:
-            prepare_source(args.source, args.out_dir, args.cache_dir, args.val_fraction, args.num_proc, args.overwrite)
+            prepare_source(
+                args.source,
+                args.out_dir,
+                args.cache_dir,
+                args.val_fraction,
+                args.num_proc,
+                args.overwrite,
+            )
         else:
-            prepare(args.input, args.out_dir, args.val_fraction, args.num_proc, args.overwrite, args.doc_separator)
+            prepare(
+                args.input,
+                args.out_dir,
+                args.val_fraction,
+                args.num_proc,
+                args.overwrite,
+                args.doc_separator,
+            )
     except (PrepareError, OSError) as e:  # OSError: an input that cannot be read
         print(f"error: {e}", file=sys.stderr)
         sys.exit(1)

@@ -38,46 +38,83 @@ import subprocess
 import sys
 import time
 
-from report import evaluate_run, report
+from cocomix.report import evaluate_run, report
 
 REPO = os.path.dirname(os.path.abspath(__file__))
 
 # -----------------------------------------------------------------------------
 # presets. The training settings live in config/ files that train.py reads ('source': the concept
 # source's, 'student': what every method's student shares); reproduce.py adds the seed, mode, paths
-# and the method's keys. 'sae' are sae.py flags, 'eval' report.evaluate_run's settings; 'input', 'ood' and
-# 'lambada' are paths under --data_root. GPT-2's 50257-token LM head dominates the cost of these
-# small models: time scales with tokens.
+# and the method's keys. 'sae' are sae.py flags, 'eval' report.evaluate_run's settings; 'input',
+# 'ood' and 'lambada' are paths under --data_root. GPT-2's 50257-token LM head dominates the cost of
+# these small models: time scales with tokens.
 PRESETS = {
-    # Smoke test of the whole pipeline: ~2-3 minutes on a loaded 2-core CPU. The numbers mean nothing.
-    'tiny': dict(
-        input=['tinyshakespeare/input.txt'], offline_fallback='source:shakespeare',  # no data folder: download
-        ood='gutenberg/Carroll__Through_the_Looking_Glass.txt', lambada='lambada/lambada_test.jsonl', seeds='1',
+    # Smoke test of the whole pipeline: ~2-3 minutes on a loaded 2-core CPU. The numbers mean
+    # nothing.
+    "tiny": dict(
+        input=["tinyshakespeare/input.txt"],
+        offline_fallback="source:shakespeare",  # no data folder: download
+        ood="gutenberg/Carroll__Through_the_Looking_Glass.txt",
+        lambada="lambada/lambada_test.jsonl",
+        seeds="1",
         threads=1,  # tiny matrices: a second thread costs more in synchronisation than it saves
-        source='config/reproduce_tiny_source.py', student='config/reproduce_tiny_student.py',
-        sae=dict(layer=0, n_latents=256, k=8, tokens=16384, batch_size=1024, buffer=8192, eval_tokens=2048),
-        eval=dict(max_tokens=2048, lambada_max=50, batch_size=16)),
-    # Gutenberg on a 2-core CPU. Measured on an idle 2-core EPYC (2 threads, fp32; 2 threads were ~2x one):
-    # source ~1800 tok/s -> 2.5M tokens ~25 min; per seed the four students (295k tokens each) ~25 min.
-    # The SAE took 9.2 min in docs/results.md's run (bf16 on a shared machine, where the source took 41).
-    # SAE: 8192 latents = 32 per model dimension, k = 32 (the SAE issue's bar), on block 2 of 6, as the
-    # paper's block 5 of 12.
-    'cpu': dict(
-        input=['gutenberg'], ood='tinyshakespeare/input.txt', lambada='lambada/lambada_test.jsonl', seeds='1',
-        threads=2, source='config/reproduce_cpu_source.py', student='config/reproduce_cpu_student.py',
-        sae=dict(layer=2, n_latents=8192, k=32, tokens=2_097_152, batch_size=4096, buffer=131072, eval_tokens=32768),
-        eval=dict(max_tokens=32768, lambada_max=500, batch_size=8)),
+        source="config/reproduce_tiny_source.py",
+        student="config/reproduce_tiny_student.py",
+        sae=dict(
+            layer=0,
+            n_latents=256,
+            k=8,
+            tokens=16384,
+            batch_size=1024,
+            buffer=8192,
+            eval_tokens=2048,
+        ),
+        eval=dict(max_tokens=2048, lambada_max=50, batch_size=16),
+    ),
+    # Gutenberg on a 2-core CPU. Measured on an idle 2-core EPYC (2 threads, fp32; 2 threads were
+    # ~2x one): source ~1800 tok/s -> 2.5M tokens ~25 min; per seed the four students (295k tokens
+    # each) ~25 min. The SAE took 9.2 min in docs/results.md's run (bf16 on a shared machine, where
+    # the source took 41). SAE: 8192 latents = 32 per model dimension, k = 32,
+    # on block 2 of 6, as the paper's block 5 of 12.
+    "cpu": dict(
+        input=["gutenberg"],
+        ood="tinyshakespeare/input.txt",
+        lambada="lambada/lambada_test.jsonl",
+        seeds="1",
+        threads=2,
+        source="config/reproduce_cpu_source.py",
+        student="config/reproduce_cpu_student.py",
+        sae=dict(
+            layer=2,
+            n_latents=8192,
+            k=32,
+            tokens=2_097_152,
+            batch_size=4096,
+            buffer=131072,
+            eval_tokens=32768,
+        ),
+        eval=dict(max_tokens=32768, lambada_max=500, batch_size=8),
+    ),
     # The paper's 69M setup, GPT-2 124M + OpenAI's layer-5 32k SAE as the concept source,
-    # OpenWebText (needs `datasets`; train.py needs the GPT-2 weights). 1000 steps of 0.5M tokens = 0.52B
-    # tokens per method (the paper: 20B). Not measured: at a guessed ~400k tok/s (NTP) to ~150k tok/s
-    # (CoCoMix) on one H100 in bf16, ~2.5 hours for the four methods.
-    'gpu': dict(
-        input='source:openwebtext', ood='tinyshakespeare/input.txt', lambada='lambada/lambada_test.jsonl',
-        seeds='1', threads=0, concept_source='gpt2', sae_path='openai:resid_post_mlp_v5_32k/5', sae_layer=5,
-        n_concepts=32768, student='config/reproduce_gpu_student.py',
-        eval=dict(max_tokens=2_000_000, lambada_max=None, batch_size=32), suite='benchmarks'),
+    # OpenWebText (needs `datasets`; train.py needs the GPT-2 weights). 1000 steps of 0.5M tokens =
+    # 0.52B tokens per method (the paper: 20B). Not measured: at a guessed ~400k tok/s (NTP) to
+    # ~150k tok/s (CoCoMix) on one H100 in bf16, ~2.5 hours for the four methods.
+    "gpu": dict(
+        input="source:openwebtext",
+        ood="tinyshakespeare/input.txt",
+        lambada="lambada/lambada_test.jsonl",
+        seeds="1",
+        threads=0,
+        concept_source="gpt2",
+        sae_path="openai:resid_post_mlp_v5_32k/5",
+        sae_layer=5,
+        n_concepts=32768,
+        student="config/reproduce_gpu_student.py",
+        eval=dict(max_tokens=2_000_000, lambada_max=None, batch_size=32),
+        suite="benchmarks",
+    ),
 }
-METHODS = ('ntp', 'cocomix', 'kd', 'pause')
+METHODS = ("ntp", "cocomix", "kd", "pause")
 # -----------------------------------------------------------------------------
 
 
@@ -99,14 +136,14 @@ def read_json(path):
 
 
 def write_json(path, obj):
-    with open(path + '.tmp', 'w') as f:
+    with open(path + ".tmp", "w") as f:
         json.dump(obj, f, indent=1)
-    os.replace(path + '.tmp', path)  # a stage counts as done only once its record is whole
+    os.replace(path + ".tmp", path)  # a stage counts as done only once its record is whole
 
 
 def read_log(run_dir):
     records = []
-    with open(os.path.join(run_dir, 'log.jsonl')) as f:
+    with open(os.path.join(run_dir, "log.jsonl")) as f:
         for line in f:
             try:
                 records.append(json.loads(line))
@@ -115,11 +152,12 @@ def read_log(run_dir):
     return records
 
 
-def flatten(d, prefix=''):
-    """{'train': {'lr': 1}} -> {'train.lr': 1}: names the setting that differs, not just its section."""
+def flatten(d, prefix=""):
+    """{'train': {'lr': 1}} -> {'train.lr': 1}: names the setting that differs, not just its
+    section."""
     out = {}
     for k, v in d.items():
-        out.update(flatten(v, f'{prefix}{k}.') if isinstance(v, dict) else {f'{prefix}{k}': v})
+        out.update(flatten(v, f"{prefix}{k}.") if isinstance(v, dict) else {f"{prefix}{k}": v})
     return out
 
 
@@ -128,12 +166,14 @@ def done(name, record, settings, outputs, force):
     (unless force): silently mixing two configurations in one out_dir would make the table a lie."""
     rec = read_json(record)
     settings = json.loads(json.dumps(settings))  # compare as JSON sees it (tuples -> lists)
-    if rec is not None and rec.get('settings') != settings:
+    if rec is not None and rec.get("settings") != settings:
         if not force:
-            old, new = flatten(rec.get('settings', {})), flatten(settings)
+            old, new = flatten(rec.get("settings", {})), flatten(settings)
             diff = sorted(k for k in set(old) | set(new) if old.get(k) != new.get(k))
-            fail(f"stage {name}: {record} was made with other settings ({', '.join(diff)}); "
-                 "use another --out_dir, or --force to redo it")
+            fail(
+                f"stage {name}: {record} was made with other settings ({', '.join(diff)}); "
+                "use another --out_dir, or --force to redo it"
+            )
     elif rec is not None and all(os.path.exists(o) for o in outputs):
         print(f"skip {name}: done ({os.path.dirname(record)})")
         return True
@@ -144,13 +184,18 @@ def done(name, record, settings, outputs, force):
 
 
 def run_logged(stage, cmd, log_path, env):
-    """Runs cmd from the repo root, streaming its output (progress bars included) to us and log_path."""
-    print(' '.join(cmd), flush=True)
-    with open(log_path, 'ab') as log:
-        log.write((' '.join(cmd) + '\n').encode())
-        proc = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    """Runs cmd from the repo root, streaming its output (progress bars included) to us and
+    log_path."""
+    print(" ".join(cmd), flush=True)
+    with open(log_path, "ab") as log:
+        log.write((" ".join(cmd) + "\n").encode())
+        proc = subprocess.Popen(
+            cmd, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT
+        )
         try:
-            while chunk := proc.stdout.read1(65536):  # read1: whatever is there, so '\r' updates flow
+            while chunk := proc.stdout.read1(
+                65536
+            ):  # read1: whatever is there, so '\r' updates flow
                 sys.stdout.buffer.write(chunk)
                 sys.stdout.flush()
                 log.write(chunk)
@@ -166,97 +211,126 @@ def run_logged(stage, cmd, log_path, env):
 
 
 def command_stage(name, folder, settings, outputs, cmds, a, env, log_name, check=None):
-    """A stage made of subprocesses writing into `folder`; returns its record. attempt.json records the
-    settings of an attempt until it succeeds: an interrupted attempt with these settings is resumed, its
-    checkpoints kept (train.py's ckpt.pt, sae.py's resume file); other outputs of an earlier attempt go
-    first, since train.py and sae.py append to their logs and another attempt must not leak into this one.
-    check() may refuse the result (fail) or return entries for the record."""
-    record, attempt = os.path.join(folder, 'stage.json'), os.path.join(folder, 'attempt.json')
+    """A stage made of subprocesses writing into `folder`; returns its record. attempt.json records
+    the settings of an attempt until it succeeds: an interrupted attempt with these settings is
+    resumed, its checkpoints kept (train.py's ckpt.pt, sae.py's resume file); other outputs of an
+    earlier attempt go first, since train.py and sae.py append to their logs and another attempt
+    must not leak into this one. check() may refuse the result (fail) or return entries for the
+    record."""
+    record, attempt = os.path.join(folder, "stage.json"), os.path.join(folder, "attempt.json")
     if done(name, record, settings, outputs, a.force):
         return read_json(record)
     os.makedirs(folder, exist_ok=True)
     prev, settings = read_json(attempt), json.loads(json.dumps(settings))
-    resume = prev is not None and prev.get('settings') == settings
-    if prev is not None and not resume and not a.force:  # that attempt's checkpoints are work: never discarded unasked
-        old, new = flatten(prev.get('settings', {})), flatten(settings)
+    resume = prev is not None and prev.get("settings") == settings
+    if (
+        prev is not None and not resume and not a.force
+    ):  # that attempt's checkpoints are work: never discarded unasked
+        old, new = flatten(prev.get("settings", {})), flatten(settings)
         diff = sorted(k for k in set(old) | set(new) if old.get(k) != new.get(k))
-        fail(f"stage {name}: {folder} holds an interrupted attempt with other settings ({', '.join(diff)}); "
-             "use another --out_dir, or --force to discard it")
-    resume = resume and any(f == 'ckpt.pt' or f.endswith('.resume.pt') for f in os.listdir(folder))
+        fail(
+            f"stage {name}: {folder} holds an interrupted attempt with other settings ({', '.join(diff)}); "
+            "use another --out_dir, or --force to discard it"
+        )
+    resume = resume and any(f == "ckpt.pt" or f.endswith(".resume.pt") for f in os.listdir(folder))
     for f in os.listdir(folder):
-        if f.split('.')[0] in (('eval',) if resume else ('ckpt', 'log', 'train', 'sae', 'eval')):
+        if f.split(".")[0] in (("eval",) if resume else ("ckpt", "log", "train", "sae", "eval")):
             os.remove(os.path.join(folder, f))
     if resume:
         print(f"resuming stage {name} from {folder}")
     else:
-        write_json(attempt, {'settings': settings, 'wall': 0.0})
-    t0, wall = time.time(), (prev or {}).get('wall', 0.0) if resume else 0.0
+        write_json(attempt, {"settings": settings, "wall": 0.0})
+    t0, wall = time.time(), (prev or {}).get("wall", 0.0) if resume else 0.0
     try:
         for cmd in cmds:
             cmd = cmd() if callable(cmd) else cmd  # a callable decides after the previous command
             if cmd:
                 run_logged(name, [sys.executable, *cmd], os.path.join(folder, log_name), env)
-    finally:  # the wall time of every attempt, so that a resumed stage reports the time it took in all
-        write_json(attempt, {'settings': settings, 'wall': wall + time.time() - t0})
-    rec = {'settings': settings, 'wall': wall + time.time() - t0, **((check and check()) or {})}
+    # the wall time of every attempt, so that a resumed stage reports the time it took in all
+    finally:
+        write_json(attempt, {"settings": settings, "wall": wall + time.time() - t0})
+    rec = {"settings": settings, "wall": wall + time.time() - t0, **((check and check()) or {})}
     write_json(record, rec)
     os.remove(attempt)
     return rec
 
 
 def resumable(cmd, folder):
-    """train.py's command, resuming from folder/ckpt.pt when an interrupted attempt left one (command_stage
-    keeps it only for an attempt with the same settings)."""
-    return lambda: cmd + ['--init_from=resume'] if os.path.exists(os.path.join(folder, 'ckpt.pt')) else cmd
+    """train.py's command, resuming from folder/ckpt.pt when an interrupted attempt left one
+    (command_stage keeps it only for an attempt with the same settings)."""
+    return lambda: (
+        cmd + ["--init_from=resume"] if os.path.exists(os.path.join(folder, "ckpt.pt")) else cmd
+    )
 
 
 def checkpoint_step(stage, run_dir, cfg):
-    """A train.py stage is finished when its checkpoint is of step max_iters (train.py exits 0 after SIGINT
-    or SIGTERM too, with a checkpoint of where it stopped): the record then holds the checkpoint's budget."""
-    from weights import load_torch_file
+    """A train.py stage is finished when its checkpoint is of step max_iters (train.py exits 0 after
+    SIGINT or SIGTERM too, with a checkpoint of where it stopped): the record then holds the
+    checkpoint's budget."""
+    from cocomix.weights import load_torch_file
+
     try:
-        step = load_torch_file(os.path.join(run_dir, 'ckpt.pt'), 'checkpoint').get('iter_num')
+        step = load_torch_file(os.path.join(run_dir, "ckpt.pt"), "checkpoint").get("iter_num")
     except (OSError, ValueError) as e:
         fail(f"stage {stage}: {e}")
-    n = lambda key, default=None: int(cfg.get(key, default))  # an --ablation value is kept as written: '100'
-    if step != n('max_iters'):
-        fail(f"stage {stage} stopped at step {step} of max_iters={cfg['max_iters']} (its checkpoint); run the same "
-             f"command again to resume it; see {run_dir}/train.log")
-    return {'iter_num': step, 'tokens': step * n('batch_size') * n('gradient_accumulation_steps', 1) * n('block_size')}
+    n = lambda key, default=None: int(
+        cfg.get(key, default)
+    )  # an --ablation value is kept as written: '100'
+    if step != n("max_iters"):
+        fail(
+            f"stage {stage} stopped at step {step} of max_iters={cfg['max_iters']} (its checkpoint); run the same "
+            f"command again to resume it; see {run_dir}/train.log"
+        )
+    return {
+        "iter_num": step,
+        "tokens": step * n("batch_size") * n("gradient_accumulation_steps", 1) * n("block_size"),
+    }
 
 
 def given_file(path, flag):
-    """The record of a file given instead of a stage's output: its path and SHA-256 (of a folder: of its
-    GPT-2 config and weights)."""
-    from weights import source_sha256
+    """The record of a file given instead of a stage's output: its path and SHA-256 (of a folder: of
+    its GPT-2 config and weights)."""
+    from cocomix.weights import source_sha256
+
     if not os.path.exists(path):
         fail(f"{flag} {path}: not found")
     try:
-        return {'path': path, 'sha256': source_sha256(path)}
+        return {"path": path, "sha256": source_sha256(path)}
     except OSError as e:
         fail(f"{flag} {path}: {e}")
 
 
 def flags(d):
-    return [f'--{k}={v}' for k, v in d.items() if v is not None]
+    return [f"--{k}={v}" for k, v in d.items() if v is not None]
 
 
 def read_config(path):
-    """The settings a config/ file (path relative to the repo) assigns: what train.py's configurator sets from it,
-    less the folders, which reproduce.py sets itself (a stage records where its inputs come from by their digests)."""
-    with contextlib.chdir(REPO):  # config files exec their base files by paths relative to the repo, as train.py runs them
-        return {k: v for k, v in runpy.run_path(path).items() if not k.startswith('_') and k not in ('data_dir', 'out_dir')}
+    """The settings a config/ file (path relative to the repo) assigns: what train.py's configurator
+    sets from it, less the folders, which reproduce.py sets itself (a stage records where its inputs
+    come from by their digests)."""
+    with contextlib.chdir(
+        REPO
+    ):  # config files exec their base files by paths relative to the repo, as train.py runs them
+        return {
+            k: v
+            for k, v in runpy.run_path(path).items()
+            if not k.startswith("_") and k not in ("data_dir", "out_dir")
+        }
 
 
 def train_command(config_file, extra, data_dir, out_dir):
-    """train.py on a config/ file with the keys reproduce.py sets on top (later flags win, as in a dict), and
-    the settings that makes: what the stage records, so a changed config file is a changed stage."""
-    return (['train.py', config_file, *flags(extra), f'--data_dir={data_dir}', f'--out_dir={out_dir}'],
-            {**read_config(config_file), **extra})
+    """train.py on a config/ file with the keys reproduce.py sets on top (later flags win, as in a
+    dict), and the settings that makes: what the stage records, so a changed config file is a
+    changed stage."""
+    return (
+        ["train.py", config_file, *flags(extra), f"--data_dir={data_dir}", f"--out_dir={out_dir}"],
+        {**read_config(config_file), **extra},
+    )
 
 
 def parse_value(v):
-    """'288' -> 288, '3e-3' -> 0.003, 'True' -> True, anything else stays a string (as configurator.py reads it)."""
+    """'288' -> 288, '3e-3' -> 0.003, 'True' -> True, anything else stays a string (as
+    configurator.py reads it)."""
     try:
         return ast.literal_eval(v)
     except (ValueError, SyntaxError):
@@ -265,17 +339,19 @@ def parse_value(v):
 
 def parse_ablation(spec):
     """'label_rule=activation' or 'mix=add,lam=0' -> ('cocomix[...]', {key: value})."""
-    pairs = [p.split('=', 1) for p in spec.split(',')]
+    pairs = [p.split("=", 1) for p in spec.split(",")]
     if not all(len(p) == 2 and p[0] and p[1] for p in pairs):
         fail(f"--ablation {spec!r}: expected KEY=VALUE[,KEY=VALUE] (train.py config keys)")
-    return f'cocomix[{spec}]', dict(pairs)
+    return f"cocomix[{spec}]", dict(pairs)
 
 
 # -----------------------------------------------------------------------------
 
 
 def main():
-    signal.signal(signal.SIGTERM, signal.default_int_handler)  # stopped like Ctrl-C: the running stage saves and exits
+    signal.signal(
+        signal.SIGTERM, signal.default_int_handler
+    )  # stopped like Ctrl-C: the running stage saves and exits
     try:
         reproduce()
     except KeyboardInterrupt:
@@ -283,238 +359,426 @@ def main():
 
 
 def reproduce():
-    p = argparse.ArgumentParser(description="CoCoMix vs NTP, KD and pause at small scale, end to end.")
-    p.add_argument('--preset', choices=sorted(PRESETS), required=True)
-    p.add_argument('--input', nargs='+', help="text files/folders (default: the preset's, under --data_root)")
-    p.add_argument('--data_root', help="folder of the data: tinyshakespeare/input.txt, gutenberg/, lambada/, and "
-                                       "benchmarks/ for the gpu preset (default: $COCOMIX_DATA; '' for none)")
-    p.add_argument('--out_dir', help='default out/reproduce_{preset}')
-    p.add_argument('--seeds', help="comma-separated (default: the preset's)")
-    p.add_argument('--methods', default=','.join(METHODS), help=f"subset of {','.join(METHODS)}")
-    p.add_argument('--ablation', nargs='+', action='extend', default=[], metavar='KEY=VALUE',
-                   help='extra CoCoMix runs with these train.py keys, e.g. label_rule=activation mix=add lam=0')
-    p.add_argument('--set', nargs='+', action='extend', default=[], metavar='KEY=VALUE', dest='overrides',
-                   help="student train.py keys for every method, e.g. max_iters=288 learning_rate=3e-3 (the budget, "
-                        "the schedule); use a new --out_dir, or --force, since the finished runs had other settings")
-    p.add_argument('--concept_source', help="a trained concept source (train.py checkpoint or GPT-2 folder) in place of "
-                                            "the source stage (and KD's teacher); its SHA-256 goes into the records")
-    p.add_argument('--sae_path', help="an SAE of that source (sae.py's file) in place of the sae stage; needs "
-                                      "--concept_source; its SHA-256 goes into the records")
-    p.add_argument('--ood', help="out-of-domain text file ('' to skip; default: the preset's)")
-    p.add_argument('--force', action='store_true', help='redo stages whose recorded settings differ')
+    p = argparse.ArgumentParser(
+        description="CoCoMix vs NTP, KD and pause at small scale, end to end."
+    )
+    p.add_argument("--preset", choices=sorted(PRESETS), required=True)
+    p.add_argument(
+        "--input", nargs="+", help="text files/folders (default: the preset's, under --data_root)"
+    )
+    p.add_argument(
+        "--data_root",
+        help="folder of the data: tinyshakespeare/input.txt, gutenberg/, lambada/, and "
+        "benchmarks/ for the gpu preset (default: $COCOMIX_DATA; '' for none)",
+    )
+    p.add_argument("--out_dir", help="default out/reproduce_{preset}")
+    p.add_argument("--seeds", help="comma-separated (default: the preset's)")
+    p.add_argument("--methods", default=",".join(METHODS), help=f"subset of {','.join(METHODS)}")
+    p.add_argument(
+        "--ablation",
+        nargs="+",
+        action="extend",
+        default=[],
+        metavar="KEY=VALUE",
+        help="extra CoCoMix runs with these train.py keys, e.g. label_rule=activation mix=add lam=0",
+    )
+    p.add_argument(
+        "--set",
+        nargs="+",
+        action="extend",
+        default=[],
+        metavar="KEY=VALUE",
+        dest="overrides",
+        help="student train.py keys for every method, e.g. max_iters=288 learning_rate=3e-3 (the budget, "
+        "the schedule); use a new --out_dir, or --force, since the finished runs had other settings",
+    )
+    p.add_argument(
+        "--concept_source",
+        help="a trained concept source (train.py checkpoint or GPT-2 folder) in place of "
+        "the source stage (and KD's teacher); its SHA-256 goes into the records",
+    )
+    p.add_argument(
+        "--sae_path",
+        help="an SAE of that source (sae.py's file) in place of the sae stage; needs "
+        "--concept_source; its SHA-256 goes into the records",
+    )
+    p.add_argument("--ood", help="out-of-domain text file ('' to skip; default: the preset's)")
+    p.add_argument(
+        "--force", action="store_true", help="redo stages whose recorded settings differ"
+    )
     a = p.parse_args()
     P = PRESETS[a.preset]
-    out = os.path.abspath(a.out_dir or os.path.join(REPO, 'out', f'reproduce_{a.preset}'))
-    seeds = [int(s) for s in (a.seeds or P['seeds']).split(',') if s.strip()]
-    methods = [m.strip() for m in a.methods.split(',') if m.strip()]
+    out = os.path.abspath(a.out_dir or os.path.join(REPO, "out", f"reproduce_{a.preset}"))
+    seeds = [int(s) for s in (a.seeds or P["seeds"]).split(",") if s.strip()]
+    methods = [m.strip() for m in a.methods.split(",") if m.strip()]
     if bad := [m for m in methods if m not in METHODS]:
         fail(f"unknown method(s) {', '.join(bad)}; choose from {', '.join(METHODS)}")
-    if len(set(seeds)) < len(seeds) or len(set(methods)) < len(methods) or len(set(a.ablation)) < len(a.ablation):
-        fail("a seed, method or ablation is given twice: it would count twice in every mean and test")
+    if (
+        len(set(seeds)) < len(seeds)
+        or len(set(methods)) < len(methods)
+        or len(set(a.ablation)) < len(a.ablation)
+    ):
+        fail(
+            "a seed, method or ablation is given twice: it would count twice in every mean and test"
+        )
     ablations = dict(parse_ablation(s) for s in a.ablation)
     methods += list(ablations)
     if not seeds or not methods:
-        fail('nothing to run: give at least one seed and one method')
-    from train_utils import hold_lock
+        fail("nothing to run: give at least one seed and one method")
+    from cocomix.runtime import hold_lock
+
     try:  # one reproduce.py per out_dir: a second would discard the first's work in progress
-        hold_lock(os.path.join(out, 'lock'))
+        hold_lock(os.path.join(out, "lock"))
     except RuntimeError as e:
         fail(str(e))
-    # child processes: unbuffered, so progress shows as it happens (and TIKTOKEN_CACHE_DIR as the user set it)
-    env = dict(os.environ, PYTHONUNBUFFERED='1')
+    # child processes: unbuffered, so progress shows as it happens (and TIKTOKEN_CACHE_DIR as the
+    # user set it)
+    env = dict(os.environ, PYTHONUNBUFFERED="1")
     import torch
-    if P['threads'] and 'OMP_NUM_THREADS' not in os.environ:  # the user's setting wins
-        env['OMP_NUM_THREADS'] = str(P['threads'])
-        torch.set_num_threads(P['threads'])
-    device = 'cuda' if torch.cuda.is_available() else 'cpu'
-    rel = lambda v: os.path.relpath(v, out) if isinstance(v, str) and v.startswith(out) else v  # survive a move
+
+    if P["threads"] and "OMP_NUM_THREADS" not in os.environ:  # the user's setting wins
+        env["OMP_NUM_THREADS"] = str(P["threads"])
+        torch.set_num_threads(P["threads"])
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    rel = lambda v: (
+        os.path.relpath(v, out) if isinstance(v, str) and v.startswith(out) else v
+    )  # survive a move
 
     # 1. data
-    data_dir = os.path.join(out, 'data')
-    root = a.data_root if a.data_root is not None else os.environ.get('COCOMIX_DATA', '')
+    data_dir = os.path.join(out, "data")
+    root = a.data_root if a.data_root is not None else os.environ.get("COCOMIX_DATA", "")
     if root and not os.path.isdir(root):
         if a.data_root:
             fail(f"--data_root {root}: not a folder")
-        print(f"COCOMIX_DATA={root} is not a folder: no data folder")  # e.g. .ci/run's default on another machine
-        root = ''
+        print(
+            f"COCOMIX_DATA={root} is not a folder: no data folder"
+        )  # e.g. .ci/run's default on another machine
+        root = ""
     at = lambda path: os.path.abspath(os.path.join(root, path)) if root else None
     if a.input:
         inputs = [os.path.abspath(x) for x in a.input]
-    elif isinstance(P['input'], str):  # a named source that prepare.py downloads
-        inputs = P['input']
+    elif isinstance(P["input"], str):  # a named source that prepare.py downloads
+        inputs = P["input"]
     else:
-        inputs = [at(x) for x in P['input']] if root else None
-        if not (inputs and all(os.path.exists(x) for x in inputs)) and 'offline_fallback' in P:
-            print(f"no {', '.join(P['input'])} in a data folder (--data_root, COCOMIX_DATA): prepare.py "
-                  f"--{P['offline_fallback'].replace(':', ' ')}")
-            inputs = P['offline_fallback']
+        inputs = [at(x) for x in P["input"]] if root else None
+        if not (inputs and all(os.path.exists(x) for x in inputs)) and "offline_fallback" in P:
+            print(
+                f"no {', '.join(P['input'])} in a data folder (--data_root, COCOMIX_DATA): prepare.py "
+                f"--{P['offline_fallback'].replace(':', ' ')}"
+            )
+            inputs = P["offline_fallback"]
         elif not inputs:
-            fail(f"preset {a.preset} reads {', '.join(P['input'])} from the data folder: give --data_root DIR or set "
-                 "COCOMIX_DATA to a folder holding it, or give --input FILES")
+            fail(
+                f"preset {a.preset} reads {', '.join(P['input'])} from the data folder: give --data_root DIR or set "
+                "COCOMIX_DATA to a folder holding it, or give --input FILES"
+            )
     if isinstance(inputs, list):
         if missing := [x for x in inputs if not os.path.exists(x)]:
-            fail(f"input not found: {', '.join(missing)}"
-                 + ('' if a.input else '; pass --input FILES or another --data_root'))
-        size = lambda x: os.path.getsize(x) if os.path.isfile(x) else sum(
-            os.path.getsize(os.path.join(d, f)) for d, _, fs in os.walk(x) for f in fs if f.endswith('.txt'))
-        data_settings = {'inputs': [[os.path.abspath(x), size(x)] for x in inputs]}  # sizes: a cheap change check
+            fail(
+                f"input not found: {', '.join(missing)}"
+                + ("" if a.input else "; pass --input FILES or another --data_root")
+            )
+        size = lambda x: (
+            os.path.getsize(x)
+            if os.path.isfile(x)
+            else sum(
+                os.path.getsize(os.path.join(d, f))
+                for d, _, fs in os.walk(x)
+                for f in fs
+                if f.endswith(".txt")
+            )
+        )
+        data_settings = {
+            "inputs": [[os.path.abspath(x), size(x)] for x in inputs]
+        }  # sizes: a cheap change check
     else:
-        data_settings = {'inputs': inputs}
-    if not done('data', os.path.join(data_dir, 'stage.json'), data_settings,
-                [os.path.join(data_dir, f) for f in ('train.bin', 'val.bin', 'meta.json')], a.force):
+        data_settings = {"inputs": inputs}
+    if not done(
+        "data",
+        os.path.join(data_dir, "stage.json"),
+        data_settings,
+        [os.path.join(data_dir, f) for f in ("train.bin", "val.bin", "meta.json")],
+        a.force,
+    ):
         import prepare
+
         try:
             if isinstance(inputs, list):
                 prepare.prepare(inputs, data_dir, overwrite=a.force)
             else:
-                prepare.prepare_source(inputs.removeprefix('source:'), data_dir, overwrite=a.force)
+                prepare.prepare_source(inputs.removeprefix("source:"), data_dir, overwrite=a.force)
         except prepare.PrepareError as e:
             fail(f"stage data failed: {e}")
-        write_json(os.path.join(data_dir, 'stage.json'), {'settings': data_settings})
-    deps = {'data': digest(data_settings)}
-    D = f'--data_dir={data_dir}'
+        write_json(os.path.join(data_dir, "stage.json"), {"settings": data_settings})
+    deps = {"data": digest(data_settings)}
+    D = f"--data_dir={data_dir}"
 
-    # 2. concept source (trained here, given, or GPT-2). A given file is recorded by its SHA-256, so that the
-    # stages built on it (SAE, CoCoMix, KD) refuse another file under the same path
+    # 2. concept source (trained here, given, or GPT-2). A given file is recorded by its SHA-256, so
+    # that the stages built on it (SAE, CoCoMix, KD) refuse another file under the same path
     if a.sae_path and not a.concept_source:
         fail("--sae_path needs --concept_source: an SAE belongs to the model it was trained on")
     if a.concept_source:
         source = os.path.abspath(a.concept_source)
-        deps['source'] = given_file(source, '--concept_source')
+        deps["source"] = given_file(source, "--concept_source")
         print(f"skip source: given, {source} (sha256 {deps['source']['sha256'][:12]})")
-    elif P.get('concept_source'):
-        source = deps['source'] = P['concept_source']
+    elif P.get("concept_source"):
+        source = deps["source"] = P["concept_source"]
         print(f"skip source: the concept source is {source}")
     else:
-        src_dir = os.path.join(out, 'source')
-        source = os.path.join(src_dir, 'ckpt.pt')
-        cmd, cfg = train_command(P['source'], {'seed': 1337}, data_dir, src_dir)
-        settings = {'train': cfg, 'deps': dict(deps)}
-        command_stage('source', src_dir, settings, [source], [resumable(cmd, src_dir)], a, env, 'train.log',
-                      lambda: checkpoint_step('source', src_dir, cfg))
-        deps['source'] = digest(settings)
+        src_dir = os.path.join(out, "source")
+        source = os.path.join(src_dir, "ckpt.pt")
+        cmd, cfg = train_command(P["source"], {"seed": 1337}, data_dir, src_dir)
+        settings = {"train": cfg, "deps": dict(deps)}
+        command_stage(
+            "source",
+            src_dir,
+            settings,
+            [source],
+            [resumable(cmd, src_dir)],
+            a,
+            env,
+            "train.log",
+            lambda: checkpoint_step("source", src_dir, cfg),
+        )
+        deps["source"] = digest(settings)
 
     # 3. SAE (trained here, or OpenAI's) and its concept dictionary
-    sae_dir = os.path.join(out, 'sae')
+    sae_dir = os.path.join(out, "sae")
     if a.sae_path:
-        from sae import SAE
-        from train_utils import check_sae_host
+        from sae import SAE, check_sae_host
+
         sae_path = os.path.abspath(a.sae_path)
-        deps['sae'] = given_file(sae_path, '--sae_path')
+        deps["sae"] = given_file(sae_path, "--sae_path")
         try:
             sae = SAE.load(sae_path)
             check_sae_host(sae, source)
         except (OSError, ValueError) as e:
             fail(f"--sae_path: {e}")
-        n_concepts, sae_layer = sae.n_latents, sae.meta.get('layer')
+        n_concepts, sae_layer = sae.n_latents, sae.meta.get("layer")
         if sae_layer is None:
-            fail(f"--sae_path {sae_path}: the file does not record its layer (an OpenAI state dict?)")
-        print(f"skip sae: given, {sae_path} (sha256 {deps['sae']['sha256'][:12]}, layer {sae_layer}, {n_concepts} latents)")
-    elif P.get('sae_path'):  # the dictionary goes next to the downloaded file
-        sae_path, n_concepts, sae_layer = P['sae_path'], P['n_concepts'], P['sae_layer']
-        settings, outputs = {'sae': sae_path, 'deps': dict(deps)}, []
-        cmds = [['sae.py', '--describe', f'--sae={sae_path}', f'--ckpt={source}', f'--layer={sae_layer}', D,
-                 f'--device={device}']]
+            fail(
+                f"--sae_path {sae_path}: the file does not record its layer (an OpenAI state dict?)"
+            )
+        print(
+            f"skip sae: given, {sae_path} (sha256 {deps['sae']['sha256'][:12]}, "
+            f"layer {sae_layer}, {n_concepts} latents)"
+        )
+    elif P.get("sae_path"):  # the dictionary goes next to the downloaded file
+        sae_path, n_concepts, sae_layer = P["sae_path"], P["n_concepts"], P["sae_layer"]
+        settings, outputs = {"sae": sae_path, "deps": dict(deps)}, []
+        cmds = [
+            [
+                "sae.py",
+                "--describe",
+                f"--sae_path={sae_path}",
+                f"--concept_source={source}",
+                f"--layer={sae_layer}",
+                D,
+                f"--device={device}",
+            ]
+        ]
     else:
-        sae_path, n_concepts, sae_layer = os.path.join(sae_dir, 'sae.pt'), P['sae']['n_latents'], P['sae']['layer']
-        settings = {'sae': P['sae'], 'deps': dict(deps)}
-        concepts = os.path.join(sae_dir, 'sae.concepts.json')
+        sae_path, n_concepts, sae_layer = (
+            os.path.join(sae_dir, "sae.pt"),
+            P["sae"]["n_latents"],
+            P["sae"]["layer"],
+        )
+        settings = {"sae": P["sae"], "deps": dict(deps)}
+        concepts = os.path.join(sae_dir, "sae.concepts.json")
         outputs = [sae_path, concepts]
-        cmds = [['sae.py', f'--ckpt={source}', f'--out={sae_path}', '--seed=1337', *flags(P['sae']), D, f'--device={device}'],
-                # training writes the dictionary itself; describe only if it did not
-                lambda: None if os.path.exists(concepts) else ['sae.py', '--describe', f'--sae={sae_path}', D]]
+        cmds = [
+            [
+                "sae.py",
+                f"--concept_source={source}",
+                f"--sae_path={sae_path}",
+                "--seed=1337",
+                *flags(P["sae"]),
+                D,
+                f"--device={device}",
+            ],
+            # training writes the dictionary itself; describe only if it did not
+            lambda: (
+                None
+                if os.path.exists(concepts)
+                else ["sae.py", "--describe", f"--sae_path={sae_path}", D]
+            ),
+        ]
         # sae.py exits 0 when a signal stops it, with its resume file written and no SAE
-        cmds.insert(1, lambda: None if os.path.exists(sae_path) else
-                    fail(f"stage sae stopped before the end; run the same command again to resume it; see {sae_dir}/sae.log"))
+        cmds.insert(
+            1,
+            lambda: (
+                None
+                if os.path.exists(sae_path)
+                else fail(
+                    f"stage sae stopped before the end; run the same command again to resume it; see {sae_dir}/sae.log"
+                )
+            ),
+        )
     if not a.sae_path:
-        command_stage('sae', sae_dir, settings, outputs, cmds, a, env, 'sae.log')
-        deps['sae'] = digest(settings)
+        command_stage("sae", sae_dir, settings, outputs, cmds, a, env, "sae.log")
+        deps["sae"] = digest(settings)
 
     # 4. every method x seed: the same student config, token budget and seed, hence the same batches
-    from model import GPTConfig, ntp_matched_width
+    from model import GPTConfig, load_checkpoint, ntp_matched_width
+
     sets = {}
     for spec in a.overrides:
-        key, eq, value = spec.partition('=')
+        key, eq, value = spec.partition("=")
         if not eq or not key:
             fail(f"--set {spec!r}: expected KEY=VALUE (a train.py config key)")
         sets[key] = parse_value(value)
-    student = {**read_config(P['student']), **sets}
-    width = ntp_matched_width(GPTConfig(
-        **{k: student[k] for k in ('n_layer', 'n_head', 'n_embd', 'block_size', 'concept_topk', 'insert_layer')},
-        n_concepts=n_concepts))
-    print(f"NTP baseline width {width}: parameter-matched to the CoCoMix student (d={student['n_embd']}, "
-          f"{n_concepts} concepts)")
-    method_cfg = {'ntp': (dict(mode='ntp', n_embd=width), ('data',)),
-                  'cocomix': (dict(mode='cocomix', concept_source=source, sae_path=sae_path, sae_layer=sae_layer),
-                              ('data', 'source', 'sae')),
-                  'kd': (dict(mode='kd', concept_source=source), ('data', 'source')),
-                  'pause': (dict(mode='pause'), ('data',))}
+    student = {**read_config(P["student"]), **sets}
+    width = ntp_matched_width(
+        GPTConfig(
+            **{
+                k: student[k]
+                for k in (
+                    "n_layer",
+                    "n_head",
+                    "n_embd",
+                    "block_size",
+                    "concept_topk",
+                    "insert_layer",
+                )
+            },
+            n_concepts=n_concepts,
+        )
+    )
+    print(
+        f"NTP baseline width {width}: parameter-matched to the CoCoMix student (d={student['n_embd']}, "
+        f"{n_concepts} concepts)"
+    )
+    method_cfg = {
+        "ntp": (dict(mode="ntp", n_embd=width), ("data",)),
+        "cocomix": (
+            dict(mode="cocomix", concept_source=source, sae_path=sae_path, sae_layer=sae_layer),
+            ("data", "source", "sae"),
+        ),
+        "kd": (dict(mode="kd", concept_source=source), ("data", "source")),
+        "pause": (dict(mode="pause"), ("data",)),
+    }
     for label, over in ablations.items():
-        method_cfg[label] = ({**method_cfg['cocomix'][0], **over}, method_cfg['cocomix'][1])
+        method_cfg[label] = ({**method_cfg["cocomix"][0], **over}, method_cfg["cocomix"][1])
     runs = {}
     for seed in seeds:
         for m in methods:
-            run_dir = os.path.join(out, 'runs', re.sub(r'[^A-Za-z0-9_.-]+', '_', m).strip('_') + f'_s{seed}')
+            run_dir = os.path.join(
+                out, "runs", re.sub(r"[^A-Za-z0-9_.-]+", "_", m).strip("_") + f"_s{seed}"
+            )
             over, needs = method_cfg[m]
-            cmd, cfg = train_command(P['student'], {**sets, **over, 'seed': seed}, data_dir, run_dir)
-            settings = {'train': {k: rel(v) for k, v in cfg.items()}, 'deps': {k: deps[k] for k in needs}}
-            name = f'train {m} seed {seed}'
+            cmd, cfg = train_command(
+                P["student"], {**sets, **over, "seed": seed}, data_dir, run_dir
+            )
+            settings = {
+                "train": {k: rel(v) for k, v in cfg.items()},
+                "deps": {k: deps[k] for k in needs},
+            }
+            name = f"train {m} seed {seed}"
 
-            rec = command_stage(name, run_dir, settings, [os.path.join(run_dir, 'ckpt.pt')], [resumable(cmd, run_dir)], a,
-                                env, 'train.log', lambda: checkpoint_step(name, run_dir, cfg))
-            runs[m, seed] = {'dir': run_dir, 'settings': settings, 'train': rec}
+            rec = command_stage(
+                name,
+                run_dir,
+                settings,
+                [os.path.join(run_dir, "ckpt.pt")],
+                [resumable(cmd, run_dir)],
+                a,
+                env,
+                "train.log",
+                lambda: checkpoint_step(name, run_dir, cfg),
+            )
+            runs[m, seed] = {"dir": run_dir, "settings": settings, "train": rec}
 
     # 5. evaluate every final checkpoint
-    ood, lambada, notes = (a.ood if a.ood is not None else at(P['ood'])), at(P['lambada']), []
+    ood, lambada, notes = (a.ood if a.ood is not None else at(P["ood"])), at(P["lambada"]), []
     if not root:
-        notes.append(f"- No data folder (--data_root, COCOMIX_DATA): no {'OOD loss or ' if ood is None else ''}"
-                     "LAMBADA numbers.")
+        notes.append(
+            f"- No data folder (--data_root, COCOMIX_DATA): no {'OOD loss or ' if ood is None else ''}"
+            "LAMBADA numbers."
+        )
     if ood and not os.path.isfile(ood):
         notes.append(f"- OOD text {ood} is not there: no OOD loss.")
-        ood = ''
-    elif ood and isinstance(inputs, list) and any(os.path.abspath(ood) == x or os.path.abspath(ood).startswith(x + os.sep)
-                                                  for x in map(os.path.abspath, inputs)):
+        ood = ""
+    elif (
+        ood
+        and isinstance(inputs, list)
+        and any(
+            os.path.abspath(ood) == x or os.path.abspath(ood).startswith(x + os.sep)
+            for x in map(os.path.abspath, inputs)
+        )
+    ):
         notes.append(f"- OOD text {ood} is part of the training input: no OOD loss.")
-        ood = ''
+        ood = ""
     if lambada and not os.path.isfile(lambada):
         notes.append(f"- LAMBADA ({lambada}) is not there: no LAMBADA numbers.")
-        lambada = ''
-    ood, lambada = ood or '', lambada or ''
-    ev = {**P['eval'], 'ood': ood and os.path.abspath(ood), 'lambada': lambada and os.path.abspath(lambada)}
-    suite = at(P['suite']) if P.get('suite') else None
+        lambada = ""
+    ood, lambada = ood or "", lambada or ""
+    ev = {
+        **P["eval"],
+        "ood": ood and os.path.abspath(ood),
+        "lambada": lambada and os.path.abspath(lambada),
+    }
+    suite = at(P["suite"]) if P.get("suite") else None
     if suite and os.path.isdir(suite):
-        ev['suite'] = os.path.abspath(suite)
-        notes.append(f"- Zero-shot suite: every benchmark file in `{suite}` (eval.py --suite).")
-    elif P.get('suite'):
-        notes.append(f"- No benchmark folder {suite or P['suite']} under the data folder: no zero-shot suite.")
-    notes += [f"- OOD: `{os.path.basename(ood)}`, first {ev['max_tokens']:,} tokens."] if ood else []
-    notes += [f"- LAMBADA: first {ev['lambada_max'] or 'all'} examples, contexts cut to the model's window."] \
-        if lambada else []
+        ev["suite"] = os.path.abspath(suite)
+        notes.append(
+            f"- Zero-shot suite: every benchmark file in `{suite}` (scripts/eval.py --suite)."
+        )
+    elif P.get("suite"):
+        notes.append(
+            f"- No benchmark folder {suite or P['suite']} under the data folder: no zero-shot suite."
+        )
+    notes += (
+        [f"- OOD: `{os.path.basename(ood)}`, first {ev['max_tokens']:,} tokens."] if ood else []
+    )
+    notes += (
+        [
+            f"- LAMBADA: first {ev['lambada_max'] or 'all'} examples, contexts cut to the model's window."
+        ]
+        if lambada
+        else []
+    )
     for (m, seed), r in runs.items():
-        record, settings = os.path.join(r['dir'], 'eval.json'), {'eval': ev, 'run': digest(r['settings'])}
-        if not done(f'eval {m} seed {seed}', record, settings, [], a.force):
+        record, settings = (
+            os.path.join(r["dir"], "eval.json"),
+            {"eval": ev, "run": digest(r["settings"])},
+        )
+        if not done(f"eval {m} seed {seed}", record, settings, [], a.force):
             try:
-                res = evaluate_run(r['dir'], data_dir, ev, device)
-            except Exception as e:  # eval.EvalError, or a broken checkpoint
+                model, _ = load_checkpoint(os.path.join(r["dir"], "ckpt.pt"), device)
+                res = evaluate_run(model, data_dir, ev, device)
+            except Exception as e:  # EvalError, or a broken checkpoint
                 fail(f"stage eval {m} seed {seed} failed: {type(e).__name__}: {e}")
-            write_json(record, {'settings': settings, 'result': res})
+            write_json(record, {"settings": settings, "result": res})
             print(f"{m} seed {seed}: val loss {res['val']['loss']:.4f}")
-        r['eval'], r['log'] = read_json(record)['result'], read_log(r['dir'])
+        r["eval"], r["log"] = read_json(record)["result"], read_log(r["dir"])
 
     # 6. report
     s = student
-    notes.insert(0, f"Preset `{a.preset}`. Students: {s['n_layer']} layers, d={s['n_embd']} (NTP d={width}, "
-                    f"parameter-matched), block {s['block_size']}, {s['max_iters']} steps of "
-                    f"{s['batch_size'] * s.get('gradient_accumulation_steps', 1) * s['block_size']:,} tokens; "
-                    f"concept source `{rel(source)}`, SAE `{rel(sae_path)}` ({n_concepts} concepts).")
-    metrics = os.path.splitext(sae_path)[0] + '.metrics.jsonl'  # sae.py's log, next to its SAE (given or trained here)
-    sae_eval = [json.loads(x)['eval'] for x in open(metrics) if '"eval"' in x][-1:] if os.path.exists(metrics) else []
+    notes.insert(
+        0,
+        f"Preset `{a.preset}`. Students: {s['n_layer']} layers, d={s['n_embd']} (NTP d={width}, "
+        f"parameter-matched), block {s['block_size']}, {s['max_iters']} steps of "
+        f"{s['batch_size'] * s.get('gradient_accumulation_steps', 1) * s['block_size']:,} tokens; "
+        f"concept source `{rel(source)}`, SAE `{rel(sae_path)}` ({n_concepts} concepts).",
+    )
+    metrics = (
+        os.path.splitext(sae_path)[0] + ".metrics.jsonl"
+    )  # sae.py's log, next to its SAE (given or trained here)
+    sae_eval = (
+        [json.loads(x)["eval"] for x in open(metrics) if '"eval"' in x][-1:]
+        if os.path.exists(metrics)
+        else []
+    )
     for e in sae_eval:
-        notes.insert(1, f"- SAE on held-out text: FVU {e['fvu']:.3f}, L0 {e['l0']:.1f}, dead fraction {e['dead']:.3f}.")
-    # derived from the records above in a second or two: always written, so it follows this file's report code
+        notes.insert(
+            1,
+            f"- SAE on held-out text: FVU {e['fvu']:.3f}, L0 {e['l0']:.1f}, dead fraction {e['dead']:.3f}.",
+        )
+    # derived from the records above in a second or two: always written, so it follows this file's
+    # report code
     report(out, runs, methods, seeds, notes)
     print(f"results: {os.path.join(out, 'results.md')}")
 
 
-if __name__ == '__main__':
+if __name__ == "__main__":
     main()

@@ -9,12 +9,13 @@ their GPT-2 SAEs load directly.
     x_hat = W_dec a + b_pre                        decoder.weight is d x C, unit-norm columns
     h_hat = x_hat * std + mu
 
-Train on a GPT checkpoint's activations, evaluate (both in sae_train.py), and describe the latents
-(dictionary.py):
+Train on a GPT checkpoint's activations, evaluate (both in cocomix/sae_train.py), and describe the latents
+(cocomix/dictionary.py):
 
-    python sae.py --ckpt=out/source/ckpt.pt --data_dir=data/gutenberg --layer=2 --out=out/source/sae.pt
-    python sae.py --eval_only --sae=out/source/sae.pt --data_dir=data/gutenberg
-    python sae.py --describe --sae=out/source/sae.pt --data_dir=data/gutenberg
+    python sae.py --concept_source=out/source/ckpt.pt --data_dir=data/gutenberg --layer=2 \
+        --sae_path=out/source/sae.pt
+    python sae.py --eval_only --sae_path=out/source/sae.pt --data_dir=data/gutenberg
+    python sae.py --describe --sae_path=out/source/sae.pt --data_dir=data/gutenberg
 """
 
 import argparse
@@ -26,14 +27,27 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from checkpoint import load_frozen_gpt
-from corpus import load_tokens
-from dictionary import describe
-from model import standardise
-from ops import sparse_mix
-from sae_train import ShuffleBuffer, activation_chunk, evaluate, geometric_median, train
-from train_utils import keep_freed_memory
-from weights import CACHE_DIR, download, first_line, load_torch_file, save_atomic, source_sha256
+from cocomix.checks import check_device, moved_flag
+from cocomix.corpus import load_tokens
+from cocomix.dictionary import describe
+from cocomix.ops import lm_loss, sparse_mix
+from cocomix.runtime import hold_lock, keep_freed_memory
+from cocomix.sae_train import (
+    ShuffleBuffer,
+    activation_chunk,
+    evaluate_sae,
+    geometric_median,
+    train_sae,
+)
+from cocomix.weights import (
+    CACHE_DIR,
+    download,
+    first_line,
+    load_torch_file,
+    save_atomic,
+    source_sha256,
+)
+from model import load_frozen_gpt, standardise
 
 OPENAI_URL = "https://openaipublic.blob.core.windows.net/sparse-autoencoder/gpt2-small/{location}/autoencoders/{layer}.pt"
 
@@ -42,7 +56,6 @@ OPENAI_URL = "https://openaipublic.blob.core.windows.net/sparse-autoencoder/gpt2
 
 
 class SAE(nn.Module):
-
     def __init__(self, d, n_latents, k, meta=None):
         super().__init__()
         if not 0 < k <= n_latents:
@@ -60,8 +73,8 @@ class SAE(nn.Module):
             self.encoder.weight.copy_(self.decoder.weight.t())
 
     @property
-    def W_dec(self):
-        """W_dec transposed: the decoder as C x d rows, so that a latent's direction is one row to gather."""
+    def W_dec_T(self):
+        """W_dec transposed (C x d): a latent's direction is one row to gather."""
         return self.decoder.weight.t()
 
     standardise = staticmethod(standardise)
@@ -83,9 +96,10 @@ class SAE(nn.Module):
         return (values, indices, mu, std, pre) if return_pre else (values, indices, mu, std)
 
     def decode_latents(self, values, indices):
-        """W_dec a as a gather of the k chosen decoder columns, weighted by their values (never a dense
-        N x C a). The C x d copy is contiguous because embedding_bag on the transposed view is ~50x slower."""
-        return sparse_mix(values, indices, self.W_dec.contiguous())
+        """W_dec a as a gather of the k chosen decoder columns, weighted by their values (never a
+        dense N x C a). The C x d copy is contiguous because embedding_bag on the transposed view is
+        ~50x slower."""
+        return sparse_mix(values, indices, self.W_dec_T.contiguous())
 
     def decode_sparse(self, values, indices):
         """x_hat = W_dec a + b_pre."""
@@ -102,7 +116,8 @@ class SAE(nn.Module):
 
     @torch.no_grad()
     def normalise_decoder(self):
-        """Unit-norm decoder columns, so latent magnitudes live in the activations, not the dictionary."""
+        """Unit-norm decoder columns, so latent magnitudes live in the activations, not the
+        dictionary."""
         W = self.decoder.weight
         W.div_(W.norm(dim=0, keepdim=True).clamp(min=1e-12))
 
@@ -119,7 +134,13 @@ class SAE(nn.Module):
     def save(self, path):
         """Our format, written atomically so a crash never leaves a half-written SAE behind."""
         os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-        obj = {"state_dict": self.state_dict(), "d": self.d, "n_latents": self.n_latents, "k": self.k, "meta": self.meta}
+        obj = {
+            "state_dict": self.state_dict(),
+            "d": self.d,
+            "n_latents": self.n_latents,
+            "k": self.k,
+            "meta": self.meta,
+        }
         save_atomic(obj, path)
 
     @classmethod
@@ -129,7 +150,9 @@ class SAE(nn.Module):
         host = None
         if name := openai_name(path):
             if layer is not None and layer != name[1]:
-                raise ValueError(f"{path} is OpenAI's SAE for layer {name[1]}, but layer={layer} was asked for")
+                raise ValueError(
+                    f"{path} is OpenAI's SAE for layer {name[1]}, but layer={layer} was asked for"
+                )
             layer = name[1]
             path, host = download_openai_sae(path), "gpt2"
         obj = load_torch_file(path, "SAE file", map_location)
@@ -138,12 +161,16 @@ class SAE(nn.Module):
         elif isinstance(obj, dict) and "encoder.weight" in obj:
             sae = cls._from_openai(obj, path)
         else:
-            raise ValueError(f"{path}: not an SAE file (neither our 'state_dict' format nor OpenAI's 'encoder.weight' keys)")
+            raise ValueError(
+                f"{path}: not an SAE file (neither our 'state_dict' format nor OpenAI's 'encoder.weight' keys)"
+            )
         if host is not None:  # the paper's SAEs were trained on GPT-2 small
             sae.meta.setdefault("host", host)
         if layer is not None:
             if sae.meta.get("layer") not in (None, layer):
-                raise ValueError(f"{path}: the file says layer {sae.meta['layer']}, but layer={layer} was asked for")
+                raise ValueError(
+                    f"{path}: the file says layer {sae.meta['layer']}, but layer={layer} was asked for"
+                )
             sae.meta["layer"] = layer
         sae.path = path
         return sae.to(map_location)
@@ -161,19 +188,43 @@ class SAE(nn.Module):
     def _from_openai(cls, sd, path):
         act = sd.get("activation")
         if act != "TopK":
-            raise ValueError(f"{path}: OpenAI SAE with activation {act!r}; only TopK SAEs are supported")
+            raise ValueError(
+                f"{path}: OpenAI SAE with activation {act!r}; only TopK SAEs are supported"
+            )
         act_sd = sd.get("activation_state_dict", {})
-        if not isinstance(act_sd, dict) or "k" not in act_sd or act_sd.get("postact_fn", "ReLU") != "ReLU":
-            raise ValueError(f"{path}: OpenAI TopK SAE without k or with a non-ReLU postact_fn ({act_sd!r})")
+        if (
+            not isinstance(act_sd, dict)
+            or "k" not in act_sd
+            or act_sd.get("postact_fn", "ReLU") != "ReLU"
+        ):
+            raise ValueError(
+                f"{path}: OpenAI TopK SAE without k or with a non-ReLU postact_fn ({act_sd!r})"
+            )
         try:
             C, d = sd["encoder.weight"].shape
-            expected = {"pre_bias": (d,), "latent_bias": (C,), "encoder.weight": (C, d), "decoder.weight": (d, C)}
+            expected = {
+                "pre_bias": (d,),
+                "latent_bias": (C,),
+                "encoder.weight": (C, d),
+                "decoder.weight": (d, C),
+            }
             for key, shape in expected.items():
                 if tuple(sd[key].shape) != shape:
                     raise ValueError(f"{key} has shape {tuple(sd[key].shape)}, expected {shape}")
-            # trained on LN-style standardised inputs, as ours; the statistics buffers are not weights
-            sae = cls(d, C, int(act_sd["k"]), {"source": "openai", "file": os.path.abspath(path), "d": d,
-                                                "tokenizer": "gpt2", "layer": None})
+            # trained on LN-style standardised inputs, as ours; the statistics buffers are not
+            # weights
+            sae = cls(
+                d,
+                C,
+                int(act_sd["k"]),
+                {
+                    "source": "openai",
+                    "file": os.path.abspath(path),
+                    "d": d,
+                    "tokenizer": "gpt2",
+                    "layer": None,
+                },
+            )
             sae.load_state_dict({key: sd[key].float() for key in expected})
         except (KeyError, TypeError, ValueError, RuntimeError) as e:
             raise ValueError(f"{path}: malformed OpenAI SAE state dict ({first_line(e)})") from None
@@ -185,13 +236,20 @@ class SAE(nn.Module):
         d = cfg["n_embd"] if isinstance(cfg, dict) else cfg.n_embd
         trained = self.meta.get("layer")
         if d != self.d or (trained is not None and trained != layer):
-            where = f"layer {trained} of a d={self.d} model" if trained is not None else f"a d={self.d} model (layer unknown)"
-            raise ValueError(f"SAE {self.path or '(in memory)'} was trained on {where}; "
-                             f"the concept source has d={d} at layer {layer}")
+            where = (
+                f"layer {trained} of a d={self.d} model"
+                if trained is not None
+                else f"a d={self.d} model (layer unknown)"
+            )
+            raise ValueError(
+                f"SAE {self.path or '(in memory)'} was trained on {where}; "
+                f"the concept source has d={d} at layer {layer}"
+            )
 
 
 def openai_name(path):
-    """'openai:<location>/<layer>' -> (location, layer), the paper's location when none is given; None for a path."""
+    """'openai:<location>/<layer>' -> (location, layer), the paper's location when none is given;
+    None for a path."""
     if not path.startswith("openai:"):
         return None
     location, _, layer = path.removeprefix("openai:").rpartition("/")
@@ -199,41 +257,221 @@ def openai_name(path):
 
 
 def sae_file(path):
-    """The file behind an SAE path: for an OpenAI name, where its download is kept (there or not yet)."""
+    """The file behind an SAE path: for an OpenAI name, where its download is kept (there or not
+    yet)."""
     name = openai_name(path)
     return os.path.join(CACHE_DIR, "openai_sae", name[0], f"{name[1]}.pt") if name else path
 
 
 def download_openai_sae(path):
-    """Fetch one of OpenAI's GPT-2 small SAEs (the paper's: openai:resid_post_mlp_v5_32k/5) into the cache."""
+    """Fetch one of OpenAI's GPT-2 small SAEs (the paper's: openai:resid_post_mlp_v5_32k/5) into the
+    cache."""
     location, layer = openai_name(path)
-    return download(OPENAI_URL.format(location=location, layer=layer), sae_file(path),
-                    f"SAE.load('/path/to/{layer}.pt', layer={layer})")
+    return download(
+        OPENAI_URL.format(location=location, layer=layer),
+        sae_file(path),
+        f"SAE.load('/path/to/{layer}.pt', layer={layer})",
+    )
+
+
+# -----------------------------------------------------------------------------
+# Concept labels by attribution (docs/method.md, "Concept labels by attribution")
+#
+#     s_j = a_j * (g . W_dec[:, j])        g = dL/dh_con, at the active latents only
+#
+# A token's labels are its K_attr active latents with the largest s. `fill` says what fills the
+# labels of a token with fewer than K_attr positive scores: none (-1, skipped by the concept loss),
+# active (the next active latents by score), released (the released code's top-k over all C latents,
+# where inactive latents score 0). The SAE encoding and the scores run in fp32 whatever the training
+# precision. A window's labels depend on nothing that training changes, so cocomix/label_cache.py
+# keeps them on disk for later runs.
+
+LABEL_RULES = ("attribution", "attribution_pre", "neg_attribution", "abs_attribution", "activation")
+LABEL_FILLS = ("none", "active", "released")
+
+
+def gathered_dot(W, indices, g, chunk=1024):
+    """(W[indices] . g) for rows W (C x d), indices (..., K), g (..., d) -> (..., K), in token
+    chunks so the tokens x K x d gathered rows never exist all at once."""
+    K, d = indices.size(-1), g.size(-1)
+    flat_i, flat_g = indices.reshape(-1, K), g.reshape(-1, d)
+    out = torch.empty(flat_i.shape, dtype=g.dtype, device=g.device)
+    for s in range(0, flat_i.size(0), chunk):
+        out[s : s + chunk] = torch.bmm(
+            W[flat_i[s : s + chunk]], flat_g[s : s + chunk].unsqueeze(2)
+        ).squeeze(2)
+    return out.view(indices.shape)
+
+
+class ConceptLabeler:
+    """Per batch: top-K_attr concept labels (B, T, K_attr), filled by `fill` where a token has too
+    few."""
+
+    def __init__(self, source, sae, layer, k_attr=4, rule="attribution", fill="none"):
+        if rule not in LABEL_RULES:
+            raise ValueError(f"label_rule must be one of {LABEL_RULES}, got {rule!r}")
+        if fill not in LABEL_FILLS:
+            raise ValueError(f"label_fill must be one of {LABEL_FILLS}, got {fill!r}")
+        if not 0 <= layer < source.config.n_layer:
+            raise ValueError(
+                f"sae_layer={layer} is outside the concept source's {source.config.n_layer} blocks"
+            )
+        if not 0 < k_attr <= sae.k:
+            raise ValueError(f"k_attr={k_attr} must be in [1, the SAE's k={sae.k}]")
+        sae.check_host(source, layer)
+        self.source, self.sae, self.layer, self.k_attr, self.rule, self.fill = (
+            source,
+            sae,
+            layer,
+            k_attr,
+            rule,
+            fill,
+        )
+
+    def hidden_and_grad(self, idx, targets):
+        """h_con after block `layer` and g = dL/dh_con, for L the sum over windows of each window's
+        mean next-token loss (so that a window's labels do not depend on the rest of the batch)."""
+        with torch.no_grad():  # blocks below the SAE layer need no graph
+            h = self.source.forward_to(idx, self.layer)
+        if self.rule == "activation":
+            return h, None
+        h = h.detach().requires_grad_(True)
+        src = self.source
+        with torch.enable_grad():
+            x = src.forward_from(h, self.layer)
+            # The LM head's loss in chunks (lm_loss): the B x T x V logits never exist. One mean per
+            # window, summed: a window's gradient then does not depend on the other windows in the
+            # batch, so LabelCache's labels equal those of any batch. A positive scale per window
+            # changes no ranking.
+            loss = sum(
+                lm_loss(xb, src.lm_head.weight, tb)
+                for xb, tb in zip(x.unbind(0), targets.unbind(0))
+            )
+            (g,) = torch.autograd.grad(
+                loss, h
+            )  # activation gradient only: no parameter grads exist
+        return h.detach(), g
+
+    @torch.no_grad()
+    def scores(self, h, g):
+        """Scores of the K_sae active latents: (values, indices, s), each (..., K_sae), in fp32
+        whatever the training precision (bf16 would reorder a few percent of the labels)."""
+        with torch.autocast(h.device.type, enabled=False):
+            sae, h = self.sae, h.float()
+            values, indices, mu, std = sae.encode(h)
+            if self.rule == "activation":
+                return values, indices, values
+            # g . W_dec at the active latents only: gather K_sae decoder rows, not a dense tokens x
+            # C product
+            gW = gathered_dot(sae.W_dec_T.contiguous(), indices, g.float())
+            if (
+                self.rule == "attribution_pre"
+            ):  # the paper's equation: pre-activations, not post-TopK latents
+                a = sae.encode_pre(sae.standardise(h)[0]).gather(-1, indices)
+            else:
+                a = values
+        s = a * gW
+        if self.rule == "neg_attribution":
+            s = -s
+        elif self.rule == "abs_attribution":
+            s = s.abs()
+        return values, indices, s
+
+    def __call__(self, idx, targets):
+        h, g = self.hidden_and_grad(idx, targets)
+        values, indices, s = self.scores(h, g)
+        top, pos = s.masked_fill(values <= 0, float("-inf")).topk(
+            self.k_attr, dim=-1
+        )  # among the active latents
+        labels = indices.gather(-1, pos).masked_fill(torch.isinf(top), -1)
+        if self.fill == "none":
+            return labels.masked_fill(top <= 0, -1)
+        if (
+            self.fill == "released"
+        ):  # tokens short of positive scores: top-k over all C latents, 0 where inactive
+            short = (top <= 0).any(-1)
+            dense = torch.zeros(
+                int(short.sum()), self.sae.n_latents, dtype=s.dtype, device=s.device
+            )
+            labels[short] = (
+                dense.scatter_(-1, indices[short], s[short]).topk(self.k_attr, dim=-1).indices
+            )
+        return labels
+
+
+def make_labeler(source, sae_path, sae_layer, k_attr, label_rule, label_fill, n_concepts, device):
+    """The attribution labeler from the concept source and an SAE file: (labeler, C)."""
+    sae = SAE.load(sae_path, layer=sae_layer if sae_layer >= 0 else None).to(device)
+    if sae.meta.get("layer") is None:
+        raise ValueError(f"{sae_path} does not say which layer it was trained on: pass --sae_layer")
+    if n_concepts and n_concepts != sae.n_latents:
+        raise ValueError(f"n_concepts={n_concepts} but the SAE has {sae.n_latents} latents")
+    return ConceptLabeler(
+        source, sae, sae.meta["layer"], k_attr, label_rule, label_fill
+    ), sae.n_latents
+
+
+def check_sae_host(sae, source_path):
+    """Refuse an SAE trained on another concept source: sae.py records the SHA-256 of its host's
+    file, and another model of the same width and layer has another residual stream."""
+    want = sae.meta.get("host_sha256")
+    if not want or not source_path:  # OpenAI's SAEs record none
+        return
+    if (have := source_sha256(source_path)) != want:
+        raise ValueError(
+            f"SAE {sae.path} was trained on {sae.meta.get('host')} (sha256 {want[:12]}), "
+            f"not on the concept source {source_path} (sha256 {have[:12]}): "
+            "pass the concept source it was trained on"
+        )
 
 
 # -----------------------------------------------------------------------------
 # Command line
 
-# flags a resume need not match: where files go, how often, where it runs, what is done afterwards; the host
-# and the data are matched by resume_key instead, by content and by absolute path
-RESUME_FREE = ("ckpt", "data_dir", "out", "sae", "eval_only", "describe", "eval_tokens", "device", "log_interval",
-               "ckpt_interval")
+# flags a resume need not match: where files go, how often, where it runs, what is done afterwards;
+# the host and the data are matched by resume_key instead, by content and by absolute path
+RESUME_FREE = (
+    "concept_source",
+    "data_dir",
+    "sae_path",
+    "eval_only",
+    "describe",
+    "eval_tokens",
+    "device",
+    "log_interval",
+    "ckpt_interval",
+)
 
 
 def arg_parser():
-    p = argparse.ArgumentParser(description="Train, evaluate or describe a TopK SAE on a GPT's residual stream.")
-    p.add_argument("--ckpt", help="host GPT: ckpt.pt (or its folder), a GPT-2 Hugging Face folder, or 'gpt2'")
-    p.add_argument("--data_dir", required=True, help="folder with train.bin and val.bin (prepare.py)")
+    p = argparse.ArgumentParser(
+        description="Train, evaluate or describe a TopK SAE on a GPT's residual stream."
+    )
+    p.add_argument(
+        "--concept_source",
+        help="the host GPT: ckpt.pt (or its folder), a GPT-2 Hugging Face folder, or 'gpt2'",
+    )
+    p.add_argument(
+        "--data_dir", required=True, help="folder with train.bin and val.bin (prepare.py)"
+    )
     p.add_argument("--layer", type=int, help="block whose output is encoded (0-based)")
-    p.add_argument("--out", default="out/sae/sae.pt", help="where the trained SAE is written")
-    p.add_argument("--sae", help="an existing SAE for --eval_only / --describe (default --out); 'openai:resid_post_mlp_v5_32k/5' downloads")
+    p.add_argument(
+        "--sae_path",
+        default="out/sae/sae.pt",
+        help="where the trained SAE is written, or the "
+        "SAE that --eval_only / --describe read ('openai:resid_post_mlp_v5_32k/5' downloads)",
+    )
+    for old, new in (("ckpt", "--concept_source"), ("out", "--sae_path"), ("sae", "--sae_path")):
+        moved_flag(p, old, new)
     p.add_argument("--eval_only", action="store_true")
     p.add_argument("--describe", action="store_true", help="only write <sae>.concepts.json")
     p.add_argument("--n_latents", type=int, default=4096)
     p.add_argument("--k", type=int, default=32)
     p.add_argument("--tokens", type=int, default=2_000_000, help="training activations")
     p.add_argument("--batch_size", type=int, default=4096, help="activations per step")
-    p.add_argument("--lr", type=float, default=None, help="default 2e-4 / sqrt(n_latents / 2^14) (Gao et al.)")
+    p.add_argument(
+        "--lr", type=float, default=None, help="default 2e-4 / sqrt(n_latents / 2^14) (Gao et al.)"
+    )
     p.add_argument("--buffer", type=int, default=1 << 18, help="shuffling buffer, activations")
     p.add_argument("--dead_tokens", type=int, default=None, help="default min(10M, tokens / 10)")
     p.add_argument("--k_aux", type=int, default=None, help="default d / 2")
@@ -241,151 +479,250 @@ def arg_parser():
     p.add_argument("--block_size", type=int, default=None, help="window length; default the host's")
     p.add_argument("--host_batch", type=int, default=8, help="windows per host forward pass")
     p.add_argument("--eval_tokens", type=int, default=65536)
-    p.add_argument("--log_interval", type=int, default=10, help="steps between lines of <out>.metrics.jsonl")
-    p.add_argument("--ckpt_interval", type=int, default=500, help="steps between saves of <out>.resume.pt "
-                   "(0: only at the end and on SIGINT/SIGTERM); a run with that file and the same settings resumes")
+    p.add_argument(
+        "--log_interval", type=int, default=10, help="steps between lines of <sae>.metrics.jsonl"
+    )
+    p.add_argument(
+        "--ckpt_interval",
+        type=int,
+        default=500,
+        help="steps between saves of <sae>.resume.pt "
+        "(0: only at the end and on SIGINT/SIGTERM); a run with that file and the same settings resumes",
+    )
     p.add_argument("--seed", type=int, default=1337)
     p.add_argument("--device", default="cpu")
     return p
 
 
 def check_args(a):
-    """Settings that are wrong whatever the host and data: a one-line message for the first, or None."""
-    from train_utils import check_device
+    """Settings that are wrong whatever the host and data: a one-line message for the first, or
+    None."""
     if a.n_latents <= 0 or not 0 < a.k <= a.n_latents:
         return f"--n_latents must be positive and --k in [1, n_latents], got n_latents={a.n_latents}, k={a.k}"
-    if min(a.tokens, a.batch_size, a.buffer, a.host_batch, a.eval_tokens, a.log_interval) <= 0 or a.ckpt_interval < 0:
-        return "--tokens, --batch_size, --buffer, --host_batch, --eval_tokens and --log_interval must be positive, --ckpt_interval >= 0"
+    if (
+        min(a.tokens, a.batch_size, a.buffer, a.host_batch, a.eval_tokens, a.log_interval) <= 0
+        or a.ckpt_interval < 0
+    ):
+        return (
+            "--tokens, --batch_size, --buffer, --host_batch, --eval_tokens and --log_interval "
+            "must be positive, --ckpt_interval >= 0"
+        )
     if any(v is not None and v <= 0 for v in (a.dead_tokens, a.k_aux, a.block_size)):
         return "--dead_tokens, --k_aux and --block_size must be positive"
-    if a.lr is not None and not (a.lr > 0 and math.isfinite(a.lr)) or not (a.aux_coef >= 0 and math.isfinite(a.aux_coef)):
+    if (
+        a.lr is not None
+        and not (a.lr > 0 and math.isfinite(a.lr))
+        or not (a.aux_coef >= 0 and math.isfinite(a.aux_coef))
+    ):
         return f"--lr must be a positive number and --aux_coef >= 0, got lr={a.lr}, aux_coef={a.aux_coef}"
     return check_device(a.device)
 
 
 def usable(m):
-    """A one-line reason why a trained SAE's held-out metrics make it useless, or None: it reconstructs
-    worse than the mean activation would (FVU > 1), or no latent fires."""
+    """A one-line reason why a trained SAE's held-out metrics make it useless, or None: it
+    reconstructs worse than the mean activation would (FVU > 1), or no latent fires."""
     if not m["fvu"] <= 1 or m["l0"] == 0 or m["dead"] >= 1.0:
         return f"FVU {m['fvu']:.4g}, L0 {m['l0']:.3g}, {m['dead']:.0%} of the latents never fire on held-out text"
     return None
 
 
 def eval_or_describe(a):
-    """--eval_only / --describe: an existing SAE (ours, OpenAI's or 'openai:...') on the host it was trained on."""
-    from train_utils import check_sae_host
-    sae = SAE.load(a.sae or a.out, map_location=a.device, layer=a.layer)
-    layer, ckpt = sae.meta.get("layer"), a.ckpt or sae.meta.get("host")
-    if layer is None or ckpt is None:
-        raise SystemExit(f"error: {sae.path} does not record its host and layer; pass --ckpt and --layer")
-    model = load_frozen_gpt(ckpt, a.device)
+    """--eval_only / --describe: an existing SAE (ours, OpenAI's or 'openai:...') on the host it was
+    trained on."""
+    sae = SAE.load(a.sae_path, map_location=a.device, layer=a.layer)
+    layer, source = sae.meta.get("layer"), a.concept_source or sae.meta.get("host")
+    if layer is None or source is None:
+        raise SystemExit(
+            f"error: {sae.path} does not record its host and layer; "
+            "pass --concept_source and --layer"
+        )
+    model = load_frozen_gpt(source, a.device)
     sae.check_host(model, layer)
-    check_sae_host(sae, ckpt)
-    block_size = a.block_size or sae.meta.get("train", {}).get("block_size")  # the windows it was trained on
+    check_sae_host(sae, source)
+    block_size = a.block_size or sae.meta.get("train", {}).get(
+        "block_size"
+    )  # the windows it was trained on
     if a.describe:
         out = os.path.splitext(sae.path)[0] + ".concepts.json"
-        describe(sae, model, layer, a.data_dir, a.eval_tokens, block_size=block_size, device=a.device, out=out)
+        describe(
+            sae,
+            model,
+            layer,
+            a.data_dir,
+            a.eval_tokens,
+            block_size=block_size,
+            device=a.device,
+            out=out,
+        )
         print(f"wrote {out}")
     if a.eval_only:
-        print(json.dumps(evaluate(sae, model, layer, a.data_dir, a.eval_tokens, a.host_batch, block_size, a.device)))
+        print(
+            json.dumps(
+                evaluate_sae(
+                    sae, model, layer, a.data_dir, a.eval_tokens, a.host_batch, block_size, a.device
+                )
+            )
+        )
 
 
 def out_file(a, suffix):
-    """The files of a training run sit next to --out: <out>.metrics.jsonl, <out>.resume.pt, <out>.concepts.json."""
-    return os.path.splitext(a.out)[0] + suffix
+    """The files of a training run sit next to --sae_path: <sae>.metrics.jsonl, .resume.pt,
+    .concepts.json."""
+    return os.path.splitext(a.sae_path)[0] + suffix
 
 
 def run_settings(a, cfg):
-    """The training settings with their defaults resolved (logged, and kept in the SAE's meta), and the SAE's meta."""
-    settings = dict(vars(a), lr=a.lr or 2e-4 / math.sqrt(a.n_latents / 2 ** 14),  # Gao et al.'s scaling with C
-                    dead_tokens=a.dead_tokens or min(10_000_000, a.tokens // 10),
-                    block_size=a.block_size or cfg.block_size, steps=max(1, a.tokens // a.batch_size))
-    host = os.path.join(a.ckpt, "ckpt.pt") if os.path.isdir(a.ckpt) and not os.path.exists(os.path.join(a.ckpt, "config.json")) else a.ckpt
-    meta = {"host": os.path.abspath(host) if os.path.exists(host) else host,
-            "host_sha256": source_sha256(a.ckpt),  # a file's, or a GPT-2 folder's config and weights
-            "layer": a.layer, "d": cfg.n_embd, "tokenizer": "gpt2", "data_dir": os.path.abspath(a.data_dir),
-            "train": settings}
+    """The training settings with their defaults resolved (logged, and kept in the SAE's meta), and
+    the SAE's meta."""
+    settings = dict(
+        vars(a),
+        lr=a.lr or 2e-4 / math.sqrt(a.n_latents / 2**14),  # Gao et al.'s scaling with C
+        dead_tokens=a.dead_tokens or min(10_000_000, a.tokens // 10),
+        block_size=a.block_size or cfg.block_size,
+        steps=max(1, a.tokens // a.batch_size),
+    )
+    src = a.concept_source
+    is_ours = os.path.isdir(src) and not os.path.exists(os.path.join(src, "config.json"))
+    host = os.path.join(src, "ckpt.pt") if is_ours else src
+    meta = {
+        "host": os.path.abspath(host) if os.path.exists(host) else host,
+        "host_sha256": source_sha256(src),  # a file's, or a GPT-2 folder's config and weights
+        "layer": a.layer,
+        "d": cfg.n_embd,
+        "tokenizer": "gpt2",
+        "data_dir": os.path.abspath(a.data_dir),
+        "train": settings,
+    }
     return settings, meta
 
 
 def resume_key(settings, meta):
-    """What a resume must match: everything the trained SAE depends on, the host by its content when it is a file."""
+    """What a resume must match: everything the trained SAE depends on, the host by its content when
+    it is a file."""
     same = {k: v for k, v in settings.items() if k not in RESUME_FREE}
     same.update(host=meta["host_sha256"] or meta["host"], data_dir=meta["data_dir"])
     return same
 
 
 def read_resume(path, same):
-    """The resume file at `path` (None when there is none), refused unless it was written with the settings `same`."""
+    """The resume file at `path` (None when there is none), refused unless it was written with the
+    settings `same`."""
     if not os.path.exists(path):
         return None
     try:
         saved = torch.load(path, map_location="cpu", weights_only=True)
         old = saved["settings"]
     except Exception as e:
-        raise SystemExit(f"error: {path} is not a readable resume file ({type(e).__name__}); delete it to start over")
-    diff = [f"{k}={same.get(k)!r} (resume file: {old.get(k)!r})" for k in sorted(set(old) | set(same)) if old.get(k) != same.get(k)]
+        raise SystemExit(
+            f"error: {path} is not a readable resume file ({type(e).__name__}); delete it to start over"
+        )
+    diff = [
+        f"{k}={same.get(k)!r} (resume file: {old.get(k)!r})"
+        for k in sorted(set(old) | set(same))
+        if old.get(k) != same.get(k)
+    ]
     if diff:
-        raise SystemExit(f"error: {path} was written with other settings: {', '.join(diff)}; use those or delete it")
+        raise SystemExit(
+            f"error: {path} was written with other settings: {', '.join(diff)}; use those or delete it"
+        )
     return saved
 
 
 def activation_buffer(a, model, T, saved):
-    """The shuffled stream of the host's activations after block --layer on the training tokens, as saved if resuming."""
+    """The shuffled stream of the host's activations after block --layer on the training tokens, as
+    saved if resuming."""
     data = load_tokens(a.data_dir, "train", min_tokens=T, need="block_size")
-    chunk = lambda c: activation_chunk(model, a.layer, data, T, a.host_batch, a.seed, c, a.device)
-    return ShuffleBuffer(chunk, a.host_batch * T, a.buffer, a.batch_size, torch.Generator().manual_seed(a.seed),
-                         saved and saved["buffer"])
+    chunk = lambda c: standardise(
+        activation_chunk(model, a.layer, data, T, a.host_batch, a.seed, c, a.device)
+    )[0]
+    return ShuffleBuffer(
+        chunk,
+        a.host_batch * T,
+        a.buffer,
+        a.batch_size,
+        torch.Generator().manual_seed(a.seed),
+        saved and saved["buffer"],
+    )
 
 
 def fit(a, sae, model, settings, same, saved):
-    """Train `sae` (from `saved` when resuming), logging to <out>.metrics.jsonl and saving <out>.resume.pt as it
-    goes, then evaluate it into its meta. Returns the last training metrics, with "stopped" if a signal ended it."""
+    """Train `sae` (from `saved` when resuming), logging to <sae>.metrics.jsonl and saving
+    <sae>.resume.pt as it goes, then evaluate it into its meta. Returns the last training metrics,
+    with "stopped" if a signal ended it."""
     resume_path = out_file(a, ".resume.pt")
     buffer = activation_buffer(a, model, settings["block_size"], saved)
     if saved is None:
-        with torch.no_grad():  # b_pre at the data's centre, so the encoder starts by looking at deviations from it
-            sae.pre_bias.copy_(geometric_median(buffer.pool[:min(len(buffer.pool), 32768)]))
+        with (
+            torch.no_grad()
+        ):  # b_pre at the data's centre, so the encoder starts by looking at deviations from it
+            sae.pre_bias.copy_(geometric_median(buffer.pool[: min(len(buffer.pool), 32768)]))
 
-    def checkpoint(state):  # to a temporary file, then renamed: a crash while writing keeps the previous one
+    def checkpoint(
+        state,
+    ):  # to a temporary file, then renamed: a crash while writing keeps the previous one
         save_atomic({"settings": same, "train": state, "buffer": buffer.state_dict()}, resume_path)
 
-    os.makedirs(os.path.dirname(os.path.abspath(a.out)), exist_ok=True)
-    with open(out_file(a, ".metrics.jsonl"), "a") as f:  # after a resume, steps since the last save appear twice, identically
+    os.makedirs(os.path.dirname(os.path.abspath(a.sae_path)), exist_ok=True)
+    with open(
+        out_file(a, ".metrics.jsonl"), "a"
+    ) as f:  # after a resume, steps since the last save appear twice, identically
         log = lambda m: (f.write(json.dumps(m) + "\n"), f.flush())
         log({"settings": settings} if saved is None else {"resume": saved["train"]["step"]})
-        m = train(sae, buffer, settings["steps"], settings["lr"], settings["dead_tokens"], a.k_aux, a.aux_coef, log=log,
-                  log_interval=a.log_interval, state=saved and saved["train"], checkpoint=checkpoint,
-                  ckpt_interval=a.ckpt_interval)
-        if "stopped" not in m:  # no wall time in the file: the same training gives the same bytes (and label cache)
+        m = train_sae(
+            sae,
+            buffer,
+            settings["steps"],
+            settings["lr"],
+            settings["dead_tokens"],
+            a.k_aux,
+            a.aux_coef,
+            log=log,
+            log_interval=a.log_interval,
+            state=saved and saved["train"],
+            checkpoint=checkpoint,
+            ckpt_interval=a.ckpt_interval,
+        )
+        if (
+            "stopped" not in m
+        ):  # no wall time in the file: the same training gives the same bytes (and label cache)
             sae.meta["train_final"] = {k: v for k, v in m.items() if k != "time"}
-            sae.meta["eval"] = evaluate(sae, model, a.layer, a.data_dir, a.eval_tokens, a.host_batch,
-                                        settings["block_size"], a.device)
+            sae.meta["eval"] = evaluate_sae(
+                sae,
+                model,
+                a.layer,
+                a.data_dir,
+                a.eval_tokens,
+                a.host_batch,
+                settings["block_size"],
+                a.device,
+            )
             log({"eval": sae.meta["eval"]})
     return m
 
 
 def main(argv=None):
-    """Train an SAE on a host's activations, evaluate and describe it; or, with --eval_only / --describe, an existing one."""
+    """Train an SAE on a host's activations, evaluate and describe it; or, with --eval_only /
+    --describe, an existing one."""
     a = arg_parser().parse_args(argv)
     if problem := check_args(a):
         raise SystemExit(f"error: {problem}")
     torch.manual_seed(a.seed)
-    keep_freed_memory(a.device)  # as train.py does (train_utils)
+    keep_freed_memory(a.device)  # as train.py does (cocomix/runtime.py)
     if a.eval_only or a.describe:
         return eval_or_describe(a)
-    if a.ckpt is None or a.layer is None:
-        raise SystemExit("error: training needs --ckpt and --layer")
-    model = load_frozen_gpt(a.ckpt, a.device)
+    if a.concept_source is None or a.layer is None:
+        raise SystemExit("error: training needs --concept_source and --layer")
+    model = load_frozen_gpt(a.concept_source, a.device)
     cfg = model.config
     if not 0 <= a.layer < cfg.n_layer:
         raise SystemExit(f"error: --layer={a.layer} is outside the host's {cfg.n_layer} blocks")
     if (a.block_size or 0) > cfg.block_size:
-        raise SystemExit(f"error: --block_size={a.block_size} is longer than the host's context ({cfg.block_size})")
+        raise SystemExit(
+            f"error: --block_size={a.block_size} is longer than the host's context ({cfg.block_size})"
+        )
     settings, meta = run_settings(a, cfg)
     same, resume_path = resume_key(settings, meta), out_file(a, ".resume.pt")
-    from train_utils import hold_lock
-    try:  # one training per --out: two would overwrite each other's resume file
+    try:  # one training per --sae_path: two would overwrite each other's resume file
         release = hold_lock(out_file(a, ".lock"))
     except RuntimeError as e:
         raise SystemExit(f"error: {e}") from None
@@ -396,28 +733,53 @@ def main(argv=None):
 
 
 def train_and_write(a, model, cfg, settings, meta, same, resume_path):
-    """Train the SAE (resuming from <out>.resume.pt when there is one), then write it and its dictionary."""
-    saved = read_resume(resume_path, same)  # before anything is written, so a refusal leaves every file as it was
+    """Train the SAE (resuming from <sae>.resume.pt when there is one), then write it and its
+    dictionary."""
+    saved = read_resume(
+        resume_path, same
+    )  # before anything is written, so a refusal leaves every file as it was
     sae = SAE(cfg.n_embd, a.n_latents, a.k, meta).to(a.device)
-    sae.path = a.out
+    sae.path = a.sae_path
     m = fit(a, sae, model, settings, same, saved)
     if "stopped" in m:
-        print(f"stopped at step {m['stopped']} of {settings['steps']}; run the same command to resume from {resume_path}")
+        print(
+            f"stopped at step {m['stopped']} of {settings['steps']}; run the same command to resume from {resume_path}"
+        )
         return
-    if problem := usable(sae.meta["eval"]):  # e.g. a far too large --lr: say so rather than hand on a useless SAE
-        os.remove(resume_path)  # a finished run: nothing to resume, and a rerun with a lower --lr must not be refused
-        raise SystemExit(f"error: the trained SAE is unusable ({problem}); not written to {a.out}: lower --lr "
-                         f"(it was {settings['lr']:.3g}) or check the host")
-    sae.save(a.out)
+    if problem := usable(
+        sae.meta["eval"]
+    ):  # e.g. a far too large --lr: say so rather than hand on a useless SAE
+        os.remove(
+            resume_path
+        )  # a finished run: nothing to resume, and a rerun with a lower --lr must not be refused
+        raise SystemExit(
+            f"error: the trained SAE is unusable ({problem}); not written to {a.sae_path}: lower --lr "
+            f"(it was {settings['lr']:.3g}) or check the host"
+        )
+    sae.save(a.sae_path)
     print(json.dumps(sae.meta["eval"]))
     out = out_file(a, ".concepts.json")
-    describe(sae, model, a.layer, a.data_dir, a.eval_tokens, block_size=settings["block_size"], device=a.device, out=out)
-    os.remove(resume_path)  # only now: a crash in evaluate or describe resumes at the end instead of retraining
-    print(f"wrote {a.out}, {out_file(a, '.metrics.jsonl')}, {out}")
+    describe(
+        sae,
+        model,
+        a.layer,
+        a.data_dir,
+        a.eval_tokens,
+        block_size=settings["block_size"],
+        device=a.device,
+        out=out,
+    )
+    os.remove(
+        resume_path
+    )  # only now: a crash in evaluate or describe resumes at the end instead of retraining
+    print(f"wrote {a.sae_path}, {out_file(a, '.metrics.jsonl')}, {out}")
 
 
 if __name__ == "__main__":
     try:
         main()
-    except (ValueError, OSError) as e:  # expected failures (bad files, a full disk) read better as one line than a traceback
+    except (
+        ValueError,
+        OSError,
+    ) as e:  # expected failures (bad files, a full disk) read better as one line than a traceback
         raise SystemExit(f"error: {e}")

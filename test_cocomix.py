@@ -11,27 +11,26 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from checkpoint import load_checkpoint
-from model import GPT, GPTConfig, MIX_MODES, concept_recall
-from ops import (concept_head, concept_loss_reference, kl_rows, lm_loss, lm_loss_reference, sparse_mix,
-                 sparse_mix_backward_reference, sparse_mix_reference, sparse_mix_t)
-from weights import load_safetensors
-
-ROOT = os.path.dirname(os.path.abspath(__file__))
-ENV = dict(os.environ)  # TIKTOKEN_CACHE_DIR, where set (offline), reaches the scripts run as subprocesses
+from cocomix.ops import (
+    concept_loss_reference,
+    fused_concept_head,
+    kl_rows,
+    lm_loss,
+    lm_loss_reference,
+    sparse_mix,
+    sparse_mix_backward_reference,
+    sparse_mix_reference,
+    sparse_mix_t,
+)
+from cocomix.weights import load_safetensors
+from model import GPT, MIX_MODES, GPTConfig, concept_recall, load_checkpoint, teacher_of
+from tests.fixtures import ENV, ROOT, TINY, read_log, run
 
 
 def tiny_config(**kw):
     args = dict(block_size=32, vocab_size=50257, n_layer=3, n_head=2, n_embd=32)
     args.update(kw)
     return GPTConfig(**args)
-
-
-def run(*args, cwd=ROOT, check=True):
-    p = subprocess.run([sys.executable, *args], cwd=cwd, env=ENV, capture_output=True, text=True, timeout=600)
-    if check and p.returncode != 0:
-        raise AssertionError(f"{args} failed:\n{p.stdout[-2000:]}\n{p.stderr[-3000:]}")
-    return p
 
 
 # -----------------------------------------------------------------------------
@@ -43,7 +42,9 @@ def hf_reference(tmp_path):
     torch.manual_seed(0)
     hc = transformers.GPT2Config(n_positions=64, n_embd=48, n_layer=2, n_head=4, vocab_size=50257)
     ref = transformers.GPT2LMHeadModel(hc).eval()
-    for p in ref.parameters():  # random biases and LayerNorm gains too, not just the init's zeros and ones
+    for p in (
+        ref.parameters()
+    ):  # random biases and LayerNorm gains too, not just the init's zeros and ones
         p.data.add_(0.02 * torch.randn_like(p))
     return ref
 
@@ -60,10 +61,15 @@ def test_logits_match_transformers_save_pretrained(tmp_path):
 
 
 def test_logits_match_transformers_published_layout(tmp_path):
-    """The published gpt2 files: no 'transformer.' prefix, attention-mask buffers, pytorch_model.bin."""
+    """The published gpt2 files: no 'transformer.' prefix, attention-mask buffers,
+    pytorch_model.bin."""
     ref = hf_reference(tmp_path)
     ref.config.to_json_file(str(tmp_path / "config.json"))
-    sd = {k.removeprefix("transformer."): v for k, v in ref.state_dict().items() if k != "lm_head.weight"}
+    sd = {
+        k.removeprefix("transformer."): v
+        for k, v in ref.state_dict().items()
+        if k != "lm_head.weight"
+    }
     for i in range(ref.config.n_layer):
         sd[f"h.{i}.attn.bias"] = torch.tril(torch.ones(64, 64)).view(1, 1, 64, 64)
         sd[f"h.{i}.attn.masked_bias"] = torch.tensor(-1e4)
@@ -86,33 +92,35 @@ def test_forward_returns_logits_for_every_position_with_targets():
 # CoCoMix parts
 
 
-@pytest.mark.parametrize("mix", MIX_MODES)
+@pytest.mark.parametrize("mix", MIX_MODES + ("pause",))
 def test_causality_every_mix(mix):
     torch.manual_seed(0)
-    cfg = tiny_config(n_concepts=0 if mix == "pause" else 64, concept_topk=4, insert_layer=1, mix=mix)
+    kind = dict(pause=True) if mix == "pause" else dict(n_concepts=64, concept_topk=4, mix=mix)
+    cfg = tiny_config(insert_layer=1, **kind)
     model = GPT(cfg).eval()
     idx = torch.randint(0, 50257, (1, 20))
     changed = idx.clone()
     t = 11
-    changed[0, t + 1:] = torch.randint(0, 50257, (20 - t - 1,))
+    changed[0, t + 1 :] = torch.randint(0, 50257, (20 - t - 1,))
     with torch.no_grad():
         a, _ = model(idx)
         b, _ = model(changed)
         (_, z_a, _), (_, z_b, _) = model.hidden_states(idx), model.hidden_states(changed)
-    torch.testing.assert_close(a[:, :t + 1], b[:, :t + 1], atol=0, rtol=0)
-    assert not torch.allclose(a[:, t + 1:], b[:, t + 1:])
+    torch.testing.assert_close(a[:, : t + 1], b[:, : t + 1], atol=0, rtol=0)
+    assert not torch.allclose(a[:, t + 1 :], b[:, t + 1 :])
     if z_a is not None:
-        torch.testing.assert_close(z_a[:, :t + 1], z_b[:, :t + 1], atol=0, rtol=0)
+        torch.testing.assert_close(z_a[:, : t + 1], z_b[:, : t + 1], atol=0, rtol=0)
 
 
 def dense_mix(values, indices, W):
-    """The released code's way, written independently of ops.py: a dense N x C masked matrix times W."""
+    """The released code's way, written independently of cocomix/ops.py: a dense N x C masked matrix times
+    W."""
     dense = torch.zeros(values.size(0), W.size(0), dtype=values.dtype).scatter(1, indices, values)
     return dense @ W
 
 
 def test_ops_references_are_the_plain_expressions():
-    """ops.py's readable references (the dense masked product, index_add_ for the mixing backward,
+    """cocomix/ops.py's readable references (the dense masked product, index_add_ for the mixing backward,
     full-logit cross-entropy and KL) agree with independent expressions and with the fast ops."""
     torch.manual_seed(0)
     N, K, C, d = 9, 3, 20, 5
@@ -120,8 +128,12 @@ def test_ops_references_are_the_plain_expressions():
     indices = torch.rand(N, C).argsort(dim=1)[:, :K]
     W = torch.randn(C, d, dtype=torch.float64)
     g = torch.randn(N, d, dtype=torch.float64)
-    torch.testing.assert_close(sparse_mix_reference(values, indices, W), dense_mix(values, indices, W))
-    torch.testing.assert_close(sparse_mix(values, indices, W), sparse_mix_reference(values, indices, W))
+    torch.testing.assert_close(
+        sparse_mix_reference(values, indices, W), dense_mix(values, indices, W)
+    )
+    torch.testing.assert_close(
+        sparse_mix(values, indices, W), sparse_mix_reference(values, indices, W)
+    )
     v, w = values.clone().requires_grad_(), W.clone().requires_grad_()
     auto = torch.autograd.grad(dense_mix(v, indices, w), (v, w), g)  # autograd of the dense product
     fast = torch.autograd.grad(sparse_mix(v, indices, w), (v, w), g)
@@ -131,7 +143,9 @@ def test_ops_references_are_the_plain_expressions():
     x, targets = torch.randn(N, d, dtype=torch.float64), torch.randint(0, C, (N,))
     targets[2] = -1
     logits = x @ W.t()
-    torch.testing.assert_close(lm_loss_reference(x, W, targets), F.cross_entropy(logits, targets, ignore_index=-1))
+    torch.testing.assert_close(
+        lm_loss_reference(x, W, targets), F.cross_entropy(logits, targets, ignore_index=-1)
+    )
     tx, tW = torch.randn(N, 4, dtype=torch.float64), torch.randn(C, 4, dtype=torch.float64)
     p, q = (tx @ tW.t()).softmax(-1), logits.softmax(-1)
     kl = ((p * (p.log() - q.log())).sum(-1) * (targets >= 0)).sum() / (targets >= 0).sum()
@@ -158,8 +172,8 @@ def test_sparse_mix_equals_dense_and_gradcheck():
 
 
 def test_sparse_mix_backward_with_many_repeated_indices():
-    """Many tokens choosing the same concepts (3,000 tokens, 8 of 16 concepts each): the weight gradient
-    must add up every token's contribution to a concept's row."""
+    """Many tokens choosing the same concepts (3,000 tokens, 8 of 16 concepts each): the weight
+    gradient must add up every token's contribution to a concept's row."""
     torch.manual_seed(0)
     N, K, C, d = 3000, 8, 16, 600
     values = torch.randn(N, K, dtype=torch.float64, requires_grad=True)
@@ -177,7 +191,9 @@ def test_concept_loss_equals_separate_cross_entropies():
     torch.manual_seed(0)
     z = torch.randn(10, 30, requires_grad=True)
     labels = torch.randint(0, 30, (10, 4))
-    separate = sum(F.cross_entropy(z, labels[:, j]) for j in range(4)) / 4  # the released code's way
+    separate = (
+        sum(F.cross_entropy(z, labels[:, j]) for j in range(4)) / 4
+    )  # the released code's way
     torch.testing.assert_close(concept_loss_reference(z, labels), separate)
     # invalid labels (-1) are ignored: the mean is over the valid ones
     labels[0, 2:] = -1
@@ -187,8 +203,8 @@ def test_concept_loss_equals_separate_cross_entropies():
 
 
 def test_sparse_mix_t_is_the_weight_gradient():
-    """sparse_mix_t(values, indices, x, C) = S^T x, sparse_mix_backward_reference's grad_W with x for
-    the upstream gradient: repeated concepts, concepts nobody chose (rows of zeros), float64."""
+    """sparse_mix_t(values, indices, x, C) = S^T x, sparse_mix_backward_reference's grad_W with x
+    for the upstream gradient: repeated concepts, concepts nobody chose (rows of zeros), float64."""
     torch.manual_seed(0)
     N, K, C, d = 500, 6, 40, 7
     values = torch.randn(N, K, dtype=torch.float64)
@@ -196,7 +212,7 @@ def test_sparse_mix_t_is_the_weight_gradient():
     x, W = torch.randn(N, d, dtype=torch.float64), torch.randn(C, d, dtype=torch.float64)
     out = sparse_mix_t(values, indices, x, C)
     torch.testing.assert_close(out, sparse_mix_backward_reference(x, values, indices, W)[1])
-    assert out.shape == (C, d) and out[C // 2:].abs().max() == 0
+    assert out.shape == (C, d) and out[C // 2 :].abs().max() == 0
 
 
 def concept_head_reference(x, W, b, k, labels):
@@ -206,15 +222,19 @@ def concept_head_reference(x, W, b, k, labels):
 
 
 def test_concept_head_op_equals_reference():
-    """ops.concept_head (TopK and the concept loss in one op, no N x C tensor in the backward) against
-    F.linear + torch.topk + concept_loss_reference in float64: values, indices, loss and the gradients
-    of x, W and b from both the loss and the TopK's values, with missing labels, a row without any
-    valid label, a label 0 next to -1s (which clamp to 0), labels that are also in the TopK, upstream
-    gradients that are not 1, a loss weight of 0 (the lam = 0 ablation) and k = 0 (mix='none'); then
-    fp32, and bf16 under autocast within its rounding."""
+    """ops.fused_concept_head (TopK and the concept loss in one op, no N x C tensor in the backward)
+    against F.linear + torch.topk + concept_loss_reference in float64: values, indices, loss and the
+    gradients of x, W and b from both the loss and the TopK's values, with missing labels, a row
+    without any valid label, a label 0 next to -1s (which clamp to 0), labels that are also in the
+    TopK, upstream gradients that are not 1, a loss weight of 0 (the lam = 0 ablation) and k = 0
+    (mix='none'); then fp32, and bf16 under autocast within its rounding."""
     torch.manual_seed(0)
     B, T, d, C, k = 3, 40, 24, 300, 8
-    x0, W0, b0 = torch.randn(B, T, d, dtype=torch.float64), torch.randn(C, d, dtype=torch.float64) / 5, torch.randn(C, dtype=torch.float64)
+    x0, W0, b0 = (
+        torch.randn(B, T, d, dtype=torch.float64),
+        torch.randn(C, d, dtype=torch.float64) / 5,
+        torch.randn(C, dtype=torch.float64),
+    )
     labels = torch.randint(1, C, (B, T, 4))
     labels[0, :5, 2:] = -1
     labels[1, 3] = -1
@@ -225,26 +245,45 @@ def test_concept_head_op_equals_reference():
         x, W, b = (t.to(dtype).requires_grad_() for t in (x0, W0, b0))
         with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
             values, indices, loss = fn(x, W, b, k, labels)
-        grads = torch.autograd.grad(lam * loss + (values * g_values[..., :k].to(values.dtype)).sum(), (x, W, b))
+        grads = torch.autograd.grad(
+            lam * loss + (values * g_values[..., :k].to(values.dtype)).sum(), (x, W, b)
+        )
         return values.detach(), indices, loss.detach(), grads
 
-    with torch.no_grad():  # the fixture is what it claims: labels inside the TopK, and a label-less row
+    with (
+        torch.no_grad()
+    ):  # the fixture is what it claims: labels inside the TopK, and a label-less row
         top = F.linear(x0, W0, b0).topk(k, dim=-1).indices
         labels[0, 9, 0] = top[0, 9, 0]
     for lam, kk in ((0.7, k), (0.0, k), (0.7, 0)):
-        for dtype, autocast, tol in ((torch.float64, False, 1e-10), (torch.float32, False, 1e-5), (torch.float32, True, 1e-2)):
+        for dtype, autocast, tol in (
+            (torch.float64, False, 1e-10),
+            (torch.float32, False, 1e-5),
+            (torch.float32, True, 1e-2),
+        ):
             ref = run(concept_head_reference, torch.float64, lam, kk)
             if autocast:  # the same bf16 logits, so that the TopK picks the same concepts
                 ref = run(concept_head_reference, dtype, lam, kk, autocast)
-            out = run(concept_head, dtype, lam, kk, autocast)
-            assert out[0].dtype == (torch.bfloat16 if autocast else dtype) and out[0].shape == (B, T, kk)
+            out = run(fused_concept_head, dtype, lam, kk, autocast)
+            assert out[0].dtype == (torch.bfloat16 if autocast else dtype) and out[0].shape == (
+                B,
+                T,
+                kk,
+            )
             assert torch.equal(out[1], ref[1])
             torch.testing.assert_close(out[0].double(), ref[0].double(), rtol=tol, atol=tol)
             assert abs(out[2].item() - ref[2].item()) < tol * ref[2].item(), (dtype, autocast)
             for g, r in zip(out[3], ref[3]):
                 assert g.dtype == dtype and g.shape == r.shape
-                assert ((g.double() - r.double()).norm() / r.double().norm()).item() < tol, (dtype, autocast, lam, kk)
-    assert out[3][0][1, 3].abs().max() == 0 and ref[3][0][1, 3].abs().max() == 0  # no labels, k = 0: no gradient
+                assert ((g.double() - r.double()).norm() / r.double().norm()).item() < tol, (
+                    dtype,
+                    autocast,
+                    lam,
+                    kk,
+                )
+    assert (
+        out[3][0][1, 3].abs().max() == 0 and ref[3][0][1, 3].abs().max() == 0
+    )  # no labels, k = 0: no gradient
 
 
 def test_concept_recall():
@@ -256,7 +295,11 @@ def test_concept_recall():
 def kd_loss(student_logits, teacher_logits, targets=None):
     """Mean over valid tokens of KL(p_teacher || p_student), from full logits (ops.kl_rows per row)."""
     s, t = student_logits.flatten(0, -2), teacher_logits.flatten(0, -2)
-    valid = torch.ones(len(s), dtype=s.dtype) if targets is None else (targets.reshape(-1) >= 0).to(s.dtype)
+    valid = (
+        torch.ones(len(s), dtype=s.dtype)
+        if targets is None
+        else (targets.reshape(-1) >= 0).to(s.dtype)
+    )
     return kl_rows(s, t, valid).sum() / valid.sum().clamp(min=1)
 
 
@@ -270,9 +313,9 @@ def test_kd_loss_equals_hand_computed_kl():
 
 @pytest.mark.parametrize("teacher", [False, True])
 def test_chunked_lm_loss_equals_full_logits(teacher):
-    """ops.lm_loss in row chunks (with autograd: gradients made in the forward; without: summed chunks)
-    equals cross-entropy (and KD's KL) of the full logits, values and gradients, in float64, with
-    ignored rows and a last chunk shorter than the others."""
+    """ops.lm_loss in row chunks (with autograd: gradients made in the forward; without: summed
+    chunks) equals cross-entropy (and KD's KL) of the full logits, values and gradients, in float64,
+    with ignored rows and a last chunk shorter than the others."""
     torch.manual_seed(0)
     N, d, dt, V = 23, 8, 6, 50
     x = torch.randn(N, d, dtype=torch.float64, requires_grad=True)
@@ -303,11 +346,11 @@ def test_chunked_lm_loss_equals_full_logits(teacher):
 
 
 def test_lm_loss_fp16_gradient_is_not_flushed():
-    """Under fp16 autocast (what GPUs without bf16 get) the LM head's gradient (softmax - onehot) / n
-    must not be cast to fp16 before its matmul: at n = 32,768 rows most entries of p / n fall below
-    fp16's smallest number and flush to zero (a few percent of the gradient here, up to half of it at
-    GPT-2's vocabulary). lm_loss scales after the matmul, in fp32: its gradients stay within fp16's
-    precision of the float64 full-logit gradients."""
+    """Under fp16 autocast (what GPUs without bf16 get) the LM head's gradient (softmax - onehot) /
+    n must not be cast to fp16 before its matmul: at n = 32,768 rows most entries of p / n fall
+    below fp16's smallest number and flush to zero (a few percent of the gradient here, up to half
+    of it at GPT-2's vocabulary). lm_loss scales after the matmul, in fp32: its gradients stay
+    within fp16's precision of the float64 full-logit gradients."""
     torch.manual_seed(0)
     N, V, d = 32768, 2048, 16
     x = (torch.randn(N, d) * 0.5).requires_grad_()
@@ -317,17 +360,19 @@ def test_lm_loss_fp16_gradient_is_not_flushed():
     with torch.autocast("cpu", dtype=torch.float16):
         loss = lm_loss(x, W, targets)
     for g, r in zip(torch.autograd.grad(loss, (x, W)), ref):
-        assert ((g.double() - r).norm() / r.norm()).item() < 2e-3  # scaling before the matmul: 2-6e-2
+        assert (
+            (g.double() - r).norm() / r.norm()
+        ).item() < 2e-3  # scaling before the matmul: 2-6e-2
 
 
 def test_kd_fast_path_equals_full_logits():
-    """The student's KD training loss (train.py: lm_loss of its final hidden states with the teacher's),
-    chunked vs from the full logits."""
+    """The student's KD training loss (train.py: lm_loss of its final hidden states with the
+    teacher's), chunked vs from the full logits."""
     torch.manual_seed(0)
     student, source = GPT(tiny_config()), GPT(tiny_config(n_embd=48)).requires_grad_(False)
     idx, targets = torch.randint(0, 50257, (2, 16)), torch.randint(0, 50257, (2, 16))
     with torch.no_grad():
-        teacher = source.as_teacher(idx)
+        teacher = teacher_of(source, idx)
     grads, aux = [], []
     for loss_fn in (lm_loss_reference, lm_loss):
         x, _, _ = student.hidden_states(idx)
@@ -336,17 +381,22 @@ def test_kd_fast_path_equals_full_logits():
         aux.append({"ntp": ce.detach(), "kd": kl.detach()})
     torch.testing.assert_close(aux[1]["kd"], aux[0]["kd"])
     torch.testing.assert_close(aux[1]["ntp"], aux[0]["ntp"])
-    torch.testing.assert_close(aux[1]["ntp"], F.cross_entropy(student(idx)[0].flatten(0, 1), targets.flatten()))
+    torch.testing.assert_close(
+        aux[1]["ntp"], F.cross_entropy(student(idx)[0].flatten(0, 1), targets.flatten())
+    )
     torch.testing.assert_close(grads[1], grads[0])
     with torch.no_grad():  # and the KL is the teacher's own: against itself it is zero
         logits = source(idx)[0]
-        torch.testing.assert_close(kd_loss(logits, teacher[0] @ teacher[1].t()), torch.tensor(0.0), atol=1e-5, rtol=0)
+        torch.testing.assert_close(
+            kd_loss(logits, teacher[0] @ teacher[1].t()), torch.tensor(0.0), atol=1e-5, rtol=0
+        )
 
 
 @pytest.mark.parametrize("decay_all", [False, True])
 def test_weight_decay_groups(decay_all):
-    """With zero gradients an AdamW step only decays: by (1 - lr * wd) every matrix, and with decay_all
-    (the released recipe) every bias, LayerNorm gain and vector too; otherwise those stay put."""
+    """With zero gradients an AdamW step only decays: by (1 - lr * wd) every matrix, and with
+    decay_all (the released recipe) every bias, LayerNorm gain and vector too; otherwise those stay
+    put."""
     torch.manual_seed(0)
     m = GPT(tiny_config(n_concepts=64, concept_topk=4, insert_layer=1))
     before = {k: p.detach().clone() for k, p in m.named_parameters()}
@@ -361,7 +411,8 @@ def test_weight_decay_groups(decay_all):
 
 
 def test_mix_none_with_zero_lambda_trains_like_ntp():
-    """Concept prediction only, lam = 0: the shared weights follow exactly the plain GPT's trajectory."""
+    """Concept prediction only, lam = 0: the shared weights follow exactly the plain GPT's
+    trajectory."""
     torch.manual_seed(0)
     ntp = GPT(tiny_config())
     coco = GPT(tiny_config(n_concepts=64, concept_topk=4, insert_layer=1, mix="none"))
@@ -371,9 +422,9 @@ def test_mix_none_with_zero_lambda_trains_like_ntp():
         idx = torch.randint(0, 50257, (2, 16))
         labels = torch.randint(0, 64, (2, 16, 4))
         for m, opt in zip((ntp, coco), opts):
-            x, _, concept = m.hidden_states(idx, labels=labels if m is coco else None)
+            x, _, concept = m.hidden_states(idx, labels=labels if m is coco else None, fused=True)
             loss = lm_loss(x, m.lm_head.weight, idx)
-            if m is coco:  # train.py's objective with lam = 0 (ops.concept_head, k = 0)
+            if m is coco:  # train.py's objective with lam = 0 (ops.fused_concept_head, k = 0)
                 loss = loss + 0.0 * concept
             loss.backward()
             torch.nn.utils.clip_grad_norm_(m.parameters(), 1.0)
@@ -407,10 +458,11 @@ def test_config_errors():
         tiny_config(mix="concat")
 
 
-# Every config/ preset: tokens of the run = max_iters x batch_size x block_size x gradient_accumulation_steps,
-# warm-up, width and the recipe switches. The gpu_* rows are the released CoCoMix configurations
-# (tokens, 0.5M or 1M per step, warm-up 130 or 65, NTP widths 624 / 1072 / 2096, dropout 0.1 and weight
-# decay on every parameter); a new preset must be added here with its numbers.
+# Every config/ preset: tokens of the run = max_iters x batch_size x block_size x
+# gradient_accumulation_steps, warm-up, width and the recipe switches. The gpu_* rows are the
+# released CoCoMix configurations (tokens, 0.5M or 1M per step, warm-up 130 or 65, NTP widths 624 /
+# 1072 / 2096, dropout 0.1 and weight decay on every parameter); a new preset must be added here
+# with its numbers.
 B = 2**19  # 0.5M tokens per step
 PRESETS = {  # file: (tokens, tokens per step, warmup_iters, n_embd, dropout, decay_all)
     "gpu_69m_cocomix": (40_000 * B, B, 130, 512, 0.1, True),
@@ -433,18 +485,31 @@ PRESETS = {  # file: (tokens, tokens per step, warmup_iters, n_embd, dropout, de
 
 def test_preset_budgets(monkeypatch):
     src = open(os.path.join(ROOT, "train.py")).read()
-    defaults = src[src.index("# ---"):src.index("config_keys = ")]  # train.py's settings block
+    defaults = src[src.index("# ---") : src.index("config_keys = ")]  # train.py's settings block
     configurator = open(os.path.join(ROOT, "configurator.py")).read()
-    monkeypatch.chdir(ROOT)  # config files exec their base files from the repo root, as train.py runs them
+    monkeypatch.chdir(
+        ROOT
+    )  # config files exec their base files from the repo root, as train.py runs them
     files = sorted(f[:-3] for f in os.listdir(os.path.join(ROOT, "config")) if f.endswith(".py"))
-    assert files == sorted(PRESETS), "a preset without its row in PRESETS, or a row without its file"
+    assert files == sorted(PRESETS), (
+        "a preset without its row in PRESETS, or a row without its file"
+    )
     for name, (tokens, per_step, warmup, width, dropout, decay_all) in PRESETS.items():
         monkeypatch.setattr(sys, "argv", ["train.py", f"config/{name}.py"])
         c = {}
         exec(defaults, c)
-        exec(configurator, c)  # train.py's own reading of the file: unknown keys and wrong types fail here
+        exec(
+            configurator, c
+        )  # train.py's own reading of the file: unknown keys and wrong types fail here
         step = c["batch_size"] * c["block_size"] * c["gradient_accumulation_steps"]
-        got = (c["max_iters"] * step, step, c["warmup_iters"], c["n_embd"], c["dropout"], c["decay_all"])
+        got = (
+            c["max_iters"] * step,
+            step,
+            c["warmup_iters"],
+            c["n_embd"],
+            c["dropout"],
+            c["decay_all"],
+        )
         assert got == (tokens, per_step, warmup, width, dropout, decay_all), name
 
 
@@ -454,9 +519,12 @@ def test_preset_budgets(monkeypatch):
 
 def test_safetensors_bad_headers(tmp_path):
     import struct
+
     good = tmp_path / "ok.safetensors"
     header = json.dumps({"w": {"dtype": "F32", "shape": [2, 2], "data_offsets": [0, 16]}}).encode()
-    good.write_bytes(struct.pack("<Q", len(header)) + header + np.arange(4, dtype=np.float32).tobytes())
+    good.write_bytes(
+        struct.pack("<Q", len(header)) + header + np.arange(4, dtype=np.float32).tobytes()
+    )
     assert load_safetensors(str(good))["w"].tolist() == [[0, 1], [2, 3]]
     cases = {
         "short": (b"\x01\x02", "shorter than"),
@@ -486,6 +554,7 @@ def test_checkpoint_cannot_run_code(tmp_path):
     class Evil:
         def __reduce__(self):
             return (os.system, (f"touch {tmp_path}/pwned",))
+
     path = tmp_path / "evil.pt"
     torch.save({"model": Evil(), "model_args": {}}, path)
     with pytest.raises(ValueError):
@@ -496,31 +565,39 @@ def test_checkpoint_cannot_run_code(tmp_path):
 # -----------------------------------------------------------------------------
 # the training loop, end to end
 
-TINY = ["--n_layer=2", "--n_head=2", "--n_embd=32", "--block_size=32", "--batch_size=4", "--device=cpu",
-        "--dtype=float32", "--progress=False", "--eval_iters=2", "--log_interval=1"]
-
-
-def read_log(out_dir):
-    with open(os.path.join(out_dir, "log.jsonl")) as f:
-        return [json.loads(line) for line in f]
-
 
 def test_tiny_run_loss_goes_down_and_checkpoint_samples(data_dir, tmp_path):
     out = str(tmp_path / "run")
-    run("train.py", f"--data_dir={data_dir}", f"--out_dir={out}", "--max_iters=40", "--eval_interval=20",
-        "--learning_rate=3e-3", *TINY)
+    run(
+        "train.py",
+        f"--data_dir={data_dir}",
+        f"--out_dir={out}",
+        "--max_iters=40",
+        "--eval_interval=20",
+        "--learning_rate=3e-3",
+        *TINY,
+    )
     evals = [r for r in read_log(out) if "val/loss" in r]
     assert [r["iter"] for r in evals] == [0, 20, 40]
     assert evals[-1]["val/loss"] < evals[0]["val/loss"] - 1.0
-    assert evals[-1]["val/bpb"] > 0 and evals[-1]["val/ppl"] == pytest.approx(np.exp(evals[-1]["val/loss"]))
+    assert evals[-1]["val/bpb"] > 0 and evals[-1]["val/ppl"] == pytest.approx(
+        np.exp(evals[-1]["val/loss"])
+    )
     model, ckpt = load_checkpoint(os.path.join(out, "ckpt.pt"))
     assert ckpt["iter_num"] == 40 and model.config.n_embd == 32
 
 
 def test_resume_is_exact(data_dir, tmp_path):
-    """Stopped at step 6 and resumed: the same losses, bit for bit (fp32, CPU), as one run of 12 steps."""
-    common = [f"--data_dir={data_dir}", "--eval_interval=6", "--dropout=0.1", "--lr_decay_iters=12",
-              "--warmup_iters=2", *TINY]
+    """Stopped at step 6 and resumed: the same losses, bit for bit (fp32, CPU), as one run of 12
+    steps."""
+    common = [
+        f"--data_dir={data_dir}",
+        "--eval_interval=6",
+        "--dropout=0.1",
+        "--lr_decay_iters=12",
+        "--warmup_iters=2",
+        *TINY,
+    ]
     a, b = str(tmp_path / "a"), str(tmp_path / "b")
     run("train.py", f"--out_dir={a}", "--max_iters=12", *common)
     run("train.py", f"--out_dir={b}", "--max_iters=6", *common)
@@ -533,18 +610,34 @@ def test_resume_is_exact(data_dir, tmp_path):
 
 
 def test_resume_refuses_other_files_behind_the_same_paths(data_dir, source_and_sae, tmp_path):
-    """A resume compares the SHA-256 of the SAE, the concept source and the data's meta.json with the ones
-    the run started with: a retrained SAE or a re-prepared corpus at the same path would otherwise go on
-    training on other concepts or batches without a word. The files put back, it resumes."""
+    """A resume compares the SHA-256 of the SAE, the concept source and the data's meta.json with
+    the ones the run started with: a retrained SAE or a re-prepared corpus at the same path would
+    otherwise go on training on other concepts or batches without a word. The files put back, it
+    resumes."""
     import shutil
+
     from sae import SAE
+
     src, sae = source_and_sae
-    data, my_src, my_sae, out = tmp_path / "data", tmp_path / "src.pt", tmp_path / "sae.pt", str(tmp_path / "run")
+    data, my_src, my_sae, out = (
+        tmp_path / "data",
+        tmp_path / "src.pt",
+        tmp_path / "sae.pt",
+        str(tmp_path / "run"),
+    )
     shutil.copytree(data_dir, data)
     shutil.copy(src, my_src)
     shutil.copy(sae, my_sae)
-    common = [f"--data_dir={data}", f"--out_dir={out}", "--mode=cocomix", f"--concept_source={my_src}",
-              f"--sae_path={my_sae}", "--eval_interval=2", "--label_cache=False", *TINY]
+    common = [
+        f"--data_dir={data}",
+        f"--out_dir={out}",
+        "--mode=cocomix",
+        f"--concept_source={my_src}",
+        f"--sae_path={my_sae}",
+        "--eval_interval=2",
+        "--label_cache=False",
+        *TINY,
+    ]
     run("train.py", "--max_iters=2", *common)
     torch.manual_seed(1)
     SAE(32, 128, 8, meta={"layer": 1}).save(str(my_sae))  # retrained at the same path
@@ -562,10 +655,24 @@ def test_resume_refuses_other_files_behind_the_same_paths(data_dir, source_and_s
 def test_sigterm_saves_a_checkpoint_and_resumes(data_dir, tmp_path):
     import signal
     import time
+
     out = str(tmp_path / "run")
-    p = subprocess.Popen([sys.executable, "train.py", f"--data_dir={data_dir}", f"--out_dir={out}",
-                          "--max_iters=100000", "--eval_interval=100000", *TINY], cwd=ROOT, env=ENV,
-                         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    p = subprocess.Popen(
+        [
+            sys.executable,
+            "train.py",
+            f"--data_dir={data_dir}",
+            f"--out_dir={out}",
+            "--max_iters=100000",
+            "--eval_interval=100000",
+            *TINY,
+        ],
+        cwd=ROOT,
+        env=ENV,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
     log = os.path.join(out, "log.jsonl")
     deadline = time.time() + 120
     while time.time() < deadline and not (os.path.exists(log) and sum(1 for _ in open(log)) >= 4):
@@ -576,24 +683,53 @@ def test_sigterm_saves_a_checkpoint_and_resumes(data_dir, tmp_path):
     _, ckpt = load_checkpoint(os.path.join(out, "ckpt.pt"))
     stopped = ckpt["iter_num"]
     assert stopped >= 3
-    run("train.py", f"--data_dir={data_dir}", f"--out_dir={out}", f"--max_iters={stopped + 2}", "--eval_interval=100000",
-        "--init_from=resume", *TINY)
+    run(
+        "train.py",
+        f"--data_dir={data_dir}",
+        f"--out_dir={out}",
+        f"--max_iters={stopped + 2}",
+        "--eval_interval=100000",
+        "--init_from=resume",
+        *TINY,
+    )
     steps = [r["train_step"] for r in read_log(out) if "train_step" in r]
-    assert steps[-2:] == [stopped + 1, stopped + 2] and steps == sorted(set(steps))  # on from where it stopped
+    assert steps[-2:] == [stopped + 1, stopped + 2] and steps == sorted(
+        set(steps)
+    )  # on from where it stopped
 
 
 @pytest.mark.parametrize("mode", ["ntp", "mix=none"])
 def test_ddp_two_cpu_processes_match_one(mode, data_dir, tmp_path, request):
-    """torchrun with 2 gloo processes trains to the losses of 1 process with the same global batch. A
-    CoCoMix student with mix=none (prediction only) must own no parameter without a gradient, or DDP
-    stops at its second step."""
-    common = [f"--data_dir={data_dir}", "--max_iters=6", "--eval_interval=6", "--gradient_accumulation_steps=2", *TINY]
+    """torchrun with 2 gloo processes trains to the losses of 1 process with the same global batch.
+    A CoCoMix student with mix=none (prediction only) must own no parameter without a gradient, or
+    DDP stops at its second step."""
+    common = [
+        f"--data_dir={data_dir}",
+        "--max_iters=6",
+        "--eval_interval=6",
+        "--gradient_accumulation_steps=2",
+        *TINY,
+    ]
     if mode == "mix=none":
         src, sae = request.getfixturevalue("source_and_sae")
-        common += ["--mode=cocomix", "--mix=none", f"--concept_source={src}", f"--sae_path={sae}", "--label_cache=False"]
+        common += [
+            "--mode=cocomix",
+            "--mix=none",
+            f"--concept_source={src}",
+            f"--sae_path={sae}",
+            "--label_cache=False",
+        ]
     one, two = str(tmp_path / "one"), str(tmp_path / "two")
     run("train.py", f"--out_dir={one}", *common)
-    run("-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "train.py", f"--out_dir={two}", *common)
+    run(
+        "-m",
+        "torch.distributed.run",
+        "--standalone",
+        "--nproc_per_node=2",
+        "train.py",
+        f"--out_dir={two}",
+        *common,
+    )
     l1 = {r["iter"]: r["val/loss"] for r in read_log(one) if "val/loss" in r}
     l2 = {r["iter"]: r["val/loss"] for r in read_log(two) if "val/loss" in r}
     assert l1[6] == pytest.approx(l2[6], abs=1e-4)
@@ -623,23 +759,40 @@ print('SYNCS', n[0])
 def test_one_host_sync_per_training_step(data_dir, source_and_sae, tmp_path):
     """The training loop reads the device once per optimizer step, however many micro-batches (the
     CoCoMix student with its labels, 4 micro-batches): the loss, its parts and the gradient norm are
-    summed on the device, and the label cache hashes the batch's host copy. Counted as the difference
-    between a 2-step and a 6-step run, after a first run has filled the label cache (a miss has to bring
-    its new labels to the host to store them)."""
+    summed on the device, and the label cache hashes the batch's host copy. Counted as the
+    difference between a 2-step and a 6-step run, after a first run has filled the label cache (a
+    miss has to bring its new labels to the host to store them)."""
     src, sae = source_and_sae
     syncs = []
     for steps in (6, 2, 6):
         out = str(tmp_path / f"run{steps}")
-        p = run("-c", SYNC_COUNTER, f"--data_dir={data_dir}", f"--out_dir={out}", f"--max_iters={steps}",
-                f"--eval_interval={steps}", "--gradient_accumulation_steps=4", "--mode=cocomix", f"--concept_source={src}",
-                f"--sae_path={sae}", *TINY)
+        p = run(
+            "-c",
+            SYNC_COUNTER,
+            f"--data_dir={data_dir}",
+            f"--out_dir={out}",
+            f"--max_iters={steps}",
+            f"--eval_interval={steps}",
+            "--gradient_accumulation_steps=4",
+            "--mode=cocomix",
+            f"--concept_source={src}",
+            f"--sae_path={sae}",
+            *TINY,
+        )
         syncs.append(int(p.stdout.split("SYNCS")[-1]))
     assert (syncs[2] - syncs[1]) / 4 == 1
 
 
 def test_bad_inputs_fail_clearly_and_touch_nothing(data_dir, tmp_path):
     out = str(tmp_path / "run")
-    run("train.py", f"--data_dir={data_dir}", f"--out_dir={out}", "--max_iters=2", "--eval_interval=2", *TINY)
+    run(
+        "train.py",
+        f"--data_dir={data_dir}",
+        f"--out_dir={out}",
+        "--max_iters=2",
+        "--eval_interval=2",
+        *TINY,
+    )
     ckpt = os.path.join(out, "ckpt.pt")
     before = open(ckpt, "rb").read()
     garbage = tmp_path / "garbage"
@@ -651,13 +804,18 @@ def test_bad_inputs_fail_clearly_and_touch_nothing(data_dir, tmp_path):
     for s in ("train", "val"):
         (other_vocab / f"{s}.bin").write_bytes(np.ones(1000, np.uint16).tobytes())
     (other_vocab / "meta.json").write_text(json.dumps({"tokenizer": "gpt2", "vocab_size": 32000}))
-    wide, mixed = tmp_path / "uint32", tmp_path / "mixed"  # GPT-2 ids as uint32; a val.bin of another corpus
+    wide, mixed = (
+        tmp_path / "uint32",
+        tmp_path / "mixed",
+    )  # GPT-2 ids as uint32; a val.bin of another corpus
     for d, dtype, n_val in ((wide, "uint32", 1000), (mixed, "uint16", 900)):
         d.mkdir()
         for s in ("train", "val"):
             (d / f"{s}.bin").write_bytes(np.ones(1000, getattr(np, dtype)).tobytes())
         splits = {"train": {"tokens": 1000}, "val": {"tokens": n_val}}
-        (d / "meta.json").write_text(json.dumps({"tokenizer": "gpt2", "vocab_size": 50257, "dtype": dtype, "splits": splits}))
+        (d / "meta.json").write_text(
+            json.dumps({"tokenizer": "gpt2", "vocab_size": 50257, "dtype": dtype, "splits": splits})
+        )
     bad_ckpt = tmp_path / "bad"
     bad_ckpt.mkdir()
     (bad_ckpt / "ckpt.pt").write_bytes(before[:1000])
@@ -666,7 +824,10 @@ def test_bad_inputs_fail_clearly_and_touch_nothing(data_dir, tmp_path):
         (["--batch_size=0"], "must be positive"),
         (["--block_size=100000"], "fewer than block_size"),
         (["--no_such_key=1"], "unknown config key 'no_such_key'"),
-        (["--VOCAB_SIZE=60000"], "unknown config key 'VOCAB_SIZE'"),  # a constant, not a setting: was accepted
+        (
+            ["--VOCAB_SIZE=60000"],
+            "unknown config key 'VOCAB_SIZE'",
+        ),  # a constant, not a setting: was accepted
         (["--n_layer=two"], "--n_layer expects a int"),
         (["--mode=cocomix"], "needs --concept_source"),
         (["--init_from=resume", "--n_embd=64"], "resume config disagrees"),
@@ -678,7 +839,15 @@ def test_bad_inputs_fail_clearly_and_touch_nothing(data_dir, tmp_path):
         ([f"--out_dir={bad_ckpt}", "--init_from=resume"], "not a readable checkpoint"),
     ]
     for args, msg in cases:
-        p = run("train.py", f"--data_dir={data_dir}", f"--out_dir={out}", "--max_iters=4", *TINY, *args, check=False)
+        p = run(
+            "train.py",
+            f"--data_dir={data_dir}",
+            f"--out_dir={out}",
+            "--max_iters=4",
+            *TINY,
+            *args,
+            check=False,
+        )
         assert p.returncode != 0, args
         assert msg in p.stderr, (args, p.stderr[-500:])
         assert "Traceback" not in p.stderr, (args, p.stderr[-1500:])
@@ -690,14 +859,16 @@ def test_bad_inputs_fail_clearly_and_touch_nothing(data_dir, tmp_path):
 
 
 def released_labels(source, sae, layer, idx, targets, k_attr):
-    """The released code's label algorithm, ported independently of concepts.py: differentiate the
-    whole model's mean next-token loss (parameters and all) to the output of block `layer`, encode it
-    with the SAE into dense latents over all C, attribution = (g W_dec) * latents, and torch.topk over
-    all C latents, where inactive ones score exactly 0. Returns (labels, their scores)."""
+    """The released code's label algorithm, ported independently of sae.ConceptLabeler: differentiate the
+    whole model's mean next-token loss (parameters and all) to the output of block `layer`, encode
+    it with the SAE into dense latents over all C, attribution = (g W_dec) * latents, and torch.topk
+    over all C latents, where inactive ones score exactly 0. Returns (labels, their scores)."""
     seen = {}
+
     def keep(module, inp, out):
         out.retain_grad()
         seen["h"] = out
+
     handle = source.transformer.h[layer].register_forward_hook(keep)
     logits, _ = source(idx, targets)
     F.cross_entropy(logits.flatten(0, 1), targets.flatten()).backward()
@@ -705,20 +876,23 @@ def released_labels(source, sae, layer, idx, targets, k_attr):
     h, g = seen["h"].detach(), seen["h"].grad
     values, indices, _, _ = sae.encode(h)
     latents = torch.zeros(*h.shape[:-1], sae.n_latents).scatter(-1, indices, values)
-    attribution = (g @ sae.decoder.weight) * latents  # decoder.weight is d x C: g . W_dec for every latent
+    attribution = (
+        g @ sae.decoder.weight
+    ) * latents  # decoder.weight is d x C: g . W_dec for every latent
     top = torch.topk(attribution, k=k_attr, dim=-1)
     return top.indices, top.values
 
 
 @pytest.mark.parametrize("fill", ["released", "none", "active"])
 def test_labels_equal_the_released_algorithm(fill):
-    """concepts.py's labels (activation-gradient shortcut, K_sae scores per token) against the released
-    algorithm ported above, on every token of a random source and k=8 SAE, where many tokens have fewer
-    than K_attr positive scores: label_fill='released' gives exactly the released labels everywhere,
-    'none' the released labels where they are defined (positive score) and -1 elsewhere, 'active' the
-    released labels where defined and then the best remaining active latents."""
-    from concepts import ConceptLabeler
-    from sae import SAE
+    """sae.ConceptLabeler's labels (activation-gradient shortcut, K_sae scores per token) against the
+    released algorithm ported above, on every token of a random source and k=8 SAE, where many
+    tokens have fewer than K_attr positive scores: label_fill='released' gives exactly the released
+    labels everywhere, 'none' the released labels where they are defined (positive score) and -1
+    elsewhere, 'active' the released labels where defined and then the best remaining active
+    latents."""
+    from sae import SAE, ConceptLabeler
+
     torch.manual_seed(0)
     source = GPT(tiny_config(n_layer=3)).eval()
     sae = SAE(32, 96, 8, meta={"layer": 1})
@@ -732,7 +906,8 @@ def test_labels_equal_the_released_algorithm(fill):
         assert (labels.sort(-1).values == ref.sort(-1).values).all()
     elif fill == "none":
         assert (labels.sort(-1).values == ref.masked_fill(~defined, -1).sort(-1).values).all()
-    else:  # the positive-score labels first (as the released ones), then active latents of lower score
+    # the positive-score labels first (as the released ones), then active latents of lower score
+    else:
         assert (labels[defined] == ref[defined]).all()
         values, indices, _, _ = sae.encode(source.forward_to(idx, 1))
         active = torch.zeros(2, 12, 96, dtype=torch.bool).scatter(-1, indices, values > 0)
@@ -744,15 +919,18 @@ def test_labels_equal_the_released_algorithm(fill):
 def test_label_scores_are_fp32_under_autocast():
     """The SAE encoding and the scores run in fp32 under bf16 autocast: the same (values, indices,
     scores) as without autocast, bit for bit (in bf16 a few percent of the labels would change)."""
-    from concepts import ConceptLabeler
-    from sae import SAE
+    from sae import SAE, ConceptLabeler
+
     torch.manual_seed(0)
     source = GPT(tiny_config(n_layer=3)).eval()
     sae = SAE(32, 96, 8, meta={"layer": 1})
     labeler = ConceptLabeler(source, sae, 1, k_attr=4)
     idx = torch.randint(0, 50257, (2, 12))
     h, g = labeler.hidden_and_grad(idx, idx)
-    h, g = h + torch.randn_like(h) * 1e-3, g  # not bf16-representable, so a bf16 encoder would change them
+    h, g = (
+        h + torch.randn_like(h) * 1e-3,
+        g,
+    )  # not bf16-representable, so a bf16 encoder would change them
     fp32 = labeler.scores(h, g)
     with torch.autocast("cpu", dtype=torch.bfloat16):
         bf16 = labeler.scores(h, g)
@@ -761,10 +939,12 @@ def test_label_scores_are_fp32_under_autocast():
         assert a.dtype == b.dtype and torch.equal(a, b)
 
 
-@pytest.mark.parametrize("rule", ["attribution_pre", "neg_attribution", "abs_attribution", "activation"])
+@pytest.mark.parametrize(
+    "rule", ["attribution_pre", "neg_attribution", "abs_attribution", "activation"]
+)
 def test_label_rules(rule):
-    from concepts import ConceptLabeler
-    from sae import SAE
+    from sae import SAE, ConceptLabeler
+
     torch.manual_seed(0)
     source = GPT(tiny_config()).eval()
     sae = SAE(32, 96, 8, meta={"layer": 1})
@@ -774,8 +954,12 @@ def test_label_rules(rule):
     values, indices, s = base.scores(h, g)
     labels = ConceptLabeler(source, sae, 1, 4, rule, fill="active")(idx, idx)
     pre = sae.encode(h, return_pre=True)[4].gather(-1, indices)
-    score = {"attribution_pre": s / values.clamp(min=1e-30) * pre, "neg_attribution": -s,
-             "abs_attribution": s.abs(), "activation": values}[rule]
+    score = {
+        "attribution_pre": s / values.clamp(min=1e-30) * pre,
+        "neg_attribution": -s,
+        "abs_attribution": s.abs(),
+        "activation": values,
+    }[rule]
     score = score.masked_fill(values <= 0, float("-inf"))
     top, pos = score.topk(4, -1)
     expected = indices.gather(-1, pos).masked_fill(torch.isinf(top), -1)
@@ -783,12 +967,13 @@ def test_label_rules(rule):
 
 
 def test_attribution_pre_scores_a_latent_by_its_pre_activation():
-    """The paper's rule (attribution with the pre-activation) equals plain attribution on active latents, where
-    pre = ReLU(pre); the two differ where the released fill ranks the SAE's top-k latents that did not fire
-    (pre <= 0): there the paper's rule scores pre x (g . W_dec), plain attribution 0. The test above cannot
-    see that (fill='active'); here every token has fewer than k_attr firing latents, so all are filled."""
-    from concepts import ConceptLabeler
-    from sae import SAE
+    """The paper's rule (attribution with the pre-activation) equals plain attribution on active
+    latents, where pre = ReLU(pre); the two differ where the released fill ranks the SAE's top-k
+    latents that did not fire (pre <= 0): there the paper's rule scores pre x (g . W_dec), plain
+    attribution 0. The test above cannot see that (fill='active'); here every token has fewer than
+    k_attr firing latents, so all are filled."""
+    from sae import SAE, ConceptLabeler
+
     torch.manual_seed(0)
     source = GPT(tiny_config()).eval()
     sae = SAE(32, 96, 8, meta={"layer": 1})
@@ -800,7 +985,9 @@ def test_attribution_pre_scores_a_latent_by_its_pre_activation():
     values, indices = sae.encode(h)[:2]
     pre = sae.encode(h, return_pre=True)[4]
     assert ((values > 0).sum(-1) < 4).all()  # every token short of k_attr firing latents
-    s = (pre * (g @ sae.W_dec.t())).gather(-1, indices)  # dense g . W_dec, then the top-k latents' scores
+    s = (pre * (g @ sae.W_dec_T.t())).gather(
+        -1, indices
+    )  # dense g . W_dec, then the top-k latents' scores
     expected = torch.zeros_like(pre).scatter_(-1, indices, s).topk(4, -1).indices
     labels = paper(idx, idx)
     assert (labels.sort(-1).values == expected.sort(-1).values).all()
@@ -809,8 +996,8 @@ def test_attribution_pre_scores_a_latent_by_its_pre_activation():
 
 
 def test_labeler_refuses_mismatched_sae():
-    from concepts import ConceptLabeler
-    from sae import SAE
+    from sae import SAE, ConceptLabeler
+
     source = GPT(tiny_config())
     with pytest.raises(ValueError, match="trained on layer 2"):
         ConceptLabeler(source, SAE(32, 96, 8, meta={"layer": 2}), 1)
@@ -818,48 +1005,111 @@ def test_labeler_refuses_mismatched_sae():
         ConceptLabeler(source, SAE(48, 96, 8, meta={"layer": 1}), 1)
 
 
-@pytest.mark.parametrize("mode,extra", [("cocomix", []), ("cocomix", ["--mix=add", "--label_rule=activation"]),
-                                        ("cocomix", ["--mix=none", "--lam=0.0"]), ("kd", []), ("pause", [])])
-def test_every_objective_trains_and_its_checkpoint_samples(data_dir, source_and_sae, tmp_path, mode, extra):
+@pytest.mark.parametrize(
+    "mode,extra",
+    [
+        ("cocomix", []),
+        ("cocomix", ["--mix=add", "--label_rule=activation"]),
+        ("cocomix", ["--mix=none", "--lam=0.0"]),
+        ("kd", []),
+        ("pause", []),
+    ],
+)
+def test_every_objective_trains_and_its_checkpoint_samples(
+    data_dir, source_and_sae, tmp_path, mode, extra
+):
     ckpt, sae = source_and_sae
     out = str(tmp_path / mode)
-    run("train.py", f"--data_dir={data_dir}", f"--out_dir={out}", f"--mode={mode}", f"--concept_source={ckpt}",
-        f"--sae_path={sae}", "--max_iters=12", "--eval_interval=6", "--concept_topk=8", "--learning_rate=3e-3",
-        *TINY, *extra)
+    run(
+        "train.py",
+        f"--data_dir={data_dir}",
+        f"--out_dir={out}",
+        f"--mode={mode}",
+        f"--concept_source={ckpt}",
+        f"--sae_path={sae}",
+        "--max_iters=12",
+        "--eval_interval=6",
+        "--concept_topk=8",
+        "--learning_rate=3e-3",
+        *TINY,
+        *extra,
+    )
     evals = [r for r in read_log(out) if "val/loss" in r]
     assert evals[-1]["val/loss"] < evals[0]["val/loss"]
     if mode == "cocomix" and "--lam=0.0" not in extra:
         assert evals[-1]["val/concept"] < evals[0]["val/concept"]
     model, _ = load_checkpoint(os.path.join(out, "ckpt.pt"))
     assert model.config.has_insert_layer == (mode in ("cocomix", "pause"))
-    p = run("sample.py", f"--out_dir={out}", "--num_samples=1", "--max_new_tokens=5", "--device=cpu", "--start=The")
+    p = run(
+        "sample.py",
+        f"--out_dir={out}",
+        "--num_samples=1",
+        "--max_new_tokens=5",
+        "--device=cpu",
+        "--start=The",
+    )
     assert p.stdout.strip()
 
 
 def test_non_finite_steps_are_skipped_then_stop_without_a_nan_checkpoint(data_dir, tmp_path):
     out = str(tmp_path / "nan")
-    p = run("train.py", f"--data_dir={data_dir}", f"--out_dir={out}", "--max_iters=30", "--eval_interval=1000",
-            "--learning_rate=1e30", "--warmup_iters=0", "--decay_lr=False", *TINY, check=False)
+    p = run(
+        "train.py",
+        f"--data_dir={data_dir}",
+        f"--out_dir={out}",
+        "--max_iters=30",
+        "--eval_interval=1000",
+        "--learning_rate=1e30",
+        "--warmup_iters=0",
+        "--decay_lr=False",
+        *TINY,
+        check=False,
+    )
     assert p.returncode != 0
     assert "non-finite loss or gradients, step skipped" in p.stdout
     assert "10 non-finite steps in a row; stopping" in p.stderr
     assert not os.path.exists(os.path.join(out, "ckpt.pt"))
 
 
-def test_training_returns_no_z_and_recall_needs_no_grad():
-    """With labels and autograd the concept head is one op that keeps no z (hidden_states gives None and
-    the loss); recall, which needs z, is measured without autograd and refused with it, not skipped."""
-    from objective import training_loss
+def test_fused_concept_head_returns_no_z_and_the_plain_path_loss():
+    """fused=True (training) keeps no z: hidden_states gives None and the same L_concept as the
+    plain path, with or without autograd; training_loss takes the fused path except when it measures
+    recall, which needs z."""
+    from model import training_loss
+
     torch.manual_seed(0)
     model = GPT(tiny_config(n_concepts=64, concept_topk=4, insert_layer=1))
     idx, labels = torch.randint(0, 50257, (2, 16)), torch.randint(0, 64, (2, 16, 4))
-    x, z, concept = model.hidden_states(idx, labels=labels)
-    assert z is None and concept.requires_grad
-    with torch.no_grad():
-        x0, z0, concept0 = model.hidden_states(idx, labels=labels)
-        _, parts = training_loss(model, idx, idx, "cocomix", labels, recall=True)
+    x, z, concept_loss = model.hidden_states(idx, labels=labels, fused=True)
+    assert z is None and concept_loss.requires_grad
+    x0, z0, concept_loss0 = model.hidden_states(idx, labels=labels)  # plain path, autograd on
+    assert z0.shape == (2, 16, 64) and concept_loss0.requires_grad
     torch.testing.assert_close(x, x0)
-    torch.testing.assert_close(concept, concept0)  # fp32: the op and the plain path agree
-    assert z0.shape == (2, 16, 64) and 0 <= parts["recall"] <= 1
-    with pytest.raises(ValueError, match="without autograd"):
-        training_loss(model, idx, idx, "cocomix", labels, recall=True)
+    torch.testing.assert_close(concept_loss, concept_loss0)  # fp32: the op and the plain path agree
+    with torch.no_grad():
+        assert model.hidden_states(idx, labels=labels, fused=True)[1] is None
+        _, parts = training_loss(model, idx, idx, "cocomix", labels, recall=True)
+    assert 0 <= parts["recall"] <= 1
+    loss, parts = training_loss(model, idx, idx, "cocomix", labels)
+    assert "recall" not in parts and loss.requires_grad
+
+
+def test_checkpoints_with_older_names_load(tmp_path):
+    """Files written when W_cmp_T was stored as W_cmp, and when the pause baseline was mix='pause',
+    load into today's model with the same weights and outputs."""
+    torch.manual_seed(0)
+    coco = GPT(tiny_config(n_concepts=64, concept_topk=4)).eval()
+    sd = {k.replace("mixer.W_cmp_T", "mixer.W_cmp"): v for k, v in coco.state_dict().items()}
+    torch.save({"model": sd, "model_args": dataclasses.asdict(coco.config)}, tmp_path / "c.pt")
+    loaded, _ = load_checkpoint(str(tmp_path / "c.pt"))
+    assert torch.equal(loaded.mixer.W_cmp_T, coco.mixer.W_cmp_T)
+    pause = GPT(tiny_config(pause=True)).eval()
+    args = {k: v for k, v in dataclasses.asdict(pause.config).items() if k != "pause"}
+    torch.save(
+        {"model": pause.state_dict(), "model_args": dict(args, mix="pause")}, tmp_path / "p.pt"
+    )
+    loaded, _ = load_checkpoint(str(tmp_path / "p.pt"))
+    assert loaded.config.pause and loaded.config.interleaved
+    idx = torch.randint(0, 50257, (1, 8))
+    for old, new in ((coco, load_checkpoint(str(tmp_path / "c.pt"))[0]), (pause, loaded)):
+        torch.testing.assert_close(new.eval()(idx)[0], old(idx)[0], rtol=0, atol=0)

@@ -1,13 +1,16 @@
 """
-One training loop for every objective of the paper (docs/method.md):
+One training loop for every objective of the paper (docs/method.md, "The objective"):
 
     ntp      next-token prediction
-    cocomix  next-token prediction + lam * concept loss, with the predicted concepts mixed back (`mix`)
-    kd       next-token prediction + lam_kd * KL(p_teacher || p_student), the concept source as teacher
-    pause    a learned vector interleaved after every token at insert_layer (CoCoMix's shape, no concepts)
+    cocomix  next-token prediction + lam * L_concept, the predicted concepts mixed back (`mix`)
+    kd       next-token prediction + lam_kd * KL(p_teacher || p_student), the source as teacher
+    pause    a learned vector after every token from insert_layer on (CoCoMix's shape, no concepts)
 
-The loss of every mode is objective.py's. Single process:  python train.py config/tiny.py --device=cpu
-DDP (CPU or GPU):  torchrun --standalone --nproc_per_node=2 train.py config/tiny.py
+The loss of every mode is model.training_loss; the concept labels come from sae.ConceptLabeler,
+read through the on-disk label cache when a window was labelled before.
+
+    python train.py config/tiny.py --device=cpu                          # one process
+    torchrun --standalone --nproc_per_node=2 train.py config/tiny.py     # DDP, CPU or GPU
 
 Every method with the same seed sees the same batches in the same order: the batch of step s is
 drawn from a generator seeded with (seed, s), which also makes resume exact.
@@ -26,27 +29,37 @@ import torch
 from torch.distributed import destroy_process_group
 from torch.nn.parallel import DistributedDataParallel as DDP
 
-from checkpoint import load_checkpoint, load_frozen_gpt
-import corpus  # its VOCAB_SIZE not imported by name: every int or str global here is a setting
-from corpus import load_tokens, token_byte_lengths
-from model import GPT, GPTConfig
-from objective import Objective
-from train_utils import (auto_device, auto_dtype, check_config, check_resume, check_sae_host, check_source, hold_lock,
-                         init_processes, input_hashes, keep_freed_memory, label_cache_note, make_labeler, rng_state,
-                         set_rng_state, to_device, trim_log)
-from weights import save_atomic
+# VOCAB_SIZE not imported by name: every int or str global is a setting
+import cocomix.corpus as corpus
+from cocomix.checks import check_config, check_resume, check_source, input_hashes
+from cocomix.corpus import load_tokens, token_byte_lengths
+from cocomix.runtime import (
+    auto_device,
+    auto_dtype,
+    hold_lock,
+    init_processes,
+    keep_freed_memory,
+    label_cache_note,
+    rng_state,
+    set_rng_state,
+    to_device,
+    trim_log,
+)
+from cocomix.weights import save_atomic
+from model import GPT, GPTConfig, Objective, load_checkpoint, load_frozen_gpt, teacher_of
+from sae import check_sae_host, make_labeler
 
 # -----------------------------------------------------------------------------
 # default config: a small GPT on a laptop CPU
 # I/O
-out_dir = 'out'
-data_dir = 'data/shakespeare'
+out_dir = "out"
+data_dir = "data/shakespeare"
 eval_interval = 250
 log_interval = 10
 eval_iters = 20
 eval_only = False
 always_save_checkpoint = False  # False: save only when val loss improves (and always at the end)
-init_from = 'scratch'  # 'scratch', 'resume', or a GPT-2 folder / 'gpt2' to fine-tune from
+init_from = "scratch"  # 'scratch', 'resume', or a GPT-2 folder / 'gpt2' to fine-tune from
 seed = 1337
 # data
 batch_size = 8
@@ -59,25 +72,32 @@ n_embd = 256
 dropout = 0.0
 bias = True
 # objective
-mode = 'ntp'  # ntp | cocomix | kd | pause
-concept_source = ''  # concept source / KD teacher: our ckpt.pt (or its folder) or a GPT-2 folder
-sae_path = ''  # SAE file for the concept labels (ours or OpenAI's)
+mode = "ntp"  # ntp | cocomix | kd | pause
+concept_source = ""  # concept source / KD teacher: our ckpt.pt (or its folder) or a GPT-2 folder
+sae_path = ""  # SAE file for the concept labels (ours or OpenAI's)
 sae_layer = -1  # block of the concept source the SAE reads; -1 = the one stored with the SAE
 n_concepts = 0  # C; 0 = the SAE's width
 concept_topk = 32  # K, concepts mixed per token
 insert_layer = 1  # the student's block where concepts are predicted and mixed
-mix = 'interleave'  # interleave | add | none (concept prediction only)
+mix = "interleave"  # interleave | add | none (concept prediction only)
 k_attr = 4  # concept labels per token
-label_rule = 'attribution'  # attribution | attribution_pre | neg_attribution | abs_attribution | activation
-label_fill = 'none'  # labels a token lacks when fewer than k_attr latents score > 0: none (-1) | active | released
-label_cache = True  # cocomix: keep each window's labels in data_dir (labels-*), reused by later runs; False = always computed
+label_rule = (
+    "attribution"  # attribution | attribution_pre | neg_attribution | abs_attribution | activation
+)
+# labels a token lacks when fewer than k_attr latents score > 0: none (-1) | active | released
+label_fill = "none"
+# cocomix: keep each window's labels in data_dir (labels-*), reused by later runs; False = always
+# computed
+label_cache = True
 lam = 0.1  # concept loss weight (0 = mixing only)
 lam_kd = 0.1  # KD loss weight
 # AdamW, warmup then cosine to min_lr
 learning_rate = 1e-3
 max_iters = 2000
 weight_decay = 1e-1
-decay_all = False  # True: weight decay on every parameter (the released recipe), not only on matrices
+decay_all = (
+    False  # True: weight decay on every parameter (the released recipe), not only on matrices
+)
 beta1 = 0.9
 beta2 = 0.95
 grad_clip = 1.0
@@ -86,15 +106,20 @@ warmup_iters = -1  # -1 = max_iters // 300, the paper's 1/300 of the steps (at l
 lr_decay_iters = -1  # -1 = max_iters
 min_lr = -1.0  # -1 = learning_rate / 10
 # system
-device = 'auto'  # auto | cpu | cuda | cuda:N | mps
-dtype = 'auto'  # auto | float32 | bfloat16 | float16
+device = "auto"  # auto | cpu | cuda | cuda:N | mps
+dtype = "auto"  # auto | float32 | bfloat16 | float16
 compile = False
-backend = 'auto'  # DDP backend: nccl on CUDA, gloo on CPU
-cpu_heap = True  # CPU with glibc: large tensors from the heap, not fresh page-faulted mappings (~1.4x faster steps)
+backend = "auto"  # DDP backend: nccl on CUDA, gloo on CPU
+# CPU with glibc: large tensors from the heap, not fresh page-faulted mappings (~1.4x faster steps)
+cpu_heap = True
 progress = True  # tqdm progress bar
 # -----------------------------------------------------------------------------
-config_keys = [k for k, v in globals().items() if not k.startswith('_') and isinstance(v, (int, float, bool, str))]
-exec(open(os.path.join(os.path.dirname(os.path.abspath(__file__)), 'configurator.py')).read())
+config_keys = [
+    k
+    for k, v in globals().items()
+    if not k.startswith("_") and isinstance(v, (int, float, bool, str))
+]
+exec(open(os.path.join(os.path.dirname(os.path.abspath(__file__)), "configurator.py")).read())
 config = {k: globals()[k] for k in config_keys}
 # -----------------------------------------------------------------------------
 
@@ -104,35 +129,43 @@ def fail(msg):
     sys.exit(1)
 
 
-if problem := check_config(config):  # costs nothing, before any work
+# every setting is checked before any work, so a typo costs a second, not a loaded model
+if problem := check_config(config):
     fail(problem)
 warmup_iters = warmup_iters if warmup_iters >= 0 else max(10, max_iters // 300)
 lr_decay_iters = lr_decay_iters if lr_decay_iters > 0 else max_iters
 min_lr = min_lr if min_lr >= 0 else learning_rate / 10
 
-# ---- processes, device and precision
+# -----------------------------------------------------------------------------
+# processes, device and precision
 try:
-    ddp, rank, local_rank, world_size, device = init_processes(auto_device(device), backend, gradient_accumulation_steps)
+    device = auto_device(device)
+    ddp, rank, local_rank, world_size, device = init_processes(
+        device, backend, gradient_accumulation_steps
+    )
 except ValueError as e:
     fail(str(e))
 master = rank == 0
-if master:  # one run per out_dir: a second would overwrite this one's checkpoints and interleave its log
+# one run per out_dir: a second would overwrite this one's checkpoints and interleave its log
+if master:
     try:
-        hold_lock(os.path.join(out_dir, 'lock'))
+        hold_lock(os.path.join(out_dir, "lock"))
     except RuntimeError as e:
         fail(str(e))
-device_type = 'cuda' if 'cuda' in device else 'mps' if 'mps' in device else 'cpu'
+device_type = "cuda" if "cuda" in device else "mps" if "mps" in device else "cpu"
 dtype = auto_dtype(dtype, device_type)
+# on a CPU with glibc, a third of a step went to the kernel mapping fresh pages for large tensors
 if cpu_heap:
-    keep_freed_memory(device)  # a third of a CPU step went to the kernel mapping fresh pages (train_utils)
-ptdtype = {'float32': torch.float32, 'bfloat16': torch.bfloat16, 'float16': torch.float16}[dtype]
-ctx = nullcontext() if dtype == 'float32' else torch.autocast(device_type=device_type, dtype=ptdtype)
+    keep_freed_memory(device)
+ptdtype = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[dtype]
+ctx = nullcontext() if dtype == "float32" else torch.autocast(device_type, dtype=ptdtype)
 torch.backends.cuda.matmul.allow_tf32 = True
 torch.backends.cudnn.allow_tf32 = True
 
-# ---- data: uint16 token files written by prepare.py
+# -----------------------------------------------------------------------------
+# data: the uint16 token files written by prepare.py
 try:
-    data = {s: load_tokens(data_dir, s, block_size + 2, 'block_size+2') for s in ('train', 'val')}
+    data = {s: load_tokens(data_dir, s, block_size + 2, "block_size+2") for s in ("train", "val")}
 except (OSError, ValueError) as e:
     fail(str(e))
 micro_batches = gradient_accumulation_steps // world_size
@@ -140,63 +173,81 @@ tokens_per_iter = gradient_accumulation_steps * batch_size * block_size
 
 
 def batch_offsets(split, step):
-    """Window starts for the whole global batch of `step`: a pure function of (seed, step). Windows lie
-    on a fixed grid (multiples of block_size), so anything computed per window, such as concept labels,
-    can be cached and reused by every run that sees the same window."""
-    rng = np.random.default_rng([seed, step, 0 if split == 'train' else 1])
+    """Window starts for the whole global batch of `step`: a pure function of (seed, step). Windows
+    lie on a fixed grid (multiples of block_size), so anything computed per window, such as concept
+    labels, can be cached and reused by every run that sees the same window."""
+    rng = np.random.default_rng([seed, step, 0 if split == "train" else 1])
     n_windows = (len(data[split]) - 1) // block_size  # window w holds tokens [w T, w T + T + 1)
     return rng.integers(0, n_windows, size=gradient_accumulation_steps * batch_size) * block_size
 
 
 def get_batch(split, step, micro):
-    """This process's micro-batch `micro` of the global batch of `step` (rank r takes micro-batches r, r+W, ...):
-    x, y and where they came from, (split, window indices, x and y in host memory), for the label cache."""
+    """This process's micro-batch `micro` of the global batch of `step` (rank r takes micro-batches
+    r, r+W, ...): x, y and where they came from, (split, window indices, x and y in host memory),
+    for the label cache."""
     m = micro * world_size + rank
-    ix = batch_offsets(split, step)[m * batch_size:(m + 1) * batch_size]
+    ix = batch_offsets(split, step)[m * batch_size : (m + 1) * batch_size]
     d = data[split]
-    x = torch.from_numpy(np.stack([d[i:i + block_size].astype(np.int64) for i in ix]))
-    y = torch.from_numpy(np.stack([d[i + 1:i + 1 + block_size].astype(np.int64) for i in ix]))
+    x = torch.from_numpy(np.stack([d[i : i + block_size].astype(np.int64) for i in ix]))
+    y = torch.from_numpy(np.stack([d[i + 1 : i + 1 + block_size].astype(np.int64) for i in ix]))
     # the host copies go along: the label cache hashes them without a read back from the device
     return to_device(x, device), to_device(y, device), (split, ix // block_size, x, y)
 
 
-# ---- the concept source (KD: the teacher), the SAE and the concept labels
+# -----------------------------------------------------------------------------
+# the concept source (KD: the teacher), the SAE and the concept labeler (sae.py)
 source, labeler, label_caches = None, None, {}
-if mode in ('cocomix', 'kd'):
+if mode in ("cocomix", "kd"):
     try:
         source = load_frozen_gpt(concept_source, device)
     except (OSError, ValueError, RuntimeError) as e:
         fail(str(e))
     if problem := check_source(source, corpus.VOCAB_SIZE, block_size, concept_source):
         fail(problem)
-if mode == 'cocomix':
+if mode == "cocomix":
     try:
-        labeler, n_concepts = make_labeler(source, sae_path, sae_layer, k_attr, label_rule, label_fill, n_concepts, device)
+        labeler, n_concepts = make_labeler(
+            source, sae_path, sae_layer, k_attr, label_rule, label_fill, n_concepts, device
+        )
         check_sae_host(labeler.sae, concept_source)
     except (OSError, ValueError) as e:
         fail(str(e))
-inputs = input_hashes(data_dir, concept_source if source is not None else None,  # checked by a resume
-                      labeler.sae.path if labeler is not None else None)
+# the SHA-256 of the files behind the paths, which a resume checks
+inputs = input_hashes(
+    data_dir,
+    concept_source if source is not None else None,
+    labeler.sae.path if labeler is not None else None,
+)
 
-# ---- model
-model_args = dict(n_layer=n_layer, n_head=n_head, n_embd=n_embd, block_size=block_size, bias=bias,
-                  vocab_size=corpus.VOCAB_SIZE, dropout=dropout)
-if mode == 'cocomix':
-    model_args.update(n_concepts=n_concepts, concept_topk=concept_topk, insert_layer=insert_layer, mix=mix)
-elif mode == 'pause':
-    model_args.update(insert_layer=insert_layer, mix='pause')
+# -----------------------------------------------------------------------------
+# the model: from scratch, resumed, or GPT-2's weights
+model_args = dict(
+    n_layer=n_layer,
+    n_head=n_head,
+    n_embd=n_embd,
+    block_size=block_size,
+    bias=bias,
+    vocab_size=corpus.VOCAB_SIZE,
+    dropout=dropout,
+)
+if mode == "cocomix":
+    model_args.update(
+        n_concepts=n_concepts, concept_topk=concept_topk, insert_layer=insert_layer, mix=mix
+    )
+elif mode == "pause":
+    model_args.update(insert_layer=insert_layer, pause=True)
 torch.manual_seed(seed)  # the same initial weights on every process; dropout streams differ below
 iter_num, best_val_loss, checkpoint = 0, 1e9, None
-ckpt_path = os.path.join(out_dir, 'ckpt.pt')
-if init_from == 'resume':
+ckpt_path = os.path.join(out_dir, "ckpt.pt")
+if init_from == "resume":
     try:
         model, checkpoint = load_checkpoint(ckpt_path)
     except (OSError, ValueError, RuntimeError) as e:
         fail(f"--init_from=resume: {e}")
     if problem := check_resume(checkpoint, model_args, config, ckpt_path, inputs):
         fail(problem)
-    iter_num, best_val_loss = checkpoint['iter_num'], checkpoint['best_val_loss']
-elif init_from == 'scratch':
+    iter_num, best_val_loss = checkpoint["iter_num"], checkpoint["best_val_loss"]
+elif init_from == "scratch":
     try:
         model = GPT(GPTConfig(**model_args))
     except ValueError as e:
@@ -204,52 +255,66 @@ elif init_from == 'scratch':
 else:
     model = GPT.from_pretrained(init_from, dropout=dropout)
     model_args = {k: getattr(model.config, k) for k in GPTConfig.__dataclass_fields__}
-if master:  # the log keeps the steps before this run's start (none from scratch): it logs the rest again
-    trim_log(os.path.join(out_dir, 'log.jsonl'), iter_num)
+# the log keeps the steps before this run's start (none from scratch); the rest it logs again
+if master:
+    trim_log(os.path.join(out_dir, "log.jsonl"), iter_num)
 model.to(device)
 torch.manual_seed(seed + rank)
-scaler = torch.amp.GradScaler(device_type, enabled=(dtype == 'float16'))
-optimizer = model.configure_optimizers(weight_decay, learning_rate, (beta1, beta2), device_type, decay_all=decay_all)
+scaler = torch.amp.GradScaler(device_type, enabled=(dtype == "float16"))
+optimizer = model.configure_optimizers(
+    weight_decay, learning_rate, (beta1, beta2), device_type, decay_all=decay_all
+)
 if checkpoint is not None:
-    optimizer.load_state_dict(checkpoint['optimizer'])
-    scaler.load_state_dict(checkpoint['scaler'])
-    set_rng_state(checkpoint['rng'], device_type)
+    optimizer.load_state_dict(checkpoint["optimizer"])
+    scaler.load_state_dict(checkpoint["scaler"])
+    set_rng_state(checkpoint["rng"], device_type)
 checkpoint = None
-if labeler is not None and label_cache:  # labels of a window are computed once and read from data_dir after (label_cache.py)
-    from label_cache import open_label_caches  # only now, after every check: a refused run leaves no labels-* files
+# a window's labels are computed once and read from data_dir after (cocomix/label_cache.py); opened
+# only now, after every check, so that a refused run leaves no labels-* files
+if labeler is not None and label_cache:
+    from cocomix.label_cache import open_label_caches
+
     try:
-        label_caches = open_label_caches(labeler, data_dir, block_size, concept_source, labeler.sae.path, dtype)
+        label_caches = open_label_caches(
+            labeler, data_dir, block_size, concept_source, labeler.sae.path, dtype
+        )
     except ValueError as e:
         fail(str(e))
 
-# ---- the loss (objective.py), wrapped for DDP and torch.compile
-
+# -----------------------------------------------------------------------------
+# the loss (model.training_loss) as one module, wrapped for DDP and torch.compile
 raw_model = model
-objective = eval_objective = Objective(model, mode, lam, lam_kd)  # eval: never DDP's wrapper, whose forward may talk to the other ranks
+# evaluation never goes through DDP's wrapper, whose forward may talk to the other ranks
+objective = eval_objective = Objective(model, mode, lam, lam_kd)
 if ddp:
-    objective = ddp_objective = DDP(objective, device_ids=[local_rank] if device_type == 'cuda' else None)
-if compile:  # after DDP, as PyTorch advises: the graph is then split at DDP's gradient buckets, so that
-    # each bucket's all-reduce overlaps with the backward of the layers below it
+    device_ids = [local_rank] if device_type == "cuda" else None
+    objective = ddp_objective = DDP(objective, device_ids=device_ids)
+# compiled after DDP, as PyTorch advises: the graph is then split at DDP's gradient buckets, so
+# that each bucket's all-reduce overlaps with the backward of the layers below it
+if compile:
     objective = torch.compile(objective)
     eval_objective = torch.compile(eval_objective) if ddp else objective
-timing = {'source': 0.0, 'student': 0.0}  # the cost split reported at each eval
+timing = {"source": 0.0, "student": 0.0}  # the cost split reported at each eval
 
 
 def step_loss(X, Y, where, net):
-    """(loss, parts) of one micro-batch from get_batch: labels or teacher first, then the student."""
+    """(loss, parts) of one micro-batch of get_batch: the labels or teacher, then the student."""
     t0 = time.perf_counter()
     labels, teacher = None, None
     with ctx:
-        if mode == 'cocomix':
+        if mode == "cocomix":
             split, windows, x_host, y_host = where
-            labels = label_caches[split].labels(windows, x_host, y_host, X.device) if label_caches else labeler(X, Y)
-        elif mode == 'kd':
+            if label_caches:
+                labels = label_caches[split].labels(windows, x_host, y_host, X.device)
+            else:
+                labels = labeler(X, Y)
+        elif mode == "kd":
             with torch.no_grad():
-                teacher = source.as_teacher(X)
+                teacher = teacher_of(source, X)
         t1 = time.perf_counter()
         loss, parts = net(X, Y, labels, teacher)
-    timing['source'] += t1 - t0
-    timing['student'] += time.perf_counter() - t1
+    timing["source"] += t1 - t0
+    timing["student"] += time.perf_counter() - t1
     return loss, parts
 
 
@@ -265,21 +330,23 @@ def lr_at(it):
     return min_lr + 0.5 * (1.0 + math.cos(math.pi * ratio)) * (learning_rate - min_lr)
 
 
-try:  # per-token UTF-8 byte lengths, for bits per byte
+# per-token UTF-8 byte lengths, for bits per byte; without the tokenizer's files bpb is left out
+try:
     token_bytes = torch.from_numpy(token_byte_lengths())
-except Exception:  # no tokenizer files: bits per byte is left out
+except Exception:
     token_bytes = None
 
 
 @torch.no_grad()
 def evaluate():
-    """Mean losses on fixed windows of both splits (the same windows for every method with the same seed)."""
+    """Mean losses on fixed windows of both splits (the same windows for every method with the
+    same seed): steps no training run reaches name them."""
     out = {}
     eval_objective.eval()
-    for split in ('train', 'val'):
+    for split in ("train", "val"):
         sums, nbytes, ntok = {}, 0, 0
         for k in range(eval_iters):
-            X, Y, where = get_batch(split, 10_000_000 + k, 0)  # steps no training run reaches: fixed eval windows
+            X, Y, where = get_batch(split, 10_000_000 + k, 0)
             _, parts = step_loss(X, Y, where, eval_objective)
             for key, v in parts.items():
                 sums[key] = sums.get(key, 0.0) + v.item()
@@ -287,11 +354,11 @@ def evaluate():
                 nbytes += token_bytes[Y.cpu()].sum().item()
                 ntok += Y.numel()
         means = {k: v / eval_iters for k, v in sums.items()}
-        out[f'{split}/loss'] = means.pop('ntp')
-        out.update({f'{split}/{k}': v for k, v in means.items()})
+        out[f"{split}/loss"] = means.pop("ntp")
+        out.update({f"{split}/{k}": v for k, v in means.items()})
         if nbytes:
-            out[f'{split}/bpb'] = out[f'{split}/loss'] * ntok / nbytes / math.log(2)
-    out['val/ppl'] = math.exp(min(out['val/loss'], 50))
+            out[f"{split}/bpb"] = out[f"{split}/loss"] * ntok / nbytes / math.log(2)
+    out["val/ppl"] = math.exp(min(out["val/loss"], 50))
     eval_objective.train()
     return out
 
@@ -300,86 +367,115 @@ def save_checkpoint():
     """Atomic: write a temporary file, then rename, so a crash keeps the previous checkpoint."""
     sd = raw_model.state_dict()
     if not all(torch.isfinite(v).all() for v in sd.values() if v.is_floating_point()):
-        print(f"warning: step {iter_num}: parameters are not finite, checkpoint not written", file=sys.stderr)
+        msg = f"warning: step {iter_num}: parameters are not finite, checkpoint not written"
+        print(msg, file=sys.stderr)
         return
-    ckpt = {'model': sd, 'optimizer': optimizer.state_dict(), 'scaler': scaler.state_dict(), 'model_args': model_args,
-            'iter_num': iter_num, 'best_val_loss': best_val_loss, 'config': config, 'inputs': inputs,
-            'rng': rng_state(device_type)}
+    ckpt = {
+        "model": sd,
+        "optimizer": optimizer.state_dict(),
+        "scaler": scaler.state_dict(),
+        "model_args": model_args,
+        "iter_num": iter_num,
+        "best_val_loss": best_val_loss,
+        "config": config,
+        "inputs": inputs,
+        "rng": rng_state(device_type),
+    }
     try:
         save_atomic(ckpt, ckpt_path)
-    except OSError as e:  # a full disk: the previous checkpoint stays, and the run stops rather than go on unsaved
+    except OSError as e:  # a full disk: the previous checkpoint stays, and the run stops unsaved
         fail(str(e))
 
 
 def log(record):
-    with open(os.path.join(out_dir, 'log.jsonl'), 'a') as f:
-        f.write(json.dumps(record) + '\n')
+    with open(os.path.join(out_dir, "log.jsonl"), "a") as f:
+        f.write(json.dumps(record) + "\n")
 
 
-stop_requested = []  # SIGINT/SIGTERM: finish the current step, save a checkpoint, exit
+# -----------------------------------------------------------------------------
+# training
+
+# SIGINT/SIGTERM: finish the current step, save a checkpoint, exit
+stop_requested = []
 for s in (signal.SIGINT, signal.SIGTERM):
     signal.signal(s, lambda signum, frame: stop_requested.append(signum))
 if master:
     os.makedirs(out_dir, exist_ok=True)
-    print(f"mode={mode} params={raw_model.get_num_params() / 1e6:.2f}M device={device} dtype={dtype} world={world_size} "
-          f"tokens/iter={tokens_per_iter:,}")
+    params = raw_model.get_num_params() / 1e6
+    print(
+        f"mode={mode} params={params:.2f}M device={device} dtype={dtype} world={world_size} "
+        f"tokens/iter={tokens_per_iter:,}"
+    )
 pbar = None
 if master and progress and not eval_only:
     from tqdm import tqdm
+
     pbar = tqdm(total=max_iters, initial=iter_num, dynamic_ncols=True, file=sys.stdout)
 say = pbar.write if pbar else print
 t_start, skipped_in_a_row = time.time(), 0
 while True:
     lr = lr_at(iter_num)
     for group in optimizer.param_groups:
-        group['lr'] = lr
+        group["lr"] = lr
 
+    # evaluate, log and save the best checkpoint so far
     if (iter_num % eval_interval == 0 or iter_num == max_iters) and master:
         metrics = evaluate()
-        record = {'iter': iter_num, 'tokens': iter_num * tokens_per_iter, 'lr': lr, 'time': time.time() - t_start,
-                  'time_source': timing['source'], 'time_student': timing['student'], **metrics}
+        record = {
+            "iter": iter_num,
+            "tokens": iter_num * tokens_per_iter,
+            "lr": lr,
+            "time": time.time() - t_start,
+            "time_source": timing["source"],
+            "time_student": timing["student"],
+            **metrics,
+        }
         msg = f"step {iter_num}: train {metrics['train/loss']:.4f}, val {metrics['val/loss']:.4f}"
-        if 'val/concept' in metrics:
+        if "val/concept" in metrics:
             msg += f", concept {metrics['val/concept']:.3f}, recall {metrics['val/recall']:.3f}"
         msg += label_cache_note(label_caches, record)
         log(record)
         say(msg)
-        improved = metrics['val/loss'] < best_val_loss
-        best_val_loss = min(best_val_loss, metrics['val/loss'])
+        improved = metrics["val/loss"] < best_val_loss
+        best_val_loss = min(best_val_loss, metrics["val/loss"])
         if 0 < iter_num < max_iters and (improved or always_save_checkpoint) and not eval_only:
             save_checkpoint()
     if eval_only or iter_num >= max_iters:
         break
 
-    # one optimizer step over the global batch of this step. The sums stay on the device and are read
-    # once, after the step's backward: a read per micro-batch would make the GPU wait each time.
+    # one optimizer step over the global batch of this step. The sums stay on the device and are
+    # read once, after the step's backward: a read per micro-batch would make the GPU wait each time
     sums = {}
     for micro in range(micro_batches):
-        X, Y, where = get_batch('train', iter_num, micro)
+        X, Y, where = get_batch("train", iter_num, micro)
         if ddp:  # sync gradients only on the last micro-batch
             ddp_objective.require_backward_grad_sync = micro == micro_batches - 1
         loss, parts = step_loss(X, Y, where, objective)
         scaler.scale(loss / micro_batches).backward()
-        for key, v in {'loss': loss.detach(), **parts}.items():  # logged as means over the micro-batches
+        for key, v in {"loss": loss.detach(), **parts}.items():  # means over the micro-batches
             sums[key] = sums.get(key, 0.0) + v.float() / micro_batches
     if ddp:  # the mean over all processes, so every rank takes the same skip decision
-        torch.distributed.all_reduce(sums['loss'])
-        sums['loss'] /= world_size
+        torch.distributed.all_reduce(sums["loss"])
+        sums["loss"] /= world_size
     gnorm = torch.zeros((), device=device)
     if grad_clip:
         scaler.unscale_(optimizer)
         gnorm = torch.nn.utils.clip_grad_norm_(raw_model.parameters(), grad_clip)
-    gnorm, *values = torch.stack([gnorm.float(), *sums.values()]).tolist()  # the step's one host sync
+    gnorm, *values = torch.stack([gnorm.float(), *sums.values()]).tolist()  # the one host sync
     parts_sum = dict(zip(sums, values))
-    loss_sum = parts_sum.pop('loss')
+    loss_sum = parts_sum.pop("loss")
     iter_num += 1
-    if not (math.isfinite(loss_sum) and math.isfinite(gnorm)) and dtype != 'float16':
-        # fp16's scaler handles its own overflows; anywhere else a non-finite step is skipped
+    # fp16's scaler handles its own overflows; anywhere else a non-finite step is skipped, and ten
+    # in a row stop the run
+    if not (math.isfinite(loss_sum) and math.isfinite(gnorm)) and dtype != "float16":
         skipped_in_a_row += 1
         say(f"warning: step {iter_num - 1}: non-finite loss or gradients, step skipped")
         optimizer.zero_grad(set_to_none=True)
         if skipped_in_a_row >= 10:
-            fail(f"step {iter_num - 1}: 10 non-finite steps in a row; stopping (lower learning_rate or check the data)")
+            fail(
+                f"step {iter_num - 1}: 10 non-finite steps in a row; stopping "
+                "(lower learning_rate or check the data)"
+            )
         continue
     skipped_in_a_row = 0
     scaler.step(optimizer)
@@ -388,17 +484,21 @@ while True:
 
     if master:
         if iter_num % log_interval == 0:
-            log({'train_step': iter_num, 'loss': loss_sum, 'lr': lr, **parts_sum})
+            log({"train_step": iter_num, "loss": loss_sum, "lr": lr, **parts_sum})
         if pbar:
             pbar.update(1)
             pbar.set_postfix(loss=f"{loss_sum:.4f}", lr=f"{lr:.2e}")
     if stop_requested:
         break
 
-if master and not eval_only:  # the last step's checkpoint, whether the run ended or was stopped
+# the last step's checkpoint, whether the run ended or was stopped
+if master and not eval_only:
     save_checkpoint()
     if iter_num < max_iters:
-        say(f"stopped at step {iter_num}; checkpoint saved to {ckpt_path}, resume with --init_from=resume")
+        say(
+            f"stopped at step {iter_num}; checkpoint saved to {ckpt_path}, "
+            "resume with --init_from=resume"
+        )
 if pbar:
     pbar.close()
 if ddp:

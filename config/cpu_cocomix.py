@@ -1,7 +1,7 @@
 # CoCoMix student on CPU with our own concept source and SAE (python sae.py ... first).
 # python train.py config/cpu_cocomix.py --data_dir=data/gutenberg --out_dir=out/cocomix \
 #     --concept_source=out/source/ckpt.pt --sae_path=out/source/sae.pt
-mode = 'cocomix'
+mode = "cocomix"
 n_layer = 4
 n_head = 4
 n_embd = 192

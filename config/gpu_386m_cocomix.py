@@ -1,6 +1,6 @@
 # The paper's 386M setup: 24 layers, d=1024, 16 heads, insert layer 5.
-exec(open('config/gpu_69m_cocomix.py').read())
-out_dir = 'out/gpu_386m_cocomix'
+exec(open("config/gpu_69m_cocomix.py").read())
+out_dir = "out/gpu_386m_cocomix"
 n_layer = 24
 n_head = 16
 n_embd = 1024

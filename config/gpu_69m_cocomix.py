@@ -2,9 +2,9 @@
 # concept source with OpenAI's layer-5 32k SAE, OpenWebText, 0.5M tokens per step.
 # python prepare.py --source openwebtext --out_dir data/openwebtext
 # python train.py config/gpu_69m_cocomix.py --concept_source=gpt2 --sae_path=PATH/5.pt
-data_dir = 'data/openwebtext'
-out_dir = 'out/gpu_69m_cocomix'
-mode = 'cocomix'
+data_dir = "data/openwebtext"
+out_dir = "out/gpu_69m_cocomix"
+mode = "cocomix"
 n_layer = 8
 n_head = 8
 n_embd = 512

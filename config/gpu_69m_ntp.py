@@ -2,7 +2,7 @@
 # to d=624 so parameter counts match (the paper's choice; model.ntp_matched_width gives 712 by
 # our count of the CoCoMix student, see README).
 # python train.py config/gpu_69m_ntp.py
-exec(open('config/gpu_69m_cocomix.py').read())
-out_dir = 'out/gpu_69m_ntp'
-mode = 'ntp'
+exec(open("config/gpu_69m_cocomix.py").read())
+out_dir = "out/gpu_69m_ntp"
+mode = "ntp"
 n_embd = 624

@@ -1,7 +1,7 @@
-# reproduce.py --preset=tiny, stage `source`: the concept source of the smoke test (reproduce.py adds
-# seed=1337 and the paths). Smaller and shorter than config/tiny.py: the whole pipeline runs in ~2-3
-# minutes on a loaded 2-core CPU. The numbers mean nothing.
-mode = 'ntp'
+# reproduce.py --preset=tiny, stage `source`: the concept source of the smoke test (reproduce.py
+# adds seed=1337 and the paths). Smaller and shorter than config/tiny.py: the whole pipeline runs in
+# ~2-3 minutes on a loaded 2-core CPU. The numbers mean nothing.
+mode = "ntp"
 n_layer = 2
 n_head = 2
 n_embd = 64

@@ -1,5 +1,5 @@
-# reproduce.py --preset=tiny, stage `train`: what the four students share. reproduce.py adds mode, seed,
-# the paths, the concept source and SAE, and the parameter-matched n_embd of the NTP baseline.
+# reproduce.py --preset=tiny, stage `train`: what the four students share. reproduce.py adds mode,
+# seed, the paths, the concept source and SAE, and the parameter-matched n_embd of the NTP baseline.
 n_layer = 2
 n_head = 2
 n_embd = 64

@@ -6,7 +6,7 @@ The prepared GPU check: one command on a fresh one-GPU machine, no network, a fe
 
 In order, each part's figures going into OUT/gpu_check.json and OUT/gpu_check.md as it finishes:
  1. correctness on the device: sparse mixing and the LM-head loss (fp32, bf16, fp16, KD) against their
-    plain references (ops.py), and the concept labels against the same labels made on the CPU;
+    plain references (cocomix/ops.py), and the concept labels against the same labels made on the CPU;
  2. the compiled student against eager: losses and every parameter gradient, NTP and CoCoMix, then
     bench_compile.py's graph-break and recompile check;
  3. MFU: GPT-2 124M NTP and the paper's 69M CoCoMix student, bf16, torch.compile, fused AdamW
@@ -28,12 +28,11 @@ import traceback
 
 import torch
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, REPO)
+import scripts.bench as bench
+import scripts.bench_compile as bench_compile
+from cocomix.ops import lm_loss, lm_loss_reference, sparse_mix, sparse_mix_reference
 
-import bench  # noqa: E402
-import bench_compile  # noqa: E402
-from ops import lm_loss, lm_loss_reference, sparse_mix, sparse_mix_reference  # noqa: E402
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def rel(a, b):
@@ -43,7 +42,8 @@ def rel(a, b):
 
 
 def check_ops(dev, small):
-    """Sparse mixing and the LM-head loss on the device against their references, values and gradients."""
+    """Sparse mixing and the LM-head loss on the device against their references, values and
+    gradients."""
     out = {}
     torch.manual_seed(0)
     N, C, K, d = (256, 512, 8, 32) if small else (8192, 32768, 32, 512)
@@ -51,47 +51,70 @@ def check_ops(dev, small):
     indices = torch.randn(N, C, device=dev).topk(K, dim=-1).indices
     W = torch.randn(C, d, device=dev, requires_grad=True)
     g = torch.randn(N, d, device=dev)
-    fast = [sparse_mix(values, indices, W), *torch.autograd.grad(sparse_mix(values, indices, W), (values, W), g)]
-    ref = [sparse_mix_reference(values, indices, W), *torch.autograd.grad(sparse_mix_reference(values, indices, W), (values, W), g)]
-    out["sparse_mix fp32: output, grad values, grad W (rel. diff)"] = [rel(a, b) for a, b in zip(fast, ref)]
+    fast = [
+        sparse_mix(values, indices, W),
+        *torch.autograd.grad(sparse_mix(values, indices, W), (values, W), g),
+    ]
+    ref = [
+        sparse_mix_reference(values, indices, W),
+        *torch.autograd.grad(sparse_mix_reference(values, indices, W), (values, W), g),
+    ]
+    out["sparse_mix fp32: output, grad values, grad W (rel. diff)"] = [
+        rel(a, b) for a, b in zip(fast, ref)
+    ]
     N, V, d = (512, 1000, 32) if small else (32768, 50257, 512)
     x = (torch.randn(N, d, device=dev) * 0.5).requires_grad_()
     Wh = (torch.randn(V, d, device=dev) * 0.1).requires_grad_()
     t = torch.randint(0, V, (N,), device=dev)
     t[::7] = -1
     tx, tW = torch.randn(N, 48, device=dev), torch.randn(V, 48, device=dev) * 0.1
-    with torch.autocast(dev, enabled=False):  # the float64 reference's gradients, from the full logits
+    with torch.autocast(
+        dev, enabled=False
+    ):  # the float64 reference's gradients, from the full logits
         ref = torch.autograd.grad(lm_loss_reference(x.double(), Wh.double(), t), (x, Wh))
-        ref_kd = torch.autograd.grad(lm_loss_reference(x.double(), Wh.double(), t, (tx.double(), tW.double()), 0.1)[0], (x, Wh))
+        ref_kd = torch.autograd.grad(
+            lm_loss_reference(x.double(), Wh.double(), t, (tx.double(), tW.double()), 0.1)[0],
+            (x, Wh),
+        )
     for dt in ("float32", "bfloat16", "float16"):
         with bench.autocast(dev, dt):
             grads = torch.autograd.grad(lm_loss(x, Wh, t), (x, Wh))
-            grads_kd = torch.autograd.grad(lm_loss(x, Wh, t, teacher=(tx, tW), lam_kd=0.1)[0], (x, Wh))
-        out[f"lm_loss {dt}: grad x, grad W vs float64 full logits (rel. diff)"] = [rel(a, b) for a, b in zip(grads, ref)]
-        out[f"lm_loss KD {dt}: grad x, grad W (rel. diff)"] = [rel(a, b) for a, b in zip(grads_kd, ref_kd)]
+            grads_kd = torch.autograd.grad(
+                lm_loss(x, Wh, t, teacher=(tx, tW), lam_kd=0.1)[0], (x, Wh)
+            )
+        out[f"lm_loss {dt}: grad x, grad W vs float64 full logits (rel. diff)"] = [
+            rel(a, b) for a, b in zip(grads, ref)
+        ]
+        out[f"lm_loss KD {dt}: grad x, grad W (rel. diff)"] = [
+            rel(a, b) for a, b in zip(grads_kd, ref_kd)
+        ]
     return out
 
 
 def check_labels(dev, small):
-    """The concept labels of one batch made on the device and on the CPU (same source, SAE, tokens): the
-    fraction of label slots that agree, in fp32 and under bf16 autocast (the source pass in bf16)."""
+    """The concept labels of one batch made on the device and on the CPU (same source, SAE, tokens):
+    the fraction of label slots that agree, in fp32 and under bf16 autocast (the source pass in
+    bf16)."""
     args = bench.parse(["--tiny"] if small else [])
     X, Y = bench.batch(args, "cpu")
-    cpu = bench.make_labeler(args, "cpu")
-    gpu = bench.make_labeler(args, dev)
+    cpu = bench.bench_labeler(args, "cpu")
+    gpu = bench.bench_labeler(args, dev)
     out = {}
     for dt in ("float32", "bfloat16"):
         with bench.autocast("cpu", dt):
             a = cpu(X, Y)
         with bench.autocast(dev, dt):
             b = gpu(X.to(dev), Y.to(dev)).cpu()
-        out[f"labels {dt}: fraction of slots equal, device vs CPU"] = (a.sort(-1).values == b.sort(-1).values).float().mean().item()
+        out[f"labels {dt}: fraction of slots equal, device vs CPU"] = (
+            (a.sort(-1).values == b.sort(-1).values).float().mean().item()
+        )
     return out
 
 
 def check_compiled(dev, small):
-    """The compiled student (bench.student_loss: objective.training_loss, train.py's loss) against eager, fp32
-    without TF32: loss and the largest relative difference over the parameter gradients."""
+    """The compiled student (bench.student_loss: objective.training_loss, train.py's loss) against
+    eager, fp32 without TF32: loss and the largest relative difference over the parameter gradients.
+    """
     args = bench.parse(["--tiny"] if small else ["--batch_size=8"])
     X, Y = bench.batch(args, dev)
     labels = torch.randint(0, args.n_concepts, (*X.shape, args.k_attr), device=dev)
@@ -107,17 +130,23 @@ def check_compiled(dev, small):
             grads = torch.autograd.grad(loss, list(model.parameters()))
             res.append((loss.item(), grads))
         out[f"compiled {mode}: loss eager, loss compiled, max grad rel. diff"] = [
-            res[0][0], res[1][0], max(rel(a, b) for a, b in zip(res[1][1], res[0][1]))]
+            res[0][0],
+            res[1][0],
+            max(rel(a, b) for a, b in zip(res[1][1], res[0][1])),
+        ]
     torch.backends.cuda.matmul.allow_tf32 = True
     return out
 
 
 def run_until(cmd, seconds, grace=30):
-    """Runs cmd from the repo root until it ends or `seconds` pass, then stops it with SIGTERM, which
-    reproduce.py passes on to its running stage (train.py and sae.py save a checkpoint and exit, so a rerun
-    resumes there), and with SIGKILL if it is still running `grace` seconds later. Returns (exit status,
-    or None if stopped at the deadline; the output, stdout and stderr together)."""
-    with tempfile.TemporaryFile() as out:  # a file, not a pipe: a long output cannot block the child
+    """Runs cmd from the repo root until it ends or `seconds` pass, then stops it with SIGTERM,
+    which reproduce.py passes on to its running stage (train.py and sae.py save a checkpoint and
+    exit, so a rerun resumes there), and with SIGKILL if it is still running `grace` seconds later.
+    Returns (exit status, or None if stopped at the deadline; the output, stdout and stderr
+    together)."""
+    with (
+        tempfile.TemporaryFile() as out
+    ):  # a file, not a pipe: a long output cannot block the child
         proc = subprocess.Popen(cmd, cwd=REPO, stdout=out, stderr=subprocess.STDOUT)
         try:
             rc = proc.wait(timeout=seconds)
@@ -136,17 +165,25 @@ def run_until(cmd, seconds, grace=30):
 def markdown(results):
     lines = ["| part | figure | value |", "|---|---|---|"]
     for part, figures in results.items():
-        for k, v in (figures.items() if isinstance(figures, dict) else [("", figures)]):
+        for k, v in figures.items() if isinstance(figures, dict) else [("", figures)]:
             v = json.dumps(v, default=str)
             lines.append(f"| {part} | {k} | {v[:300]} |")
     return "\n".join(lines) + "\n"
 
 
 def main(argv=None):
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--dry_run", action="store_true", help="smoke-test sizes, CPU if there is no GPU")
+    p = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    p.add_argument(
+        "--dry_run", action="store_true", help="smoke-test sizes, CPU if there is no GPU"
+    )
     p.add_argument("--minutes", type=float, default=8.0, help="the whole check's time budget")
-    p.add_argument("--data_root", default=os.environ.get("COCOMIX_DATA", ""), help="holds gutenberg/ for part 4")
+    p.add_argument(
+        "--data_root",
+        default=os.environ.get("COCOMIX_DATA", ""),
+        help="holds gutenberg/ for part 4",
+    )
     p.add_argument("--out_dir", default="out/gpu_check")
     a = p.parse_args(argv)
     deadline = time.time() + 60 * a.minutes
@@ -155,22 +192,34 @@ def main(argv=None):
         sys.exit("error: no GPU here; --dry_run runs the check at smoke-test size on the CPU")
     os.makedirs(a.out_dir, exist_ok=True)
     small = a.dry_run
-    results = {"machine": {"device": torch.cuda.get_device_name() if dev == "cuda" else "cpu", "torch": torch.__version__,
-                           "date": time.strftime("%Y-%m-%d"), "dry_run": a.dry_run}}
+    results = {
+        "machine": {
+            "device": torch.cuda.get_device_name() if dev == "cuda" else "cpu",
+            "torch": torch.__version__,
+            "date": time.strftime("%Y-%m-%d"),
+            "dry_run": a.dry_run,
+        }
+    }
 
     def save():
         with open(os.path.join(a.out_dir, "gpu_check.json"), "w") as f:
             json.dump(results, f, indent=1, default=str)
         with open(os.path.join(a.out_dir, "gpu_check.md"), "w") as f:
             f.write(markdown(results))
+
     fast = ["--tiny", "--rounds=1", "--warmup=0", "--steps=1"] if small else []
     parts = {
         "1 ops on the device": lambda: check_ops(dev, small),
         "1 labels, device vs CPU": lambda: check_labels(dev, small),
         "2 compiled vs eager": lambda: check_compiled(dev, small),
-        "2 graph breaks and recompiles": lambda: bench_compile.compile_check(bench_compile.parse(
-            ["--check", f"--device={dev}", *fast, *(["--backend=aot_eager"] if small else [])])),
-        "3 MFU": lambda: bench_compile.gpu_mfu(bench_compile.parse(["--gpu_mfu", f"--device={dev}", *fast])),
+        "2 graph breaks and recompiles": lambda: bench_compile.compile_check(
+            bench_compile.parse(
+                ["--check", f"--device={dev}", *fast, *(["--backend=aot_eager"] if small else [])]
+            )
+        ),
+        "3 MFU": lambda: bench_compile.gpu_mfu(
+            bench_compile.parse(["--gpu_mfu", f"--device={dev}", *fast])
+        ),
     }
     failed = False
     for name, fn in parts.items():
@@ -179,23 +228,47 @@ def main(argv=None):
             results[name] = fn()
         except Exception as e:  # a failing part is a finding; the others still run
             failed = True
-            results[name] = {"FAILED": f"{type(e).__name__}: {e}"[:500], "traceback": traceback.format_exc()[-1500:]}
-        results[name] = {**results[name], "seconds": round(time.time() - t0, 1)} if isinstance(results[name], dict) else results[name]
+            results[name] = {
+                "FAILED": f"{type(e).__name__}: {e}"[:500],
+                "traceback": traceback.format_exc()[-1500:],
+            }
+        results[name] = (
+            {**results[name], "seconds": round(time.time() - t0, 1)}
+            if isinstance(results[name], dict)
+            else results[name]
+        )
         print(f"== {name}: {time.time() - t0:.0f} s", flush=True)
         save()
     left = deadline - time.time() - 20
     preset = "tiny" if small else "cpu"
-    cmd = [sys.executable, "reproduce.py", f"--preset={preset}", f"--out_dir={os.path.join(a.out_dir, 'reproduce_' + preset)}",
-           "--seeds=1", "--methods=ntp,cocomix", f"--data_root={a.data_root}"]
+    cmd = [
+        sys.executable,
+        "reproduce.py",
+        f"--preset={preset}",
+        f"--out_dir={os.path.join(a.out_dir, 'reproduce_' + preset)}",
+        "--seeds=1",
+        "--methods=ntp,cocomix",
+        f"--data_root={a.data_root}",
+    ]
     if not small:
-        cmd += ["--set", "max_iters=2304", "eval_interval=288"]  # 4x the CPU comparison's longest runs: 9.4M tokens
+        cmd += [
+            "--set",
+            "max_iters=2304",
+            "eval_interval=288",
+        ]  # 4x the CPU comparison's longest runs: 9.4M tokens
     if left > 60:
         t0 = time.time()
         rc, output = run_until(cmd, left - 30, grace=30)
-        results["4 comparison"] = {"command": " ".join(cmd[1:]), "returncode": rc, "tail": output[-4000:]}
+        results["4 comparison"] = {
+            "command": " ".join(cmd[1:]),
+            "returncode": rc,
+            "tail": output[-4000:],
+        }
         if rc is None:
-            results["4 comparison"]["stopped"] = (f"at the deadline after {time.time() - t0:.0f} s, its running stage "
-                                                  "saved; rerun the check (or the command) to go on from there")
+            results["4 comparison"]["stopped"] = (
+                f"at the deadline after {time.time() - t0:.0f} s, its running stage "
+                "saved; rerun the check (or the command) to go on from there"
+            )
         failed |= rc not in (0, None)
     else:
         results["4 comparison"] = {"skipped": f"{left:.0f} s left"}

@@ -1,0 +1,211 @@
+"""
+train.py's setting checks, kept out of it so that hardening never hides the method: each returns a
+one-line message for the first problem found, or None. check_resume also compares the files behind
+a resumed run's paths.
+"""
+
+import argparse
+import math
+import os
+import sys
+
+import torch
+
+from cocomix.weights import GPT2_NAMES, file_sha256, source_sha256
+
+MODES = ("ntp", "cocomix", "kd", "pause")
+DTYPES = ("auto", "float32", "bfloat16", "float16")
+STUDENT_MIX = ("interleave", "add", "none")  # pause is a mode of its own, not a mixing rule
+
+
+def check_config(c):
+    """Settings that are wrong whatever the data and models: c is train.py's config dict."""
+    if c["mode"] not in MODES:
+        return f"mode must be one of {', '.join(MODES)}, got {c['mode']!r}"
+    if c["mode"] == "cocomix" and c["mix"] not in STUDENT_MIX:
+        return (
+            f"mix must be one of {', '.join(STUDENT_MIX)} (for the pause baseline use "
+            f"--mode=pause), got {c['mix']!r}"
+        )
+    if (
+        min(c["batch_size"], c["block_size"], c["gradient_accumulation_steps"], c["max_iters"] + 1)
+        <= 0
+    ):
+        return "batch_size, block_size and gradient_accumulation_steps must be positive, max_iters non-negative"
+    if c["mode"] in ("cocomix", "kd") and not c["concept_source"]:
+        return f"mode={c['mode']} needs --concept_source (a checkpoint of ours or a GPT-2 folder)"
+    if c["mode"] == "cocomix" and not c["sae_path"]:
+        return "mode=cocomix needs --sae_path (an SAE trained by sae.py, or OpenAI's)"
+    if bad := [k for k, v in c.items() if isinstance(v, float) and not math.isfinite(v)]:
+        return f"{', '.join(bad)} must be finite numbers"
+    if min(c["eval_interval"], c["log_interval"], c["eval_iters"]) <= 0:
+        return "eval_interval, log_interval and eval_iters must be positive"
+    if c["learning_rate"] < 0 or c["min_lr"] < 0 and c["min_lr"] != -1 or c["weight_decay"] < 0:
+        return (
+            "learning_rate and weight_decay must be >= 0, min_lr >= 0 (or -1: learning_rate / 10)"
+        )
+    if not (0 <= c["beta1"] < 1 and 0 <= c["beta2"] < 1):
+        return f"beta1 and beta2 must be in [0, 1), got {c['beta1']} and {c['beta2']}"
+    if c["grad_clip"] < 0:
+        return f"grad_clip must be >= 0 (0: no clipping), got {c['grad_clip']}"
+    if not 0 <= c["dropout"] < 1:
+        return f"dropout must be in [0, 1), got {c['dropout']}"
+    if min(c["k_attr"], c["concept_topk"]) <= 0 or min(c["lam"], c["lam_kd"], c["n_concepts"]) < 0:
+        return "k_attr and concept_topk must be positive, lam, lam_kd and n_concepts >= 0"
+    if c["dtype"] not in DTYPES:
+        return f"dtype must be one of {', '.join(DTYPES)}, got {c['dtype']!r}"
+    if (
+        c["init_from"] not in ("scratch", "resume")
+        and c["init_from"] not in GPT2_NAMES
+        and not os.path.isdir(c["init_from"])
+    ):
+        return (
+            f"init_from must be 'scratch', 'resume', a GPT-2 name ({', '.join(GPT2_NAMES)}) or a GPT-2 folder, "
+            f"got {c['init_from']!r}"
+        )
+    return check_device(c["device"])
+
+
+def check_device(device):
+    """'auto', 'cpu', 'cuda', 'cuda:N' or 'mps', and there on this machine."""
+    kind, _, index = device.partition(":")
+    if device in ("auto", "cpu"):
+        return None
+    if kind == "cuda" and (not index or index.isdigit()):
+        if not torch.cuda.is_available():
+            return f"device={device}, but CUDA is not available here (try --device=cpu)"
+        if index and int(index) >= torch.cuda.device_count():
+            return f"device={device}, but there are {torch.cuda.device_count()} CUDA devices"
+        return None
+    if device == "mps":
+        return (
+            None
+            if torch.backends.mps.is_available()
+            else "device=mps, but MPS is not available here"
+        )
+    return f"device must be auto, cpu, cuda, cuda:N or mps, got {device!r}"
+
+
+def check_source(source, vocab_size, block_size, concept_source):
+    """The concept source (or KD teacher) against the data and the student's window."""
+    if source.config.vocab_size != vocab_size:
+        return (
+            f"concept source {concept_source} has vocab {source.config.vocab_size}, "
+            f"the data is GPT-2 BPE ({vocab_size})"
+        )
+    if source.config.block_size < block_size:
+        return f"block_size={block_size} is longer than the concept source's context ({source.config.block_size})"
+    return None
+
+
+# a resume continues the run exactly only with the same model, objective and batches: other values
+# are refused
+RESUME_SAME = (
+    "mode",
+    "label_rule",
+    "label_fill",
+    "concept_source",
+    "sae_path",
+    "sae_layer",
+    "k_attr",
+    "seed",
+    "data_dir",
+    "batch_size",
+    "gradient_accumulation_steps",
+    "decay_all",
+)  # decay_all: other optimizer parameter groups
+# the optimisation may change on purpose (a longer schedule, a lower rate): allowed, with a warning
+RESUME_WARN = (
+    "learning_rate",
+    "min_lr",
+    "warmup_iters",
+    "lr_decay_iters",
+    "decay_lr",
+    "weight_decay",
+    "beta1",
+    "beta2",
+    "grad_clip",
+    "lam",
+    "lam_kd",
+    "dtype",
+)
+RESUME_KEYS = ("model", "model_args", "optimizer", "scaler", "iter_num", "best_val_loss", "rng")
+
+
+def input_hashes(data_dir, concept_source=None, sae_path=None):
+    """SHA-256 of the files a run reads behind its settings' paths: the data's meta.json (prepare.py
+    writes a new one with every corpus), the concept source and the SAE. Kept in the checkpoint for
+    check_resume."""
+    meta = os.path.join(data_dir, "meta.json")
+    hashes = {"data_dir": file_sha256(meta) if os.path.exists(meta) else None}
+    if concept_source:
+        hashes["concept_source"] = source_sha256(concept_source)
+    if sae_path:
+        hashes["sae_path"] = file_sha256(sae_path)
+    return hashes
+
+
+def check_resume(checkpoint, model_args, config, ckpt_path, inputs):
+    """A resumed run must be the run that wrote the checkpoint: same model, objective and batches,
+    and the same files behind its paths (inputs: input_hashes). Changed optimisation settings are
+    printed as warnings."""
+    if missing := [k for k in RESUME_KEYS if k not in checkpoint]:
+        return f"{ckpt_path} cannot be resumed: it has no {', '.join(missing)} (not a checkpoint train.py wrote)"
+    old_inputs = checkpoint.get("inputs") or {}
+    if swapped := [k for k, h in inputs.items() if k in old_inputs and old_inputs[k] != h]:
+        return (
+            f"{ckpt_path} was trained with other files at the same paths: "
+            f"{', '.join(f'{k}={config[k]}' for k in swapped)} "
+            "changed since (SHA-256); resume only with the files the run started with"
+        )
+    changed = {
+        k: (checkpoint["model_args"].get(k), v)
+        for k, v in model_args.items()
+        if checkpoint["model_args"].get(k) != v
+    }
+    old = checkpoint.get("config") or {}
+    norm = lambda k, v: os.path.normpath(v) if k == "data_dir" else v
+    changed.update(
+        {
+            k: (old[k], config[k])
+            for k in RESUME_SAME
+            if k in old and k in config and norm(k, old[k]) != norm(k, config[k])
+        }
+    )
+    if changed:
+        return f"resume config disagrees with {ckpt_path}: " + ", ".join(
+            f"{k}={b!r} (checkpoint: {a!r})" for k, (a, b) in changed.items()
+        )
+    if warn := [
+        f"{k}={config[k]!r} (checkpoint: {old[k]!r})"
+        for k in RESUME_WARN
+        if k in old and k in config and old[k] != config[k]
+    ]:
+        print(
+            f"warning: resuming {ckpt_path} with other settings: {', '.join(warn)}; the run is no longer the one "
+            "an uninterrupted run would give",
+            file=sys.stderr,
+        )
+    return None
+
+
+class _Moved(argparse.Action):
+    def __init__(self, *args, to, **kw):
+        super().__init__(*args, **kw)
+        self.to = to
+
+    def __call__(self, parser, namespace, values, option_string=None):
+        parser.error(f"{option_string} is now {self.to}")
+
+
+def moved_flag(parser, flag, to):
+    """--flag, renamed or moved elsewhere: refused with where it went, not taken as a prefix of
+    another."""
+    parser.add_argument(
+        f"--{flag}",
+        nargs="?",
+        help=argparse.SUPPRESS,
+        default=argparse.SUPPRESS,
+        action=_Moved,
+        to=to,
+    )

@@ -1,0 +1,285 @@
+"""
+The benchmark files scripts/eval.py scores, read into (context, continuation) string pairs. JSON Lines, one
+reader per format, the format recognised from the first object's keys; the queries are built as
+lm-eval's task files build them:
+  {"query", "choices", "gold"}        as given (lm-eval and llm-foundry files). llm-foundry's ARC and
+                                      PIQA queries ("Question: ...") lack the answer prompt their task
+                                      files add: "\\nAnswer:" is appended to a query that starts with
+                                      "Question:" and does not end with "Answer:" (lm-eval's prompt).
+  {"context_options", "continuation", "gold"}  WinoGrande / Winograd (llm-foundry)
+  {"sentence", "option1", "option2", "answer"}  WinoGrande (Hugging Face), answer "1" or "2"
+  {"ctx_a", "ctx_b" | "ctx", "endings", "label"} HellaSwag: query = activity_label + ": " + ctx_a +
+                                      " " + ctx_b.capitalize(); query and endings lose " [title]"
+                                      (-> ". "), other [bracketed] WikiHow markup and double spaces
+  {"context", "question", "answerA", "answerB", "answerC", "label"}  SIQA, label 1-based:
+                                      "Q: {context} {question}\\nA:"
+  {"question", "choices", "answerKey"} ARC (Hugging Face; or AI2's {"question": {"stem", "choices"}}):
+                                      "Question: {question}\\nAnswer:"
+  {"goal", "sol1", "sol2", "label"}   PIQA: "Question: {goal}\\nAnswer:"
+  {"text"} / {"context", "continuation"}  LAMBADA;  {"page"}  WikiText articles
+"""
+
+import json
+import re
+
+
+class EvalError(Exception):
+    """An expected failure (bad input file, wrong data): main prints it as one line and exits 1."""
+
+
+def read_jsonl(path, max_examples=None):
+    """The (line number, object) pairs of a JSONL file (blank lines skipped); errors name the file
+    and line."""
+    items = []
+    try:
+        f = open(path, encoding="utf-8")
+    except OSError as e:
+        raise EvalError(f"cannot read {path}: {e.strerror}") from None
+    with f:
+        lineno = 0
+        try:
+            for lineno, line in enumerate(f, 1):
+                if not line.strip():
+                    continue
+                try:
+                    item = json.loads(line)
+                except ValueError as e:
+                    raise EvalError(
+                        f"{path}:{lineno}: malformed JSON ({getattr(e, 'msg', e)})"
+                    ) from None
+                if not isinstance(item, dict):
+                    raise EvalError(
+                        f"{path}:{lineno}: expected a JSON object, got {type(item).__name__}"
+                    )
+                items.append((lineno, item))
+                if max_examples is not None and len(items) >= max_examples:
+                    break
+        except UnicodeDecodeError:
+            raise EvalError(f"{path}:{lineno + 1}: not UTF-8 text") from None
+    if not items:
+        raise EvalError(f"{path}: no examples")
+    return items
+
+
+# Each reader turns one JSON object into (pairs, gold, lengths): the (context, continuation) strings
+# of its choices, the index of the right one, and the choices' lengths for acc_norm (None: acc
+# only). A bad value raises ValueError with the reason; the caller adds the file and line.
+
+
+def as_index(item, key, n, base=0):
+    """item[key] (gold, label or answer) as an index into n choices: an int or a digit string, base
+    0 or 1."""
+    value = item[key]
+    i = int(value) if isinstance(value, str) and value.strip().isdigit() else value
+    if isinstance(i, bool) or not isinstance(i, int) or not 0 <= i - base < n:
+        raise ValueError(
+            f"{key}={value!r} is not an index into its {n} choices" + (" (1-based)" if base else "")
+        )
+    return i - base
+
+
+def strings(*values):
+    if not all(isinstance(v, str) and v for v in values):
+        raise ValueError("expected non-empty strings")
+    return values
+
+
+def choice_pairs(query, choices, sep=" "):
+    return [(query, sep + c) for c in choices], [len(c) for c in choices]
+
+
+def read_query_choices(item, sep):
+    q, choices = item["query"], item["choices"]
+    if (
+        not isinstance(q, str)
+        or not isinstance(choices, list)
+        or not choices
+        or not all(isinstance(c, str) and c for c in choices)
+    ):
+        raise ValueError("'query' must be a string and 'choices' a list of non-empty strings")
+    gold = as_index(item, "gold", len(choices))
+    if sep and all(c[0].isspace() for c in choices):
+        # an older convention of this evaluation (the space inside the choice): with a separator too it would be
+        # doubled
+        raise ValueError(
+            f"every choice starts with whitespace and the separator is {sep!r}: strip the choices, "
+            "or pass --mc_sep='' to use them as they are"
+        )
+    if q.startswith("Question:") and not q.rstrip().endswith("Answer:"):
+        q = (
+            q.rstrip() + "\nAnswer:"
+        )  # llm-foundry's ARC/PIQA files: their task adds this answer prompt
+    pairs, lengths = choice_pairs(q, choices, sep)
+    return pairs, gold, lengths
+
+
+def read_schema(item, sep):
+    options, cont = item["context_options"], item["continuation"]
+    if (
+        not isinstance(options, list)
+        or not options
+        or not all(isinstance(o, str) and o for o in options)
+        or not isinstance(cont, str)
+        or not cont.strip()
+    ):
+        raise ValueError(
+            "'context_options' must be a list of non-empty strings and 'continuation' a non-empty string"
+        )
+    return [(o, " " + cont.strip()) for o in options], as_index(item, "gold", len(options)), None
+
+
+def read_winogrande(item, sep):
+    sentence, *options = strings(item["sentence"], item["option1"], item["option2"])
+    if "_" not in sentence:
+        raise ValueError("'sentence' has no '_' to fill in")
+    i = sentence.index("_")
+    cont = " " + sentence[i + 1 :].strip()
+    return [(sentence[:i] + o, cont) for o in options], as_index(item, "answer", 2, base=1), None
+
+
+def hellaswag_clean(text):
+    text = text.strip().replace(" [title]", ". ")
+    return re.sub(r"\[.*?\]", "", text).replace("  ", " ")
+
+
+def read_hellaswag(item, sep):
+    if "ctx_a" in item and "ctx_b" in item:
+        ctx = (
+            item["ctx_a"] + " " + item["ctx_b"].capitalize()
+        )  # capitalize() lowercases the rest: as lm-eval
+    elif "ctx" in item:
+        ctx = item["ctx"]
+    else:
+        raise ValueError("expected 'ctx_a' and 'ctx_b', or 'ctx'")
+    endings = item["endings"]
+    if (
+        not isinstance(ctx, str)
+        or not isinstance(endings, list)
+        or not endings
+        or not all(isinstance(e, str) for e in endings)
+    ):
+        raise ValueError("the context must be a string and 'endings' a list of strings")
+    if "activity_label" in item:
+        ctx = item["activity_label"] + ": " + ctx
+    pairs, lengths = choice_pairs(hellaswag_clean(ctx), [hellaswag_clean(e) for e in endings])
+    return pairs, as_index(item, "label", len(endings)), lengths
+
+
+def read_siqa(item, sep):
+    context, question, *choices = strings(
+        item["context"], item["question"], item["answerA"], item["answerB"], item["answerC"]
+    )
+    pairs, lengths = choice_pairs(f"Q: {context} {question}\nA:", choices)
+    return pairs, as_index(item, "label", 3, base=1), lengths
+
+
+def read_arc(item, sep):
+    q = item["question"]
+    choices = (
+        q.get("choices") if isinstance(q, dict) else item.get("choices")
+    )  # AI2's release nests them
+    if isinstance(choices, dict):  # Hugging Face: {"text": [...], "label": [...]}
+        texts, labels = choices.get("text"), choices.get("label")
+    elif isinstance(choices, list) and all(isinstance(c, dict) for c in choices):
+        texts, labels = [c.get("text") for c in choices], [c.get("label") for c in choices]
+    else:
+        texts = labels = None
+    if (
+        not isinstance(texts, list)
+        or not isinstance(labels, list)
+        or len(texts) != len(labels)
+        or not texts
+    ):
+        raise ValueError(
+            "expected 'choices' as {'text': [...], 'label': [...]} or a list of {'text', 'label'}"
+        )
+    stem = q.get("stem") if isinstance(q, dict) else q
+    strings(stem, *texts)
+    if item["answerKey"] not in labels:
+        raise ValueError(
+            f"answerKey {item['answerKey']!r} is not one of the choices' labels {labels!r}"
+        )
+    pairs, lengths = choice_pairs(f"Question: {stem}\nAnswer:", texts)
+    return pairs, labels.index(item["answerKey"]), lengths
+
+
+def read_piqa(item, sep):
+    goal, *choices = strings(item["goal"], item["sol1"], item["sol2"])
+    pairs, lengths = choice_pairs(f"Question: {goal}\nAnswer:", choices)
+    return pairs, as_index(item, "label", 2), lengths
+
+
+def read_lambada_text(item, sep):
+    text = item["text"]
+    if not isinstance(text, str) or " " not in text:
+        raise ValueError("'text' must be a string with a space before its last word")
+    context, word = text.rsplit(" ", 1)  # as lm-eval: no stripping
+    return [(context, " " + word)], 0, None
+
+
+def read_lambada_pair(item, sep):
+    context, cont = strings(item["context"], item["continuation"])
+    if not (context[-1].isspace() or cont[0].isspace()):
+        cont = " " + cont  # llm-foundry's file: "... I don't care about" + "signs"
+    return [(context, cont)], 0, None
+
+
+# (kind, keys that identify the format, keys every line must have, reader), tried in this order
+FORMATS = [
+    ("winogrande", ("context_options",), ("context_options", "continuation", "gold"), read_schema),
+    (
+        "winogrande",
+        ("sentence", "option1"),
+        ("sentence", "option1", "option2", "answer"),
+        read_winogrande,
+    ),
+    ("hellaswag", ("endings",), ("endings", "label"), read_hellaswag),
+    (
+        "siqa",
+        ("answerA",),
+        ("context", "question", "answerA", "answerB", "answerC", "label"),
+        read_siqa,
+    ),
+    ("arc", ("answerKey",), ("question", "answerKey"), read_arc),
+    ("piqa", ("goal", "sol1"), ("goal", "sol1", "sol2", "label"), read_piqa),
+    ("mc", ("query",), ("query", "choices", "gold"), read_query_choices),
+    ("lambada", ("continuation",), ("context", "continuation"), read_lambada_pair),
+    ("wikitext", ("page",), ("page",), None),
+    ("lambada", ("text",), ("text",), read_lambada_text),
+]
+CHOICE_KINDS = ("winogrande", "hellaswag", "siqa", "arc", "piqa", "mc")
+
+
+def find_format(item):
+    """The first entry of FORMATS whose identifying keys the object has, or None."""
+    return next((f for f in FORMATS if all(k in item for k in f[1])), None)
+
+
+def unknown_format(item):
+    expected = "; ".join("{" + ", ".join(f[2]) + "}" for f in FORMATS)
+    return f"unknown benchmark format (keys {', '.join(sorted(item)) or 'none'}); expected one of: {expected}"
+
+
+def read_benchmark(path, kinds, sep=" ", max_examples=None):
+    """(kind, items) of a JSONL benchmark whose kind is one of `kinds`; items: (pairs, gold,
+    lengths)."""
+    rows = read_jsonl(path, max_examples)
+    fmt = find_format(rows[0][1])
+    if fmt is None:
+        raise EvalError(f"{path}:{rows[0][0]}: {unknown_format(rows[0][1])}")
+    kind, _, keys, reader = fmt
+    if kind not in kinds:
+        raise EvalError(f"{path}: a {kind} file, expected {' or '.join(kinds)}")
+    items = []
+    for lineno, item in rows:
+        missing = [k for k in keys if k not in item]
+        if missing:
+            raise EvalError(f"{path}:{lineno}: missing key(s) {', '.join(map(repr, missing))}")
+        if reader is None:
+            items.append(item["page"])
+            continue
+        try:
+            items.append(reader(item, sep))
+        except (ValueError, TypeError, AttributeError) as e:
+            raise EvalError(f"{path}:{lineno}: {e}") from None
+    return kind, items

@@ -1,0 +1,103 @@
+"""Helpers the test files share (the pytest fixtures built from them are in conftest.py): running
+the root scripts, the tiny model's flags, and small token files, concept sources and SAEs on disk.
+"""
+
+import dataclasses
+import json
+import os
+import subprocess
+import sys
+
+import numpy as np
+import torch
+
+from model import GPT, GPTConfig
+from sae import SAE
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))  # the repository
+ENV = dict(
+    os.environ
+)  # TIKTOKEN_CACHE_DIR, where set (offline), reaches the scripts run as subprocesses
+T = 16  # block_size of the small token files' tests
+# train.py's flags for a model that trains in seconds
+TINY = [
+    "--n_layer=2",
+    "--n_head=2",
+    "--n_embd=32",
+    "--block_size=32",
+    "--batch_size=4",
+    "--device=cpu",
+    "--dtype=float32",
+    "--progress=False",
+    "--eval_iters=2",
+    "--log_interval=1",
+]
+
+
+def run(*args, cwd=ROOT, check=True):
+    """python *args in the repository (a script, or -m scripts.NAME); an AssertionError with the
+    output tails when check and it fails."""
+    p = subprocess.run(
+        [sys.executable, *args], cwd=cwd, env=ENV, capture_output=True, text=True, timeout=600
+    )
+    if check and p.returncode != 0:
+        raise AssertionError(f"{args} failed:\n{p.stdout[-2000:]}\n{p.stderr[-3000:]}")
+    return p
+
+
+def read_log(out_dir):
+    with open(os.path.join(out_dir, "log.jsonl")) as f:
+        return [json.loads(line) for line in f]
+
+
+def write_data(data_dir, seed=0, n_train=1200, n_val=400):
+    """uint16 train.bin / val.bin and a meta.json as prepare.py writes them (the fields train.py
+    reads)."""
+    os.makedirs(data_dir, exist_ok=True)
+    rng = np.random.default_rng(seed)
+    vocab = rng.choice(
+        50257, 300, replace=False
+    )  # a small vocabulary, so the tiny source sees repeats
+    for split, n in (("train", n_train), ("val", n_val)):
+        rng.choice(vocab, n).astype(np.uint16).tofile(os.path.join(data_dir, f"{split}.bin"))
+    meta = {
+        "tokenizer": "gpt2",
+        "vocab_size": 50257,
+        "eot_token": 50256,
+        "dtype": "uint16",
+        "seed": seed,
+        "splits": {"train": {"tokens": n_train}, "val": {"tokens": n_val}},
+    }
+    with open(os.path.join(data_dir, "meta.json"), "w") as f:
+        json.dump(meta, f)
+    return str(data_dir)
+
+
+def write_source(path, seed=0):
+    """A tiny random GPT saved as train.py saves checkpoints; returns it frozen, as train.py loads
+    it."""
+    torch.manual_seed(seed)
+    cfg = GPTConfig(block_size=32, vocab_size=50257, n_layer=3, n_head=2, n_embd=32)
+    model = GPT(cfg)
+    torch.save({"model": model.state_dict(), "model_args": dataclasses.asdict(cfg)}, path)
+    return model.eval().requires_grad_(False)
+
+
+def write_sae(path, seed=0):
+    torch.manual_seed(seed)
+    sae = SAE(32, 96, 8, meta={"layer": 1})
+    sae.save(str(path))
+    return sae
+
+
+def window_batch(data_dir, windows, split="train"):
+    """x, y of the given grid windows, as train.py's get_batch cuts them."""
+    d = np.memmap(os.path.join(data_dir, f"{split}.bin"), dtype=np.uint16, mode="r")
+    x = np.stack([d[w * T : w * T + T] for w in windows]).astype(np.int64)
+    y = np.stack([d[w * T + 1 : w * T + T + 1] for w in windows]).astype(np.int64)
+    return torch.from_numpy(x), torch.from_numpy(y)
+
+
+def cached(cache, data_dir, windows):
+    x, y = window_batch(data_dir, windows)
+    return cache.labels(windows, x, y), x, y
