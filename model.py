@@ -166,7 +166,8 @@ class Block(nn.Module):
 
 
 def standardise(h, eps=1e-5):
-    """Per-token standardisation shared by the SAE and the concept head: x = (h - mu) / (std + eps)."""
+    """x = (h - mu) / (std + eps) per token, std Bessel-corrected: (x, mu, std), each (..., d) or
+    (..., 1). Shared by the SAE and the concept head (docs/method.md#per-token-standardisation)."""
     mu = h.mean(dim=-1, keepdim=True)
     std = h.std(dim=-1, keepdim=True)  # Bessel-corrected, as the SAE's
     return (h - mu) / (std + eps), mu, std
@@ -176,15 +177,14 @@ class ConceptMixer(nn.Module):
     """The student's two concept maps, both on the standardised hidden state of block insert_layer:
     predict  z = W_pred (x - b_pre) + b_pred                  concept logits, B x T x C
     compress c = (W_cmp TopK(z) + b_cmp + b_pre) * std + mu    back to width d, in the units of h
-    where x, mu, std = standardise(h). With mix='none' (prediction only) there is no compression: a
-    parameter that never gets a gradient would also stop DDP at its second step."""
+    where x, mu, std = standardise(h) (docs/method.md, "Concept prediction and compression").
+    With mix='none' (prediction only) there is no compression: a parameter that never gets a
+    gradient would also stop DDP at its second step."""
 
     def __init__(self, config):
         super().__init__()
         d, C = config.n_embd, config.n_concepts
-        self.k = (
-            0 if config.mix == "none" else config.concept_topk
-        )  # the TopK's k (none: nothing to mix)
+        self.k = 0 if config.mix == "none" else config.concept_topk  # none: nothing to mix
         self.b_pre = nn.Parameter(torch.zeros(d))
         self.concept_head = nn.Linear(d, C)  # W_pred, b_pred
         if config.mix != "none":
@@ -222,7 +222,7 @@ def steer_logits(z, steer):
 
 
 def interleave(h, c):
-    """h_1, c_1, h_2, c_2, ...: (B, T, d) x 2 -> (B, 2T, d)."""
+    """h_1, c_1, h_2, c_2, ...: (B, T, d) x 2 -> (B, 2T, d) (docs/method.md#mixing)."""
     B, T, d = h.shape
     return torch.stack((h, c.to(h.dtype)), dim=2).view(B, 2 * T, d)
 

@@ -141,6 +141,7 @@ def parse(argv=None):
         default="",
         help="nanoGPT checkout (folder or its model.py): NTP step side by side",
     )
+    p.add_argument("--side", choices=("ours", "nanogpt"), help=argparse.SUPPRESS)  # one repo's step
     for flag, text in dict(
         compare="NTP and CoCoMix at the same student config",
         split="per-stage time, FLOPs and memory",
@@ -293,8 +294,8 @@ def alternate(fns, args, device):
             fn()
     sync(device)
     times = {k: [] for k in fns}
-    for _ in range(args.rounds):
-        for k, fn in fns.items():
+    for r in range(args.rounds):  # the order reversed every other round: neither goes first always
+        for k, fn in fns.items() if r % 2 == 0 else reversed(fns.items()):
             t0 = time.perf_counter()
             for _ in range(args.steps):
                 fn()
@@ -773,6 +774,7 @@ def bench_vs_nanogpt(args):
     from model import ntp_matched_width
 
     nano, dev, T = load_nanogpt(args.vs_nanogpt), args.device, args.block_size
+    args.warmup = max(args.warmup, 3)  # the heap and oneDNN's kernels settle in the first steps
     X, Y = batch(args, dev)
     tokens = X.numel()
     cfg = dict(
@@ -808,22 +810,14 @@ def bench_vs_nanogpt(args):
     print(
         f"device={dev}: {args.n_layer} layers, d={args.n_embd}, {args.n_head} heads, block {T}, "
         f"batch {args.batch_size} "
-        f"({tokens} tokens), vocab 50257 for both; medians of {args.rounds} alternating rounds of {args.steps} step(s)"
+        f"({tokens} tokens), vocab 50257 for both; medians of {args.rounds} alternating rounds of "
+        f"{args.steps} step(s) after {args.warmup}"
     )
     for dtype in args.dtypes.split(","):
         ctx = autocast(dev, dtype)
 
-        def nanogpt_step():
-            with ctx:
-                _, loss = theirs(X, Y)
-            loss.backward()
-            torch.nn.utils.clip_grad_norm_(theirs.parameters(), 1.0)
-            opt_theirs.step()
-            opt_theirs.zero_grad(set_to_none=True)
-            return loss
-
         steps = {
-            "nanoGPT": nanogpt_step,
+            "nanoGPT": nanogpt_step(theirs, opt_theirs, X, Y, ctx),
             "ours": train_step(ours, opt_ours, X, Y, ctx),
             f"ntp d={matched.n_embd}": train_step(ntp, opt_ntp, X, Y, ctx),
             "cocomix": train_step(coco, opt_coco, X, Y, ctx, labels, args.lam),
@@ -842,7 +836,8 @@ def bench_vs_nanogpt(args):
         }
         t = alternate(steps, args, dev)
         print(
-            f"\n{dtype} (first loss ours - nanoGPT's: {same:.1e})\n{'step':<14} {'ms':>9} {'tok/s':>8} {'peak MiB':>9}"
+            f"\n{dtype} (first loss ours - nanoGPT's: {same:.1e}), in one process\n"
+            f"{'step':<14} {'ms':>9} {'tok/s':>8} {'peak MiB':>9}"
         )
         for k in steps:
             print(
@@ -855,13 +850,105 @@ def bench_vs_nanogpt(args):
         )
         r = t["cocomix"] / t[f"ntp d={matched.n_embd}"]
         print(
-            f"cocomix (d={args.n_embd}, cached labels) / parameter-matched ntp: time {r:.2f}x, FLOPs {rf:.2f}x, "
-            f"time / FLOP ratio {r / rf:.2f}"
+            f"cocomix (d={args.n_embd}, cached labels) / parameter-matched ntp: time {r:.2f}x, "
+            f"FLOPs {rf:.2f}x, time / FLOP ratio {r / rf:.2f}"
         )
+        shipped = bench_as_shipped(args, dtype)
+        print(
+            f"as each repository runs by default (a process each, taking turns; nanoGPT: vocabulary "
+            f"50304, its optimizer, glibc's allocator): ours vs nanoGPT "
+            f"{shipped['nanogpt'] / shipped['ours']:.2f}x the speed "
+            f"({shipped['ours'] * 1e3:.0f} vs {shipped['nanogpt'] * 1e3:.0f} ms)"
+        )
+
+
+def nanogpt_step(theirs, opt, X, Y, ctx):
+    """nanoGPT's step as its train.py takes it: full logits, F.cross_entropy, clip, its AdamW."""
+
+    def step():
+        with ctx:
+            _, loss = theirs(X, Y)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(theirs.parameters(), 1.0)
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        return loss
+
+    return step
+
+
+def side_times(args):
+    """--side: one repository's NTP step as it runs by default, alone in this process; prints its
+    seconds per step as JSON. nanoGPT: its padded vocabulary (50,304), its own optimizer choice and
+    glibc's default allocator (the parent passes --no_cpu_heap); ours: train.py's step (the chunked
+    LM head, fused AdamW, the heap setting of cpu_heap=True)."""
+    dev, ctx = args.device, autocast(args.device, args.dtypes)
+    X, Y = batch(args, dev)
+    if args.side == "nanogpt":
+        import contextlib
+        import io
+
+        nano = load_nanogpt(args.vs_nanogpt)
+        cfg = dict(n_layer=args.n_layer, n_head=args.n_head, n_embd=args.n_embd, dropout=0.0)
+        with contextlib.redirect_stdout(io.StringIO()):  # nanoGPT prints its parameter counts
+            theirs = nano.GPT(nano.GPTConfig(block_size=args.block_size, bias=True, **cfg)).to(dev)
+            opt = theirs.configure_optimizers(0.1, 1e-4, (0.9, 0.95), torch.device(dev).type)
+        step = nanogpt_step(theirs, opt, X, Y, ctx)
+    else:
+        ours = student(args, "ntp", dev)
+        step = train_step(ours, optimizer(ours), X, Y, ctx)
+    for _ in range(args.warmup):
+        step()
+    times = []
+    for _ in range(args.steps):
+        sync(dev)
+        t0 = time.perf_counter()
+        step()
+        sync(dev)
+        times.append(time.perf_counter() - t0)
+    print(json.dumps(times))
+
+
+def bench_as_shipped(args, dtype):
+    """Ours vs nanoGPT as a user comparing the two repositories runs them: each step in its own
+    process with that repository's defaults (side_times), the processes taking turns, nanoGPT first
+    in even rounds. Returns the median seconds per step of each."""
+    import subprocess
+    import sys
+
+    sizes = [f"--{k}={getattr(args, k)}" for k in ("n_layer", "n_head", "n_embd", "block_size")]
+    common = [
+        sys.executable,
+        "-m",
+        "scripts.bench",
+        f"--vs_nanogpt={args.vs_nanogpt}",
+        *sizes,
+        f"--batch_size={args.batch_size}",
+        f"--dtypes={dtype}",
+        f"--device={args.device}",
+        f"--warmup={max(args.warmup, 2)}",
+        f"--steps={max(args.steps, 3)}",
+    ]
+    extra = {"ours": [], "nanogpt": ["--no_cpu_heap"]}
+    times = {"ours": [], "nanogpt": []}
+    for r in range(args.rounds):
+        for side in ("nanogpt", "ours") if r % 2 == 0 else ("ours", "nanogpt"):
+            out = subprocess.run(
+                common + [f"--side={side}"] + extra[side],
+                capture_output=True,
+                text=True,
+                cwd=os.path.dirname(os.path.dirname(__file__)),
+            )
+            if out.returncode:
+                raise SystemExit(f"error: --vs_nanogpt, {side}'s process: {out.stderr[-1000:]}")
+            times[side].append(statistics.median(json.loads(out.stdout.splitlines()[-1])))
+    return {k: statistics.median(v) for k, v in times.items()}
 
 
 def main(argv=None):
     args = parse(argv)
+    if args.side:
+        return side_times(args)
     if args.vs_nanogpt:
         if (
             args.compile

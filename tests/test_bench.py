@@ -290,6 +290,7 @@ def test_vs_nanogpt(tmp_path, capsys):
         out.count("first loss ours - nanoGPT's: 0.0e+00") == 2
         and "ours vs nanoGPT" in out
         and "parameter-matched ntp" in out
+        and out.count("as each repository runs by default") == 2
     )
     with pytest.raises(SystemExit, match="no nanoGPT model.py"):
         bench.main(["--vs_nanogpt", str(tmp_path / "nowhere"), *FAST])

@@ -682,7 +682,7 @@ def test_safetensors_overlap_and_integer_weights(tmp_path):
     from sae import check_sae_host
 
     _, meta = S.run_settings(
-        S.arg_parser().parse_args([f"--ckpt={folder}", "--data_dir=d", "--layer=0"]),
+        S.arg_parser().parse_args([f"--concept_source={folder}", "--data_dir=d", "--layer=0"]),
         GPT.from_pretrained(str(folder)).config,
     )
     assert meta["host_sha256"] == source_sha256(str(folder)) and len(meta["host_sha256"]) == 64

@@ -17,7 +17,8 @@ from cocomix.sae_train import ShuffleBuffer, evaluate_sae, train_sae
 from model import GPT, GPTConfig
 from sae import SAE, main
 
-TIKTOKEN_DIR = os.path.join(
+# tiktoken's gpt2 files: where TIKTOKEN_CACHE_DIR says (.ci/run sets it), else beside the checkout
+TIKTOKEN_DIR = os.environ.get("TIKTOKEN_CACHE_DIR") or os.path.join(
     os.path.dirname(os.path.abspath(__file__)), "..", "..", "shared", "tiktoken"
 )
 
@@ -275,9 +276,8 @@ def write_tokens(path, n, vocab, seed):
 def tiny_host_and_data(tmp_path, monkeypatch):
     """A 2-layer GPT checkpoint and random token files; returns (host, data dir, sae.py flags up to
     --sae_path)."""
-    if not os.path.isdir(
-        TIKTOKEN_DIR
-    ):  # training ends by writing the concept dictionary, which needs tiktoken's gpt2 files
+    # training ends by writing the concept dictionary, which needs tiktoken's gpt2 files
+    if not os.path.isdir(TIKTOKEN_DIR):
         pytest.skip("no tiktoken cache for gpt2")
     monkeypatch.setenv("TIKTOKEN_CACHE_DIR", TIKTOKEN_DIR)
     torch.manual_seed(0)
