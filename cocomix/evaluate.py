@@ -122,10 +122,12 @@ def check_tokens(tokens, vocab_size, name):
 
 
 def read_text(path):
-    """A UTF-8 file's text, or a one-line EvalError."""
+    """A UTF-8 file's text with universal newlines, as Python's text mode (and so lm-eval) reads it:
+    "\r\n" and a lone "\r" become "\n", so a CRLF copy of a file scores as its LF copy does. A
+    one-line EvalError if unreadable."""
     try:
         with open(path, "rb") as f:
-            return f.read().decode("utf-8")
+            return f.read().decode("utf-8").replace("\r\n", "\n").replace("\r", "\n")
     except OSError as e:
         raise EvalError(f"cannot read {path}: {e.strerror}") from None
     except UnicodeDecodeError as e:

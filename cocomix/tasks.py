@@ -214,12 +214,20 @@ def read_lambada_text(item, sep):
     if not isinstance(text, str) or " " not in text:
         raise ValueError("'text' must be a string with a space before its last word")
     context, word = text.rsplit(" ", 1)  # as lm-eval: no stripping
+    # every LAMBADA passage ends in its target word; WikiText's {"text"} rows end in "\n" or " ."
+    if text != text.rstrip() or not re.search(r"\w", word):
+        raise ValueError(
+            f"not a LAMBADA passage: it ends in {text[-12:]!r}, not in a word to predict "
+            "(WikiText's and corpora's {\"text\"} rows look like this)"
+        )
     return [(context, " " + word)], 0, None
 
 
 def read_lambada_pair(item, sep):
     context, cont = strings(item["context"], item["continuation"])
-    if not (context[-1].isspace() or cont[0].isspace()):
+    # joined by one space, as llm-foundry and lm-eval do, whatever the continuation starts with
+    # ("\n\nrecorder" too): the pair then equals OpenAI's {"text"} form of the passage
+    if not (context.endswith(" ") or cont.startswith(" ")):
         cont = " " + cont  # llm-foundry's file: "... I don't care about" + "signs"
     return [(context, cont)], 0, None
 

@@ -723,6 +723,54 @@ def test_wikitext_word_perplexity(model, tmp_path):
         assert out["bpb"] == pytest.approx(nll / nbytes / math.log(2), rel=1e-5)
 
 
+def test_crlf_and_lf_files_score_the_same(model, tmp_path):
+    """Universal newlines, as Python's text mode (and so lm-eval) reads a file: the same WikiText
+    article and the same text saved with CRLF and with LF line endings (WikiText-2's wiki.test.raw
+    is distributed with CRLF) give the same perplexities and bits per byte."""
+    tb = corpus.token_byte_lengths(enc)
+    texts = {"wiki.test.raw": WIKI_RAW, "story.txt": "One line.\nAnother line,\n\nand a third.\n"}
+    for name, text in texts.items():
+        outs = []
+        for eol in ("\n", "\r\n"):
+            folder = tmp_path / ("crlf" if eol == "\r\n" else "lf")
+            folder.mkdir(exist_ok=True)
+            (folder / name).write_bytes(text.replace("\n", eol).encode("utf-8"))
+            kind = E.file_kind(str(folder / name))[0]
+            assert kind == ("wikitext" if name.endswith(".raw") else "text")
+            outs.append(
+                E.evaluate_file(
+                    model,
+                    str(folder / name),
+                    kind,
+                    enc,
+                    16,
+                    3,
+                    "cpu",
+                    token_bytes=tb,
+                    progress=False,
+                )
+            )
+        lf, crlf = outs
+        assert lf.keys() == crlf.keys() and {"word_ppl", "byte_ppl", "bpb"} <= lf.keys()
+        for k in lf:
+            assert crlf[k] == pytest.approx(lf[k], rel=1e-6, abs=1e-9), (name, k)
+
+
+def test_lambada_pair_is_joined_by_one_space(model, tmp_path):
+    """llm-foundry's {"context", "continuation"} LAMBADA is joined with one space, as llm-foundry and
+    lm-eval do, also where the continuation starts with "\n\n" (item 4462 of the test set): the same
+    request and the same score as OpenAI's {"text"} form of the passage."""
+    ctx, cont = "She raised her brows when she returned and saw the", "\n\nrecorder"
+    pair = write_jsonl(tmp_path / "lambada_foundry.jsonl", [{"context": ctx, "continuation": cont}])
+    text = write_jsonl(tmp_path / "lambada_openai.jsonl", [{"text": f"{ctx} {cont}"}])
+    for path in (pair, text):
+        assert E.read_benchmark(path, ("lambada",)) == ("lambada", [([(ctx, " " + cont)], 0, None)])
+    hand = hand_continuation(model, *lm_eval_encode(ctx, " " + cont))
+    for path in (pair, text):
+        out = E.evaluate_lambada(model, path, enc, 64, 2, "cpu", progress=False)
+        assert out["nll"] == pytest.approx(hand[0], rel=1e-6) and out["acc"] == hand[1]
+
+
 def test_score_continuations_batched_equals_unbatched(model):
     pairs = [
         (enc.encode_ordinary("Once upon a time"), enc.encode_ordinary(" there was")),
