@@ -24,7 +24,7 @@ from cocomix.ops import (
 )
 from cocomix.weights import load_safetensors
 from model import GPT, MIX_MODES, GPTConfig, concept_recall, load_checkpoint, teacher_of
-from tests.fixtures import ENV, ROOT, TINY, read_log, run
+from tests.fixtures import ENV, ROOT, TINY, read_log, run, write_data
 
 
 def tiny_config(**kw):
@@ -511,6 +511,8 @@ def test_preset_budgets(monkeypatch):
             c["decay_all"],
         )
         assert got == (tokens, per_step, warmup, width, dropout, decay_all), name
+        # the released loader's order on GPU; the CPU presets keep the draw of their published runs
+        assert c["data_order"] == ("epoch" if "gpu" in name else "random"), name
 
 
 # -----------------------------------------------------------------------------
@@ -587,10 +589,12 @@ def test_tiny_run_loss_goes_down_and_checkpoint_samples(data_dir, tmp_path):
     assert ckpt["iter_num"] == 40 and model.config.n_embd == 32
 
 
-def test_resume_is_exact(data_dir, tmp_path):
+@pytest.mark.parametrize("data_order", ["random", "epoch"])
+def test_resume_is_exact(data_dir, tmp_path, data_order):
     """Stopped at step 6 and resumed: the same losses, bit for bit (fp32, CPU), as one run of 12
     steps."""
     common = [
+        f"--data_order={data_order}",
         f"--data_dir={data_dir}",
         "--eval_interval=6",
         "--dropout=0.1",
@@ -607,6 +611,53 @@ def test_resume_is_exact(data_dir, tmp_path):
     sa, sb = steps(a), steps(b)
     assert [sb[i] for i in range(7, 13)] == [sa[i] for i in range(7, 13)]
     assert evals(a)[12] == evals(b)[12]
+
+
+ORDER_PROBE = """
+import json, runpy, sys
+steps = json.loads(sys.argv[1])
+sys.argv = ['train.py', *sys.argv[2:]]
+g = runpy.run_path('train.py', run_name='__main__')
+print('OFFSETS', json.dumps([g['batch_offsets']('train', s).tolist() for s in steps]))
+"""
+
+
+def test_epoch_order_reads_every_window_once_per_epoch(tmp_path):
+    """data_order='epoch' (the gpu presets): train.py's batch_offsets gives every window of the
+    fixed grid exactly once per epoch, in an order that changes with the epoch and the seed and is
+    a pure function of (seed, step): asked for in reverse, in another process, the steps get the
+    same windows. The default, 'random', keeps its draw (the CPU presets' batches)."""
+    data = str(tmp_path / "data")
+    write_data(data)  # 1200 training tokens: 37 windows of 32
+    n, T = (1200 - 1) // 32, 32
+    steps = list(range(14))  # 8 windows a step (2 micro-batches of 4): 3 epochs and a bit
+
+    def offsets(steps, out, *args):
+        p = run(
+            "-c",
+            ORDER_PROBE,
+            json.dumps(steps),
+            f"--out_dir={tmp_path / out}",
+            *args,
+            f"--data_dir={data}",
+            "--eval_only=True",
+            "--gradient_accumulation_steps=2",
+            *TINY,
+        )
+        return json.loads(next(l[8:] for l in p.stdout.splitlines() if l.startswith("OFFSETS ")))
+
+    a = offsets(steps, "a", "--data_order=epoch", "--seed=1")
+    seen = np.concatenate(a)
+    assert len(seen) == 14 * 8 and (seen % T == 0).all()
+    epochs = [seen[e * n : (e + 1) * n] // T for e in range(3)]
+    assert all(sorted(w) == list(range(n)) for w in epochs)  # each window once per epoch
+    assert (epochs[0] != epochs[1]).any() and (epochs[1] != epochs[2]).any()
+    assert offsets(steps[::-1], "b", "--data_order=epoch", "--seed=1")[::-1] == a
+    assert offsets(steps, "c", "--data_order=epoch", "--seed=2") != a
+    rand = offsets(steps, "d", "--seed=1")
+    assert rand == [
+        (np.random.default_rng([1, s, 0]).integers(0, n, 8) * T).tolist() for s in steps
+    ]
 
 
 def test_resume_refuses_other_files_behind_the_same_paths(data_dir, source_and_sae, tmp_path):
