@@ -49,7 +49,10 @@ from cocomix.weights import (
 )
 from model import load_frozen_gpt, standardise
 
-OPENAI_URL = "https://openaipublic.blob.core.windows.net/sparse-autoencoder/gpt2-small/{location}/autoencoders/{layer}.pt"
+OPENAI_URL = (
+    "https://openaipublic.blob.core.windows.net/sparse-autoencoder/gpt2-small/"
+    "{location}/autoencoders/{layer}.pt"
+)
 
 # -----------------------------------------------------------------------------
 # The model
