@@ -24,6 +24,9 @@ Train/val split, deterministic (same inputs and settings give identical bytes):
   shifted target), capped at half of the tokens. With one document (shakespeare) val is its tail.
 Default val_fraction 0.01: about 2 books (~100k tokens) of a 200-book corpus, enough for a stable
 loss estimate while 99% of the text trains.
+- --source openwebtext: nanoGPT's split, so that the validation set is nanoGPT's and the released
+  code's: datasets' train_test_split(test_size=0.0005, seed=2357, shuffle=True) of the Hugging Face
+  dataset, its 'test' part as val, each part in the order that split gives.
 """
 
 import argparse
@@ -182,7 +185,8 @@ def hash_fraction(doc):
 
 
 def encode_documents(docs, num_proc, progress):
-    """Yields (uint16 tokens ending in EOT, hash fraction) per document, in order, encoding
+    """Yields (uint16 tokens ending in EOT, hash fraction, or the side of a (text, side) document)
+    per document, in order, encoding
     pieces on num_proc threads (tiktoken releases the GIL) with a bounded number in flight."""
     enc = get_encoding()
     pending, in_flight = collections.deque(), 0
@@ -197,8 +201,10 @@ def encode_documents(docs, num_proc, progress):
 
     with ThreadPoolExecutor(num_proc) as pool:
         for doc in docs:
+            # (text, 'train' or 'val'): a split the source made; it then stands for the hash
+            doc, side = doc if isinstance(doc, tuple) else (doc, hash_fraction(doc))
             futures = [(pool.submit(enc.encode_ordinary, c), len(c)) for c in chunk_text(doc)]
-            pending.append((futures, hash_fraction(doc)))
+            pending.append((futures, side))
             in_flight += len(futures)
             while in_flight > 4 * num_proc:
                 futures, frac = pending.popleft()
@@ -213,7 +219,17 @@ def encode_documents(docs, num_proc, progress):
 # splitting
 
 
+OPENWEBTEXT_SPLIT = dict(test_size=0.0005, seed=2357, shuffle=True)  # nanoGPT's
+
+
 def split_rule(mode):
+    if mode == "source":
+        return (
+            "the source's own split: Hugging Face datasets' train_test_split("
+            + ", ".join(f"{k}={v}" for k, v in OPENWEBTEXT_SPLIT.items())
+            + ") of Skylion007/openwebtext's train split, its 'test' part as val (nanoGPT's "
+            "openwebtext/prepare.py, which the released code uses); each part in that order"
+        )
     if mode == "documents":
         return (
             "whole documents: a document goes to val if int.from_bytes(sha256(document UTF-8)[:8], 'big') "
@@ -232,6 +248,9 @@ def plan_split(doc_lens, doc_fracs, val_fraction):
     stream of all documents in order; documents counts those with any token in each split."""
     ends = np.cumsum(doc_lens)
     starts, total = ends - np.asarray(doc_lens), int(ends[-1])
+    if isinstance(doc_fracs[0], str):  # each document's side, as the source split them
+        ranges = [(int(a), int(b), side) for a, b, side in zip(starts, ends, doc_fracs)]
+        return "source", ranges, {s: doc_fracs.count(s) for s in ("train", "val")}
     if len(doc_lens) >= MIN_DOCS_FOR_DOC_SPLIT:
         is_val = np.asarray(doc_fracs) < val_fraction
         if not is_val.any():
@@ -500,11 +519,19 @@ def prepare_source(
             "sha256": ds._fingerprint,
         }
     ]
-    docs = (d for d in (row["text"] for row in ds) if d.strip())
+    # nanoGPT's split, so the validation set is nanoGPT's and the released code's
+    parts = ds.train_test_split(**OPENWEBTEXT_SPLIT)
+    docs = (
+        (text, side)
+        for side, part in (("train", parts["train"]), ("val", parts["test"]))
+        for text in (row["text"] for row in part)
+        if text.strip()
+    )
+    settings = dict(make_settings(OPENWEBTEXT_SPLIT["test_size"], None), split=OPENWEBTEXT_SPLIT)
     return write_corpus(
         docs,
         inputs,
-        make_settings(val_fraction, None),
+        settings,
         out_dir,
         num_proc,
         overwrite=overwrite,
@@ -526,7 +553,10 @@ def main(argv=None):
     )
     parser.add_argument("--out_dir", required=True, help="folder for train.bin, val.bin, meta.json")
     parser.add_argument(
-        "--val_fraction", type=float, default=VAL_FRACTION, help=f"default {VAL_FRACTION}"
+        "--val_fraction",
+        type=float,
+        default=None,
+        help=f"default {VAL_FRACTION}; --source openwebtext has nanoGPT's split instead",
     )
     parser.add_argument("--num_proc", type=int, default=os.cpu_count(), help="encoding threads")
     parser.add_argument(
@@ -539,6 +569,11 @@ def main(argv=None):
         "--overwrite", action="store_true", help="replace a different corpus in --out_dir"
     )
     args = parser.parse_args(argv)
+    if args.source == "openwebtext" and args.val_fraction is not None:
+        parser.error(
+            "--source openwebtext is split as nanoGPT splits it: --val_fraction does not apply"
+        )
+    args.val_fraction = VAL_FRACTION if args.val_fraction is None else args.val_fraction
     if (
         args.source and args.doc_separator is not None
     ):  # a named source comes with its own documents

@@ -49,7 +49,10 @@ from cocomix.weights import (
 )
 from model import load_frozen_gpt, standardise
 
-OPENAI_URL = "https://openaipublic.blob.core.windows.net/sparse-autoencoder/gpt2-small/{location}/autoencoders/{layer}.pt"
+OPENAI_URL = (
+    "https://openaipublic.blob.core.windows.net/sparse-autoencoder/gpt2-small/"
+    "{location}/autoencoders/{layer}.pt"
+)
 
 # -----------------------------------------------------------------------------
 # The model
@@ -282,9 +285,9 @@ def download_openai_sae(path):
 # A token's labels are its K_attr active latents with the largest s. `fill` says what fills the
 # labels of a token with fewer than K_attr positive scores: none (-1, skipped by the concept loss),
 # active (the next active latents by score), released (the released code's top-k over all C latents,
-# where inactive latents score 0). The SAE encoding and the scores run in fp32 whatever the training
-# precision. A window's labels depend on nothing that training changes, so cocomix/label_cache.py
-# keeps them on disk for later runs.
+# where inactive latents score +0 or -0, ranked as on the GPU its runs used). The SAE encoding and
+# the scores run in fp32 whatever the training precision. A window's labels depend on nothing that
+# training changes, so cocomix/label_cache.py keeps them on disk for later runs.
 
 LABEL_RULES = ("attribution", "attribution_pre", "neg_attribution", "abs_attribution", "activation")
 LABEL_FILLS = ("none", "active", "released")
@@ -386,17 +389,27 @@ class ConceptLabeler:
         labels = indices.gather(-1, pos).masked_fill(torch.isinf(top), -1)
         if self.fill == "none":
             return labels.masked_fill(top <= 0, -1)
-        if (
-            self.fill == "released"
-        ):  # tokens short of positive scores: top-k over all C latents, 0 where inactive
+        if self.fill == "released":  # tokens short of positive scores: top-k over all C latents
             short = (top <= 0).any(-1)
-            dense = torch.zeros(
-                int(short.sum()), self.sae.n_latents, dtype=s.dtype, device=s.device
-            )
-            labels[short] = (
-                dense.scatter_(-1, indices[short], s[short]).topk(self.k_attr, dim=-1).indices
-            )
+            # an inactive latent j scores (g . W_dec_j) * 0: +0.0 or -0.0, which a GPU ranks apart
+            dense = torch.zeros(int(short.sum()), self.sae.n_latents, device=s.device)
+            if g is not None and self.rule != "abs_attribution":
+                dense *= (-1 if self.rule == "neg_attribution" else 1) * (
+                    g[short].float() @ self.sae.W_dec_T.t()
+                )
+            labels[short] = topk_as_cuda(dense.scatter_(-1, indices[short], s[short]), self.k_attr)
         return labels
+
+
+def topk_as_cuda(x, k):
+    """torch.topk(x, k).indices as PyTorch's CUDA kernel picks them, on any device: it compares
+    floats by their bits, so +0.0 ranks above -0.0 (a CPU calls them equal), and takes equal values
+    lowest index first. One unique int64 key per entry makes the choice the same everywhere."""
+    bits = x.float().view(torch.int32).long()
+    # in the floats' order, the sign of zero included: -0.0 -> -1, +0.0 -> 0
+    key = torch.where(bits < 0, bits ^ 0x7FFFFFFF, bits)
+    lower_first = 2**32 - 1 - torch.arange(x.size(-1), device=x.device)
+    return (key * 2**32 + lower_first).topk(k, dim=-1).indices
 
 
 def make_labeler(source, sae_path, sae_layer, k_attr, label_rule, label_fill, n_concepts, device):

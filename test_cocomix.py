@@ -2,6 +2,7 @@
 
 import dataclasses
 import json
+import math
 import os
 import subprocess
 import sys
@@ -24,7 +25,7 @@ from cocomix.ops import (
 )
 from cocomix.weights import load_safetensors
 from model import GPT, MIX_MODES, GPTConfig, concept_recall, load_checkpoint, teacher_of
-from tests.fixtures import ENV, ROOT, TINY, read_log, run
+from tests.fixtures import ENV, ROOT, TINY, read_log, run, write_data
 
 
 def tiny_config(**kw):
@@ -511,6 +512,8 @@ def test_preset_budgets(monkeypatch):
             c["decay_all"],
         )
         assert got == (tokens, per_step, warmup, width, dropout, decay_all), name
+        # the released loader's order on GPU; the CPU presets keep the draw of their published runs
+        assert c["data_order"] == ("epoch" if "gpu" in name else "random"), name
 
 
 # -----------------------------------------------------------------------------
@@ -587,10 +590,12 @@ def test_tiny_run_loss_goes_down_and_checkpoint_samples(data_dir, tmp_path):
     assert ckpt["iter_num"] == 40 and model.config.n_embd == 32
 
 
-def test_resume_is_exact(data_dir, tmp_path):
+@pytest.mark.parametrize("data_order", ["random", "epoch"])
+def test_resume_is_exact(data_dir, tmp_path, data_order):
     """Stopped at step 6 and resumed: the same losses, bit for bit (fp32, CPU), as one run of 12
     steps."""
     common = [
+        f"--data_order={data_order}",
         f"--data_dir={data_dir}",
         "--eval_interval=6",
         "--dropout=0.1",
@@ -607,6 +612,53 @@ def test_resume_is_exact(data_dir, tmp_path):
     sa, sb = steps(a), steps(b)
     assert [sb[i] for i in range(7, 13)] == [sa[i] for i in range(7, 13)]
     assert evals(a)[12] == evals(b)[12]
+
+
+ORDER_PROBE = """
+import json, runpy, sys
+steps = json.loads(sys.argv[1])
+sys.argv = ['train.py', *sys.argv[2:]]
+g = runpy.run_path('train.py', run_name='__main__')
+print('OFFSETS', json.dumps([g['batch_offsets']('train', s).tolist() for s in steps]))
+"""
+
+
+def test_epoch_order_reads_every_window_once_per_epoch(tmp_path):
+    """data_order='epoch' (the gpu presets): train.py's batch_offsets gives every window of the
+    fixed grid exactly once per epoch, in an order that changes with the epoch and the seed and is
+    a pure function of (seed, step): asked for in reverse, in another process, the steps get the
+    same windows. The default, 'random', keeps its draw (the CPU presets' batches)."""
+    data = str(tmp_path / "data")
+    write_data(data)  # 1200 training tokens: 37 windows of 32
+    n, T = (1200 - 1) // 32, 32
+    steps = list(range(14))  # 8 windows a step (2 micro-batches of 4): 3 epochs and a bit
+
+    def offsets(steps, out, *args):
+        p = run(
+            "-c",
+            ORDER_PROBE,
+            json.dumps(steps),
+            f"--out_dir={tmp_path / out}",
+            *args,
+            f"--data_dir={data}",
+            "--eval_only=True",
+            "--gradient_accumulation_steps=2",
+            *TINY,
+        )
+        return json.loads(next(l[8:] for l in p.stdout.splitlines() if l.startswith("OFFSETS ")))
+
+    a = offsets(steps, "a", "--data_order=epoch", "--seed=1")
+    seen = np.concatenate(a)
+    assert len(seen) == 14 * 8 and (seen % T == 0).all()
+    epochs = [seen[e * n : (e + 1) * n] // T for e in range(3)]
+    assert all(sorted(w) == list(range(n)) for w in epochs)  # each window once per epoch
+    assert (epochs[0] != epochs[1]).any() and (epochs[1] != epochs[2]).any()
+    assert offsets(steps[::-1], "b", "--data_order=epoch", "--seed=1")[::-1] == a
+    assert offsets(steps, "c", "--data_order=epoch", "--seed=2") != a
+    rand = offsets(steps, "d", "--seed=1")
+    assert rand == [
+        (np.random.default_rng([1, s, 0]).integers(0, n, 8) * T).tolist() for s in steps
+    ]
 
 
 def test_resume_refuses_other_files_behind_the_same_paths(data_dir, source_and_sae, tmp_path):
@@ -858,11 +910,23 @@ def test_bad_inputs_fail_clearly_and_touch_nothing(data_dir, tmp_path):
 # concept labels
 
 
-def released_labels(source, sae, layer, idx, targets, k_attr):
+def cuda_topk(x, k):
+    """torch.topk(x, k) as PyTorch's CUDA kernel selects, emulated in plain Python: by value, +0.0
+    above -0.0 (the kernel compares the floats' bits), equal values lowest index first."""
+    rows = x.reshape(-1, x.size(-1)).tolist()
+    key = lambda r: lambda j: (-r[j], -math.copysign(1.0, r[j]), j)
+    idx = torch.tensor([sorted(range(len(r)), key=key(r))[:k] for r in rows])
+    idx = idx.view(*x.shape[:-1], k)
+    return torch.return_types.topk((x.gather(-1, idx), idx))
+
+
+def released_labels(source, sae, layer, idx, targets, k_attr, topk=torch.topk):
     """The released code's label algorithm, ported independently of sae.ConceptLabeler: differentiate the
     whole model's mean next-token loss (parameters and all) to the output of block `layer`, encode
-    it with the SAE into dense latents over all C, attribution = (g W_dec) * latents, and torch.topk
-    over all C latents, where inactive ones score exactly 0. Returns (labels, their scores)."""
+    it with the SAE into dense latents over all C, attribution = (g W_dec) * latents, and top-k
+    over all C latents, where inactive ones score +0.0 or -0.0, by the sign of g . W_dec_j. topk:
+    torch.topk as run here, or cuda_topk, as on the GPU the released runs used. Returns (labels,
+    their scores)."""
     seen = {}
 
     def keep(module, inp, out):
@@ -879,7 +943,7 @@ def released_labels(source, sae, layer, idx, targets, k_attr):
     attribution = (
         g @ sae.decoder.weight
     ) * latents  # decoder.weight is d x C: g . W_dec for every latent
-    top = torch.topk(attribution, k=k_attr, dim=-1)
+    top = topk(attribution, k_attr)
     return top.indices, top.values
 
 
@@ -898,12 +962,14 @@ def test_labels_equal_the_released_algorithm(fill):
     sae = SAE(32, 96, 8, meta={"layer": 1})
     idx, targets = torch.randint(0, 50257, (2, 12)), torch.randint(0, 50257, (2, 12))
     labels = ConceptLabeler(source, sae, 1, k_attr=4, fill=fill)(idx, targets)
-    ref, ref_score = released_labels(source, sae, 1, idx, targets, 4)
+    ref, ref_score = released_labels(source, sae, 1, idx, targets, 4, cuda_topk)
     defined = ref_score > 0
     short = (~defined).any(-1)
     assert 0 < short.sum() < short.numel()  # the edge case is exercised, and so is the common case
-    if fill == "released":
+    if fill == "released":  # the labels of the released code run on a GPU, here on the CPU
         assert (labels.sort(-1).values == ref.sort(-1).values).all()
+        cpu = released_labels(source, sae, 1, idx, targets, 4)[0]  # torch.topk on the CPU
+        assert (cpu.sort(-1).values != ref.sort(-1).values).any()  # the GPU's order matters here
     elif fill == "none":
         assert (labels.sort(-1).values == ref.masked_fill(~defined, -1).sort(-1).values).all()
     # the positive-score labels first (as the released ones), then active latents of lower score
@@ -914,6 +980,22 @@ def test_labels_equal_the_released_algorithm(fill):
         picked = labels.clamp(min=0)
         assert (active.gather(-1, picked) | (labels < 0)).all()
         assert ((labels >= 0).sum(-1) == (values > 0).sum(-1).clamp(max=4)).all()
+
+
+def test_topk_as_cuda_is_cudas_choice():
+    """sae.topk_as_cuda against the plain emulation above, on rows full of +0.0, -0.0 and ties:
+    the same latents; on distinct values the same as torch.topk."""
+    from sae import topk_as_cuda
+
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(50, 40, generator=g).round(decimals=1)  # ties
+    x[x.abs() < 0.5] = 0.0
+    x = x * torch.randn(50, 40, generator=g).sign()  # -0.0 where the sign is negative
+    assert (x == 0).any() and torch.signbit(x[x == 0]).any() and (~torch.signbit(x[x == 0])).any()
+    for k in (1, 4, 30):
+        assert (topk_as_cuda(x, k).sort(-1).values == cuda_topk(x, k).indices.sort(-1).values).all()
+    y = torch.randn(50, 40, generator=g)
+    assert (topk_as_cuda(y, 4) == y.topk(4).indices).all()
 
 
 def test_label_scores_are_fp32_under_autocast():
@@ -988,7 +1070,8 @@ def test_attribution_pre_scores_a_latent_by_its_pre_activation():
     s = (pre * (g @ sae.W_dec_T.t())).gather(
         -1, indices
     )  # dense g . W_dec, then the top-k latents' scores
-    expected = torch.zeros_like(pre).scatter_(-1, indices, s).topk(4, -1).indices
+    signed_zeros = torch.zeros_like(pre) * (g @ sae.W_dec_T.t())  # as the released code's
+    expected = cuda_topk(signed_zeros.scatter_(-1, indices, s), 4).indices
     labels = paper(idx, idx)
     assert (labels.sort(-1).values == expected.sort(-1).values).all()
     plain = ConceptLabeler(source, sae, 1, 4, "attribution", fill="released")(idx, idx)

@@ -13,9 +13,11 @@ read through the on-disk label cache when a window was labelled before.
     torchrun --standalone --nproc_per_node=2 train.py config/tiny.py     # DDP, CPU or GPU
 
 Every method with the same seed sees the same batches in the same order: the batch of step s is
-drawn from a generator seeded with (seed, s), which also makes resume exact.
+a pure function of (seed, s) (drawn from a generator seeded with them, or with data_order='epoch'
+read from the permutation of its epoch), which also makes resume exact.
 """
 
+import functools
 import json
 import math
 import os
@@ -65,6 +67,9 @@ seed = 1337
 batch_size = 8
 block_size = 256
 gradient_accumulation_steps = 1
+# random: each step's windows drawn afresh (the CPU presets' published runs) | epoch: every window
+# once per epoch, in a permutation drawn from (seed, epoch), as the released code's loader
+data_order = "random"
 # model
 n_layer = 4
 n_head = 4
@@ -172,13 +177,27 @@ micro_batches = gradient_accumulation_steps // world_size
 tokens_per_iter = gradient_accumulation_steps * batch_size * block_size
 
 
+EVAL_STEP = 10_000_000  # evaluation batches are those of steps from here on, which no run reaches
+
+
 def batch_offsets(split, step):
     """Window starts for the whole global batch of `step`: a pure function of (seed, step). Windows
     lie on a fixed grid (multiples of block_size), so anything computed per window, such as concept
-    labels, can be cached and reused by every run that sees the same window."""
-    rng = np.random.default_rng([seed, step, 0 if split == "train" else 1])
+    labels, can be cached and reused by every run that sees the same window. With data_order='epoch'
+    training reads the windows in epochs: the i-th window of the run is window i mod n of epoch
+    i // n's permutation."""
     n_windows = (len(data[split]) - 1) // block_size  # window w holds tokens [w T, w T + T + 1)
-    return rng.integers(0, n_windows, size=gradient_accumulation_steps * batch_size) * block_size
+    size = gradient_accumulation_steps * batch_size
+    if data_order == "epoch" and split == "train" and step < EVAL_STEP:
+        epoch, i = np.divmod(step * size + np.arange(size), n_windows)
+        return np.array([epoch_order(e, n_windows)[j] for e, j in zip(epoch, i)]) * block_size
+    rng = np.random.default_rng([seed, step, 0 if split == "train" else 1])
+    return rng.integers(0, n_windows, size=size) * block_size
+
+
+@functools.lru_cache(maxsize=2)  # this epoch and, across its end, the next
+def epoch_order(epoch, n_windows):
+    return np.random.default_rng([seed, epoch, 2]).permutation(n_windows)
 
 
 def get_batch(split, step, micro):
@@ -346,7 +365,7 @@ def evaluate():
     for split in ("train", "val"):
         sums, nbytes, ntok = {}, 0, 0
         for k in range(eval_iters):
-            X, Y, where = get_batch(split, 10_000_000 + k, 0)
+            X, Y, where = get_batch(split, EVAL_STEP + k, 0)
             _, parts = step_loss(X, Y, where, eval_objective)
             for key, v in parts.items():
                 sums[key] = sums.get(key, 0.0) + v.item()

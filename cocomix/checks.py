@@ -16,6 +16,7 @@ from cocomix.weights import GPT2_NAMES, file_sha256, source_sha256
 MODES = ("ntp", "cocomix", "kd", "pause")
 DTYPES = ("auto", "float32", "bfloat16", "float16")
 STUDENT_MIX = ("interleave", "add", "none")  # pause is a mode of its own, not a mixing rule
+DATA_ORDERS = ("random", "epoch")
 
 
 def check_config(c):
@@ -52,6 +53,8 @@ def check_config(c):
         return f"dropout must be in [0, 1), got {c['dropout']}"
     if min(c["k_attr"], c["concept_topk"]) <= 0 or min(c["lam"], c["lam_kd"], c["n_concepts"]) < 0:
         return "k_attr and concept_topk must be positive, lam, lam_kd and n_concepts >= 0"
+    if c.get("data_order", "random") not in DATA_ORDERS:
+        return f"data_order must be one of {', '.join(DATA_ORDERS)}, got {c['data_order']!r}"
     if c["dtype"] not in DTYPES:
         return f"dtype must be one of {', '.join(DTYPES)}, got {c['dtype']!r}"
     if (
@@ -112,6 +115,7 @@ RESUME_SAME = (
     "data_dir",
     "batch_size",
     "gradient_accumulation_steps",
+    "data_order",
     "decay_all",
 )  # decay_all: other optimizer parameter groups
 # the optimisation may change on purpose (a longer schedule, a lower rate): allowed, with a warning

@@ -15,6 +15,8 @@ Token streams and documents (rolling perplexity, lm-eval's loglikelihood_rolling
   full block_size of context and counts only the targets not yet predicted. loss = mean NLL in nats.
 - bpb = total NLL / (ln 2 * n_bytes), n_bytes the UTF-8 length of the predicted tokens' text.
   <|endoftext|> (50256) is predicted and its loss counted, but it is a separator, not text: 0 bytes.
+- Text files are read with universal newlines, as Python's text mode (and so lm-eval) reads them:
+  "\r\n" and "\r" become "\n", so a CRLF copy of a file gives the LF copy's numbers.
 - A text file is one document: <|endoftext|> + its tokens (encode_ordinary), so every token of the
   file is predicted and n_bytes = len(text.encode()). word_ppl = exp(total NLL / n_words) with
   n_words = len(re.split(r"\\s+", text)), byte_ppl = exp(total NLL / n_bytes), as lm-eval reports
@@ -30,10 +32,12 @@ Continuations (LAMBADA, multiple choice):
   it), context+continuation is encoded as one string, and the continuation's tokens are those past
   the context's own token count. An empty context becomes <|endoftext|>. Contexts longer than the
   model's window are cut from the left.
-- LAMBADA ({"text"}, OpenAI's file; or llm-foundry's {"context", "continuation"}, a space added
-  between them when neither side has one): context = text up to the last space, continuation =
-  " " + last word. acc: greedy decoding reproduces every continuation token. ppl = exp(mean over
-  examples of the continuation's summed NLL).
+- LAMBADA ({"text"}, OpenAI's file; or llm-foundry's {"context", "continuation"}, joined by one
+  space as llm-foundry and lm-eval join them, also before a continuation that starts with "\n\n"):
+  context = text up to the last space, continuation = " " + last word. A {"text"} row that does not
+  end in a word (WikiText's rows end in "\n" or " .") is refused, not scored as LAMBADA. acc:
+  greedy decoding reproduces every continuation token. ppl = exp(mean over examples of the
+  continuation's summed NLL).
 - Multiple choice: choice i is scored as the continuation sep + choice_i after the query (sep " ",
   lm-eval's target_delimiter; --mc_sep changes it for {"query", "choices", "gold"} files). acc:
   argmax of the summed log-likelihood; acc_norm: argmax of that sum divided by len(choice_i) in
@@ -42,7 +46,11 @@ Continuations (LAMBADA, multiple choice):
   option filled in) and the continuation (the rest of the sentence) is the same, so only acc.
 
 The benchmark files are read by cocomix/tasks.py (one reader per format, recognised from the first
-line).
+line; benchmarks not implemented here are refused by name, see tasks.refused_format). A --suite row
+says what it is scored as (tasks.definition): "lm-eval TASK" for the paper's benchmark by lm-eval's
+definition, "variant: ..." for another form of it (llm-foundry's SIQA and COPA files). A suite file
+that cannot be scored fails alone: the others are scored and written, the failed one is named with
+its line and reason, and the command exits 1. Every error about an item names its file and line.
 """
 
 import json
@@ -57,7 +65,17 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 from cocomix.corpus import EOT, token_byte_lengths
-from cocomix.tasks import CHOICE_KINDS, EvalError, find_format, read_benchmark, unknown_format
+from cocomix.tasks import (
+    CHOICE_KINDS,
+    EvalError,
+    definition,
+    find_format,
+    read_benchmark,
+    read_items,
+    refusal,
+    refused_format,
+    unknown_format,
+)
 
 # -----------------------------------------------------------------------------
 # token streams and documents: loss, perplexity, bits per byte
@@ -122,10 +140,12 @@ def check_tokens(tokens, vocab_size, name):
 
 
 def read_text(path):
-    """A UTF-8 file's text, or a one-line EvalError."""
+    """A UTF-8 file's text with universal newlines, as Python's text mode (and so lm-eval) reads it:
+    "\r\n" and a lone "\r" become "\n", so a CRLF copy of a file scores as its LF copy does. A
+    one-line EvalError if unreadable."""
     try:
         with open(path, "rb") as f:
-            return f.read().decode("utf-8")
+            return f.read().decode("utf-8").replace("\r\n", "\n").replace("\r", "\n")
     except OSError as e:
         raise EvalError(f"cannot read {path}: {e.strerror}") from None
     except UnicodeDecodeError as e:
@@ -273,11 +293,12 @@ def encode_pair(enc, context, continuation):
 
 @torch.no_grad()
 def score_continuations(
-    model, pairs, block_size, batch_size, device, progress=True, desc="scoring"
+    model, pairs, block_size, batch_size, device, progress=True, desc="scoring", where=None
 ):
     """For each (context tokens, continuation tokens): (summed NLL of the continuation, whether
     greedy decoding reproduces it). Batched: sequences sorted by length, padded on the right
-    (causal attention, so padding never affects the positions we read)."""
+    (causal attention, so padding never affects the positions we read). where: per pair, the
+    "file:line" its errors name."""
     was_training = model.training
     model.eval()
     check_tokens(
@@ -286,10 +307,11 @@ def score_continuations(
         "an example",
     )
     seqs = []
-    for ctx, cont in pairs:
+    for i, (ctx, cont) in enumerate(pairs):
         if not 0 < len(cont) <= block_size:
             raise EvalError(
-                f"continuation of {len(cont)} tokens does not fit block_size={block_size}"
+                (f"{where[i]}: " if where else "")
+                + f"continuation of {len(cont)} tokens does not fit block_size={block_size}"
             )
         seq = (list(ctx) or [EOT]) + list(cont)
         seqs.append(seq[-(block_size + 1) :])  # cut the context from the left
@@ -326,9 +348,12 @@ def evaluate_lambada(
     model, path, enc, block_size, batch_size, device, max_examples=None, progress=True
 ):
     """LAMBADA last-word prediction: dict(acc, ppl, nll = mean summed target NLL, n)."""
-    _, items = read_benchmark(path, ("lambada",), max_examples=max_examples)
+    _, items, lines = read_items(path, ("lambada",), max_examples=max_examples)
     pairs = [encode_pair(enc, *pairs[0]) for pairs, _, _ in items]
-    scores = score_continuations(model, pairs, block_size, batch_size, device, progress, "lambada")
+    where = [f"{path}:{line}" for line in lines]
+    scores = score_continuations(
+        model, pairs, block_size, batch_size, device, progress, "lambada", where
+    )
     nll = sum(s[0] for s in scores) / len(scores)
     return dict(
         acc=sum(s[1] for s in scores) / len(scores), ppl=math.exp(nll), nll=nll, n=len(scores)
@@ -340,9 +365,12 @@ def evaluate_mc(
 ):
     """Zero-shot multiple choice, any choice format above: dict(acc, acc_norm, n); WinoGrande has no
     acc_norm."""
-    kind, items = read_benchmark(path, CHOICE_KINDS, sep, max_examples)
+    kind, items, lines = read_items(path, CHOICE_KINDS, sep, max_examples)
     pairs = [encode_pair(enc, c, x) for ps, _, _ in items for c, x in ps]
-    scores = score_continuations(model, pairs, block_size, batch_size, device, progress, kind)
+    where = [f"{path}:{line}" for (ps, _, _), line in zip(items, lines) for _ in ps]
+    scores = score_continuations(
+        model, pairs, block_size, batch_size, device, progress, kind, where
+    )
     correct = correct_norm = start = 0
     for item_pairs, gold, lengths in items:
         ll = [-scores[start + j][0] for j in range(len(item_pairs))]
@@ -375,13 +403,13 @@ def file_kind(path):
         return ("wikitext" if wiki else "text"), None
     if ext not in (".jsonl", ".json"):
         return None, f"not .jsonl, .json or {', '.join(TEXT_EXTS)}"
-    first = next((line for line in read_text(path).split("\n") if line.strip()), None)
-    try:
-        item = json.loads(first) if first is not None else None
-    except ValueError:
+    item = first_object(path)
+    if item is None:
         return None, "its first line is not JSON (JSON Lines expected)"
     if not isinstance(item, dict):
         return None, "not JSON Lines of objects"
+    if name := refused_format(item):
+        return None, refusal(name)
     fmt = find_format(item)
     if fmt and fmt[1] == ("text",) and "lambada" not in os.path.basename(path).lower():
         return (
@@ -389,6 +417,22 @@ def file_kind(path):
             "{\"text\"} lines, LAMBADA's format and any corpus's: read as LAMBADA only in a file named lambada*",
         )
     return (fmt[0], None) if fmt else (None, unknown_format(item))
+
+
+def first_object(path):
+    """The JSON value of a file's first non-blank line; None if it is not JSON."""
+    first = next((line for line in read_text(path).split("\n") if line.strip()), None)
+    try:
+        return json.loads(first) if first is not None else None
+    except ValueError:
+        return None
+
+
+def file_definition(path, kind):
+    """What a file of this kind is scored as (tasks.definition): lm-eval's task of the paper's
+    benchmark, or a variant."""
+    ext = os.path.splitext(path)[1].lower()
+    return definition(kind, {} if ext in TEXT_EXTS else first_object(path))
 
 
 def evaluate_file(
@@ -418,8 +462,8 @@ def evaluate_file(
         docs = wikitext_articles(read_text(path))[:max_examples]
     else:
         docs = read_benchmark(path, ("wikitext",), max_examples=max_examples)[1]
-    if not docs or not all(isinstance(d, str) for d in docs):
-        raise EvalError(f"{path}: no articles (or a 'page' that is not a string)")
+    if not docs:
+        raise EvalError(f"{path}: no articles")
     return evaluate_documents(model, docs, enc, token_bytes=token_bytes, **common)
 
 
@@ -443,60 +487,72 @@ def evaluate_suite(
     progress=True,
 ):
     """Every benchmark file directly in `folder`, in name order: (results {"kind:file stem": dict
-    with the file's name under 'file'}, skipped [(name, why)]). Sub-folders and files of no known
-    format are skipped, not fatal; a recognised file with a bad line is an EvalError."""
+    with the file's name under 'file' and what it is scored as under 'definition'}, skipped
+    [(name, why)], failed [(name, why)]). Sub-folders and files of no known format or of a format
+    not implemented are skipped; a file that cannot be scored (a bad line, an item longer than the
+    block) fails on its own, its error naming the line, and the other files are still scored."""
     if not os.path.isdir(folder):
         raise EvalError(f"--suite {folder}: not a folder")
     token_bytes = token_byte_lengths(enc) if token_bytes is None else token_bytes
-    results, skipped = {}, []
+    results, skipped, failed = {}, [], []
     for name in sorted(os.listdir(folder)):
         path = os.path.join(folder, name)
         if not os.path.isfile(path):
             skipped.append((name, "a folder"))
             continue
-        kind, why = file_kind(path)
-        if kind is None:
-            skipped.append((name, why))
+        try:
+            kind, why = file_kind(path)
+            if kind is None:
+                skipped.append((name, why))
+                continue
+            if progress:
+                print(f"{name}: {kind}", file=sys.stderr)
+            r = evaluate_file(
+                model,
+                path,
+                kind,
+                enc,
+                block_size,
+                batch_size,
+                device,
+                max_examples,
+                max_tokens,
+                sep,
+                token_bytes,
+                progress,
+            )
+        except EvalError as e:
+            failed.append((name, str(e)))
             continue
-        if progress:
-            print(f"{name}: {kind}", file=sys.stderr)
-        r = evaluate_file(
-            model,
-            path,
-            kind,
-            enc,
-            block_size,
-            batch_size,
-            device,
-            max_examples,
-            max_tokens,
-            sep,
-            token_bytes,
-            progress,
-        )
-        put(
-            results, f"{kind}:{os.path.splitext(name)[0]}", f"{kind}:{name}", dict(r, file=name)
-        )  # wiki.test.raw and .jsonl
-    if not results:
+        row = dict(r, file=name, definition=file_definition(path, kind))
+        put(results, f"{kind}:{os.path.splitext(name)[0]}", f"{kind}:{name}", row)  # .raw, .jsonl
+    if not results and not failed:
         raise EvalError(f"--suite {folder}: no benchmark file found ({len(skipped)} other entries)")
-    return results, skipped
+    return results, skipped, failed
 
 
 # -----------------------------------------------------------------------------
 # command line
 
 
-def markdown_table(results, skipped=()):
-    """One Markdown table of every result (n: examples, documents or predicted tokens), then the
-    files skipped."""
+def markdown_table(results, skipped=(), failed=()):
+    """One Markdown table of every result (n: examples, documents or predicted tokens; scored as:
+    lm-eval's task of the paper's benchmark, or a variant), then the files that failed and those
+    skipped."""
     cols = ["n", "acc", "acc_norm", "ppl", "word_ppl", "bpb", "loss"]
-    lines = ["| task | " + " | ".join(cols) + " |", "|---|" + "---|" * len(cols)]
+    scored_as = any("definition" in r for r in results.values())
+    head = ["task", *cols] + (["scored as"] if scored_as else [])
+    lines = ["| " + " | ".join(head) + " |", "|---|" + "---|" * (len(head) - 1)]
     for name, r in results.items():
         cells = []
         for c in cols:
             v = r.get("n", r.get("tokens")) if c == "n" else r.get(c)
             cells.append("–" if v is None else f"{v:d}" if isinstance(v, int) else f"{v:.4f}")
+        if scored_as:
+            cells.append(r.get("definition", "–").replace("|", "/"))
         lines.append(f"| {name} | " + " | ".join(cells) + " |")
+    if failed:
+        lines += ["", "Failed: " + "; ".join(f"{n} ({why})" for n, why in failed)]
     if skipped:
         lines += ["", "Not evaluated: " + "; ".join(f"{n} ({why})" for n, why in skipped)]
     return "\n".join(lines) + "\n"

@@ -38,6 +38,8 @@ def label_identity(labeler, source_path, sae_path, dtype):
         "k_attr": labeler.k_attr,
         "label_rule": labeler.rule,
         "label_fill": labeler.fill,
+        # 'released' fills with zero-score latents in CUDA's order (+0 above -0) since this key
+        **({"zero_order": "cuda"} if labeler.fill == "released" else {}),
         "n_concepts": labeler.sae.n_latents,
         "dtype": dtype,
         "device": device,

@@ -29,7 +29,7 @@ def evaluate_run(model, data_dir, ev, device):
         if ev.get(
             "suite"
         ):  # the paper's zero-shot table: every benchmark file of the folder (scripts/eval.py --suite)
-            out["suite"], out["suite_skipped"] = evaluate_suite(
+            out["suite"], out["suite_skipped"], out["suite_failed"] = evaluate_suite(
                 model, ev["suite"], enc, T, B, device, token_bytes=tb, progress=False
             )
         if ev["ood"]:
@@ -284,7 +284,9 @@ def report(out_dir, runs, methods, seeds, notes):
                 "",
                 f"{m}, seed {s}:",
                 "",
-                markdown_table(res, runs[m, s]["eval"].get("suite_skipped", ())).rstrip(),
+                markdown_table(
+                    res, *(runs[m, s]["eval"].get(f"suite_{k}", ()) for k in ("skipped", "failed"))
+                ).rstrip(),
             ]
     with open(os.path.join(out_dir, "results.md"), "w") as f:
         f.write("\n".join(lines) + "\n")

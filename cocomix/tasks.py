@@ -16,7 +16,10 @@ lm-eval's task files build them:
   {"question", "choices", "answerKey"} ARC (Hugging Face; or AI2's {"question": {"stem", "choices"}}):
                                       "Question: {question}\\nAnswer:"
   {"goal", "sol1", "sol2", "label"}   PIQA: "Question: {goal}\\nAnswer:"
-  {"text"} / {"context", "continuation"}  LAMBADA;  {"page"}  WikiText articles
+  {"text"} / {"context", "continuation"}  LAMBADA (the pair joined by one space);  {"page"}  WikiText
+                                      articles
+Refused by name, not read as the format whose keys they share (refused_format): CommonsenseQA
+(Hugging Face's or the original form, ARC's keys), OpenBookQA (Hugging Face's or AI2's form), MMLU.
 """
 
 import json
@@ -214,12 +217,20 @@ def read_lambada_text(item, sep):
     if not isinstance(text, str) or " " not in text:
         raise ValueError("'text' must be a string with a space before its last word")
     context, word = text.rsplit(" ", 1)  # as lm-eval: no stripping
+    # every LAMBADA passage ends in its target word; WikiText's {"text"} rows end in "\n" or " ."
+    if text != text.rstrip() or not re.search(r"\w", word):
+        raise ValueError(
+            f"not a LAMBADA passage: it ends in {text[-12:]!r}, not in a word to predict "
+            "(WikiText's and corpora's {\"text\"} rows look like this)"
+        )
     return [(context, " " + word)], 0, None
 
 
 def read_lambada_pair(item, sep):
     context, cont = strings(item["context"], item["continuation"])
-    if not (context[-1].isspace() or cont[0].isspace()):
+    # joined by one space, as llm-foundry and lm-eval do, whatever the continuation starts with
+    # ("\n\nrecorder" too): the pair then equals OpenAI's {"text"} form of the passage
+    if not (context.endswith(" ") or cont.startswith(" ")):
         cont = " " + cont  # llm-foundry's file: "... I don't care about" + "signs"
     return [(context, cont)], 0, None
 
@@ -255,6 +266,68 @@ def find_format(item):
     return next((f for f in FORMATS if all(k in item for k in f[1])), None)
 
 
+def refused_format(item):
+    """The name of a benchmark whose rows look like one of FORMATS (CommonsenseQA's keys are ARC's)
+    but which is not implemented here, or None: such files are refused by name, never scored as
+    the other benchmark."""
+    q = item.get("question")
+    if "question_concept" in item or isinstance(q, dict) and "question_concept" in q:
+        return "CommonsenseQA"
+    if "question_stem" in item or "fact1" in item or re.fullmatch(r"\d+-\d+", str(item.get("id"))):
+        return "OpenBookQA"  # Hugging Face's form, or AI2's (ids like "7-980"; ARC's are named)
+    if {"subject", "choices", "answer"} <= item.keys():
+        return "MMLU"
+    return None
+
+
+def refusal(name):
+    return f"{name}: not implemented here (refused rather than scored as another benchmark)"
+
+
+# What each kind is scored as: lm-eval's task of the paper's benchmark, its requests built as lm-eval
+# builds them (the module docstring)
+LM_EVAL_TASKS = {
+    "lambada": "lambada_openai",
+    "wikitext": "wikitext",
+    "hellaswag": "hellaswag",
+    "siqa": "siqa",
+    "arc": "arc_easy / arc_challenge",
+    "piqa": "piqa",
+    "winogrande": "winogrande",
+}
+
+
+def definition(kind, item):
+    """What a file whose first object is `item` is scored as: "lm-eval TASK" where its rows become
+    lm-eval's requests for one of the paper's benchmarks, "variant: ..." where the file is another
+    benchmark's form or prompt, "as given: ..." for {"query", "choices", "gold"} files of no known
+    origin."""
+    if kind == "winogrande" and "context_options" in item:
+        return "lm-eval winogrande, partial scoring (llm-foundry's file)"
+    if kind == "lambada" and "continuation" in item:
+        return "lm-eval lambada_openai (llm-foundry's file)"
+    if kind in LM_EVAL_TASKS:
+        return f"lm-eval {LM_EVAL_TASKS[kind]}"
+    if kind == "text":
+        return "rolling perplexity of the file as one document"
+    q, choices = item.get("query", ""), item.get("choices") or []
+    if all(isinstance(c, str) and re.fullmatch(r"[A-Z]", c) for c in choices):
+        siqa = q.startswith("Context:") and "\nQuestion:" in q
+        return "variant: " + (
+            "llm-foundry's SIQA, 2 of the 3 answers listed in the query and scored by their letter "
+            "(lm-eval's siqa scores the 3 answers' text)"
+            if siqa
+            else "lettered choices, scored by the letter, not by the answers' text"
+        )
+    if re.search(r", (because|therefore)$", q.rstrip()):
+        return (
+            "variant: llm-foundry's COPA prompt (\"premise, because\"; lm-eval's copa has no comma)"
+        )
+    if q.startswith("Question:") and not q.rstrip().endswith("Answer:"):  # read_query_choices
+        return 'lm-eval arc / piqa prompt (llm-foundry\'s file, "\\nAnswer:" added)'
+    return "as given: the file's query and choices (not checked against a benchmark's definition)"
+
+
 def unknown_format(item):
     expected = "; ".join("{" + ", ".join(f[2]) + "}" for f in FORMATS)
     return f"unknown benchmark format (keys {', '.join(sorted(item)) or 'none'}); expected one of: {expected}"
@@ -263,7 +336,14 @@ def unknown_format(item):
 def read_benchmark(path, kinds, sep=" ", max_examples=None):
     """(kind, items) of a JSONL benchmark whose kind is one of `kinds`; items: (pairs, gold,
     lengths)."""
+    return read_items(path, kinds, sep, max_examples)[:2]
+
+
+def read_items(path, kinds, sep=" ", max_examples=None):
+    """read_benchmark's (kind, items) and the line number of each item, for errors found later."""
     rows = read_jsonl(path, max_examples)
+    if name := refused_format(rows[0][1]):
+        raise EvalError(f"{path}:{rows[0][0]}: {refusal(name)}")
     fmt = find_format(rows[0][1])
     if fmt is None:
         raise EvalError(f"{path}:{rows[0][0]}: {unknown_format(rows[0][1])}")
@@ -276,10 +356,12 @@ def read_benchmark(path, kinds, sep=" ", max_examples=None):
         if missing:
             raise EvalError(f"{path}:{lineno}: missing key(s) {', '.join(map(repr, missing))}")
         if reader is None:
+            if not isinstance(item["page"], str) or not item["page"].strip():
+                raise EvalError(f"{path}:{lineno}: 'page' must be a non-empty string")
             items.append(item["page"])
             continue
         try:
             items.append(reader(item, sep))
         except (ValueError, TypeError, AttributeError) as e:
             raise EvalError(f"{path}:{lineno}: {e}") from None
-    return kind, items
+    return kind, items, [lineno for lineno, _ in rows]

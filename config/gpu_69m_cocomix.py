@@ -26,4 +26,6 @@ eval_iters = 100
 dropout = 0.1
 weight_decay = 0.1
 decay_all = True
+# Its loader sees every window once per epoch: so does data_order = "epoch" (train.py)
+data_order = "epoch"
 compile = True

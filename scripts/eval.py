@@ -55,7 +55,8 @@ def main(argv=None):
     p.add_argument(
         "--suite",
         metavar="DIR",
-        help="every benchmark file in DIR; writes eval_suite.json/.md next to --ckpt",
+        help="every benchmark file in DIR; writes eval_suite.json/.md next to --ckpt (a file "
+        "that fails is named there and the exit status is 1; the others are still scored)",
     )
     p.add_argument(
         "--mc_sep",
@@ -143,7 +144,7 @@ def main(argv=None):
             raise EvalError(str(e)) from None
         token_bytes = token_byte_lengths(enc)
         common = dict(block_size=block_size, batch_size=args.batch_size, device=args.device)
-        results, skipped = {}, []
+        results, skipped, failed = {}, [], []
         with ctx:
             if tokens is not None:
                 results[f"{args.split}"] = evaluate_tokens(
@@ -178,7 +179,7 @@ def main(argv=None):
                     ),
                 )
             if args.suite:
-                suite, skipped = evaluate_suite(
+                suite, skipped, failed = evaluate_suite(
                     model,
                     args.suite,
                     enc,
@@ -194,7 +195,7 @@ def main(argv=None):
         print(f"error: {e}", file=sys.stderr)
         sys.exit(1)
 
-    table = markdown_table(results, skipped)
+    table = markdown_table(results, skipped, failed)
     print(table, end="")
     if args.out:
         record = dict(
@@ -204,8 +205,13 @@ def main(argv=None):
             **info,
             results=results,
             skipped=[dict(file=n, why=w) for n, w in skipped],
+            failed=[dict(file=n, why=w) for n, w in failed],
         )
         write_results(args.out, record, table)
+    if failed:  # the files that worked are written above; each failed one is named here
+        for name, why in failed:
+            print(f"error: --suite file {name} failed: {why}", file=sys.stderr)
+        sys.exit(1)
     return results
 
 

@@ -111,6 +111,25 @@ def check_labels(dev, small):
     return out
 
 
+def check_topk_order(dev):
+    """label_fill='released' ranks zero-score latents as CUDA's torch.topk does (sae.topk_as_cuda:
+    +0.0 above -0.0, equal values lowest index first), emulated on every device. Here against
+    torch.topk on the device, on rows of +0.0 and -0.0 with a few positive and tied scores, at a
+    small width and at the SAE's 32768 (CUDA's multi-block top-k): the fraction of rows with the
+    same K_attr = 4 latents (1.0 on a GPU; a CPU's topk calls +0.0 and -0.0 equal)."""
+    from sae import topk_as_cuda
+
+    g, out = torch.Generator().manual_seed(0), {}
+    for C in (96, 32768):
+        x = torch.zeros(256, C) * torch.randn(256, C, generator=g)  # +0.0 and -0.0
+        cols = torch.randint(0, C, (256, 3), generator=g)
+        x.scatter_(1, cols, torch.tensor([1.0, 1.0, 0.5]).expand(256, 3))  # ties among positives
+        want = x.to(dev).topk(4).indices.cpu().sort(-1).values
+        same = (topk_as_cuda(x, 4).sort(-1).values == want).all(-1).float().mean().item()
+        out[f"released fill, C={C}: rows where topk_as_cuda equals torch.topk on the device"] = same
+    return out
+
+
 def check_compiled(dev, small):
     """The compiled student (bench.student_loss: objective.training_loss, train.py's loss) against
     eager, fp32 without TF32: loss and the largest relative difference over the parameter gradients.
@@ -211,6 +230,7 @@ def main(argv=None):
     parts = {
         "1 ops on the device": lambda: check_ops(dev, small),
         "1 labels, device vs CPU": lambda: check_labels(dev, small),
+        "1 released fill, zero-score order": lambda: check_topk_order(dev),
         "2 compiled vs eager": lambda: check_compiled(dev, small),
         "2 graph breaks and recompiles": lambda: bench_compile.compile_check(
             bench_compile.parse(

@@ -723,6 +723,54 @@ def test_wikitext_word_perplexity(model, tmp_path):
         assert out["bpb"] == pytest.approx(nll / nbytes / math.log(2), rel=1e-5)
 
 
+def test_crlf_and_lf_files_score_the_same(model, tmp_path):
+    """Universal newlines, as Python's text mode (and so lm-eval) reads a file: the same WikiText
+    article and the same text saved with CRLF and with LF line endings (WikiText-2's wiki.test.raw
+    is distributed with CRLF) give the same perplexities and bits per byte."""
+    tb = corpus.token_byte_lengths(enc)
+    texts = {"wiki.test.raw": WIKI_RAW, "story.txt": "One line.\nAnother line,\n\nand a third.\n"}
+    for name, text in texts.items():
+        outs = []
+        for eol in ("\n", "\r\n"):
+            folder = tmp_path / ("crlf" if eol == "\r\n" else "lf")
+            folder.mkdir(exist_ok=True)
+            (folder / name).write_bytes(text.replace("\n", eol).encode("utf-8"))
+            kind = E.file_kind(str(folder / name))[0]
+            assert kind == ("wikitext" if name.endswith(".raw") else "text")
+            outs.append(
+                E.evaluate_file(
+                    model,
+                    str(folder / name),
+                    kind,
+                    enc,
+                    16,
+                    3,
+                    "cpu",
+                    token_bytes=tb,
+                    progress=False,
+                )
+            )
+        lf, crlf = outs
+        assert lf.keys() == crlf.keys() and {"word_ppl", "byte_ppl", "bpb"} <= lf.keys()
+        for k in lf:
+            assert crlf[k] == pytest.approx(lf[k], rel=1e-6, abs=1e-9), (name, k)
+
+
+def test_lambada_pair_is_joined_by_one_space(model, tmp_path):
+    """llm-foundry's {"context", "continuation"} LAMBADA is joined with one space, as llm-foundry and
+    lm-eval do, also where the continuation starts with "\n\n" (item 4462 of the test set): the same
+    request and the same score as OpenAI's {"text"} form of the passage."""
+    ctx, cont = "She raised her brows when she returned and saw the", "\n\nrecorder"
+    pair = write_jsonl(tmp_path / "lambada_foundry.jsonl", [{"context": ctx, "continuation": cont}])
+    text = write_jsonl(tmp_path / "lambada_openai.jsonl", [{"text": f"{ctx} {cont}"}])
+    for path in (pair, text):
+        assert E.read_benchmark(path, ("lambada",)) == ("lambada", [([(ctx, " " + cont)], 0, None)])
+    hand = hand_continuation(model, *lm_eval_encode(ctx, " " + cont))
+    for path in (pair, text):
+        out = E.evaluate_lambada(model, path, enc, 64, 2, "cpu", progress=False)
+        assert out["nll"] == pytest.approx(hand[0], rel=1e-6) and out["acc"] == hand[1]
+
+
 def test_score_continuations_batched_equals_unbatched(model):
     pairs = [
         (enc.encode_ordinary("Once upon a time"), enc.encode_ordinary(" there was")),
@@ -973,7 +1021,20 @@ def test_suite(model, tmp_path, capsys):
         "text:story",
     } <= keys
     tb = corpus.token_byte_lengths(enc)
+    assert {k: r["definition"] for k, r in record["results"].items()} == {
+        "mc:mc_lm_eval": "as given: the file's query and choices (not checked against a "
+        "benchmark's definition)",
+        "mc:mc_foundry": 'lm-eval arc / piqa prompt (llm-foundry\'s file, "\\nAnswer:" added)',
+        "winogrande:winogrande": "lm-eval winogrande",
+        "arc:arc": "lm-eval arc_easy / arc_challenge",
+        "piqa:piqa": "lm-eval piqa",
+        "lambada:lambada_openai": "lm-eval lambada_openai (llm-foundry's file)",
+        "wikitext:wiki.test": "lm-eval wikitext",
+        "text:story": "rolling perplexity of the file as one document",
+    }
+    assert lines[0].endswith("| scored as |") and "| lm-eval piqa |" in table
     for key, r in record["results"].items():
+        del r["definition"]
         kind, path = key.split(":")[0], str(bench / r.pop("file"))
         assert r == pytest.approx(
             E.evaluate_file(model, path, kind, enc, 64, 5, "cpu", token_bytes=tb, progress=False),
@@ -983,3 +1044,177 @@ def test_suite(model, tmp_path, capsys):
         "word_ppl" in record["results"]["wikitext:wiki.test"]
         and "word_ppl" in record["results"]["text:story"]
     )
+
+
+def test_suite_survives_a_bad_file(model, tmp_path, capsys):
+    """A suite folder with good files and broken ones (a malformed line; a continuation longer
+    than the block): the good files are scored and written to the JSON and the Markdown, each
+    broken file is named there with its line and the reason, and the exit status is 1."""
+    ckpt = tmp_path / "ckpt.pt"
+    torch.save({"model": model.state_dict(), "model_args": MODEL_ARGS}, ckpt)
+    bench = tmp_path / "bench"
+    bench.mkdir()
+    name, lines, *_ = READER_CASES[-1]  # piqa
+    write_jsonl(bench / name, lines)
+    (bench / "arc_broken.jsonl").write_text(
+        json.dumps(READER_CASES[-2][1][1]) + "\n" + '{"question": "cut off\n'
+    )
+    long_choice = " ".join(["word"] * 80)  # > 64 tokens
+    write_jsonl(
+        bench / "hellaswag_long.jsonl",
+        [{"ctx": "A man", "endings": ["walks.", "runs."], "label": 0}]
+        + [{"ctx": "A woman", "endings": ["sits.", long_choice], "label": 1}],
+    )
+    out = tmp_path / "suite.json"
+    with pytest.raises(SystemExit) as e:
+        eval_cli.main([f"--ckpt={ckpt}", f"--suite={bench}", "--device=cpu", f"--out={out}"])
+    assert e.value.code == 1
+    err = capsys.readouterr().err
+    record = json.loads(out.read_text())
+    assert set(record["results"]) == {"piqa:piqa"}
+    failed = {f["file"]: f["why"] for f in record["failed"]}
+    assert set(failed) == {"arc_broken.jsonl", "hellaswag_long.jsonl"}
+    assert failed["arc_broken.jsonl"].startswith(f"{bench / 'arc_broken.jsonl'}:2: malformed JSON")
+    assert failed["hellaswag_long.jsonl"] == (
+        f"{bench / 'hellaswag_long.jsonl'}:2: continuation of 80 tokens does not fit block_size=64"
+    )
+    table = (tmp_path / "suite.md").read_text()
+    assert "| piqa:piqa |" in table and "Failed: arc_broken.jsonl (" in table
+    assert f"{bench / 'hellaswag_long.jsonl'}:2: continuation of 80 tokens" in table
+    for name, why in failed.items():
+        assert f"error: --suite file {name} failed: {why}" in err
+
+
+def test_continuation_too_long_names_the_file_and_line(model, tmp_path):
+    long_word = " ".join(["word"] * 80)
+    path = write_jsonl(
+        tmp_path / "lambada_long.jsonl", [{"text": "a b"}, {"text": f"The end is {long_word}"}]
+    )
+    path.write_text(path.read_text().replace(" word word", "-word-word"))  # one 80-part word
+    with pytest.raises(
+        E.EvalError, match=rf"^{re.escape(str(path))}:2: continuation of \d+ tokens"
+    ):
+        E.evaluate_lambada(model, path, enc, 64, 2, "cpu", progress=False)
+
+
+# (file, first object, what the suite row says it is scored as)
+DEFINITION_CASES = [
+    (
+        "siqa_foundry.jsonl",
+        {
+            "query": "Context: Tracy didn't go home.\nQuestion: What does Tracy need to do before "
+            "this?\nChoices:\nA. Find somewhere to go\nB. make a new plan\nAnswer:",
+            "gold": 0,
+            "choices": ["A", "B"],
+        },
+        "variant: llm-foundry's SIQA, 2 of the 3 answers listed in the query and scored by their "
+        "letter (lm-eval's siqa scores the 3 answers' text)",
+    ),
+    (
+        "copa_foundry.jsonl",
+        {
+            "query": "The man turned on the faucet, therefore",
+            "gold": 1,
+            "choices": ["the toilet filled with water.", "water flowed from the spout."],
+        },
+        "variant: llm-foundry's COPA prompt (\"premise, because\"; lm-eval's copa has no comma)",
+    ),
+    ("siqa.jsonl", READER_CASES[-3][1][0], "lm-eval siqa"),
+    ("hellaswag.jsonl", READER_CASES[4][1][0], "lm-eval hellaswag"),
+    (
+        "winograd_foundry.jsonl",
+        READER_CASES[3][1][0],
+        "lm-eval winogrande, partial scoring (llm-foundry's file)",
+    ),
+]
+
+
+def test_suite_rows_say_what_they_are_scored_as(model, tmp_path):
+    """Each suite row says whether it is the paper's benchmark scored by lm-eval's definition or a
+    variant: llm-foundry's SIQA (2 of 3 answers, lettered) and COPA prompt are variants."""
+    for name, item, want in DEFINITION_CASES:
+        write_jsonl(tmp_path / name, [item])
+    results, skipped, failed = E.evaluate_suite(model, tmp_path, enc, 64, 4, "cpu", progress=False)
+    assert not skipped and not failed
+    got = {r["file"]: r["definition"] for r in results.values()}
+    assert got == {name: want for name, _, want in DEFINITION_CASES}
+    assert "mc:siqa_foundry" in results and "variant: llm-foundry's SIQA" in E.markdown_table(
+        results
+    )
+
+
+# files of benchmarks not implemented here, some with ARC's keys: refused by name
+REFUSED_CASES = [
+    (
+        "CommonsenseQA",
+        {
+            "id": "075e483d21c29a511267ef62bedc0461",
+            "question": "The sanctions against the school were a punishing blow, and they seemed to"
+            " what the efforts the school had made to change?",
+            "question_concept": "punishing",
+            "choices": {"label": ["A", "B"], "text": ["ignore", "enforce"]},
+            "answerKey": "A",
+        },
+    ),
+    (
+        "OpenBookQA",
+        {
+            "id": "7-980",
+            "question_stem": "The sun is responsible for",
+            "choices": {
+                "text": ["puppies learning new tricks", "plants sprouting"],
+                "label": ["A", "B"],
+            },
+            "answerKey": "B",
+        },
+    ),
+    (
+        "OpenBookQA",
+        {
+            "id": "7-980",
+            "question": {
+                "stem": "The sun is responsible for",
+                "choices": [{"text": "puppies", "label": "A"}, {"text": "plants", "label": "B"}],
+            },
+            "answerKey": "B",
+        },
+    ),
+    (
+        "MMLU",
+        {
+            "question": "2 + 2 =",
+            "subject": "elementary_mathematics",
+            "choices": ["3", "4"],
+            "answer": 1,
+        },
+    ),
+]
+
+
+@pytest.mark.parametrize(
+    "name, item", REFUSED_CASES, ids=[f"{n}-{i}" for i, (n, _) in enumerate(REFUSED_CASES)]
+)
+def test_unimplemented_formats_are_refused_by_name(model, tmp_path, name, item):
+    path = write_jsonl(tmp_path / "bench.jsonl", [item])
+    why = f"{name}: not implemented here (refused rather than scored as another benchmark)"
+    assert E.file_kind(str(path)) == (None, why)
+    with pytest.raises(E.EvalError, match=re.escape(f"{path}:1: {why}")):
+        E.evaluate_mc(model, path, enc, 64, 2, "cpu", progress=False)
+
+
+def test_lambada_flag_refuses_rows_that_are_not_lambada(model, tmp_path):
+    """--lambada given WikiText's {"text"} line rows (Hugging Face's wikitext: headings and lines
+    ending in "\n", empty rows) is refused at the first such row, not scored as LAMBADA."""
+    rows = [
+        {"text": " = Valkyria Chronicles III = \n"},
+        {
+            "text": " Senjō no Valkyria 3 : Unrecorded Chronicles is a tactical role @-@ playing game .\n"
+        },
+    ]
+    for skip in (0, 1):
+        path = write_jsonl(tmp_path / "lambada_wiki.jsonl", [{"text": "a b c"}] * skip + rows)
+        with pytest.raises(E.EvalError, match=rf":{skip + 1}: not a LAMBADA passage"):
+            E.evaluate_lambada(model, path, enc, 64, 2, "cpu", progress=False)
+    path = write_jsonl(tmp_path / "lambada_wiki.jsonl", [{"text": "Senjō no Valkyria ."}])
+    with pytest.raises(E.EvalError, match=r":1: not a LAMBADA passage: it ends in"):
+        E.evaluate_lambada(model, path, enc, 64, 2, "cpu", progress=False)

@@ -573,6 +573,7 @@ def train_defaults():
         ("--log_interval=0", "eval_interval, log_interval and eval_iters must be positive"),
         ("--eval_iters=0", "eval_interval, log_interval and eval_iters must be positive"),
         ("--dtype=float64", "dtype must be one of auto, float32, bfloat16, float16"),
+        ("--data_order=shuffled", "data_order must be one of random, epoch"),
         ("--learning_rate=-0.001", "learning_rate and weight_decay must be >= 0"),
         ("--learning_rate=1e999", "learning_rate must be finite"),
         ("--min_lr=-0.5", "min_lr >= 0 (or -1"),

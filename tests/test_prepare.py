@@ -7,6 +7,7 @@ import os
 import random
 import subprocess
 import sys
+import types
 import urllib.error
 import urllib.request
 from pathlib import Path
@@ -428,3 +429,48 @@ def test_gutenberg_subset(tmp_path):
     assert len(val) >= 1 and json.loads((tmp_path / "out" / "meta.json").read_text())["splits"][
         "val"
     ]["documents"] == len(val)
+
+
+class FakeDataset:
+    """The parts of a Hugging Face Dataset that prepare_source uses: rows of {"text"}, len, a
+    fingerprint, and train_test_split (a fixed shuffle here, recording how it was called)."""
+
+    calls = []
+
+    def __init__(self, texts):
+        self.texts, self._fingerprint = list(texts), f"fp{len(texts)}"
+
+    def __len__(self):
+        return len(self.texts)
+
+    def __iter__(self):
+        return iter({"text": t} for t in self.texts)
+
+    def train_test_split(self, **kw):
+        FakeDataset.calls.append(kw)
+        order = np.random.default_rng(kw["seed"]).permutation(len(self.texts))
+        n_test = max(1, round(kw["test_size"] * len(self.texts)))
+        pick = lambda idx: FakeDataset([self.texts[i] for i in idx])
+        return {"train": pick(order[n_test:]), "test": pick(order[:n_test])}
+
+
+def test_openwebtext_uses_nanogpts_split(tmp_path, monkeypatch):
+    """--source openwebtext splits as nanoGPT's openwebtext/prepare.py (which the released code
+    uses): train_test_split(test_size=0.0005, seed=2357, shuffle=True) on the Hugging Face dataset,
+    its 'test' part as val.bin, each part's documents in the order the split gives them. datasets is
+    stubbed (optional, and offline here)."""
+    texts = [f"Document number {i} of the web text." for i in range(40)] + ["  "]
+    fake = types.ModuleType("datasets")
+    fake.load_dataset = lambda name, **kw: FakeDataset(texts)
+    monkeypatch.setitem(sys.modules, "datasets", fake)
+    FakeDataset.calls.clear()
+    meta = P.prepare_source("openwebtext", tmp_path / "out", cache_dir=tmp_path, verbose=False)
+    assert FakeDataset.calls == [dict(test_size=0.0005, seed=2357, shuffle=True)]
+    parts = FakeDataset(texts).train_test_split(test_size=0.0005, seed=2357, shuffle=True)
+    enc = P.get_encoding()
+    for side, part in (("train", parts["train"]), ("val", parts["test"])):
+        want = [t for d in part.texts if d.strip() for t in enc.encode_ordinary(d) + [50256]]
+        got = np.fromfile(tmp_path / "out" / f"{side}.bin", dtype=np.uint16).tolist()
+        assert got == want, side
+    assert meta["split"]["mode"] == "source" and "seed=2357" in meta["split"]["rule"]
+    assert meta["splits"]["val"]["documents"] == 1
