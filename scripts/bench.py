@@ -293,15 +293,25 @@ def alternate(fns, args, device):
         for _ in range(args.warmup):
             fn()
     sync(device)
-    times = {k: [] for k in fns}
+    times, faults = {k: [] for k in fns}, {k: [] for k in fns}
     for r in range(args.rounds):  # the order reversed every other round: neither goes first always
         for k, fn in fns.items() if r % 2 == 0 else reversed(fns.items()):
+            f0 = minor_faults()
             t0 = time.perf_counter()
             for _ in range(args.steps):
                 fn()
             sync(device)
             times[k].append((time.perf_counter() - t0) / args.steps)
+            faults[k].append((minor_faults() - f0) / args.steps)
+    alternate.faults = {k: statistics.median(v) for k, v in faults.items()}  # per call, medians
     return {k: statistics.median(v) for k, v in times.items()}
+
+
+def minor_faults():
+    """This process's minor page faults so far: a CPU step that maps fresh memory shows here."""
+    import resource
+
+    return resource.getrusage(resource.RUSAGE_SELF).ru_minflt
 
 
 # -----------------------------------------------------------------------------
@@ -837,11 +847,12 @@ def bench_vs_nanogpt(args):
         t = alternate(steps, args, dev)
         print(
             f"\n{dtype} (first loss ours - nanoGPT's: {same:.1e}), in one process\n"
-            f"{'step':<14} {'ms':>9} {'tok/s':>8} {'peak MiB':>9}"
+            f"{'step':<14} {'ms':>9} {'tok/s':>8} {'peak MiB':>9} {'faults/step':>12}"
         )
         for k in steps:
             print(
-                f"{k:<14} {t[k] * 1e3:>9.1f} {tokens / t[k]:>8.0f} {(peak[k] + kept[k]) / 2**20:>9.0f}"
+                f"{k:<14} {t[k] * 1e3:>9.1f} {tokens / t[k]:>8.0f} {(peak[k] + kept[k]) / 2**20:>9.0f} "
+                f"{alternate.faults[k]:>12.0f}"
             )
         rf = flops_per_token(coco, T) / flops_per_token(ntp, T)
         print(
@@ -858,7 +869,8 @@ def bench_vs_nanogpt(args):
             f"as each repository runs by default (a process each, taking turns; nanoGPT: vocabulary "
             f"50304, its optimizer, glibc's allocator): ours vs nanoGPT "
             f"{shipped['nanogpt'] / shipped['ours']:.2f}x the speed "
-            f"({shipped['ours'] * 1e3:.0f} vs {shipped['nanogpt'] * 1e3:.0f} ms)"
+            f"({shipped['ours'] * 1e3:.0f} vs {shipped['nanogpt'] * 1e3:.0f} ms; page faults per step "
+            f"{bench_as_shipped.faults['ours']:.0f} vs {bench_as_shipped.faults['nanogpt']:.0f})"
         )
 
 
@@ -879,7 +891,7 @@ def nanogpt_step(theirs, opt, X, Y, ctx):
 
 def side_times(args):
     """--side: one repository's NTP step as it runs by default, alone in this process; prints its
-    seconds per step as JSON. nanoGPT: its padded vocabulary (50,304), its own optimizer choice and
+    seconds and page faults per step as JSON. nanoGPT: its padded vocabulary (50,304), its own optimizer choice and
     glibc's default allocator (the parent passes --no_cpu_heap); ours: train.py's step (the chunked
     LM head, fused AdamW, the heap setting of cpu_heap=True)."""
     dev, ctx = args.device, autocast(args.device, args.dtypes)
@@ -899,14 +911,15 @@ def side_times(args):
         step = train_step(ours, optimizer(ours), X, Y, ctx)
     for _ in range(args.warmup):
         step()
-    times = []
+    times, faults = [], []
     for _ in range(args.steps):
         sync(dev)
-        t0 = time.perf_counter()
+        f0, t0 = minor_faults(), time.perf_counter()
         step()
         sync(dev)
         times.append(time.perf_counter() - t0)
-    print(json.dumps(times))
+        faults.append(minor_faults() - f0)
+    print(json.dumps({"times": times, "faults": faults}))
 
 
 def bench_as_shipped(args, dtype):
@@ -930,7 +943,7 @@ def bench_as_shipped(args, dtype):
         f"--steps={max(args.steps, 3)}",
     ]
     extra = {"ours": [], "nanogpt": ["--no_cpu_heap"]}
-    times = {"ours": [], "nanogpt": []}
+    times, faults = {"ours": [], "nanogpt": []}, {"ours": [], "nanogpt": []}
     for r in range(args.rounds):
         for side in ("nanogpt", "ours") if r % 2 == 0 else ("ours", "nanogpt"):
             out = subprocess.run(
@@ -941,7 +954,10 @@ def bench_as_shipped(args, dtype):
             )
             if out.returncode:
                 raise SystemExit(f"error: --vs_nanogpt, {side}'s process: {out.stderr[-1000:]}")
-            times[side].append(statistics.median(json.loads(out.stdout.splitlines()[-1])))
+            record = json.loads(out.stdout.splitlines()[-1])
+            times[side].append(statistics.median(record["times"]))
+            faults[side].append(statistics.median(record["faults"]))
+    bench_as_shipped.faults = {k: statistics.median(v) for k, v in faults.items()}
     return {k: statistics.median(v) for k, v in times.items()}
 
 
