@@ -210,17 +210,66 @@ def run_logged(stage, cmd, log_path, env):
         fail(f"stage {stage} failed (exit {rc}); see {log_path}")
 
 
-def command_stage(name, folder, settings, outputs, cmds, a, env, log_name, check=None):
+@contextlib.contextmanager
+def folder_lock(stage, folder, lock_name="lock"):
+    """The lock the stage's program takes on folder (train.py's out_dir/lock, sae.py's sae.lock),
+    held while the stage reads, removes or rewrites files there: a run the user started in that
+    folder is never touched, and the stage is refused naming it."""
+    from cocomix.runtime import hold_lock
+
+    try:
+        release = hold_lock(os.path.join(folder, lock_name))
+    except RuntimeError as e:
+        fail(f"stage {stage}: {e}")
+    try:
+        yield
+    finally:
+        release()
+
+
+def command_stage(
+    name, folder, settings, outputs, cmds, a, env, log_name, check=None, lock_name="lock"
+):
     """A stage made of subprocesses writing into `folder`; returns its record. attempt.json records
     the settings of an attempt until it succeeds: an interrupted attempt with these settings is
     resumed, its checkpoints kept (train.py's ckpt.pt, sae.py's resume file); other outputs of an
     earlier attempt go first, since train.py and sae.py append to their logs and another attempt
     must not leak into this one. check() may refuse the result (fail) or return entries for the
-    record."""
+    record. Files in folder are read, removed and written only under its lock (folder_lock); the
+    commands take it themselves."""
+    with folder_lock(name, folder, lock_name):
+        rec = prepare_stage(name, folder, settings, outputs, a)
+    if rec is not None:
+        return rec
+    record, attempt = os.path.join(folder, "stage.json"), os.path.join(folder, "attempt.json")
+    prev = read_json(attempt)
+    t0, wall = time.time(), prev.get("wall", 0.0) if prev.get("resumed") else 0.0
+    try:
+        for cmd in cmds:
+            cmd = cmd() if callable(cmd) else cmd  # a callable decides after the previous command
+            if cmd:
+                run_logged(name, [sys.executable, *cmd], os.path.join(folder, log_name), env)
+    # the wall time of every attempt, so that a resumed stage reports the time it took in all
+    finally:
+        with folder_lock(name, folder, lock_name):
+            write_json(attempt, {"settings": prev["settings"], "wall": wall + time.time() - t0})
+    with folder_lock(name, folder, lock_name):
+        rec = {
+            "settings": prev["settings"],
+            "wall": wall + time.time() - t0,
+            **((check and check()) or {}),
+        }
+        write_json(record, rec)
+        os.remove(attempt)
+    return rec
+
+
+def prepare_stage(name, folder, settings, outputs, a):
+    """command_stage's start, under the folder's lock: the record when the stage is done, else None,
+    with the folder readied for the attempt (its attempt.json says whether it resumes)."""
     record, attempt = os.path.join(folder, "stage.json"), os.path.join(folder, "attempt.json")
     if done(name, record, settings, outputs, a.force):
         return read_json(record)
-    os.makedirs(folder, exist_ok=True)
     prev, settings = read_json(attempt), json.loads(json.dumps(settings))
     resume = prev is not None and prev.get("settings") == settings
     if (
@@ -238,21 +287,10 @@ def command_stage(name, folder, settings, outputs, cmds, a, env, log_name, check
             os.remove(os.path.join(folder, f))
     if resume:
         print(f"resuming stage {name} from {folder}")
+        write_json(attempt, {**prev, "resumed": True})
     else:
         write_json(attempt, {"settings": settings, "wall": 0.0})
-    t0, wall = time.time(), (prev or {}).get("wall", 0.0) if resume else 0.0
-    try:
-        for cmd in cmds:
-            cmd = cmd() if callable(cmd) else cmd  # a callable decides after the previous command
-            if cmd:
-                run_logged(name, [sys.executable, *cmd], os.path.join(folder, log_name), env)
-    # the wall time of every attempt, so that a resumed stage reports the time it took in all
-    finally:
-        write_json(attempt, {"settings": settings, "wall": wall + time.time() - t0})
-    rec = {"settings": settings, "wall": wall + time.time() - t0, **((check and check()) or {})}
-    write_json(record, rec)
-    os.remove(attempt)
-    return rec
+    return None
 
 
 def resumable(cmd, folder):
@@ -615,7 +653,9 @@ def reproduce():
             ),
         )
     if not a.sae_path:
-        command_stage("sae", sae_dir, settings, outputs, cmds, a, env, "sae.log")
+        command_stage(
+            "sae", sae_dir, settings, outputs, cmds, a, env, "sae.log", lock_name="sae.lock"
+        )
         deps["sae"] = digest(settings)
 
     # 4. every method x seed: the same student config, token budget and seed, hence the same batches
@@ -742,14 +782,15 @@ def reproduce():
             os.path.join(r["dir"], "eval.json"),
             {"eval": ev, "run": digest(r["settings"])},
         )
-        if not done(f"eval {m} seed {seed}", record, settings, [], a.force):
-            try:
-                model, _ = load_checkpoint(os.path.join(r["dir"], "ckpt.pt"), device)
-                res = evaluate_run(model, data_dir, ev, device)
-            except Exception as e:  # EvalError, or a broken checkpoint
-                fail(f"stage eval {m} seed {seed} failed: {type(e).__name__}: {e}")
-            write_json(record, {"settings": settings, "result": res})
-            print(f"{m} seed {seed}: val loss {res['val']['loss']:.4f}")
+        with folder_lock(f"eval {m} seed {seed}", r["dir"]):
+            if not done(f"eval {m} seed {seed}", record, settings, [], a.force):
+                try:
+                    model, _ = load_checkpoint(os.path.join(r["dir"], "ckpt.pt"), device)
+                    res = evaluate_run(model, data_dir, ev, device)
+                except Exception as e:  # EvalError, or a broken checkpoint
+                    fail(f"stage eval {m} seed {seed} failed: {type(e).__name__}: {e}")
+                write_json(record, {"settings": settings, "result": res})
+                print(f"{m} seed {seed}: val loss {res['val']['loss']:.4f}")
         r["eval"], r["log"] = read_json(record)["result"], read_log(r["dir"])
 
     # 6. report

@@ -40,6 +40,7 @@ from cocomix.runtime import (
     init_processes,
     keep_freed_memory,
     label_cache_note,
+    load_optimizer_state,
     rng_state,
     set_rng_state,
     to_device,
@@ -265,7 +266,7 @@ optimizer = model.configure_optimizers(
     weight_decay, learning_rate, (beta1, beta2), device_type, decay_all=decay_all
 )
 if checkpoint is not None:
-    optimizer.load_state_dict(checkpoint["optimizer"])
+    load_optimizer_state(optimizer, checkpoint["optimizer"])  # with this run's betas, weight_decay
     scaler.load_state_dict(checkpoint["scaler"])
     set_rng_state(checkpoint["rng"], device_type)
 checkpoint = None
@@ -363,6 +364,9 @@ def evaluate():
     return out
 
 
+saved = [iter_num, best_val_loss]  # what ckpt.pt holds (a resume's checkpoint, or nothing yet)
+
+
 def save_checkpoint():
     """Atomic: write a temporary file, then rename, so a crash keeps the previous checkpoint."""
     sd = raw_model.state_dict()
@@ -385,6 +389,7 @@ def save_checkpoint():
         save_atomic(ckpt, ckpt_path)
     except OSError as e:  # a full disk: the previous checkpoint stays, and the run stops unsaved
         fail(str(e))
+    saved[:] = [iter_num, best_val_loss]
 
 
 def log(record):
@@ -418,6 +423,9 @@ while True:
     for group in optimizer.param_groups:
         group["lr"] = lr
 
+    # the last step is saved before its evaluation, so that a kill during that keeps the steps
+    if iter_num == max_iters and master and not eval_only and saved[0] != iter_num:
+        save_checkpoint()
     # evaluate, log and save the best checkpoint so far
     if (iter_num % eval_interval == 0 or iter_num == max_iters) and master:
         metrics = evaluate()
@@ -491,9 +499,11 @@ while True:
     if stop_requested:
         break
 
-# the last step's checkpoint, whether the run ended or was stopped
+# the last step's checkpoint, whether the run ended or was stopped (again at the end when the final
+# evaluation lowered best_val_loss)
 if master and not eval_only:
-    save_checkpoint()
+    if saved != [iter_num, best_val_loss]:
+        save_checkpoint()
     if iter_num < max_iters:
         say(
             f"stopped at step {iter_num}; checkpoint saved to {ckpt_path}, "

@@ -88,6 +88,17 @@ def set_rng_state(rng, device_type):
         torch.cuda.set_rng_state(rng["cuda"])
 
 
+def load_optimizer_state(optimizer, state):
+    """optimizer.load_state_dict(state), keeping the settings this run built the optimizer with
+    (betas, weight decay, eps): load_state_dict restores the saved param groups' values, which would
+    silently undo a resume's changed --beta1, --beta2 or --weight_decay. The learning rate is set
+    every step anyway."""
+    settings = [{k: v for k, v in g.items() if k != "params"} for g in optimizer.param_groups]
+    optimizer.load_state_dict(state)
+    for group, own in zip(optimizer.param_groups, settings):
+        group.update(own)
+
+
 def init_processes(device, backend, gradient_accumulation_steps):
     """(ddp, rank, local_rank, world_size, device): one process, or one of torchrun's (RANK is set)."""
     if int(os.environ.get("RANK", -1)) == -1:
