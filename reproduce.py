@@ -38,6 +38,11 @@ import subprocess
 import sys
 import time
 
+from cocomix.interrupt import on_ctrl_c
+
+if __name__ == "__main__":  # Ctrl-C in the start-up (the imports below): one line, exit 130
+    on_ctrl_c("no stage had started")
+
 from cocomix.report import evaluate_run, report
 
 REPO = os.path.dirname(os.path.abspath(__file__))
@@ -118,9 +123,9 @@ METHODS = ("ntp", "cocomix", "kd", "pause")
 # -----------------------------------------------------------------------------
 
 
-def fail(msg):
+def fail(msg, status=1):
     print(f"error: {msg}", file=sys.stderr)
-    sys.exit(1)
+    sys.exit(status)
 
 
 def digest(obj):
@@ -136,9 +141,10 @@ def read_json(path):
 
 
 def write_json(path, obj):
-    with open(path + ".tmp", "w") as f:
-        json.dump(obj, f, indent=1)
-    os.replace(path + ".tmp", path)  # a stage counts as done only once its record is whole
+    from cocomix.weights import write_atomic
+
+    # a stage counts as done only once its record is whole
+    write_atomic(path, json.dumps(obj, indent=1))
 
 
 def read_log(run_dir):
@@ -205,7 +211,7 @@ def run_logged(stage, cmd, log_path, env):
             # `nohup ... &` inherits SIGINT ignored until it sets its handler, and would not stop
             proc.send_signal(signal.SIGTERM)
             proc.wait()  # train.py and sae.py finish their step, save and exit; let them
-            fail(f"interrupted in stage {stage}; run the same command again to resume it")
+            fail(f"interrupted in stage {stage}; run the same command again to resume it", 130)
     if rc:
         fail(f"stage {stage} failed (exit {rc}); see {log_path}")
 
@@ -387,13 +393,13 @@ def parse_ablation(spec):
 
 
 def main():
-    signal.signal(
-        signal.SIGTERM, signal.default_int_handler
-    )  # stopped like Ctrl-C: the running stage saves and exits
+    # Ctrl-C, and SIGTERM like it: the running stage saves and exits, then status 130
+    signal.signal(signal.SIGINT, signal.default_int_handler)
+    signal.signal(signal.SIGTERM, signal.default_int_handler)
     try:
         reproduce()
     except KeyboardInterrupt:
-        fail("interrupted; run the same command again to resume")
+        fail("interrupted; run the same command again to resume", 130)
 
 
 def reproduce():
@@ -447,7 +453,10 @@ def reproduce():
     a = p.parse_args()
     P = PRESETS[a.preset]
     out = os.path.abspath(a.out_dir or os.path.join(REPO, "out", f"reproduce_{a.preset}"))
-    seeds = [int(s) for s in (a.seeds or P["seeds"]).split(",") if s.strip()]
+    seeds = [s.strip() for s in (a.seeds or P["seeds"]).split(",") if s.strip()]
+    if bad := [s for s in seeds if not (s.isdigit() and int(s) < 2**63)]:
+        fail(f"--seeds: {', '.join(bad)} is not a seed (comma-separated integers in [0, 2**63))")
+    seeds = [int(s) for s in seeds]
     methods = [m.strip() for m in a.methods.split(",") if m.strip()]
     if bad := [m for m in methods if m not in METHODS]:
         fail(f"unknown method(s) {', '.join(bad)}; choose from {', '.join(METHODS)}")
@@ -460,6 +469,15 @@ def reproduce():
             "a seed, method or ablation is given twice: it would count twice in every mean and test"
         )
     ablations = dict(parse_ablation(s) for s in a.ablation)
+    # every flag is checked before the first stage, so that a typo costs a second, not the stages
+    if a.sae_path and not a.concept_source:
+        fail("--sae_path needs --concept_source: an SAE belongs to the model it was trained on")
+    sets = {}
+    for spec in a.overrides:
+        key, eq, value = spec.partition("=")
+        if not eq or not key:
+            fail(f"--set {spec!r}: expected KEY=VALUE (a train.py config key)")
+        sets[key] = parse_value(value)
     methods += list(ablations)
     if not seeds or not methods:
         fail("nothing to run: give at least one seed and one method")
@@ -553,8 +571,6 @@ def reproduce():
 
     # 2. concept source (trained here, given, or GPT-2). A given file is recorded by its SHA-256, so
     # that the stages built on it (SAE, CoCoMix, KD) refuse another file under the same path
-    if a.sae_path and not a.concept_source:
-        fail("--sae_path needs --concept_source: an SAE belongs to the model it was trained on")
     if a.concept_source:
         source = os.path.abspath(a.concept_source)
         deps["source"] = given_file(source, "--concept_source")
@@ -661,12 +677,6 @@ def reproduce():
     # 4. every method x seed: the same student config, token budget and seed, hence the same batches
     from model import GPTConfig, load_checkpoint, ntp_matched_width
 
-    sets = {}
-    for spec in a.overrides:
-        key, eq, value = spec.partition("=")
-        if not eq or not key:
-            fail(f"--set {spec!r}: expected KEY=VALUE (a train.py config key)")
-        sets[key] = parse_value(value)
     student = {**read_config(P["student"]), **sets}
     width = ntp_matched_width(
         GPTConfig(

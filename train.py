@@ -24,6 +24,10 @@ import sys
 import time
 from contextlib import nullcontext
 
+from cocomix.interrupt import on_ctrl_c
+
+on_ctrl_c("the run had not started; nothing was written")  # until the training loop's handler
+
 import numpy as np
 import torch
 from torch.distributed import destroy_process_group
@@ -254,7 +258,10 @@ elif init_from == "scratch":
     except ValueError as e:
         fail(str(e))
 else:
-    model = GPT.from_pretrained(init_from, dropout=dropout)
+    try:
+        model = GPT.from_pretrained(init_from, dropout=dropout)
+    except (OSError, ValueError, RuntimeError) as e:  # offline, or not a GPT-2 folder
+        fail(f"--init_from={init_from}: {e}")
     model_args = {k: getattr(model.config, k) for k in GPTConfig.__dataclass_fields__}
 # the log keeps the steps before this run's start (none from scratch); the rest it logs again
 if master:
@@ -367,8 +374,9 @@ def evaluate():
 saved = [iter_num, best_val_loss]  # what ckpt.pt holds (a resume's checkpoint, or nothing yet)
 
 
-def save_checkpoint():
-    """Atomic: write a temporary file, then rename, so a crash keeps the previous checkpoint."""
+def save_checkpoint(why=""):
+    """Atomic: write a temporary file, then rename, so a crash keeps the previous checkpoint. A
+    failed write ends the run with `why` and its reason."""
     sd = raw_model.state_dict()
     if not all(torch.isfinite(v).all() for v in sd.values() if v.is_floating_point()):
         msg = f"warning: step {iter_num}: parameters are not finite, checkpoint not written"
@@ -388,13 +396,19 @@ def save_checkpoint():
     try:
         save_atomic(ckpt, ckpt_path)
     except OSError as e:  # a full disk: the previous checkpoint stays, and the run stops unsaved
-        fail(str(e))
+        fail(f"{why}{e}")
     saved[:] = [iter_num, best_val_loss]
 
 
 def log(record):
-    with open(os.path.join(out_dir, "log.jsonl"), "a") as f:
-        f.write(json.dumps(record) + "\n")
+    path = os.path.join(out_dir, "log.jsonl")
+    try:
+        with open(path, "a") as f:
+            f.write(json.dumps(record) + "\n")
+    except OSError as e:  # a full disk or a removed out_dir: the steps so far are saved first
+        if saved[0] != iter_num:
+            save_checkpoint(why=f"cannot write {path} ({e.strerror or e}), and ")
+        fail(f"cannot write {path} ({e.strerror or e}); {ckpt_path} holds step {iter_num}")
 
 
 # -----------------------------------------------------------------------------

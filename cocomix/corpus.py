@@ -17,6 +17,10 @@ VOCAB_SIZE = 50257  # GPT-2 BPE
 EOT = 50256  # <|endoftext|>, which prepare.py puts after every document
 
 
+class TokenizerError(RuntimeError):
+    """GPT-2's tokenizer files cannot be had (offline without TIKTOKEN_CACHE_DIR)."""
+
+
 def tokenizer():
     """GPT-2's BPE (tiktoken), or a one-line error saying how to make it available offline."""
     import tiktoken
@@ -24,7 +28,7 @@ def tokenizer():
     try:
         return tiktoken.get_encoding("gpt2")
     except Exception as e:  # tiktoken raises several kinds when it cannot download
-        raise RuntimeError(
+        raise TokenizerError(
             f"GPT-2's tokenizer is unavailable ({type(e).__name__}); offline, set TIKTOKEN_CACHE_DIR "
             "to a folder holding tiktoken's gpt2 files"
         ) from None

@@ -15,6 +15,8 @@ import sys
 import numpy as np
 import torch
 
+from cocomix.weights import write_atomic
+
 
 def auto_device(device):
     if device != "auto":
@@ -167,8 +169,18 @@ def hold_lock(path):
         except FileNotFoundError:
             pass
         os.close(fd)
-    os.ftruncate(fd, 0)
-    os.pwrite(fd, json.dumps({"pid": os.getpid(), "host": socket.gethostname()}).encode(), 0)
+    try:
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, json.dumps({"pid": os.getpid(), "host": socket.gethostname()}).encode(), 0)
+    except OSError as e:  # a full disk: no empty lock file is left behind
+        os.remove(path)  # still holding it, as release does
+        os.close(fd)
+        if created:
+            try:
+                os.rmdir(folder)
+            except OSError:
+                pass
+        raise RuntimeError(f"cannot write in {folder} ({e.strerror})") from None
 
     def release():
         if fd in held:
@@ -204,9 +216,7 @@ def trim_log(path, iter_num):
         if r.get("iter", -1) < iter_num and r.get("train_step", -1) <= iter_num:
             keep.append(line if line.endswith("\n") else line + "\n")
     if keep != lines:
-        with open(path + ".tmp", "w") as f:
-            f.writelines(keep)
-        os.replace(path + ".tmp", path)
+        write_atomic(path, "".join(keep))
 
 
 def label_cache_note(label_caches, record):

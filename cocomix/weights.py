@@ -114,12 +114,14 @@ def save_safetensors(tensors, path, metadata=None):
         offset += len(raw)
     head = json.dumps(header, separators=(",", ":")).encode()
     head += b" " * (-len(head) % 8)  # the format pads the header so the data starts 8-byte aligned
-    tmp = f"{path}.tmp"
-    with open(tmp, "wb") as f:
-        f.write(struct.pack("<Q", len(head)) + head)
-        for raw in chunks:
-            f.write(raw)
-    os.replace(tmp, path)
+
+    def write(tmp):
+        with open(tmp, "wb") as f:
+            f.write(struct.pack("<Q", len(head)) + head)
+            for raw in chunks:
+                f.write(raw)
+
+    write_atomic(path, write)
 
 
 def load_hf_state_dict(path):
@@ -219,19 +221,34 @@ def save_atomic(obj, path):
     """torch.save through a temporary file renamed into place: a crash or a full disk leaves the
     previous file as it was and no temporary one. A failed write is an OSError with a one-line
     message."""
+    write_atomic(path, lambda tmp: torch.save(obj, tmp))
+
+
+def write_atomic(path, content):
+    """content (str, bytes, or a function writing the file named by its argument) to path through a
+    temporary file renamed into place: a full disk, a read-only folder or an interrupt leaves the
+    previous file as it was (or none) and no temporary or empty one. A failed write is an OSError
+    with a one-line message naming path."""
     tmp = path + ".tmp"
     try:
-        torch.save(obj, tmp)
+        if callable(content):
+            content(tmp)
+        else:
+            with open(tmp, "wb") as f:
+                f.write(content if isinstance(content, bytes) else content.encode())
         os.replace(tmp, path)
-    except (
-        OSError,
-        RuntimeError,
-    ) as e:  # torch's zip writer reports a failed write as a RuntimeError
-        if os.path.exists(tmp):
+    except BaseException as e:
+        try:
             os.remove(tmp)
+        except OSError:
+            pass
+        # torch's zip writer reports a failed write as a RuntimeError
+        if not isinstance(e, (OSError, RuntimeError)):
+            raise
+        why = e.strerror if isinstance(e, OSError) and e.strerror else first_line(e)
+        kept = "; the previous file is unchanged" if os.path.exists(path) else ""
         raise OSError(
-            f"cannot write {path} ({first_line(e)}; {free_bytes(path):,} bytes free there); "
-            f"the previous file is unchanged"
+            f"cannot write {path} ({why}; {free_bytes(path):,} bytes free there){kept}"
         ) from None
 
 

@@ -9,6 +9,7 @@ import signal
 import subprocess
 import sys
 from argparse import Namespace
+from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 import torch
@@ -192,3 +193,255 @@ def test_reproduce_stage_leaves_a_live_runs_files_alone(tmp_path, capsys):
     assert f"is in use by another run (PID {holder.pid}" in capsys.readouterr().err
     assert (folder / "ckpt.pt").read_bytes() == b"live checkpoint"
     assert (folder / "log.jsonl").read_text() == '{"iter": 0}\n'
+
+
+# -----------------------------------------------------------------------------
+# T1-T16 and the misleading messages: one line naming the setting or file, quiet Ctrl-C, full disks
+
+
+def child(target, args, hook="", env=None):
+    """argv of `python target args` (a root script, or scripts.NAME as with -m), running `hook`
+    (Python code) first; env: variables to set for it."""
+    run = (
+        f"runpy.run_module({target!r}, run_name='__main__', alter_sys=True)"
+        if target.startswith("scripts.")
+        else f"runpy.run_path({target!r}, run_name='__main__')"
+    )
+    code = f"{hook}\nimport runpy, sys\nsys.argv = [{target!r}, *sys.argv[1:]]\n{run}"
+    return [sys.executable, "-c", code, *args], env or {}
+
+
+# the disk is full: every write past `n` bytes of a file fails with EFBIG (SIGXFSZ ignored, else it
+# kills the process), as a full disk fails writes with ENOSPC
+FULL_DISK = """
+import resource, signal
+signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+resource.setrlimit(resource.RLIMIT_FSIZE, ({n}, {n}))"""
+# Ctrl-C the moment the script first calls torch.{fn}
+CTRL_C = """
+import os, signal, torch
+_f = torch.{fn}
+def _hook(*a, **k):
+    os.kill(os.getpid(), signal.SIGINT)
+    return _f(*a, **k)
+torch.{fn} = _hook"""
+# a step's log record cannot be written (a full disk), or out_dir is removed, at step 3's log record
+AT_STEP_3 = """
+import builtins, os, shutil
+_open = builtins.open
+def _hooked(path, *a, **k):
+    log = str(path).endswith('log.jsonl') and os.path.exists(path)
+    if log and _open(path).read().count('train_step') == 2:
+        {action}
+    return _open(path, *a, **k)
+builtins.open = _hooked"""
+OFFLINE = {"HTTPS_PROXY": "http://127.0.0.1:9", "https_proxy": "http://127.0.0.1:9"}
+
+
+@pytest.fixture(scope="module")
+def bad_runs(data_dir, finished, source_and_sae, tmp_path_factory):
+    """Every case of the table run once, three at a time: {id: (process, folder, expected)}."""
+    root = tmp_path_factory.mktemp("attacks")
+    src, sae = source_and_sae
+    # a diverged model: perplexity past what a float holds
+    c = ckpt(finished)
+    c["model"]["transformer.wte.weight"].mul_(1e6)  # tied: the LM head's too
+    torch.save(c, root / "diverged.pt")
+    # a CoCoMix student (random weights) for sample.py --inspect --html
+    from model import GPT, GPTConfig
+
+    cfg = dict(block_size=32, vocab_size=50257, n_layer=2, n_head=2, n_embd=32)
+    cfg.update(n_concepts=64, concept_topk=8, insert_layer=1, mix="interleave")
+    torch.save({"model": GPT(GPTConfig(**cfg)).state_dict(), "model_args": cfg}, root / "co.pt")
+    (root / "empty_cache").mkdir()
+    T = [f"--data_dir={data_dir}", *TINY, "--max_iters=6", "--eval_interval=100"]
+    out = lambda name: str(root / name)
+    ev = [f"--ckpt={finished}/ckpt.pt", f"--data_dir={data_dir}", "--max_tokens=64", "--device=cpu"]
+    table = {
+        "T1_n_head": (child("train.py", [*T, f"--out_dir={out('t1')}", "--n_head=0"]), "n_head"),
+        "T2_seed": (child("train.py", [*T, f"--out_dir={out('t2')}", "--seed=-1"]), "seed must"),
+        "T2_seeds": (
+            child("reproduce.py", ["--preset=tiny", f"--out_dir={out('r2')}", "--seeds=1,-3"]),
+            "--seeds: -3 is not a seed",
+        ),
+        "T4_num_proc": (
+            child(
+                "prepare.py", ["--input", out("t4.txt"), f"--out_dir={out('t4')}", "--num_proc=-1"]
+            ),
+            "--num_proc must be >= 1, got -1",
+        ),
+        "T4_doc_separator": (
+            child(
+                "prepare.py",
+                ["--input", out("t4.txt"), f"--out_dir={out('t4')}", "--doc_separator="],
+            ),
+            "--doc_separator must not be empty",
+        ),
+        "T5_block_size": (child("scripts.eval", [*ev, "--block_size=-1"]), "--block_size must be"),
+        "T6_seeds": (
+            child("reproduce.py", ["--preset=tiny", f"--out_dir={out('r6')}", "--seeds=a"]),
+            "--seeds: a is not a seed",
+        ),
+        "T7_overflow": (child("scripts.eval", [*ev[1:], f"--ckpt={root / 'diverged.pt'}"]), 0),
+        "T8_full_disk_at_start": (
+            child("train.py", [*T, f"--out_dir={out('t8')}"], FULL_DISK.format(n=0)),
+            f"cannot write in {out('t8')}",
+        ),
+        "T9_log_write_fails": (
+            child(
+                "train.py",
+                [*T, f"--out_dir={out('t9')}"],
+                AT_STEP_3.format(action="raise OSError(28, 'No space left on device')"),
+            ),
+            f"cannot write {out('t9')}/log.jsonl (No space left on device); {out('t9')}/ckpt.pt holds step 3",
+        ),
+        "T10_out_dir_removed": (
+            child(
+                "train.py",
+                [*T, f"--out_dir={out('t10')}"],
+                AT_STEP_3.format(action=f"shutil.rmtree({out('t10')!r})"),
+            ),
+            f"cannot write {out('t10')}/log.jsonl (No such file or directory)",
+        ),
+        "T11_eval_out_full_disk": (
+            child("scripts.eval", [*ev, f"--out={out('t11')}/r.json"], FULL_DISK.format(n=100)),
+            f"cannot write {out('t11')}/r.json (File too large",
+        ),
+        "T12_html_full_disk": (
+            child(
+                "sample.py",
+                [f"--out_dir={root / 'co.pt'}", "--inspect", f"--html={out('t12.html')}"]
+                + ["--max_new_tokens=2", "--device=cpu"],
+                FULL_DISK.format(n=100),
+            ),
+            f"cannot write {out('t12.html')} (File too large",
+        ),
+        "T13_no_tokenizer": (
+            child(
+                "sae.py",
+                ["--describe", f"--sae_path={sae}", f"--concept_source={src}", "--layer=1"]
+                + [f"--data_dir={data_dir}", "--eval_tokens=64", "--device=cpu"],
+                env={"TIKTOKEN_CACHE_DIR": out("empty_cache"), **OFFLINE},
+            ),
+            "GPT-2's tokenizer is unavailable",
+        ),
+        "T14_gpt2_offline": (
+            child(
+                "train.py",
+                [*T, f"--out_dir={out('t14')}", "--init_from=gpt2"],
+                env={"HOME": out("empty_cache"), **OFFLINE},
+            ),
+            "--init_from=gpt2: could not download",
+        ),
+        "T15_ctrl_c_start_up": (
+            child("train.py", [*T, f"--out_dir={out('t15')}"], CTRL_C.format(fn="manual_seed")),
+            130,
+        ),
+        "T16_ctrl_c_describe": (
+            child(
+                "sae.py",
+                ["--describe", f"--sae_path={sae}", f"--concept_source={src}", "--layer=1"]
+                + [f"--data_dir={data_dir}", "--device=cpu"],
+                CTRL_C.format(fn="load"),
+            ),
+            130,
+        ),
+        "T16_ctrl_c_eval": (child("scripts.eval", ev, CTRL_C.format(fn="load")), 130),
+        "T16_ctrl_c_sample": (
+            child("sample.py", [f"--out_dir={finished}", "--device=cpu"], CTRL_C.format(fn="load")),
+            130,
+        ),
+        "T16_ctrl_c_export": (
+            child(
+                "scripts.export_hf",
+                [f"--ckpt={finished}", f"--out={out('hf')}"],
+                CTRL_C.format(fn="load"),
+            ),
+            130,
+        ),
+        "eval_device": (child("scripts.eval", [*ev, "--device=foo"]), "device must be auto, cpu"),
+        "sae_tokens_1": (
+            child(
+                "sae.py",
+                [f"--concept_source={src}", f"--data_dir={data_dir}", "--layer=1", "--tokens=1"]
+                + [f"--sae_path={out('sae1')}/sae.pt"],
+            ),
+            "--tokens=1 is less than one batch",
+        ),
+        "reproduce_set_junk": (
+            child("reproduce.py", ["--preset=tiny", f"--out_dir={out('r_set')}", "--set", "junk"]),
+            "--set 'junk': expected KEY=VALUE",
+        ),
+        "reproduce_sae_path_alone": (
+            child(
+                "reproduce.py", ["--preset=tiny", f"--out_dir={out('r_sae')}", f"--sae_path={sae}"]
+            ),
+            "--sae_path needs --concept_source",
+        ),
+    }
+    (root / "t4.txt").write_text("Some text to prepare. " * 100)
+
+    def go(case):
+        (argv, env), _ = case
+        return subprocess.run(
+            argv, cwd=ROOT, env={**ENV, **env}, capture_output=True, text=True, timeout=600
+        )
+
+    with ThreadPoolExecutor(3) as pool:
+        done = dict(zip(table, pool.map(go, table.values())))
+    return {k: (done[k], root, table[k][1]) for k in table}
+
+
+CASES = [
+    "T1_n_head",
+    "T2_seed",
+    "T2_seeds",
+    "T4_num_proc",
+    "T4_doc_separator",
+    "T5_block_size",
+    "T6_seeds",
+    "T7_overflow",
+    "T8_full_disk_at_start",
+    "T9_log_write_fails",
+    "T10_out_dir_removed",
+    "T11_eval_out_full_disk",
+    "T12_html_full_disk",
+    "T13_no_tokenizer",
+    "T14_gpt2_offline",
+    "T15_ctrl_c_start_up",
+    "T16_ctrl_c_describe",
+    "T16_ctrl_c_eval",
+    "T16_ctrl_c_sample",
+    "T16_ctrl_c_export",
+    "eval_device",
+    "sae_tokens_1",
+    "reproduce_set_junk",
+    "reproduce_sae_path_alone",
+]
+
+
+@pytest.mark.parametrize("case", CASES)
+def test_attack(bad_runs, case):
+    assert sorted(bad_runs) == sorted(CASES)
+    p, root, expected = bad_runs[case]
+    assert "Traceback" not in p.stderr, p.stderr[-3000:]
+    if expected == 0:  # T7: the diverged model's perplexity is inf, not an OverflowError
+        assert p.returncode == 0 and "inf" in p.stdout, (p.returncode, p.stdout, p.stderr[-2000:])
+        return
+    if expected == 130:  # Ctrl-C: one line, status 130, nothing written
+        assert p.returncode == 130, (p.returncode, p.stderr[-2000:])
+        assert [ln for ln in p.stderr.splitlines() if ln.startswith("interrupted:")], p.stderr
+        assert not (root / "t15").exists() and not (root / "hf").exists()
+        return
+    one_line_error(p, expected)
+    # nothing half-written: no temporary, empty or lock file, no folder left by a refused run
+    assert not [f for f in root.rglob("*") if f.name.endswith(".tmp") or f.name == "lock"]
+    assert not [f for f in root.rglob("*") if f.is_file() and f.stat().st_size == 0]
+    if case.startswith("T8"):
+        assert not (root / "t8").exists()
+    if case.startswith("T9"):  # the steps were saved before the run stopped
+        assert ckpt(root / "t9")["iter_num"] == 3
+    if case.startswith("T11"):
+        assert not (root / "t11" / "r.json").exists()
+    if case.startswith("reproduce"):  # refused before the first stage
+        assert not (root / case.replace("reproduce_", "r_").replace("_path_alone", "")).exists()

@@ -269,7 +269,7 @@ def test_reproduce_stop_reaches_a_stage_that_ignores_sigint(tmp_path):
         )  # SIGINT, ignored, would leave it waiting for the 60 s stage
     finally:
         p.kill()
-    assert p.returncode == 1 and "interrupted in stage train x" in err, err
+    assert p.returncode == 130 and "interrupted in stage train x" in err, err
 
 
 def test_reproduce_resumes_an_interrupted_stage_and_trusts_only_the_checkpoint(tmp_path, capsys):
