@@ -445,3 +445,52 @@ def test_attack(bad_runs, case):
         assert not (root / "t11" / "r.json").exists()
     if case.startswith("reproduce"):  # refused before the first stage
         assert not (root / case.replace("reproduce_", "r_").replace("_path_alone", "")).exists()
+
+
+# -----------------------------------------------------------------------------
+# S2: checkpoints and SAE files carry a digest of their tensors, which every loader checks
+
+
+def flip_tensor_byte(path, tensor):
+    """Flip one byte inside `tensor`'s data in the torch file at path, as disk damage or an edit
+    would: the file stays a readable zip and pickle."""
+    raw = bytearray(open(path, "rb").read())
+    at = raw.find(tensor.contiguous().numpy().tobytes()[:64])
+    assert at > 0
+    raw[at + 5] ^= 0x10
+    open(path, "wb").write(bytes(raw))
+
+
+def test_a_flipped_byte_in_a_checkpoint_is_refused_by_every_loader(data_dir, finished, tmp_path):
+    from model import load_checkpoint, load_frozen_gpt
+
+    out = copy_run(finished, tmp_path)
+    path = os.path.join(out, "ckpt.pt")
+    flip_tensor_byte(path, ckpt(out)["model"]["transformer.wpe.weight"])
+    for load in (load_checkpoint, load_frozen_gpt):
+        with pytest.raises(ValueError, match=f"{path}: its tensors do not match the digest"):
+            load(path)
+    p = train(data_dir, out, "--init_from=resume", f"--max_iters={STEPS + 1}", check=False)
+    one_line_error(p, f"{path}: its tensors do not match the digest")
+
+
+def test_a_flipped_byte_in_an_sae_file_is_refused(tmp_path, capsys):
+    from sae import SAE
+
+    path = str(tmp_path / "sae.pt")
+    sae = SAE(32, 64, 4, meta={"layer": 1})
+    sae.save(path)
+    w = sae.state_dict()["decoder.weight"]
+    assert torch.equal(SAE.load(path).state_dict()["decoder.weight"], w)
+    flip_tensor_byte(path, w)
+    with pytest.raises(ValueError, match=f"{path}: its tensors do not match the digest"):
+        SAE.load(path)
+    # a file written before digests: loaded, with a one-line note naming it
+    old = str(tmp_path / "old.pt")
+    torch.save({k: v for k, v in torch.load(path, weights_only=True).items() if k != "digest"}, old)
+    SAE.load(old)
+    SAE.load(old)
+    notes = [ln for ln in capsys.readouterr().err.splitlines() if ln.startswith("note:")]
+    assert notes == [
+        f"note: {old} has no content digest (written before they were kept); loaded unchecked"
+    ]
