@@ -48,7 +48,7 @@ from tqdm import tqdm
 
 import cocomix.weights as weights
 from cocomix.corpus import EOT as EOT_TOKEN
-from cocomix.corpus import VOCAB_SIZE, tokenizer
+from cocomix.corpus import VOCAB_SIZE, token_file_digest, tokenizer
 
 TOKENIZER = "gpt2"
 VAL_FRACTION = 0.01
@@ -402,6 +402,8 @@ def _write_corpus(
             },
             "settings": settings,
             "inputs": [{k: v for k, v in i.items() if k != "chars"} for i in inputs],
+            # checked by every reader (cocomix/corpus.py): a file replaced in place is refused
+            "digests": {f"{s}.bin": token_file_digest(tmp[s]) for s in ("train", "val")},
         }
         with open(tmp["meta"], "w") as f:
             json.dump(meta, f, indent=2)

@@ -167,9 +167,34 @@ def flatten(d, prefix=""):
     return out
 
 
-def done(name, record, settings, outputs, force):
-    """True when `record` holds these settings and the outputs exist. Other settings stop the run
-    (unless force): silently mixing two configurations in one out_dir would make the table a lie."""
+def file_hashes(record, paths):
+    """{path relative to the record's folder: SHA-256} of the files among paths (a stage's outputs
+    or inputs), for its stage.json: 'skip: done' then means the same bytes."""
+    from cocomix.weights import file_sha256
+
+    home = os.path.dirname(record)
+    return {os.path.relpath(p, home): file_sha256(p) for p in paths if os.path.isfile(p)}
+
+
+def changed_file(name, record, rec, outputs, inputs):
+    """Why a finished stage's outputs or inputs are no longer the files it recorded (a checkpoint
+    copied over, a source retrained by hand), naming the stage and the file; None when they are."""
+    for key, paths in (("outputs", outputs), ("inputs", inputs)):
+        old = rec.get(key) or {}
+        for rel, h in file_hashes(record, paths).items():
+            if rel in old and old[rel] != h:
+                path = os.path.normpath(os.path.join(os.path.dirname(record), rel))
+                return (
+                    f"stage {name}: {path} is not the file the stage {'wrote' if key == 'outputs' else 'read'} "
+                    "(its SHA-256 differs from stage.json's); use another --out_dir, or --force to redo the stage"
+                )
+    return None
+
+
+def done(name, record, settings, outputs, force, inputs=()):
+    """True when `record` holds these settings and the outputs exist, with the bytes it recorded of
+    its outputs and inputs (check_hashes). Other settings stop the run (unless force): silently
+    mixing two configurations in one out_dir would make the table a lie."""
     rec = read_json(record)
     settings = json.loads(json.dumps(settings))  # compare as JSON sees it (tuples -> lists)
     if rec is not None and rec.get("settings") != settings:
@@ -181,8 +206,11 @@ def done(name, record, settings, outputs, force):
                 "use another --out_dir, or --force to redo it"
             )
     elif rec is not None and all(os.path.exists(o) for o in outputs):
-        print(f"skip {name}: done ({os.path.dirname(record)})")
-        return True
+        if (changed := changed_file(name, record, rec, outputs, inputs)) is None:
+            print(f"skip {name}: done ({os.path.dirname(record)})")
+            return True
+        if not force:
+            fail(changed)
     if os.path.exists(record):
         os.remove(record)  # an interrupted redo must not look finished
     print(f"== stage {name}", flush=True)
@@ -234,7 +262,7 @@ def folder_lock(stage, folder, lock_name="lock"):
 
 
 def command_stage(
-    name, folder, settings, outputs, cmds, a, env, log_name, check=None, lock_name="lock"
+    name, folder, settings, outputs, cmds, a, env, log_name, check=None, lock_name="lock", inputs=()
 ):
     """A stage made of subprocesses writing into `folder`; returns its record. attempt.json records
     the settings of an attempt until it succeeds: an interrupted attempt with these settings is
@@ -242,9 +270,10 @@ def command_stage(
     earlier attempt go first, since train.py and sae.py append to their logs and another attempt
     must not leak into this one. check() may refuse the result (fail) or return entries for the
     record. Files in folder are read, removed and written only under its lock (folder_lock); the
-    commands take it themselves."""
+    commands take it themselves. stage.json records the SHA-256 of the outputs and inputs (files),
+    which a rerun checks before it skips the stage."""
     with folder_lock(name, folder, lock_name):
-        rec = prepare_stage(name, folder, settings, outputs, a)
+        rec = prepare_stage(name, folder, settings, outputs, a, inputs)
     if rec is not None:
         return rec
     record, attempt = os.path.join(folder, "stage.json"), os.path.join(folder, "attempt.json")
@@ -264,17 +293,19 @@ def command_stage(
             "settings": prev["settings"],
             "wall": wall + time.time() - t0,
             **((check and check()) or {}),
+            "outputs": file_hashes(record, outputs),
+            "inputs": file_hashes(record, inputs),
         }
         write_json(record, rec)
         os.remove(attempt)
     return rec
 
 
-def prepare_stage(name, folder, settings, outputs, a):
+def prepare_stage(name, folder, settings, outputs, a, inputs):
     """command_stage's start, under the folder's lock: the record when the stage is done, else None,
     with the folder readied for the attempt (its attempt.json says whether it resumes)."""
     record, attempt = os.path.join(folder, "stage.json"), os.path.join(folder, "attempt.json")
-    if done(name, record, settings, outputs, a.force):
+    if done(name, record, settings, outputs, a.force, inputs):
         return read_json(record)
     prev, settings = read_json(attempt), json.loads(json.dumps(settings))
     resume = prev is not None and prev.get("settings") == settings
@@ -502,6 +533,7 @@ def reproduce():
 
     # 1. data
     data_dir = os.path.join(out, "data")
+    data_files = [os.path.join(data_dir, f) for f in ("train.bin", "val.bin", "meta.json")]
     root = a.data_root if a.data_root is not None else os.environ.get("COCOMIX_DATA", "")
     if root and not os.path.isdir(root):
         if a.data_root:
@@ -553,7 +585,7 @@ def reproduce():
         "data",
         os.path.join(data_dir, "stage.json"),
         data_settings,
-        [os.path.join(data_dir, f) for f in ("train.bin", "val.bin", "meta.json")],
+        data_files,
         a.force,
     ):
         import prepare
@@ -565,7 +597,8 @@ def reproduce():
                 prepare.prepare_source(inputs.removeprefix("source:"), data_dir, overwrite=a.force)
         except prepare.PrepareError as e:
             fail(f"stage data failed: {e}")
-        write_json(os.path.join(data_dir, "stage.json"), {"settings": data_settings})
+        record = os.path.join(data_dir, "stage.json")
+        write_json(record, {"settings": data_settings, "outputs": file_hashes(record, data_files)})
     deps = {"data": digest(data_settings)}
     D = f"--data_dir={data_dir}"
 
@@ -593,6 +626,7 @@ def reproduce():
             env,
             "train.log",
             lambda: checkpoint_step("source", src_dir, cfg),
+            inputs=data_files,
         )
         deps["source"] = digest(settings)
 
@@ -670,7 +704,16 @@ def reproduce():
         )
     if not a.sae_path:
         command_stage(
-            "sae", sae_dir, settings, outputs, cmds, a, env, "sae.log", lock_name="sae.lock"
+            "sae",
+            sae_dir,
+            settings,
+            outputs,
+            cmds,
+            a,
+            env,
+            "sae.log",
+            lock_name="sae.lock",
+            inputs=[source, *data_files],
         )
         deps["sae"] = digest(settings)
 
@@ -735,6 +778,10 @@ def reproduce():
                 env,
                 "train.log",
                 lambda: checkpoint_step(name, run_dir, cfg),
+                inputs=[
+                    *data_files,
+                    *(over[k] for k in ("concept_source", "sae_path") if k in over),
+                ],
             )
             runs[m, seed] = {"dir": run_dir, "settings": settings, "train": rec}
 
@@ -793,13 +840,15 @@ def reproduce():
             {"eval": ev, "run": digest(r["settings"])},
         )
         with folder_lock(f"eval {m} seed {seed}", r["dir"]):
-            if not done(f"eval {m} seed {seed}", record, settings, [], a.force):
+            ckpt = os.path.join(r["dir"], "ckpt.pt")
+            if not done(f"eval {m} seed {seed}", record, settings, [], a.force, [ckpt]):
                 try:
                     model, _ = load_checkpoint(os.path.join(r["dir"], "ckpt.pt"), device)
                     res = evaluate_run(model, data_dir, ev, device)
                 except Exception as e:  # EvalError, or a broken checkpoint
                     fail(f"stage eval {m} seed {seed} failed: {type(e).__name__}: {e}")
-                write_json(record, {"settings": settings, "result": res})
+                inputs = file_hashes(record, [ckpt])
+                write_json(record, {"settings": settings, "result": res, "inputs": inputs})
                 print(f"{m} seed {seed}: val loss {res['val']['loss']:.4f}")
         r["eval"], r["log"] = read_json(record)["result"], read_log(r["dir"])
 

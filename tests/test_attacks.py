@@ -3,6 +3,7 @@ it says it applied, stages that must not trust a swapped file nor delete a live 
 one-line errors, quiet Ctrl-C and clean full-disk failures in every entry point. Each case runs the
 scripts as subprocesses on tiny models, or calls the checks directly where that says the same."""
 
+import json
 import os
 import shutil
 import signal
@@ -494,3 +495,73 @@ def test_a_flipped_byte_in_an_sae_file_is_refused(tmp_path, capsys):
     assert notes == [
         f"note: {old} has no content digest (written before they were kept); loaded unchecked"
     ]
+
+
+# -----------------------------------------------------------------------------
+# S4, S5: a stage's stage.json holds the SHA-256 of what it wrote and read; a rerun checks them
+
+
+def test_reproduce_stage_refuses_a_swapped_output_or_input(tmp_path, capsys):
+    """A finished stage whose checkpoint was replaced (S4: KD's ckpt.pt copied over NTP's; S5: the
+    source retrained by hand) or whose input changed is refused naming the stage and the file; the
+    same bytes skip it."""
+    import reproduce
+
+    folder, src = tmp_path / "run", tmp_path / "source.pt"
+    src.write_bytes(b"source weights")
+    write = "import sys; open(sys.argv[1], 'w').write('ntp weights')"
+
+    def stage():
+        return reproduce.command_stage(
+            "train ntp seed 1",
+            str(folder),
+            {"lr": 1},
+            [str(folder / "ckpt.pt")],
+            [["-c", write, str(folder / "ckpt.pt")]],
+            Namespace(force=False),
+            dict(os.environ),
+            "train.log",
+            inputs=[str(src)],
+        )
+
+    rec = stage()
+    assert set(rec["outputs"]) == {"ckpt.pt"} and set(rec["inputs"]) == {"../source.pt"}
+    stage()
+    assert "skip train ntp seed 1: done" in capsys.readouterr().out
+    (folder / "ckpt.pt").write_text("kd weights")  # S4
+    with pytest.raises(SystemExit):
+        stage()
+    err = capsys.readouterr().err
+    assert f"stage train ntp seed 1: {folder}/ckpt.pt is not the file the stage wrote" in err, err
+    (folder / "ckpt.pt").write_text("ntp weights")
+    src.write_bytes(b"retrained by hand")  # S5
+    with pytest.raises(SystemExit):
+        stage()
+    assert f"{src} is not the file the stage read" in capsys.readouterr().err
+
+
+# -----------------------------------------------------------------------------
+# S3: meta.json holds a digest of each token file, which every reader checks
+
+
+def test_a_token_file_replaced_in_place_is_refused(data_dir, tmp_path):
+    """train.bin with two tokens swapped (same size, every id valid, meta.json untouched): refused
+    by load_tokens, which train.py (fresh or resumed), sae.py, eval and reproduce.py read through."""
+    import numpy as np
+
+    from cocomix.corpus import load_tokens
+    from tests.test_faults import copy_data
+
+    data = copy_data(data_dir, tmp_path / "data")
+    meta = json.load(open(os.path.join(data, "meta.json")))
+    assert set(meta["digests"]) == {"train.bin", "val.bin"}
+    assert len(load_tokens(data, "train")) == meta["splits"]["train"]["tokens"]
+    tokens = np.memmap(os.path.join(data, "train.bin"), dtype=np.uint16, mode="r+")
+    i = int(np.flatnonzero(tokens[1:1000] != tokens[0])[0]) + 1
+    tokens[[0, i]] = tokens[[i, 0]]
+    tokens.flush()
+    del tokens
+    with pytest.raises(ValueError, match="train.bin is not the file prepare.py wrote"):
+        load_tokens(data, "train")
+    p = train(data, str(tmp_path / "run"), check=False)
+    one_line_error(p, f"{data}/train.bin is not the file prepare.py wrote")
