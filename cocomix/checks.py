@@ -162,11 +162,6 @@ def check_resume(checkpoint, model_args, config, ckpt_path, inputs):
     printed as warnings."""
     if missing := [k for k in RESUME_KEYS if k not in checkpoint]:
         return f"{ckpt_path} cannot be resumed: it has no {', '.join(missing)} (not a checkpoint train.py wrote)"
-    if checkpoint["iter_num"] > config["max_iters"]:
-        return (
-            f"max_iters={config['max_iters']} is below the step of {ckpt_path} "
-            f"({checkpoint['iter_num']}): nothing to train; give max_iters >= {checkpoint['iter_num']}"
-        )
     changed = {
         k: (checkpoint["model_args"].get(k), v)
         for k, v in model_args.items()
@@ -191,6 +186,11 @@ def check_resume(checkpoint, model_args, config, ckpt_path, inputs):
             f"{ckpt_path} was trained with other files at the same paths: "
             f"{', '.join(f'{k}={config[k]}' for k in swapped)} "
             "changed since (SHA-256); resume only with the files the run started with"
+        )
+    if checkpoint["iter_num"] > config["max_iters"]:
+        return (
+            f"max_iters={config['max_iters']} is below the step of {ckpt_path} "
+            f"({checkpoint['iter_num']}): nothing to train; give max_iters >= {checkpoint['iter_num']}"
         )
     if warn := [
         f"{k}={config[k]!r} (checkpoint: {old[k]!r})"

@@ -15,6 +15,7 @@ from concurrent.futures import ThreadPoolExecutor
 import pytest
 import torch
 
+from cocomix.weights import save_atomic
 from tests.fixtures import ENV, ROOT, TINY
 from tests.test_faults import hooked, one_line_error, spawn
 
@@ -247,7 +248,7 @@ def bad_runs(data_dir, finished, source_and_sae, tmp_path_factory):
     # a diverged model: perplexity past what a float holds
     c = ckpt(finished)
     c["model"]["transformer.wte.weight"].mul_(1e6)  # tied: the LM head's too
-    torch.save(c, root / "diverged.pt")
+    save_atomic(c, str(root / "diverged.pt"))  # as train.py saves one, with its digest
     # a CoCoMix student (random weights) for sample.py --inspect --html
     from model import GPT, GPTConfig
 
