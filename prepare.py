@@ -41,12 +41,17 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
+from cocomix.interrupt import on_ctrl_c
+
+if __name__ == "__main__":  # Ctrl-C in the start-up (the imports below): one line, exit 130
+    on_ctrl_c("temporary files removed; a data folder without meta.json is unfinished")
+
 import numpy as np
 from tqdm import tqdm
 
 import cocomix.weights as weights
 from cocomix.corpus import EOT as EOT_TOKEN
-from cocomix.corpus import VOCAB_SIZE, tokenizer
+from cocomix.corpus import VOCAB_SIZE, token_file_digest, tokenizer
 
 TOKENIZER = "gpt2"
 VAL_FRACTION = 0.01
@@ -338,7 +343,27 @@ def write_corpus(
     """Encodes docs into out_dir/{train,val}.bin + meta.json. Everything goes to temporary files in
     out_dir first and is moved into place at the end, meta.json last; on any error they are removed
     (a full disk is a PrepareError)."""
+    from cocomix.runtime import hold_lock
+
+    try:  # two runs on one folder would replace each other's files
+        release = hold_lock(os.path.join(out_dir, "lock"))
+    except RuntimeError as e:
+        raise PrepareError(str(e)) from None
+    try:
+        return _write_corpus(
+            docs, inputs, settings, out_dir, num_proc, total_chars, overwrite, verbose
+        )
+    finally:
+        release()
+
+
+def _write_corpus(
+    docs, inputs, settings, out_dir, num_proc, total_chars=None, overwrite=False, verbose=True
+):
+    """write_corpus under the folder's lock."""
     out = Path(out_dir)
+    if num_proc < 1:
+        raise PrepareError(f"--num_proc must be >= 1, got {num_proc}")
     if check_out_dir(out, settings, [i["sha256"] for i in inputs], overwrite):
         if verbose:
             print(f"already prepared: {out} holds this corpus with these settings")
@@ -396,6 +421,8 @@ def write_corpus(
             },
             "settings": settings,
             "inputs": [{k: v for k, v in i.items() if k != "chars"} for i in inputs],
+            # checked by every reader (cocomix/corpus.py): a file replaced in place is refused
+            "digests": {f"{s}.bin": token_file_digest(tmp[s]) for s in ("train", "val")},
         }
         with open(tmp["meta"], "w") as f:
             json.dump(meta, f, indent=2)
@@ -430,6 +457,10 @@ def write_corpus(
 def make_settings(val_fraction, doc_separator):
     if not 0 < val_fraction <= 0.5:
         raise PrepareError(f"--val_fraction must be in (0, 0.5], got {val_fraction}")
+    if doc_separator == "":
+        raise PrepareError(
+            "--doc_separator must not be empty (leave it out: one file, one document)"
+        )
     return {
         "tokenizer": TOKENIZER,
         "val_fraction": val_fraction,

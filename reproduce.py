@@ -38,6 +38,11 @@ import subprocess
 import sys
 import time
 
+from cocomix.interrupt import on_ctrl_c
+
+if __name__ == "__main__":  # Ctrl-C in the start-up (the imports below): one line, exit 130
+    on_ctrl_c("no stage had started")
+
 from cocomix.report import evaluate_run, report
 
 REPO = os.path.dirname(os.path.abspath(__file__))
@@ -118,9 +123,9 @@ METHODS = ("ntp", "cocomix", "kd", "pause")
 # -----------------------------------------------------------------------------
 
 
-def fail(msg):
+def fail(msg, status=1):
     print(f"error: {msg}", file=sys.stderr)
-    sys.exit(1)
+    sys.exit(status)
 
 
 def digest(obj):
@@ -136,9 +141,10 @@ def read_json(path):
 
 
 def write_json(path, obj):
-    with open(path + ".tmp", "w") as f:
-        json.dump(obj, f, indent=1)
-    os.replace(path + ".tmp", path)  # a stage counts as done only once its record is whole
+    from cocomix.weights import write_atomic
+
+    # a stage counts as done only once its record is whole
+    write_atomic(path, json.dumps(obj, indent=1))
 
 
 def read_log(run_dir):
@@ -161,9 +167,34 @@ def flatten(d, prefix=""):
     return out
 
 
-def done(name, record, settings, outputs, force):
-    """True when `record` holds these settings and the outputs exist. Other settings stop the run
-    (unless force): silently mixing two configurations in one out_dir would make the table a lie."""
+def file_hashes(record, paths):
+    """{path relative to the record's folder: SHA-256} of the files among paths (a stage's outputs
+    or inputs), for its stage.json: 'skip: done' then means the same bytes."""
+    from cocomix.weights import file_sha256
+
+    home = os.path.dirname(record)
+    return {os.path.relpath(p, home): file_sha256(p) for p in paths if os.path.isfile(p)}
+
+
+def changed_file(name, record, rec, outputs, inputs):
+    """Why a finished stage's outputs or inputs are no longer the files it recorded (a checkpoint
+    copied over, a source retrained by hand), naming the stage and the file; None when they are."""
+    for key, paths in (("outputs", outputs), ("inputs", inputs)):
+        old = rec.get(key) or {}
+        for rel, h in file_hashes(record, paths).items():
+            if rel in old and old[rel] != h:
+                path = os.path.normpath(os.path.join(os.path.dirname(record), rel))
+                return (
+                    f"stage {name}: {path} is not the file the stage {'wrote' if key == 'outputs' else 'read'} "
+                    "(its SHA-256 differs from stage.json's); use another --out_dir, or --force to redo the stage"
+                )
+    return None
+
+
+def done(name, record, settings, outputs, force, inputs=()):
+    """True when `record` holds these settings and the outputs exist, with the bytes it recorded of
+    its outputs and inputs (check_hashes). Other settings stop the run (unless force): silently
+    mixing two configurations in one out_dir would make the table a lie."""
     rec = read_json(record)
     settings = json.loads(json.dumps(settings))  # compare as JSON sees it (tuples -> lists)
     if rec is not None and rec.get("settings") != settings:
@@ -175,8 +206,11 @@ def done(name, record, settings, outputs, force):
                 "use another --out_dir, or --force to redo it"
             )
     elif rec is not None and all(os.path.exists(o) for o in outputs):
-        print(f"skip {name}: done ({os.path.dirname(record)})")
-        return True
+        if (changed := changed_file(name, record, rec, outputs, inputs)) is None:
+            print(f"skip {name}: done ({os.path.dirname(record)})")
+            return True
+        if not force:
+            fail(changed)
     if os.path.exists(record):
         os.remove(record)  # an interrupted redo must not look finished
     print(f"== stage {name}", flush=True)
@@ -205,22 +239,74 @@ def run_logged(stage, cmd, log_path, env):
             # `nohup ... &` inherits SIGINT ignored until it sets its handler, and would not stop
             proc.send_signal(signal.SIGTERM)
             proc.wait()  # train.py and sae.py finish their step, save and exit; let them
-            fail(f"interrupted in stage {stage}; run the same command again to resume it")
+            fail(f"interrupted in stage {stage}; run the same command again to resume it", 130)
     if rc:
         fail(f"stage {stage} failed (exit {rc}); see {log_path}")
 
 
-def command_stage(name, folder, settings, outputs, cmds, a, env, log_name, check=None):
+@contextlib.contextmanager
+def folder_lock(stage, folder, lock_name="lock"):
+    """The lock the stage's program takes on folder (train.py's out_dir/lock, sae.py's sae.lock),
+    held while the stage reads, removes or rewrites files there: a run the user started in that
+    folder is never touched, and the stage is refused naming it."""
+    from cocomix.runtime import hold_lock
+
+    try:
+        release = hold_lock(os.path.join(folder, lock_name))
+    except RuntimeError as e:
+        fail(f"stage {stage}: {e}")
+    try:
+        yield
+    finally:
+        release()
+
+
+def command_stage(
+    name, folder, settings, outputs, cmds, a, env, log_name, check=None, lock_name="lock", inputs=()
+):
     """A stage made of subprocesses writing into `folder`; returns its record. attempt.json records
     the settings of an attempt until it succeeds: an interrupted attempt with these settings is
     resumed, its checkpoints kept (train.py's ckpt.pt, sae.py's resume file); other outputs of an
     earlier attempt go first, since train.py and sae.py append to their logs and another attempt
     must not leak into this one. check() may refuse the result (fail) or return entries for the
-    record."""
+    record. Files in folder are read, removed and written only under its lock (folder_lock); the
+    commands take it themselves. stage.json records the SHA-256 of the outputs and inputs (files),
+    which a rerun checks before it skips the stage."""
+    with folder_lock(name, folder, lock_name):
+        rec = prepare_stage(name, folder, settings, outputs, a, inputs)
+    if rec is not None:
+        return rec
     record, attempt = os.path.join(folder, "stage.json"), os.path.join(folder, "attempt.json")
-    if done(name, record, settings, outputs, a.force):
+    prev = read_json(attempt)
+    t0, wall = time.time(), prev.get("wall", 0.0) if prev.get("resumed") else 0.0
+    try:
+        for cmd in cmds:
+            cmd = cmd() if callable(cmd) else cmd  # a callable decides after the previous command
+            if cmd:
+                run_logged(name, [sys.executable, *cmd], os.path.join(folder, log_name), env)
+    # the wall time of every attempt, so that a resumed stage reports the time it took in all
+    finally:
+        with folder_lock(name, folder, lock_name):
+            write_json(attempt, {"settings": prev["settings"], "wall": wall + time.time() - t0})
+    with folder_lock(name, folder, lock_name):
+        rec = {
+            "settings": prev["settings"],
+            "wall": wall + time.time() - t0,
+            **((check and check()) or {}),
+            "outputs": file_hashes(record, outputs),
+            "inputs": file_hashes(record, inputs),
+        }
+        write_json(record, rec)
+        os.remove(attempt)
+    return rec
+
+
+def prepare_stage(name, folder, settings, outputs, a, inputs):
+    """command_stage's start, under the folder's lock: the record when the stage is done, else None,
+    with the folder readied for the attempt (its attempt.json says whether it resumes)."""
+    record, attempt = os.path.join(folder, "stage.json"), os.path.join(folder, "attempt.json")
+    if done(name, record, settings, outputs, a.force, inputs):
         return read_json(record)
-    os.makedirs(folder, exist_ok=True)
     prev, settings = read_json(attempt), json.loads(json.dumps(settings))
     resume = prev is not None and prev.get("settings") == settings
     if (
@@ -238,21 +324,10 @@ def command_stage(name, folder, settings, outputs, cmds, a, env, log_name, check
             os.remove(os.path.join(folder, f))
     if resume:
         print(f"resuming stage {name} from {folder}")
+        write_json(attempt, {**prev, "resumed": True})
     else:
         write_json(attempt, {"settings": settings, "wall": 0.0})
-    t0, wall = time.time(), (prev or {}).get("wall", 0.0) if resume else 0.0
-    try:
-        for cmd in cmds:
-            cmd = cmd() if callable(cmd) else cmd  # a callable decides after the previous command
-            if cmd:
-                run_logged(name, [sys.executable, *cmd], os.path.join(folder, log_name), env)
-    # the wall time of every attempt, so that a resumed stage reports the time it took in all
-    finally:
-        write_json(attempt, {"settings": settings, "wall": wall + time.time() - t0})
-    rec = {"settings": settings, "wall": wall + time.time() - t0, **((check and check()) or {})}
-    write_json(record, rec)
-    os.remove(attempt)
-    return rec
+    return None
 
 
 def resumable(cmd, folder):
@@ -349,13 +424,13 @@ def parse_ablation(spec):
 
 
 def main():
-    signal.signal(
-        signal.SIGTERM, signal.default_int_handler
-    )  # stopped like Ctrl-C: the running stage saves and exits
+    # Ctrl-C, and SIGTERM like it: the running stage saves and exits, then status 130
+    signal.signal(signal.SIGINT, signal.default_int_handler)
+    signal.signal(signal.SIGTERM, signal.default_int_handler)
     try:
         reproduce()
     except KeyboardInterrupt:
-        fail("interrupted; run the same command again to resume")
+        fail("interrupted; run the same command again to resume", 130)
 
 
 def reproduce():
@@ -409,7 +484,10 @@ def reproduce():
     a = p.parse_args()
     P = PRESETS[a.preset]
     out = os.path.abspath(a.out_dir or os.path.join(REPO, "out", f"reproduce_{a.preset}"))
-    seeds = [int(s) for s in (a.seeds or P["seeds"]).split(",") if s.strip()]
+    seeds = [s.strip() for s in (a.seeds or P["seeds"]).split(",") if s.strip()]
+    if bad := [s for s in seeds if not (s.isdigit() and int(s) < 2**63)]:
+        fail(f"--seeds: {', '.join(bad)} is not a seed (comma-separated integers in [0, 2**63))")
+    seeds = [int(s) for s in seeds]
     methods = [m.strip() for m in a.methods.split(",") if m.strip()]
     if bad := [m for m in methods if m not in METHODS]:
         fail(f"unknown method(s) {', '.join(bad)}; choose from {', '.join(METHODS)}")
@@ -422,6 +500,15 @@ def reproduce():
             "a seed, method or ablation is given twice: it would count twice in every mean and test"
         )
     ablations = dict(parse_ablation(s) for s in a.ablation)
+    # every flag is checked before the first stage, so that a typo costs a second, not the stages
+    if a.sae_path and not a.concept_source:
+        fail("--sae_path needs --concept_source: an SAE belongs to the model it was trained on")
+    sets = {}
+    for spec in a.overrides:
+        key, eq, value = spec.partition("=")
+        if not eq or not key:
+            fail(f"--set {spec!r}: expected KEY=VALUE (a train.py config key)")
+        sets[key] = parse_value(value)
     methods += list(ablations)
     if not seeds or not methods:
         fail("nothing to run: give at least one seed and one method")
@@ -446,6 +533,7 @@ def reproduce():
 
     # 1. data
     data_dir = os.path.join(out, "data")
+    data_files = [os.path.join(data_dir, f) for f in ("train.bin", "val.bin", "meta.json")]
     root = a.data_root if a.data_root is not None else os.environ.get("COCOMIX_DATA", "")
     if root and not os.path.isdir(root):
         if a.data_root:
@@ -497,7 +585,7 @@ def reproduce():
         "data",
         os.path.join(data_dir, "stage.json"),
         data_settings,
-        [os.path.join(data_dir, f) for f in ("train.bin", "val.bin", "meta.json")],
+        data_files,
         a.force,
     ):
         import prepare
@@ -509,14 +597,13 @@ def reproduce():
                 prepare.prepare_source(inputs.removeprefix("source:"), data_dir, overwrite=a.force)
         except prepare.PrepareError as e:
             fail(f"stage data failed: {e}")
-        write_json(os.path.join(data_dir, "stage.json"), {"settings": data_settings})
+        record = os.path.join(data_dir, "stage.json")
+        write_json(record, {"settings": data_settings, "outputs": file_hashes(record, data_files)})
     deps = {"data": digest(data_settings)}
     D = f"--data_dir={data_dir}"
 
     # 2. concept source (trained here, given, or GPT-2). A given file is recorded by its SHA-256, so
     # that the stages built on it (SAE, CoCoMix, KD) refuse another file under the same path
-    if a.sae_path and not a.concept_source:
-        fail("--sae_path needs --concept_source: an SAE belongs to the model it was trained on")
     if a.concept_source:
         source = os.path.abspath(a.concept_source)
         deps["source"] = given_file(source, "--concept_source")
@@ -539,6 +626,7 @@ def reproduce():
             env,
             "train.log",
             lambda: checkpoint_step("source", src_dir, cfg),
+            inputs=data_files,
         )
         deps["source"] = digest(settings)
 
@@ -615,18 +703,23 @@ def reproduce():
             ),
         )
     if not a.sae_path:
-        command_stage("sae", sae_dir, settings, outputs, cmds, a, env, "sae.log")
+        command_stage(
+            "sae",
+            sae_dir,
+            settings,
+            outputs,
+            cmds,
+            a,
+            env,
+            "sae.log",
+            lock_name="sae.lock",
+            inputs=[source, *data_files],
+        )
         deps["sae"] = digest(settings)
 
     # 4. every method x seed: the same student config, token budget and seed, hence the same batches
     from model import GPTConfig, load_checkpoint, ntp_matched_width
 
-    sets = {}
-    for spec in a.overrides:
-        key, eq, value = spec.partition("=")
-        if not eq or not key:
-            fail(f"--set {spec!r}: expected KEY=VALUE (a train.py config key)")
-        sets[key] = parse_value(value)
     student = {**read_config(P["student"]), **sets}
     width = ntp_matched_width(
         GPTConfig(
@@ -685,6 +778,10 @@ def reproduce():
                 env,
                 "train.log",
                 lambda: checkpoint_step(name, run_dir, cfg),
+                inputs=[
+                    *data_files,
+                    *(over[k] for k in ("concept_source", "sae_path") if k in over),
+                ],
             )
             runs[m, seed] = {"dir": run_dir, "settings": settings, "train": rec}
 
@@ -742,14 +839,17 @@ def reproduce():
             os.path.join(r["dir"], "eval.json"),
             {"eval": ev, "run": digest(r["settings"])},
         )
-        if not done(f"eval {m} seed {seed}", record, settings, [], a.force):
-            try:
-                model, _ = load_checkpoint(os.path.join(r["dir"], "ckpt.pt"), device)
-                res = evaluate_run(model, data_dir, ev, device)
-            except Exception as e:  # EvalError, or a broken checkpoint
-                fail(f"stage eval {m} seed {seed} failed: {type(e).__name__}: {e}")
-            write_json(record, {"settings": settings, "result": res})
-            print(f"{m} seed {seed}: val loss {res['val']['loss']:.4f}")
+        with folder_lock(f"eval {m} seed {seed}", r["dir"]):
+            ckpt = os.path.join(r["dir"], "ckpt.pt")
+            if not done(f"eval {m} seed {seed}", record, settings, [], a.force, [ckpt]):
+                try:
+                    model, _ = load_checkpoint(os.path.join(r["dir"], "ckpt.pt"), device)
+                    res = evaluate_run(model, data_dir, ev, device)
+                except Exception as e:  # EvalError, or a broken checkpoint
+                    fail(f"stage eval {m} seed {seed} failed: {type(e).__name__}: {e}")
+                inputs = file_hashes(record, [ckpt])
+                write_json(record, {"settings": settings, "result": res, "inputs": inputs})
+                print(f"{m} seed {seed}: val loss {res['val']['loss']:.4f}")
         r["eval"], r["log"] = read_json(record)["result"], read_log(r["dir"])
 
     # 6. report

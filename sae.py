@@ -23,12 +23,17 @@ import json
 import math
 import os
 
+from cocomix.interrupt import on_ctrl_c
+
+if __name__ == "__main__":  # Ctrl-C in the start-up (the imports below): one line, exit 130
+    on_ctrl_c("no file half-written; a training run keeps its resume file")
+
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
 from cocomix.checks import check_device, moved_flag
-from cocomix.corpus import load_tokens
+from cocomix.corpus import TokenizerError, load_tokens
 from cocomix.dictionary import describe
 from cocomix.ops import lm_loss, sparse_mix
 from cocomix.runtime import hold_lock, keep_freed_memory
@@ -520,6 +525,8 @@ def check_args(a):
             "--tokens, --batch_size, --buffer, --host_batch, --eval_tokens and --log_interval "
             "must be positive, --ckpt_interval >= 0"
         )
+    if a.tokens < a.batch_size:
+        return f"--tokens={a.tokens} is less than one batch (--batch_size={a.batch_size})"
     if any(v is not None and v <= 0 for v in (a.dead_tokens, a.k_aux, a.block_size)):
         return "--dead_tokens, --k_aux and --block_size must be positive"
     if (
@@ -791,8 +798,6 @@ def train_and_write(a, model, cfg, settings, meta, same, resume_path):
 if __name__ == "__main__":
     try:
         main()
-    except (
-        ValueError,
-        OSError,
-    ) as e:  # expected failures (bad files, a full disk) read better as one line than a traceback
+    # expected failures (bad files, a full disk, no tokenizer files) read better as one line
+    except (ValueError, OSError, TokenizerError) as e:
         raise SystemExit(f"error: {e}")

@@ -23,6 +23,11 @@ import sys
 import textwrap
 from contextlib import nullcontext
 
+from cocomix.interrupt import on_ctrl_c
+
+if __name__ == "__main__":  # Ctrl-C in the start-up (the imports below): one line, exit 130
+    on_ctrl_c()
+
 import torch
 
 from cocomix.checks import check_device, moved_flag
@@ -434,7 +439,7 @@ def main(argv=None):
     try:
         with torch.no_grad():
             return run(args)
-    except (UsageError, ValueError, FileNotFoundError) as e:
+    except (UsageError, ValueError, OSError) as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)
 

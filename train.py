@@ -26,6 +26,10 @@ import sys
 import time
 from contextlib import nullcontext
 
+from cocomix.interrupt import on_ctrl_c
+
+on_ctrl_c("the run had not started; nothing was written")  # until the training loop's handler
+
 import numpy as np
 import torch
 from torch.distributed import destroy_process_group
@@ -42,6 +46,7 @@ from cocomix.runtime import (
     init_processes,
     keep_freed_memory,
     label_cache_note,
+    load_optimizer_state,
     rng_state,
     set_rng_state,
     to_device,
@@ -272,7 +277,10 @@ elif init_from == "scratch":
     except ValueError as e:
         fail(str(e))
 else:
-    model = GPT.from_pretrained(init_from, dropout=dropout)
+    try:
+        model = GPT.from_pretrained(init_from, dropout=dropout)
+    except (OSError, ValueError, RuntimeError) as e:  # offline, or not a GPT-2 folder
+        fail(f"--init_from={init_from}: {e}")
     model_args = {k: getattr(model.config, k) for k in GPTConfig.__dataclass_fields__}
 # the log keeps the steps before this run's start (none from scratch); the rest it logs again
 if master:
@@ -284,7 +292,7 @@ optimizer = model.configure_optimizers(
     weight_decay, learning_rate, (beta1, beta2), device_type, decay_all=decay_all
 )
 if checkpoint is not None:
-    optimizer.load_state_dict(checkpoint["optimizer"])
+    load_optimizer_state(optimizer, checkpoint["optimizer"])  # with this run's betas, weight_decay
     scaler.load_state_dict(checkpoint["scaler"])
     set_rng_state(checkpoint["rng"], device_type)
 checkpoint = None
@@ -382,8 +390,12 @@ def evaluate():
     return out
 
 
-def save_checkpoint():
-    """Atomic: write a temporary file, then rename, so a crash keeps the previous checkpoint."""
+saved = [iter_num, best_val_loss]  # what ckpt.pt holds (a resume's checkpoint, or nothing yet)
+
+
+def save_checkpoint(why=""):
+    """Atomic: write a temporary file, then rename, so a crash keeps the previous checkpoint. A
+    failed write ends the run with `why` and its reason."""
     sd = raw_model.state_dict()
     if not all(torch.isfinite(v).all() for v in sd.values() if v.is_floating_point()):
         msg = f"warning: step {iter_num}: parameters are not finite, checkpoint not written"
@@ -403,12 +415,19 @@ def save_checkpoint():
     try:
         save_atomic(ckpt, ckpt_path)
     except OSError as e:  # a full disk: the previous checkpoint stays, and the run stops unsaved
-        fail(str(e))
+        fail(f"{why}{e}")
+    saved[:] = [iter_num, best_val_loss]
 
 
 def log(record):
-    with open(os.path.join(out_dir, "log.jsonl"), "a") as f:
-        f.write(json.dumps(record) + "\n")
+    path = os.path.join(out_dir, "log.jsonl")
+    try:
+        with open(path, "a") as f:
+            f.write(json.dumps(record) + "\n")
+    except OSError as e:  # a full disk or a removed out_dir: the steps so far are saved first
+        if saved[0] != iter_num:
+            save_checkpoint(why=f"cannot write {path} ({e.strerror or e}), and ")
+        fail(f"cannot write {path} ({e.strerror or e}); {ckpt_path} holds step {iter_num}")
 
 
 # -----------------------------------------------------------------------------
@@ -437,6 +456,9 @@ while True:
     for group in optimizer.param_groups:
         group["lr"] = lr
 
+    # the last step is saved before its evaluation, so that a kill during that keeps the steps
+    if iter_num == max_iters and master and not eval_only and saved[0] != iter_num:
+        save_checkpoint()
     # evaluate, log and save the best checkpoint so far
     if (iter_num % eval_interval == 0 or iter_num == max_iters) and master:
         metrics = evaluate()
@@ -510,9 +532,11 @@ while True:
     if stop_requested:
         break
 
-# the last step's checkpoint, whether the run ended or was stopped
+# the last step's checkpoint, whether the run ended or was stopped (again at the end when the final
+# evaluation lowered best_val_loss)
 if master and not eval_only:
-    save_checkpoint()
+    if saved != [iter_num, best_val_loss]:
+        save_checkpoint()
     if iter_num < max_iters:
         say(
             f"stopped at step {iter_num}; checkpoint saved to {ckpt_path}, "

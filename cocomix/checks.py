@@ -39,6 +39,17 @@ def check_config(c):
         return "mode=cocomix needs --sae_path (an SAE trained by sae.py, or OpenAI's)"
     if bad := [k for k, v in c.items() if isinstance(v, float) and not math.isfinite(v)]:
         return f"{', '.join(bad)} must be finite numbers"
+    if min(c["n_layer"], c["n_head"], c["n_embd"]) <= 0 or c["n_embd"] % c["n_head"]:
+        return (
+            f"n_layer, n_head and n_embd must be positive, n_embd divisible by n_head; got "
+            f"n_layer={c['n_layer']}, n_head={c['n_head']}, n_embd={c['n_embd']}"
+        )
+    if not 0 <= c["seed"] < 2**63:
+        return f"seed must be in [0, 2**63), got {c['seed']}"
+    if bad := [k for k in ("warmup_iters", "lr_decay_iters") if c[k] < -1]:
+        return f"{' and '.join(bad)} must be >= 0 (or -1: the default), got " + ", ".join(
+            f"{k}={c[k]}" for k in bad
+        )
     if min(c["eval_interval"], c["log_interval"], c["eval_iters"]) <= 0:
         return "eval_interval, log_interval and eval_iters must be positive"
     if c["learning_rate"] < 0 or c["min_lr"] < 0 and c["min_lr"] != -1 or c["weight_decay"] < 0:
@@ -155,13 +166,6 @@ def check_resume(checkpoint, model_args, config, ckpt_path, inputs):
     printed as warnings."""
     if missing := [k for k in RESUME_KEYS if k not in checkpoint]:
         return f"{ckpt_path} cannot be resumed: it has no {', '.join(missing)} (not a checkpoint train.py wrote)"
-    old_inputs = checkpoint.get("inputs") or {}
-    if swapped := [k for k, h in inputs.items() if k in old_inputs and old_inputs[k] != h]:
-        return (
-            f"{ckpt_path} was trained with other files at the same paths: "
-            f"{', '.join(f'{k}={config[k]}' for k in swapped)} "
-            "changed since (SHA-256); resume only with the files the run started with"
-        )
     changed = {
         k: (checkpoint["model_args"].get(k), v)
         for k, v in model_args.items()
@@ -179,6 +183,18 @@ def check_resume(checkpoint, model_args, config, ckpt_path, inputs):
     if changed:
         return f"resume config disagrees with {ckpt_path}: " + ", ".join(
             f"{k}={b!r} (checkpoint: {a!r})" for k, (a, b) in changed.items()
+        )
+    old_inputs = checkpoint.get("inputs") or {}
+    if swapped := [k for k, h in inputs.items() if k in old_inputs and old_inputs[k] != h]:
+        return (
+            f"{ckpt_path} was trained with other files at the same paths: "
+            f"{', '.join(f'{k}={config[k]}' for k in swapped)} "
+            "changed since (SHA-256); resume only with the files the run started with"
+        )
+    if checkpoint["iter_num"] > config["max_iters"]:
+        return (
+            f"max_iters={config['max_iters']} is below the step of {ckpt_path} "
+            f"({checkpoint['iter_num']}): nothing to train; give max_iters >= {checkpoint['iter_num']}"
         )
     if warn := [
         f"{k}={config[k]!r} (checkpoint: {old[k]!r})"

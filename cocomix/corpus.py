@@ -7,6 +7,7 @@ Offline, tiktoken reads its `gpt2` files from the folder named by the environmen
 TIKTOKEN_CACHE_DIR (see the README); online it downloads them once.
 """
 
+import hashlib
 import json
 import os
 import warnings
@@ -17,6 +18,10 @@ VOCAB_SIZE = 50257  # GPT-2 BPE
 EOT = 50256  # <|endoftext|>, which prepare.py puts after every document
 
 
+class TokenizerError(RuntimeError):
+    """GPT-2's tokenizer files cannot be had (offline without TIKTOKEN_CACHE_DIR)."""
+
+
 def tokenizer():
     """GPT-2's BPE (tiktoken), or a one-line error saying how to make it available offline."""
     import tiktoken
@@ -24,7 +29,7 @@ def tokenizer():
     try:
         return tiktoken.get_encoding("gpt2")
     except Exception as e:  # tiktoken raises several kinds when it cannot download
-        raise RuntimeError(
+        raise TokenizerError(
             f"GPT-2's tokenizer is unavailable ({type(e).__name__}); offline, set TIKTOKEN_CACHE_DIR "
             "to a folder holding tiktoken's gpt2 files"
         ) from None
@@ -74,6 +79,30 @@ def read_meta(data_dir):
     return meta
 
 
+FULL_DIGEST_BYTES = (
+    1 << 30
+)  # token files up to 1 GiB are hashed whole, larger ones by sampled blocks
+SAMPLED_BLOCKS, BLOCK_BYTES = 1024, 1 << 20
+
+
+def token_file_digest(path):
+    """What prepare.py records of a token file in meta.json, and load_tokens checks: its size and
+    SHA-256, of the whole file up to 1 GiB (about a second), else of 1,024 blocks of 1 MiB evenly
+    spread over it, first and last included (a swapped or rewritten file is caught; a change inside
+    a few unsampled bytes of a large file is not)."""
+    from cocomix.weights import file_sha256
+
+    size = os.path.getsize(path)
+    if size <= FULL_DIGEST_BYTES:
+        return {"bytes": size, "sha256": file_sha256(path)}
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for i in range(SAMPLED_BLOCKS):
+            f.seek((size - BLOCK_BYTES) * i // (SAMPLED_BLOCKS - 1))
+            h.update(f.read(BLOCK_BYTES))
+    return {"bytes": size, "sha256_of_sampled_blocks": h.hexdigest()}
+
+
 def load_tokens(data_dir, split, min_tokens=2, need="2"):
     """DIR/{split}.bin as a read-only uint16 memmap, after checking meta.json (tokenizer, dtype, and
     the split's token count against the file's size) and, on its first million tokens, that every id
@@ -103,6 +132,12 @@ def load_tokens(data_dir, split, min_tokens=2, need="2"):
         )
     if n < min_tokens:
         raise ValueError(f"{path} holds {n} tokens, fewer than {need} = {min_tokens}")
+    recorded = (meta.get("digests") or {}).get(f"{split}.bin")
+    if recorded is not None and recorded != token_file_digest(path):
+        raise ValueError(
+            f"{path} is not the file prepare.py wrote (its digest differs from meta.json's): "
+            "replaced or damaged since; re-run prepare.py"
+        )
     tokens = np.memmap(path, dtype=np.uint16, mode="r")
     if tokens[:1_000_000].max() >= VOCAB_SIZE:  # garbage or another tokenizer's ids
         raise ValueError(f"{path} holds token ids >= {VOCAB_SIZE}: not GPT-2 BPE tokens")

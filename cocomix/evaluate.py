@@ -76,12 +76,19 @@ from cocomix.tasks import (
     refused_format,
     unknown_format,
 )
+from cocomix.weights import write_atomic
 
 # -----------------------------------------------------------------------------
 # token streams and documents: loss, perplexity, bits per byte
 
 
 @torch.no_grad()
+def exp(x):
+    """A perplexity from a mean loss: inf past what a float holds (a diverged model's loss), not an
+    OverflowError."""
+    return math.exp(x) if x < 709 else math.inf
+
+
 def evaluate_tokens(
     model, tokens, block_size, batch_size, device, max_tokens=None, token_bytes=None, progress=True
 ):
@@ -125,7 +132,7 @@ def evaluate_tokens(
             total += nll.size(1) - skip
     model.train(was_training)
     loss = total_nll / total
-    out = dict(loss=loss, ppl=math.exp(loss), tokens=total)
+    out = dict(loss=loss, ppl=exp(loss), tokens=total)
     if token_bytes is not None:
         out["bytes"] = int(token_bytes[np.asarray(tokens[1:n], dtype=np.int64)].sum())
         out["bpb"] = total_nll / (math.log(2) * out["bytes"]) if out["bytes"] else float("nan")
@@ -188,8 +195,8 @@ def evaluate_text(
         nll = out["loss"] * out["tokens"]
         out.update(
             words=count_words(text),
-            word_ppl=math.exp(nll / count_words(text)),
-            byte_ppl=math.exp(nll / out["bytes"]),
+            word_ppl=exp(nll / count_words(text)),
+            byte_ppl=exp(nll / out["bytes"]),
         )
     return out
 
@@ -263,9 +270,9 @@ def evaluate_documents(
         nbytes += len(doc.encode("utf-8"))
     return dict(
         loss=nll / tokens,
-        ppl=math.exp(nll / tokens),
-        word_ppl=math.exp(nll / words),
-        byte_ppl=math.exp(nll / nbytes),
+        ppl=exp(nll / tokens),
+        word_ppl=exp(nll / words),
+        byte_ppl=exp(nll / nbytes),
         bpb=nll / (math.log(2) * nbytes),
         n=len(docs),
         tokens=tokens,
@@ -355,9 +362,7 @@ def evaluate_lambada(
         model, pairs, block_size, batch_size, device, progress, "lambada", where
     )
     nll = sum(s[0] for s in scores) / len(scores)
-    return dict(
-        acc=sum(s[1] for s in scores) / len(scores), ppl=math.exp(nll), nll=nll, n=len(scores)
-    )
+    return dict(acc=sum(s[1] for s in scores) / len(scores), ppl=exp(nll), nll=nll, n=len(scores))
 
 
 def evaluate_mc(
@@ -566,6 +571,4 @@ def write_results(path, record, table):
         (path, json.dumps(record, indent=2) + "\n"),
         (os.path.splitext(path)[0] + ".md", table),
     ):
-        with open(p + ".tmp", "w") as f:
-            f.write(text)
-        os.replace(p + ".tmp", p)
+        write_atomic(p, text)

@@ -11,6 +11,7 @@ import sys
 import torch
 
 from cocomix.dictionary import concept_name
+from cocomix.weights import write_atomic
 
 
 def has_concept_head(model):
@@ -169,7 +170,6 @@ def inspect_runs(model, runs, n_prompt, enc, names, top=3, html_path=""):
             print(format_inspection(rows, enc, t))
             pages.append((t, rows))
     if html_path:
-        with open(html_path, "w", encoding="utf-8") as f:
-            f.write(html_page(pages, enc))
+        write_atomic(html_path, html_page(pages, enc))  # a full disk leaves no empty page
         print(f"# wrote {html_path}", file=sys.stderr)
     return pages

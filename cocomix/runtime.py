@@ -15,6 +15,8 @@ import sys
 import numpy as np
 import torch
 
+from cocomix.weights import write_atomic
+
 
 def auto_device(device):
     if device != "auto":
@@ -88,6 +90,17 @@ def set_rng_state(rng, device_type):
         torch.cuda.set_rng_state(rng["cuda"])
 
 
+def load_optimizer_state(optimizer, state):
+    """optimizer.load_state_dict(state), keeping the settings this run built the optimizer with
+    (betas, weight decay, eps): load_state_dict restores the saved param groups' values, which would
+    silently undo a resume's changed --beta1, --beta2 or --weight_decay. The learning rate is set
+    every step anyway."""
+    settings = [{k: v for k, v in g.items() if k != "params"} for g in optimizer.param_groups]
+    optimizer.load_state_dict(state)
+    for group, own in zip(optimizer.param_groups, settings):
+        group.update(own)
+
+
 def init_processes(device, backend, gradient_accumulation_steps):
     """(ddp, rank, local_rank, world_size, device): one process, or one of torchrun's (RANK is set)."""
     if int(os.environ.get("RANK", -1)) == -1:
@@ -156,8 +169,18 @@ def hold_lock(path):
         except FileNotFoundError:
             pass
         os.close(fd)
-    os.ftruncate(fd, 0)
-    os.pwrite(fd, json.dumps({"pid": os.getpid(), "host": socket.gethostname()}).encode(), 0)
+    try:
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, json.dumps({"pid": os.getpid(), "host": socket.gethostname()}).encode(), 0)
+    except OSError as e:  # a full disk: no empty lock file is left behind
+        os.remove(path)  # still holding it, as release does
+        os.close(fd)
+        if created:
+            try:
+                os.rmdir(folder)
+            except OSError:
+                pass
+        raise RuntimeError(f"cannot write in {folder} ({e.strerror})") from None
 
     def release():
         if fd in held:
@@ -193,9 +216,7 @@ def trim_log(path, iter_num):
         if r.get("iter", -1) < iter_num and r.get("train_step", -1) <= iter_num:
             keep.append(line if line.endswith("\n") else line + "\n")
     if keep != lines:
-        with open(path + ".tmp", "w") as f:
-            f.writelines(keep)
-        os.replace(path + ".tmp", path)
+        write_atomic(path, "".join(keep))
 
 
 def label_cache_note(label_caches, record):

@@ -10,6 +10,7 @@ import math
 import os
 import pickle
 import struct
+import sys
 
 import torch
 
@@ -114,12 +115,14 @@ def save_safetensors(tensors, path, metadata=None):
         offset += len(raw)
     head = json.dumps(header, separators=(",", ":")).encode()
     head += b" " * (-len(head) % 8)  # the format pads the header so the data starts 8-byte aligned
-    tmp = f"{path}.tmp"
-    with open(tmp, "wb") as f:
-        f.write(struct.pack("<Q", len(head)) + head)
-        for raw in chunks:
-            f.write(raw)
-    os.replace(tmp, path)
+
+    def write(tmp):
+        with open(tmp, "wb") as f:
+            f.write(struct.pack("<Q", len(head)) + head)
+            for raw in chunks:
+                f.write(raw)
+
+    write_atomic(path, write)
 
 
 def load_hf_state_dict(path):
@@ -197,14 +200,15 @@ def first_line(e, limit=200):
     return f"{type(e).__name__}: {lines[0][:limit]}" if lines else type(e).__name__
 
 
-def load_torch_file(path, what, map_location="cpu"):
+def load_torch_file(path, what, map_location="cpu", verify=True):
     """torch.load(weights_only=True), every failure a one-line ValueError naming `what` the file
     should be ('checkpoint', 'SAE file'). No pickle code ever runs, and torch's advice to retry with
-    weights_only=False (which would run it) is never passed on."""
+    weights_only=False (which would run it) is never passed on. The content digest that save_atomic
+    stores is checked (verify=False: not, for timing it)."""
     if os.path.isfile(path) and os.path.getsize(path) == 0:
         raise ValueError(f"{path}: empty (0 bytes), not a readable {what}")
     try:
-        return torch.load(path, map_location=map_location, weights_only=True)
+        obj = torch.load(path, map_location=map_location, weights_only=True)
     except (FileNotFoundError, IsADirectoryError):
         raise
     except pickle.UnpicklingError:
@@ -213,25 +217,103 @@ def load_torch_file(path, what, map_location="cpu"):
         ) from None
     except Exception as e:  # truncated or foreign files fail here, never by running them
         raise ValueError(f"{path}: not a readable {what} ({first_line(e)})") from None
+    if isinstance(obj, dict) and verify:
+        check_digest(obj, path, what)
+    return obj
 
 
 def save_atomic(obj, path):
     """torch.save through a temporary file renamed into place: a crash or a full disk leaves the
     previous file as it was and no temporary one. A failed write is an OSError with a one-line
-    message."""
+    message. A dict is saved with the content digest of its tensors, which load_torch_file checks."""
+    if isinstance(obj, dict):
+        obj = {**obj, "digest": content_digest(obj)}
+    write_atomic(path, lambda tmp: torch.save(obj, tmp))
+
+
+DIGEST_CHUNK = 1 << 24  # bytes per CRC-32: pieces of large tensors are checksummed in parallel
+
+
+def tensors_in(obj, path=""):
+    """(path, tensor) of every tensor in nested dicts, lists and tuples, in their order."""
+    if isinstance(obj, torch.Tensor):
+        yield path, obj
+    elif isinstance(obj, dict):
+        for k, v in obj.items():
+            yield from tensors_in(v, f"{path}/{k}")
+    elif isinstance(obj, (list, tuple)):
+        for i, v in enumerate(obj):
+            yield from tensors_in(v, f"{path}/{i}")
+
+
+def content_digest(obj):
+    """Digest of the tensors of a checkpoint-like dict (its 'digest' entry aside): their names,
+    dtypes, shapes and bytes. The bytes are checksummed with CRC-32 per 16 MiB piece, on every core
+    (zlib releases the GIL), and the checksums hashed with SHA-256: it is there to catch damaged or
+    edited files at the memory bandwidth of a load, not a forger, and a full SHA-256 of a 124M
+    model's checkpoint took 3-4x as long (docs/benchmarks.md, "Digest checks")."""
+    import zlib
+    from concurrent.futures import ThreadPoolExecutor
+
+    names, pieces = [], []
+    for name, t in tensors_in({k: v for k, v in obj.items() if k != "digest"}):
+        names.append(f"{name}:{t.dtype}:{tuple(t.shape)}")
+        flat = t.detach().cpu().contiguous().reshape(-1)
+        raw = memoryview(flat.view(torch.uint8).numpy()) if flat.numel() else memoryview(b"")
+        pieces += [raw[i : i + DIGEST_CHUNK] for i in range(0, len(raw), DIGEST_CHUNK)] or [raw]
+    with ThreadPoolExecutor(os.cpu_count() or 1) as pool:
+        crcs = list(pool.map(zlib.crc32, pieces))
+    h = hashlib.sha256("\n".join(names).encode())
+    h.update(struct.pack(f"<{len(crcs)}I", *crcs))
+    return "crc32x16M-sha256:" + h.hexdigest()
+
+
+_noted = set()
+
+
+def check_digest(obj, path, what):
+    """A ValueError naming path when its tensors are not the ones it was saved with; a one-line note
+    (once per file) when a file of ours predates digests."""
+    if "digest" in obj:
+        if obj["digest"] != content_digest(obj):
+            raise ValueError(
+                f"{path}: its tensors do not match the digest it was saved with (changed or damaged "
+                f"since it was written); not a trustworthy {what}"
+            )
+    elif ("model_args" in obj or "state_dict" in obj or "train" in obj) and path not in _noted:
+        _noted.add(path)
+        print(
+            f"note: {path} has no content digest (written before they were kept); loaded unchecked",
+            file=sys.stderr,
+        )
+
+
+def write_atomic(path, content):
+    """content (str, bytes, or a function writing the file named by its argument) to path through a
+    temporary file renamed into place: a full disk, a read-only folder or an interrupt leaves the
+    previous file as it was (or none) and no temporary or empty one. A failed write is an OSError
+    with a one-line message naming path."""
+    path = os.fspath(path)
     tmp = path + ".tmp"
     try:
-        torch.save(obj, tmp)
+        if callable(content):
+            content(tmp)
+        else:
+            with open(tmp, "wb") as f:
+                f.write(content if isinstance(content, bytes) else content.encode())
         os.replace(tmp, path)
-    except (
-        OSError,
-        RuntimeError,
-    ) as e:  # torch's zip writer reports a failed write as a RuntimeError
-        if os.path.exists(tmp):
+    except BaseException as e:
+        try:
             os.remove(tmp)
+        except OSError:
+            pass
+        # torch's zip writer reports a failed write as a RuntimeError
+        if not isinstance(e, (OSError, RuntimeError)):
+            raise
+        why = e.strerror if isinstance(e, OSError) and e.strerror else first_line(e)
+        kept = "; the previous file is unchanged" if os.path.exists(path) else ""
         raise OSError(
-            f"cannot write {path} ({first_line(e)}; {free_bytes(path):,} bytes free there); "
-            f"the previous file is unchanged"
+            f"cannot write {path} ({why}; {free_bytes(path):,} bytes free there){kept}"
         ) from None
 
 

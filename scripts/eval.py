@@ -13,8 +13,14 @@ import argparse
 import os
 import sys
 
+from cocomix.interrupt import on_ctrl_c
+
+if __name__ == "__main__":  # Ctrl-C in the start-up (the imports below): one line, exit 130
+    on_ctrl_c()
+
 import torch
 
+from cocomix.checks import check_device
 from cocomix.corpus import load_tokens, token_byte_lengths, tokenizer
 from cocomix.evaluate import (
     evaluate_lambada,
@@ -104,6 +110,10 @@ def main(argv=None):
         for k in ("batch_size", "max_tokens", "max_examples"):
             if getattr(args, k) is not None and getattr(args, k) < 1:
                 raise EvalError(f"--{k} must be at least 1")
+        if args.block_size < 0:
+            raise EvalError(f"--block_size must be >= 1 (0: the model's), got {args.block_size}")
+        if problem := check_device(args.device):  # before the checkpoint, which it is not about
+            raise EvalError(problem)
         if args.suite and not args.out:  # next to the model it describes
             home = os.path.dirname(os.path.abspath(args.ckpt)) if args.ckpt else args.init_from
             if not os.path.isdir(home):
@@ -207,7 +217,11 @@ def main(argv=None):
             skipped=[dict(file=n, why=w) for n, w in skipped],
             failed=[dict(file=n, why=w) for n, w in failed],
         )
-        write_results(args.out, record, table)
+        try:
+            write_results(args.out, record, table)
+        except OSError as e:  # a full or read-only disk: no file half-written
+            print(f"error: {e}", file=sys.stderr)
+            sys.exit(1)
     if failed:  # the files that worked are written above; each failed one is named here
         for name, why in failed:
             print(f"error: --suite file {name} failed: {why}", file=sys.stderr)

@@ -26,10 +26,15 @@ import json
 import os
 import sys
 
+from cocomix.interrupt import on_ctrl_c
+
+if __name__ == "__main__":  # Ctrl-C in the start-up (the imports below): one line, exit 130
+    on_ctrl_c("the export folder may be incomplete; run the command again")
+
 import torch
 
 from cocomix.corpus import EOT
-from cocomix.weights import GPT2_CONV1D, save_safetensors
+from cocomix.weights import GPT2_CONV1D, save_safetensors, write_atomic
 from model import GPT, load_checkpoint
 
 # where tiktoken gets GPT-2's BPE files (and the SHA-256 it checks them against); its cache names
@@ -101,8 +106,7 @@ def write_tokenizer(out_dir, block_size):
                 f"GPT-2's BPE file {url.rsplit('/', 1)[1]} is unavailable ({type(e).__name__}); "
                 "offline, set TIKTOKEN_CACHE_DIR to a folder holding tiktoken's gpt2 files"
             ) from None
-        with open(os.path.join(out_dir, name), "wb") as f:
-            f.write(data)
+        write_atomic(os.path.join(out_dir, name), data)
     special = dict(bos_token=SPECIAL, eos_token=SPECIAL, unk_token=SPECIAL)
     write_json(os.path.join(out_dir, "special_tokens_map.json"), special)
     write_json(
@@ -118,9 +122,7 @@ def write_tokenizer(out_dir, block_size):
 
 
 def write_json(path, obj):
-    with open(path, "w") as f:
-        json.dump(obj, f, indent=2)
-        f.write("\n")
+    write_atomic(path, json.dumps(obj, indent=2) + "\n")
 
 
 def export(ckpt_path, out_dir):

@@ -11,6 +11,7 @@ import sys
 import numpy as np
 import torch
 
+from cocomix.weights import save_atomic
 from model import GPT, GPTConfig
 from sae import SAE
 
@@ -79,7 +80,7 @@ def write_source(path, seed=0):
     torch.manual_seed(seed)
     cfg = GPTConfig(block_size=32, vocab_size=50257, n_layer=3, n_head=2, n_embd=32)
     model = GPT(cfg)
-    torch.save({"model": model.state_dict(), "model_args": dataclasses.asdict(cfg)}, path)
+    save_atomic({"model": model.state_dict(), "model_args": dataclasses.asdict(cfg)}, path)
     return model.eval().requires_grad_(False)
 
 

@@ -17,6 +17,7 @@ import torch.nn.functional as F
 import cocomix.corpus as corpus
 import cocomix.evaluate as E
 import scripts.eval as eval_cli
+from cocomix.weights import save_atomic
 from model import GPT, GPTConfig
 
 REPO = Path(__file__).parent.parent
@@ -230,7 +231,7 @@ def test_foreign_data_dir_is_refused(model, tmp_path, capsys, meta, val_bin, spl
     if val_bin is not None:
         (d / "val.bin").write_bytes(val_bin)
     ckpt = tmp_path / "ckpt.pt"
-    torch.save({"model": model.state_dict(), "model_args": MODEL_ARGS}, ckpt)
+    save_atomic({"model": model.state_dict(), "model_args": MODEL_ARGS}, ckpt)
     err = cli_error(capsys, f"--ckpt={ckpt}", f"--data_dir={d}", f"--split={split}", "--device=cpu")
     assert err.startswith("error: ") and msg in err, err
 
@@ -868,7 +869,7 @@ def run_cli(*args):
 
 def test_cli_end_to_end(model, tmp_path):
     ckpt = tmp_path / "ckpt.pt"
-    torch.save({"model": model.state_dict(), "model_args": MODEL_ARGS, "iter_num": 7}, ckpt)
+    save_atomic({"model": model.state_dict(), "model_args": MODEL_ARGS, "iter_num": 7}, ckpt)
     (tmp_path / "t.txt").write_text("Some text to evaluate, with a few words. " * 5)
     write_jsonl(
         tmp_path / "l.jsonl",
@@ -907,7 +908,7 @@ def cli_error(capsys, *args):
 
 def test_cli_errors(model, tmp_path, capsys):
     ckpt = tmp_path / "ckpt.pt"
-    torch.save({"model": model.state_dict(), "model_args": MODEL_ARGS}, ckpt)
+    save_atomic({"model": model.state_dict(), "model_args": MODEL_ARGS}, ckpt)
     (tmp_path / "t.txt").write_text("text")
     assert (
         cli_error(capsys, f"--ckpt={tmp_path / 'nope.pt'}", "--text", str(tmp_path / "t.txt"))
@@ -926,7 +927,7 @@ def test_cli_errors(model, tmp_path, capsys):
 
 def test_unknown_and_non_utf8_files_are_one_line_errors(model, tmp_path, capsys):
     ckpt = tmp_path / "ckpt.pt"
-    torch.save({"model": model.state_dict(), "model_args": MODEL_ARGS}, ckpt)
+    save_atomic({"model": model.state_dict(), "model_args": MODEL_ARGS}, ckpt)
     write_jsonl(tmp_path / "odd.jsonl", [{"prompt": "p", "answer": "a"}])
     err = cli_error(capsys, f"--ckpt={ckpt}", f"--mc={tmp_path / 'odd.jsonl'}", "--device=cpu")
     assert (
@@ -947,7 +948,7 @@ def test_suite(model, tmp_path, capsys):
     Markdown table and JSON next to the checkpoint, equal to evaluating each file on its own."""
     ckpt = tmp_path / "run" / "ckpt.pt"
     ckpt.parent.mkdir()
-    torch.save({"model": model.state_dict(), "model_args": MODEL_ARGS}, ckpt)
+    save_atomic({"model": model.state_dict(), "model_args": MODEL_ARGS}, ckpt)
     bench = tmp_path / "bench"
     bench.mkdir()
     for name, lines, *_ in READER_CASES[:3] + READER_CASES[-2:]:

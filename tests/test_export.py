@@ -9,7 +9,7 @@ import torch
 
 import cocomix.corpus as corpus
 import scripts.export_hf as export_hf
-from cocomix.weights import load_safetensors, save_safetensors
+from cocomix.weights import load_safetensors, save_atomic, save_safetensors
 from model import GPT, GPTConfig
 
 ARGS = dict(n_layer=2, n_head=2, n_embd=32, block_size=48, vocab_size=50257)
@@ -26,7 +26,7 @@ def checkpoint(tmp_path, **overrides):
             p.normal_(0.0, 0.1)
     path = tmp_path / "run" / "ckpt.pt"
     path.parent.mkdir(exist_ok=True)
-    torch.save({"model": model.state_dict(), "model_args": args, "iter_num": 3}, path)
+    save_atomic({"model": model.state_dict(), "model_args": args, "iter_num": 3}, path)
     return model.eval(), path
 
 

@@ -23,6 +23,7 @@ import numpy as np
 import pytest
 import torch
 
+from cocomix.weights import save_atomic
 from tests.fixtures import ENV, ROOT, TINY, read_log, run
 
 STEPS = 8
@@ -269,7 +270,7 @@ def test_reproduce_stop_reaches_a_stage_that_ignores_sigint(tmp_path):
         )  # SIGINT, ignored, would leave it waiting for the 60 s stage
     finally:
         p.kill()
-    assert p.returncode == 1 and "interrupted in stage train x" in err, err
+    assert p.returncode == 130 and "interrupted in stage train x" in err, err
 
 
 def test_reproduce_resumes_an_interrupted_stage_and_trusts_only_the_checkpoint(tmp_path, capsys):
@@ -549,7 +550,7 @@ def other_source(sae_run, tmp_path_factory):
     ckpt = torch.load(src, weights_only=True)
     ckpt["model"] = {k: v + 0.01 if v.is_floating_point() else v for k, v in ckpt["model"].items()}
     path = str(tmp_path_factory.mktemp("other") / "ckpt.pt")
-    torch.save(ckpt, path)
+    save_atomic(ckpt, path)  # with the digest of its new weights
     return path
 
 
@@ -709,7 +710,7 @@ def make_files(root, data_dir, src, sae):
         c = dict(ok, model_args=dict(ok["model_args"]))
         change(c)
         os.makedirs(root / name)
-        torch.save(c, root / name / "ckpt.pt")
+        save_atomic(c, root / name / "ckpt.pt")  # damaged as written, not after
     (root / "empty_sae.pt").write_bytes(b"")
     for name, change in (
         ("val0", lambda d: open(d / "val.bin", "wb").close()),

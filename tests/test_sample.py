@@ -19,6 +19,7 @@ import sample
 import scripts.measure_steering as steering
 from cocomix.corpus import tokenizer
 from cocomix.dictionary import load_concepts
+from cocomix.weights import save_atomic
 from model import GPT, GPTConfig, KVCache
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -389,7 +390,7 @@ def save_ckpt(tmp_path, kind="interleave", **kw):
     model = tiny(kind, vocab_size=50257, **kw)
     out = tmp_path / kind
     out.mkdir()
-    torch.save(
+    save_atomic(
         {"model": model.state_dict(), "model_args": dataclasses.asdict(model.config)},
         out / "ckpt.pt",
     )
@@ -438,7 +439,7 @@ def test_cli_cached_and_uncached_agree_and_steering_prints_side_by_side(
     capsys.readouterr()
     # both steerings from one command: the student's concept logit and the source's SAE latent
     source = tiny("plain", seed=5, vocab_size=50257)
-    torch.save(
+    save_atomic(
         {"model": source.state_dict(), "model_args": dataclasses.asdict(source.config)},
         tmp_path / "src.pt",
     )
@@ -722,7 +723,7 @@ def test_cli_measures_from_the_checkpoint_config(tmp_path, capsys, monkeypatch):
     training config, the dictionary next to the SAE, and the prompts in a file; one table each."""
     model = tiny("interleave", vocab_size=50257)
     source = tiny("plain", seed=5, vocab_size=50257)
-    torch.save(
+    save_atomic(
         {"model": source.state_dict(), "model_args": dataclasses.asdict(source.config)},
         tmp_path / "src.pt",
     )
@@ -733,7 +734,7 @@ def test_cli_measures_from_the_checkpoint_config(tmp_path, capsys, monkeypatch):
         "sae_path": str(tmp_path / "sae.pt"),
         "sae_layer": 1,
     }
-    torch.save(
+    save_atomic(
         {
             "model": model.state_dict(),
             "model_args": dataclasses.asdict(model.config),
