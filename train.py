@@ -37,7 +37,7 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 
 # VOCAB_SIZE not imported by name: every int or str global is a setting
 import cocomix.corpus as corpus
-from cocomix.checks import check_config, check_resume, check_source, input_hashes
+from cocomix.checks import check_config, check_memory, check_resume, check_source, input_hashes
 from cocomix.corpus import load_tokens, token_byte_lengths
 from cocomix.runtime import (
     auto_device,
@@ -52,7 +52,7 @@ from cocomix.runtime import (
     to_device,
     trim_log,
 )
-from cocomix.weights import save_atomic
+from cocomix.weights import first_line, save_atomic
 from model import GPT, GPTConfig, Objective, load_checkpoint, load_frozen_gpt, teacher_of
 from sae import check_sae_host, make_labeler
 
@@ -169,6 +169,8 @@ if cpu_heap:
     keep_freed_memory(device)
 ptdtype = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[dtype]
 ctx = nullcontext() if dtype == "float32" else torch.autocast(device_type, dtype=ptdtype)
+if device_type == "cpu" and (problem := check_memory(config, corpus.VOCAB_SIZE)):
+    fail(problem)
 torch.backends.cuda.matmul.allow_tf32 = True
 torch.backends.cudnn.allow_tf32 = True
 
@@ -274,8 +276,12 @@ if init_from == "resume":
 elif init_from == "scratch":
     try:
         model = GPT(GPTConfig(**model_args))
-    except ValueError as e:
-        fail(str(e))
+    except (
+        ValueError,
+        RuntimeError,
+        MemoryError,
+    ) as e:  # the settings, or an allocation that failed
+        fail(f"n_embd={n_embd}, n_layer={n_layer}: {first_line(e) or 'out of memory'}")
 else:
     try:
         model = GPT.from_pretrained(init_from, dropout=dropout)

@@ -80,6 +80,41 @@ def check_config(c):
     return check_device(c["device"])
 
 
+def available_memory():
+    """Bytes this process may still allocate on the CPU: /proc/meminfo's MemAvailable, or the
+    address-space limit (ulimit -v) when it is lower; None where neither is known."""
+    import resource
+
+    have = []
+    try:
+        with open("/proc/meminfo") as f:
+            have += [int(ln.split()[1]) * 1024 for ln in f if ln.startswith("MemAvailable:")]
+    except OSError:
+        pass
+    soft, _ = resource.getrlimit(resource.RLIMIT_AS)
+    have += [soft] if soft != resource.RLIM_INFINITY else []
+    return min(have) if have else None
+
+
+def check_memory(c, vocab_size):
+    """A CPU run whose step cannot fit in memory, named by the settings that make it so, or None.
+    A lower bound: the weights, gradients and AdamW's two moments in fp32 (16 bytes a parameter)
+    and one micro-batch's logits in fp32."""
+    d, L, T, B = c["n_embd"], c["n_layer"], c["block_size"], c["batch_size"]
+    weights = 16 * (vocab_size * d + T * d + L * (12 * d * d + 13 * d) + 2 * d)
+    logits = 4 * B * T * vocab_size
+    have = available_memory()
+    if have is None or weights + logits <= have:
+        return None
+    gib = lambda n: f"{n / 2**30:,.1f} GiB"
+    which = f"n_embd={d}, n_layer={L}" if weights >= logits else f"batch_size={B}, block_size={T}"
+    return (
+        f"{which}: the step needs at least {gib(weights + logits)} (weights, gradients and AdamW "
+        f"state {gib(weights)}, one micro-batch's logits {gib(logits)}), and {gib(have)} is "
+        "available: lower them"
+    )
+
+
 def check_device(device):
     """'auto', 'cpu', 'cuda', 'cuda:N' or 'mps', and there on this machine."""
     kind, _, index = device.partition(":")

@@ -237,6 +237,7 @@ def _hooked(path, *a, **k):
         {action}
     return _open(path, *a, **k)
 builtins.open = _hooked"""
+LIMIT_8G = "import resource\nresource.setrlimit(resource.RLIMIT_AS, (8 << 30, 8 << 30))"
 OFFLINE = {"HTTPS_PROXY": "http://127.0.0.1:9", "https_proxy": "http://127.0.0.1:9"}
 
 
@@ -262,6 +263,15 @@ def bad_runs(data_dir, finished, source_and_sae, tmp_path_factory):
     table = {
         "T1_n_head": (child("train.py", [*T, f"--out_dir={out('t1')}", "--n_head=0"]), "n_head"),
         "T2_seed": (child("train.py", [*T, f"--out_dir={out('t2')}", "--seed=-1"]), "seed must"),
+        "T3_n_embd": (
+            child("train.py", [*T, f"--out_dir={out('t3')}", "--n_embd=100000"]),
+            "n_embd",
+        ),
+        "T3_batch_size": (
+            # the process's memory limited to 8 GiB: the check reads the limit
+            child("train.py", [*T, f"--out_dir={out('t3b')}", "--batch_size=2000"], LIMIT_8G),
+            "batch_size=2000, block_size=32: the step needs at least",
+        ),
         "T2_seeds": (
             child("reproduce.py", ["--preset=tiny", f"--out_dir={out('r2')}", "--seeds=1,-3"]),
             "--seeds: -3 is not a seed",
@@ -398,6 +408,8 @@ CASES = [
     "T1_n_head",
     "T2_seed",
     "T2_seeds",
+    "T3_n_embd",
+    "T3_batch_size",
     "T4_num_proc",
     "T4_doc_separator",
     "T5_block_size",
