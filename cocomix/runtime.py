@@ -65,8 +65,11 @@ def keep_freed_memory(device="cpu"):
         mallopt = libc.mallopt
     except (OSError, AttributeError):
         return False
-    M_TRIM_THRESHOLD, M_MMAP_THRESHOLD = -1, -3  # malloc.h; an int, so 2 GB is the largest setting
-    return bool(mallopt(M_MMAP_THRESHOLD, 2**31 - 1)) and bool(mallopt(M_TRIM_THRESHOLD, 2**31 - 1))
+    M_TRIM_THRESHOLD, M_MMAP_THRESHOLD = -1, -3  # malloc.h; an int, so 2 GB is the largest mmap one
+    # a trim threshold of -1 never trims: any finite one (at most 2 GB) gives back a step's freed
+    # top of the heap once it is larger, and the next step faults it in again (a step with GBs of
+    # logits did so every step: docs/benchmarks.md)
+    return bool(mallopt(M_MMAP_THRESHOLD, 2**31 - 1)) and bool(mallopt(M_TRIM_THRESHOLD, -1))
 
 
 def rng_state(device_type):
