@@ -99,10 +99,10 @@ class LMHeadLoss(torch.autograd.Function):
         cdt, acc = precisions(x)
         with torch.autocast(dev, enabled=False):
             xc, Wc = x.to(cdt), W.to(cdt)
-            # the vocabulary padded with zero rows to a multiple of 64, as nanoGPT pads its own:
-            # MKL's fp32 GEMM is ~20% faster there (docs/benchmarks.md). The padded logits are set
-            # to -inf, so they take no probability and get no gradient
-            V, pad = W.size(0), -W.size(0) % 64
+            # in fp32 the vocabulary padded with zero rows to a multiple of 64, as nanoGPT pads its
+            # own: MKL's fp32 GEMM is ~20% faster there, bf16's no faster (docs/benchmarks.md). The
+            # padded logits are set to -inf, so they take no probability and get no gradient
+            V, pad = W.size(0), -W.size(0) % 64 if cdt == torch.float32 else 0
             Wc = F.pad(Wc, (0, 0, 0, pad)) if pad else Wc
             G = xc @ Wc.t()  # the logits, becoming the logit gradient chunk by chunk below
             G[:, V:] = float("-inf")
