@@ -240,6 +240,8 @@ def run_logged(stage, cmd, log_path, env):
             proc.send_signal(signal.SIGTERM)
             proc.wait()  # train.py and sae.py finish their step, save and exit; let them
             fail(f"interrupted in stage {stage}; run the same command again to resume it", 130)
+    if rc == 130:  # the stage's program alone was stopped, and saved what it had
+        fail(f"stage {stage} was interrupted; run the same command again to resume it", 130)
     if rc:
         fail(f"stage {stage} failed (exit {rc}); see {log_path}")
 
@@ -339,7 +341,7 @@ def resumable(cmd, folder):
 
 
 def checkpoint_step(stage, run_dir, cfg):
-    """A train.py stage is finished when its checkpoint is of step max_iters (train.py exits 0 after
+    """A train.py stage is finished when its checkpoint is of step max_iters (train.py exits 130 after
     SIGINT or SIGTERM too, with a checkpoint of where it stopped): the record then holds the
     checkpoint's budget."""
     from cocomix.weights import load_torch_file
@@ -691,7 +693,7 @@ def reproduce():
                 else ["sae.py", "--describe", f"--sae_path={sae_path}", D]
             ),
         ]
-        # sae.py exits 0 when a signal stops it, with its resume file written and no SAE
+        # sae.py stopped by a signal exits 130 (run_logged says so); this catches any other early end
         cmds.insert(
             1,
             lambda: (

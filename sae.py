@@ -763,9 +763,10 @@ def train_and_write(a, model, cfg, settings, meta, same, resume_path):
     m = fit(a, sae, model, settings, same, saved)
     if "stopped" in m:
         print(
-            f"stopped at step {m['stopped']} of {settings['steps']}; run the same command to resume from {resume_path}"
+            f"stopped at step {m['stopped']} of {settings['steps']}; run the same command to "
+            f"resume from {resume_path}"
         )
-        return
+        raise SystemExit(130)  # stopped by Ctrl-C or SIGTERM: a shell's status for it
     if problem := usable(
         sae.meta["eval"]
     ):  # e.g. a far too large --lr: say so rather than hand on a useless SAE

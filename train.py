@@ -169,8 +169,6 @@ if cpu_heap:
     keep_freed_memory(device)
 ptdtype = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[dtype]
 ctx = nullcontext() if dtype == "float32" else torch.autocast(device_type, dtype=ptdtype)
-if device_type == "cpu" and (problem := check_memory(config, corpus.VOCAB_SIZE)):
-    fail(problem)
 torch.backends.cuda.matmul.allow_tf32 = True
 torch.backends.cudnn.allow_tf32 = True
 
@@ -180,6 +178,9 @@ try:
     data = {s: load_tokens(data_dir, s, block_size + 2, "block_size+2") for s in ("train", "val")}
 except (OSError, ValueError) as e:
     fail(str(e))
+# a step that cannot fit in memory is refused here, naming its settings, not by the allocator later
+if device_type == "cpu" and (problem := check_memory(config, corpus.VOCAB_SIZE)):
+    fail(problem)
 micro_batches = gradient_accumulation_steps // world_size
 tokens_per_iter = gradient_accumulation_steps * batch_size * block_size
 
@@ -552,3 +553,5 @@ if pbar:
     pbar.close()
 if ddp:
     destroy_process_group()
+if stop_requested and iter_num < max_iters:  # stopped by Ctrl-C or SIGTERM: a shell's status for it
+    sys.exit(130)

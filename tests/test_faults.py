@@ -229,7 +229,7 @@ def test_stopped_and_resumed_run_is_the_uninterrupted_one(
         hooked("train.py", per_step(f"os.kill(os.getpid(), signal.{how})", [5]), *args), check=False
     )
     if how == "SIGINT":
-        assert p.returncode == 0 and "stopped at step 5" in p.stdout, p.stderr[-2000:]
+        assert p.returncode == 130 and "stopped at step 5" in p.stdout, p.stderr[-2000:]
         assert torch.load(os.path.join(out, "ckpt.pt"), weights_only=True)["iter_num"] == 5
     else:
         assert p.returncode == -signal.SIGKILL

@@ -396,8 +396,10 @@ def run_interrupted(args, monkeypatch, how, at):
         if how == "crash":
             with pytest.raises(RuntimeError, match="simulated"):
                 main(args)
-        else:
-            main(args)
+        else:  # stopped: what it had saved, and a shell's status for Ctrl-C
+            with pytest.raises(SystemExit) as e:
+                main(args)
+            assert e.value.code == 130
 
 
 @pytest.mark.parametrize("how", ["signal", "crash"])
