@@ -349,22 +349,26 @@ def check_args(args):
         raise UsageError(problem)
 
 
-def run(args):
-    check_args(args)
-    torch.manual_seed(args.seed)
-    model, train_config = load_model(args)
-    cfg = model.config
+def amp_and_tokenizer(args):
+    """The autocast context (--dtype, on CUDA only) and GPT-2's tokenizer; offline without
+    TIKTOKEN_CACHE_DIR, corpus.py's one-line message as a UsageError."""
     amp = (
         torch.autocast("cuda", dtype=getattr(torch, args.dtype))
         if "cuda" in args.device and args.dtype != "float32"
         else nullcontext()
     )
     try:
-        enc = tokenizer()
-    except (
-        RuntimeError
-    ) as e:  # offline without TIKTOKEN_CACHE_DIR: corpus.py's one-line message, no traceback
+        return amp, tokenizer()
+    except RuntimeError as e:
         raise UsageError(str(e)) from None
+
+
+def run(args):
+    check_args(args)
+    torch.manual_seed(args.seed)
+    model, train_config = load_model(args)
+    cfg = model.config
+    amp, enc = amp_and_tokenizer(args)
     ids = encode_prompt(enc, read_prompt(args.start), cfg.vocab_size)
     inspect = args.inspect or bool(args.html)
 

@@ -19,6 +19,7 @@ from cocomix.inspection import concept_logits, has_concept_head, token_text, win
 from sample import (
     SourceSteering,
     UsageError,
+    amp_and_tokenizer,
     arg_parser,
     check_args,
     check_steerable,
@@ -288,15 +289,7 @@ def main(argv=None):
         check_args(args)
         torch.manual_seed(args.seed)
         model, train_config = load_model(args)
-        amp = (
-            torch.autocast("cuda", dtype=getattr(torch, args.dtype))
-            if "cuda" in args.device and args.dtype != "float32"
-            else nullcontext()
-        )
-        try:
-            enc = tokenizer()
-        except RuntimeError as e:  # offline without TIKTOKEN_CACHE_DIR: a one-line message
-            raise UsageError(str(e)) from None
+        amp, enc = amp_and_tokenizer(args)
         with torch.no_grad():
             return run_measurements(args, model, train_config, enc, amp)
     except (UsageError, ValueError, FileNotFoundError) as e:

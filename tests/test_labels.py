@@ -15,7 +15,7 @@ import torch.nn.functional as F
 from cocomix.label_cache import LabelCache, label_identity
 from model import GPT, GPTConfig
 from sae import SAE, ConceptLabeler
-from tests.fixtures import ENV, ROOT, T, cached, write_data, write_sae, write_source
+from tests.fixtures import ENV, ROOT, TINY, T, cached, write_data, write_sae, write_source
 
 
 @pytest.fixture
@@ -226,16 +226,8 @@ def test_train_same_losses_with_and_without_cache(setup, tmp_path):
         "--mode=cocomix",
         f"--concept_source={src}",
         f"--sae_path={sae_path}",
-        "--n_layer=2",
-        "--n_head=2",
-        "--n_embd=32",
+        *TINY,
         f"--block_size={T}",
-        "--batch_size=4",
-        "--device=cpu",
-        "--dtype=float32",
-        "--progress=False",
-        "--eval_iters=2",
-        "--log_interval=1",
         "--max_iters=4",
         "--eval_interval=2",
         "--concept_topk=8",
