@@ -131,8 +131,8 @@ def report(out_dir, runs, methods, seeds, notes):
         *notes,
         "",
         f"Mean ± sample std over seeds {', '.join(map(str, seeds))}. Val: the prepared val split, up to "
-        "the evaluation's max_tokens (eval.evaluate_tokens); OOD: loss on another text; wall: the train.py process, "
-        "tokens/s = training tokens / wall.",
+        "the evaluation's max_tokens (cocomix/evaluate.py, evaluate_tokens); OOD: loss on another "
+        "text; wall: the train.py process, tokens/s = training tokens / wall.",
         "",
         "| method | params | tokens | val loss | val ppl | val bpb | OOD loss | LAMBADA acc "
         "| LAMBADA ppl | wall (s) | tokens/s |",
