@@ -286,9 +286,10 @@ def source_train_step(source, X, Y, ctx):
     return step
 
 
-def alternate(fns, args, device):
+def alternate(fns, args, device, faults_out=None):
     """Median seconds per call of each fn; the fns take turns (A, B, A, B, ...) so that the
-    machine's noise falls on all of them alike."""
+    machine's noise falls on all of them alike. faults_out: a dict to receive each fn's median
+    minor page faults per call."""
     for fn in fns.values():
         for _ in range(args.warmup):
             fn()
@@ -303,7 +304,8 @@ def alternate(fns, args, device):
             sync(device)
             times[k].append((time.perf_counter() - t0) / args.steps)
             faults[k].append((minor_faults() - f0) / args.steps)
-    alternate.faults = {k: statistics.median(v) for k, v in faults.items()}  # per call, medians
+    if faults_out is not None:
+        faults_out.update({k: statistics.median(v) for k, v in faults.items()})
     return {k: statistics.median(v) for k, v in times.items()}
 
 
@@ -778,8 +780,6 @@ def bench_vs_nanogpt(args):
     and F.cross_entropy, the same clip and AdamW settings; ours fused on a CPU too), same config,
     same initial weights, same batch, steps alternating; then the CoCoMix student (cached labels)
     against the parameter-matched NTP step."""
-    import contextlib
-    import io
 
     from model import ntp_matched_width
 
@@ -797,10 +797,8 @@ def bench_vs_nanogpt(args):
         bias=True,
     )
     ours = student(args, "ntp", dev)
-    with contextlib.redirect_stdout(io.StringIO()):  # nanoGPT prints its parameter counts
-        theirs = nano.GPT(nano.GPTConfig(**cfg)).to(dev)
-        theirs.load_state_dict(ours.state_dict())  # the same weights: the first losses must agree
-        opt_theirs = theirs.configure_optimizers(0.1, 1e-4, (0.9, 0.95), torch.device(dev).type)
+    theirs, opt_theirs = nanogpt_model(nano, cfg, dev)
+    theirs.load_state_dict(ours.state_dict())  # the same weights: the first losses must agree
     first = (
         copy.deepcopy(ours),
         copy.deepcopy(theirs),
@@ -844,7 +842,8 @@ def bench_vs_nanogpt(args):
             f"ntp d={matched.n_embd}": persistent_bytes(ntp, opt_ntp),
             "cocomix": persistent_bytes(coco, opt_coco, labels),
         }
-        t = alternate(steps, args, dev)
+        faults = {}
+        t = alternate(steps, args, dev, faults)
         print(
             f"\n{dtype} (first loss ours - nanoGPT's: {same:.1e}), in one process\n"
             f"{'step':<14} {'ms':>9} {'tok/s':>8} {'peak MiB':>9} {'faults/step':>12}"
@@ -852,7 +851,7 @@ def bench_vs_nanogpt(args):
         for k in steps:
             print(
                 f"{k:<14} {t[k] * 1e3:>9.1f} {tokens / t[k]:>8.0f} {(peak[k] + kept[k]) / 2**20:>9.0f} "
-                f"{alternate.faults[k]:>12.0f}"
+                f"{faults[k]:>12.0f}"
             )
         rf = flops_per_token(coco, T) / flops_per_token(ntp, T)
         print(
@@ -864,29 +863,31 @@ def bench_vs_nanogpt(args):
             f"cocomix (d={args.n_embd}, cached labels) / parameter-matched ntp: time {r:.2f}x, "
             f"FLOPs {rf:.2f}x, time / FLOP ratio {r / rf:.2f}"
         )
-        shipped = bench_as_shipped(args, dtype)
+        shipped, shipped_faults = bench_as_shipped(args, dtype)
         print(
             f"as each repository runs by default (a process each, taking turns; nanoGPT: vocabulary "
             f"50304, its optimizer, glibc's allocator): ours vs nanoGPT "
             f"{shipped['nanogpt'] / shipped['ours']:.2f}x the speed "
             f"({shipped['ours'] * 1e3:.0f} vs {shipped['nanogpt'] * 1e3:.0f} ms; page faults per step "
-            f"{bench_as_shipped.faults['ours']:.0f} vs {bench_as_shipped.faults['nanogpt']:.0f})"
+            f"{shipped_faults['ours']:.0f} vs {shipped_faults['nanogpt']:.0f})"
         )
 
 
+def nanogpt_model(nano, cfg, device):
+    """nanoGPT's GPT of config cfg and its own optimizer (weight decay 0.1, lr 1e-4, its AdamW
+    choice for the device), its parameter-count prints silenced."""
+    import contextlib
+    import io
+
+    with contextlib.redirect_stdout(io.StringIO()):
+        model = nano.GPT(nano.GPTConfig(**cfg)).to(device)
+        return model, model.configure_optimizers(0.1, 1e-4, (0.9, 0.95), torch.device(device).type)
+
+
 def nanogpt_step(theirs, opt, X, Y, ctx):
-    """nanoGPT's step as its train.py takes it: full logits, F.cross_entropy, clip, its AdamW."""
-
-    def step():
-        with ctx:
-            _, loss = theirs(X, Y)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(theirs.parameters(), 1.0)
-        opt.step()
-        opt.zero_grad(set_to_none=True)
-        return loss
-
-    return step
+    """nanoGPT's step as its train.py takes it: full logits and F.cross_entropy (its forward's
+    loss), then train_step's backward, clip and optimizer step."""
+    return train_step(theirs, opt, X, Y, ctx, loss_fn=lambda model, x, y, *_, **__: model(x, y)[1])
 
 
 def side_times(args):
@@ -897,15 +898,9 @@ def side_times(args):
     dev, ctx = args.device, autocast(args.device, args.dtypes)
     X, Y = batch(args, dev)
     if args.side == "nanogpt":
-        import contextlib
-        import io
-
-        nano = load_nanogpt(args.vs_nanogpt)
-        cfg = dict(n_layer=args.n_layer, n_head=args.n_head, n_embd=args.n_embd, dropout=0.0)
-        with contextlib.redirect_stdout(io.StringIO()):  # nanoGPT prints its parameter counts
-            theirs = nano.GPT(nano.GPTConfig(block_size=args.block_size, bias=True, **cfg)).to(dev)
-            opt = theirs.configure_optimizers(0.1, 1e-4, (0.9, 0.95), torch.device(dev).type)
-        step = nanogpt_step(theirs, opt, X, Y, ctx)
+        sizes = ("n_layer", "n_head", "n_embd", "block_size")
+        cfg = dict({k: getattr(args, k) for k in sizes}, dropout=0.0, bias=True)  # its vocabulary
+        step = nanogpt_step(*nanogpt_model(load_nanogpt(args.vs_nanogpt), cfg, dev), X, Y, ctx)
     else:
         ours = student(args, "ntp", dev)
         step = train_step(ours, optimizer(ours), X, Y, ctx)
@@ -925,7 +920,7 @@ def side_times(args):
 def bench_as_shipped(args, dtype):
     """Ours vs nanoGPT as a user comparing the two repositories runs them: each step in its own
     process with that repository's defaults (side_times), the processes taking turns, nanoGPT first
-    in even rounds. Returns the median seconds per step of each."""
+    in even rounds. Returns the median seconds and page faults per step of each."""
     import subprocess
     import sys
 
@@ -957,8 +952,8 @@ def bench_as_shipped(args, dtype):
             record = json.loads(out.stdout.splitlines()[-1])
             times[side].append(statistics.median(record["times"]))
             faults[side].append(statistics.median(record["faults"]))
-    bench_as_shipped.faults = {k: statistics.median(v) for k, v in faults.items()}
-    return {k: statistics.median(v) for k, v in times.items()}
+    median = lambda d: {k: statistics.median(v) for k, v in d.items()}
+    return median(times), median(faults)
 
 
 def main(argv=None):
