@@ -16,7 +16,7 @@ import pytest
 import torch
 
 from cocomix.weights import save_atomic
-from tests.fixtures import ENV, ROOT, TINY
+from tests.fixtures import ENV, ROOT, TINY, signal_in_final_eval
 from tests.test_faults import hooked, one_line_error, spawn
 
 STEPS = 4
@@ -133,17 +133,7 @@ def test_kill_during_the_final_evaluation_keeps_the_last_steps(data_dir, tmp_pat
     """kill -9 while the final evaluation runs: ckpt.pt already holds the last step (it was written
     after the evaluation, so the steps since the last checkpoint were lost)."""
     out = str(tmp_path / "run")
-    hook = f"""
-import math, os, signal, torch
-_clip, _exp, _steps = torch.nn.utils.clip_grad_norm_, math.exp, [0]
-def _count(*a, **k):
-    _steps[0] += 1
-    return _clip(*a, **k)
-def _exp_hook(x):
-    if _steps[0] == {STEPS + 1}:
-        os.kill(os.getpid(), signal.SIGKILL)
-    return _exp(x)
-torch.nn.utils.clip_grad_norm_, math.exp = _count, _exp_hook"""
+    hook = signal_in_final_eval(STEPS + 1, "SIGKILL")
     p = train(
         data_dir, out, f"--max_iters={STEPS + 1}", "--eval_interval=100", hook=hook, check=False
     )

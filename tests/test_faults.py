@@ -24,7 +24,7 @@ import pytest
 import torch
 
 from cocomix.weights import save_atomic
-from tests.fixtures import ENV, ROOT, TINY, read_log, run
+from tests.fixtures import ENV, ROOT, TINY, read_log, run, signal_in_final_eval
 
 STEPS = 8
 TIMES = (
@@ -166,18 +166,7 @@ def copy_data(data_dir, dst):
 def test_stop_during_the_final_evaluation_keeps_the_final_checkpoint(data_dir, tmp_path):
     """SIGTERM while the last evaluation runs: the run ends, and ckpt.pt is of the last step."""
     out = str(tmp_path / "run")
-    hook = f"""
-import math, os, signal, torch
-_clip, _exp, _steps = torch.nn.utils.clip_grad_norm_, math.exp, [0]
-def _count(*a, **k):
-    _steps[0] += 1
-    return _clip(*a, **k)
-# evaluate() ends with math.exp (the perplexity): after {STEPS} steps, this is the final one
-def _exp_hook(x):
-    if _steps[0] == {STEPS}:
-        os.kill(os.getpid(), signal.SIGTERM)
-    return _exp(x)
-torch.nn.utils.clip_grad_norm_, math.exp = _count, _exp_hook"""
+    hook = signal_in_final_eval(STEPS, "SIGTERM")
     p = spawn(
         hooked(
             "train.py",
