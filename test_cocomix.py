@@ -13,6 +13,7 @@ import torch
 import torch.nn.functional as F
 
 from cocomix.ops import (
+    causal_attention,
     concept_loss_reference,
     fused_concept_head,
     kl_rows,
@@ -111,6 +112,53 @@ def test_causality_every_mix(mix):
     assert not torch.allclose(a[:, t + 1 :], b[:, t + 1 :])
     if z_a is not None:
         torch.testing.assert_close(z_a[:, : t + 1], z_b[:, : t + 1], atol=0, rtol=0)
+
+
+def test_causal_attention_in_bf16_training_is_the_fused_kernels_function():
+    """Training in bf16 on a CPU, causal_attention makes the attention with three batched matmuls
+    instead of PyTorch's fused kernel. Its output and gradients are within bf16 rounding of the
+    float64 reference (no further from it than the fused kernel in bf16), and a key or value of a
+    later position changes no earlier output."""
+    torch.manual_seed(0)
+    q, k, v = (torch.randn(2, 3, 40, 16, dtype=torch.float64, requires_grad=True) for _ in "qkv")
+    g = torch.randn(2, 3, 40, 16, dtype=torch.float64)
+    ref = F.scaled_dot_product_attention(q, k, v, is_causal=True)
+    ref_grads = torch.autograd.grad(ref, (q, k, v), g)
+    low = [t.detach().bfloat16().requires_grad_() for t in (q, k, v)]
+    for attention in (causal_attention, F.scaled_dot_product_attention):
+        out = attention(*low) if attention is causal_attention else attention(*low, is_causal=True)
+        grads = torch.autograd.grad(out, low, g.bfloat16())
+        errors = [
+            (a.double() - b).abs().max().item() for a, b in zip((out, *grads), (ref, *ref_grads))
+        ]
+        assert max(errors) < 0.03, (attention, errors)
+    later = [t.detach().clone() for t in low]
+    later[1][:, :, 25:] += 1.0
+    later[2][:, :, 25:] -= 1.0
+    a, b = (causal_attention(*(t.requires_grad_() for t in ts)) for ts in (low, later))
+    torch.testing.assert_close(a[:, :, :25], b[:, :, :25], atol=0, rtol=0)
+    assert not torch.equal(a[:, :, 25:], b[:, :, 25:])
+
+
+def test_lm_loss_in_bf16_matches_float64():
+    """Under bf16 autocast lm_loss makes its GEMMs in bf16 with the vocabulary padded to a multiple of
+    64 (here 1000 -> 1024) and the weight gradient as (x^T G)^T: the loss and both gradients stay
+    within bf16 rounding of the float64 full-logit ones, and ignored rows get no gradient."""
+    torch.manual_seed(0)
+    N, V, d = 300, 1000, 32
+    x = (torch.randn(N, d) * 0.5).requires_grad_()
+    W = (torch.randn(V, d) * 0.5).requires_grad_()
+    targets = torch.randint(0, V, (N,))
+    targets[[5, 200]] = -1
+    ref = F.cross_entropy(x.double() @ W.double().t(), targets, ignore_index=-1)
+    ref_grads = torch.autograd.grad(ref, (x, W))
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        loss = lm_loss(x, W, targets, chunk=128)
+    grads = torch.autograd.grad(loss, (x, W))
+    assert abs(loss.item() - ref.item()) < 1e-2 and grads[1].dtype == torch.float32
+    for got, want in zip(grads, ref_grads):
+        assert ((got.double() - want).norm() / want.norm()).item() < 1e-2
+    assert grads[0][[5, 200]].abs().max() == 0
 
 
 def dense_mix(values, indices, W):
