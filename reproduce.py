@@ -38,6 +38,7 @@ import subprocess
 import sys
 import time
 
+from cocomix.checks import check_config_key
 from cocomix.interrupt import on_ctrl_c
 
 if __name__ == "__main__":  # Ctrl-C in the start-up (the imports below): one line, exit 130
@@ -502,6 +503,14 @@ def reproduce():
             "a seed, method or ablation is given twice: it would count twice in every mean and test"
         )
     ablations = dict(parse_ablation(s) for s in a.ablation)
+    train_py = os.path.join(REPO, "train.py")
+    keys = [("--ablation", k) for kv in ablations.values() for k in kv]
+    try:  # a misspelt key is refused here, not when its stage starts train.py
+        for flag, key in keys + [("--set", spec.partition("=")[0]) for spec in a.overrides]:
+            if key:
+                check_config_key(flag, key, train_py)
+    except ValueError as e:
+        fail(str(e))
     # every flag is checked before the first stage, so that a typo costs a second, not the stages
     if a.sae_path and not a.concept_source:
         fail("--sae_path needs --concept_source: an SAE belongs to the model it was trained on")

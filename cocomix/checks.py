@@ -253,6 +253,36 @@ class _Moved(argparse.Action):
         parser.error(f"{option_string} is now {self.to}")
 
 
+def config_keys(script):
+    """The config keys of a nanoGPT-style script (train.py): its top-level names assigned a number,
+    bool or string before it builds config_keys, read from its source without running it."""
+    import ast
+
+    keys = []
+    for node in ast.parse(open(script).read()).body:
+        if isinstance(node, ast.Assign) and len(node.targets) == 1:
+            name = getattr(node.targets[0], "id", "")
+            if name == "config_keys":
+                break
+            value = node.value
+            if isinstance(value, ast.UnaryOp):  # -1, -1.0
+                value = value.operand
+            if isinstance(value, ast.Constant) and not name.startswith("_"):
+                keys.append(name)
+    return keys
+
+
+def check_config_key(flag, key, script):
+    """A one-line error (ValueError) for a key the script does not have, with the nearest ones."""
+    import difflib
+
+    known = config_keys(script)
+    if key not in known:
+        near = difflib.get_close_matches(key, known, n=3)
+        hint = f"; did you mean {', '.join(near)}?" if near else ""
+        raise ValueError(f"{flag}: {os.path.basename(script)} has no config key {key!r}{hint}")
+
+
 def moved_flag(parser, flag, to):
     """--flag, renamed or moved elsewhere: refused with where it went, not taken as a prefix of
     another."""

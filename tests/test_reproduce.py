@@ -160,6 +160,22 @@ def test_tiny_end_to_end(tmp_path):
     ), r.stderr
     r = run(*args, "--set", "max_iters", timeout=120)
     assert r.returncode != 0 and "--set 'max_iters': expected KEY=VALUE" in r.stderr, r.stderr
+    # a key train.py does not have is refused before any stage, with the nearest keys
+    for flag, spec, message in (
+        (
+            "--set",
+            "max_iter=20",
+            "--set: train.py has no config key 'max_iter'; did you mean max_iters",
+        ),
+        (
+            "--ablation",
+            "mix=add,lamm=0",
+            "--ablation: train.py has no config key 'lamm'; did you mean lam",
+        ),
+    ):
+        fresh = tmp_path / "fresh"
+        r = run(f"--out_dir={fresh}", "--preset=tiny", flag, spec, timeout=120)
+        assert r.returncode != 0 and message in r.stderr and not fresh.exists(), r.stderr
 
     # a given concept source and SAE in place of the source and sae stages, recorded by their
     # SHA-256
