@@ -503,14 +503,6 @@ def reproduce():
             "a seed, method or ablation is given twice: it would count twice in every mean and test"
         )
     ablations = dict(parse_ablation(s) for s in a.ablation)
-    train_py = os.path.join(REPO, "train.py")
-    keys = [("--ablation", k) for kv in ablations.values() for k in kv]
-    try:  # a misspelt key is refused here, not when its stage starts train.py
-        for flag, key in keys + [("--set", spec.partition("=")[0]) for spec in a.overrides]:
-            if key:
-                check_config_key(flag, key, train_py)
-    except ValueError as e:
-        fail(str(e))
     # every flag is checked before the first stage, so that a typo costs a second, not the stages
     if a.sae_path and not a.concept_source:
         fail("--sae_path needs --concept_source: an SAE belongs to the model it was trained on")
@@ -520,6 +512,14 @@ def reproduce():
         if not eq or not key:
             fail(f"--set {spec!r}: expected KEY=VALUE (a train.py config key)")
         sets[key] = parse_value(value)
+    keys = [("--ablation", k) for kv in ablations.values() for k in kv] + [
+        ("--set", k) for k in sets
+    ]
+    try:  # a misspelt key is refused here, not when its stage starts train.py
+        for flag, key in keys:
+            check_config_key(flag, key, os.path.join(REPO, "train.py"))
+    except ValueError as e:
+        fail(str(e))
     methods += list(ablations)
     if not seeds or not methods:
         fail("nothing to run: give at least one seed and one method")
