@@ -452,3 +452,33 @@ def test_presets_name_real_flags(monkeypatch):
                 parser.parse_args(["--data_dir=x", *flags(p["sae"])])
             except SystemExit:
                 pytest.fail(f"preset {name}.sae: sae.py rejects {flags(p['sae'])}")
+
+
+def test_budget_trend_rows_table_and_plot(tmp_path, capsys):
+    """scripts.budget_trend: a reproduce.py out_dir's eval.json files become Δ-vs-NTP rows (method
+    minus the NTP run of the same seed; a seed without NTP gives none), the rows round-trip through
+    the CSV, and the table averages each budget's seeds."""
+    import json
+
+    from scripts import budget_trend
+
+    val = {"ntp_s1": 5.30, "cocomix_s1": 5.37, "cocomix_mix_add_s1": 5.25, "ntp_s2": 5.34}
+    val |= {"cocomix_s2": 5.40, "kd_s3": 5.2}
+    for name, loss in val.items():
+        (tmp_path / "runs" / name).mkdir(parents=True)
+        result = {"result": {"val": {"loss": loss}}}
+        (tmp_path / "runs" / name / "eval.json").write_text(json.dumps(result))
+    budget_trend.main([str(tmp_path / "none.csv"), f"--runs={tmp_path}", "--steps=2304"])
+    table_csv = tmp_path / "trend.csv"
+    table_csv.write_text(",".join(budget_trend.FIELDS) + "\n" + capsys.readouterr().out)
+    rows = budget_trend.read_rows(str(table_csv))
+    got = {(r["method"], r["seed"]): r["delta"] for r in rows}
+    assert got == {("add", "1"): -0.05, ("interleave", "1"): 0.07, ("interleave", "2"): 0.06}
+    assert {r["source"] for r in rows} == {"strong"} and {r["steps"] for r in rows} == {2304}
+    out = tmp_path / "trend.png"
+    budget_trend.main([str(table_csv), f"--out={out}"])
+    text = capsys.readouterr().out
+    assert "| strong | interleave | 2304 | 9.44M | +0.070 (s1), +0.060 (s2) | +0.065 |" in text
+    assert out.stat().st_size > 1000
+    with pytest.raises(SystemExit, match="no finished run"):
+        budget_trend.main([str(table_csv), f"--runs={tmp_path / 'empty'}", "--steps=1"])
