@@ -138,6 +138,11 @@ def test_causal_attention_in_bf16_training_is_the_fused_kernels_function():
     a, b = (causal_attention(*(t.requires_grad_() for t in ts)) for ts in (low, later))
     torch.testing.assert_close(a[:, :, :25], b[:, :, :25], atol=0, rtol=0)
     assert not torch.equal(a[:, :, 25:], b[:, :, 25:])
+    # past T = 512 (a B x H x T x T softmax kept for the backward) it is the kernel itself
+    long = [torch.randn(1, 1, 513, 8, dtype=torch.bfloat16, requires_grad=True) for _ in "qkv"]
+    assert torch.equal(
+        causal_attention(*long), F.scaled_dot_product_attention(*long, is_causal=True)
+    )
 
 
 def test_lm_loss_in_bf16_matches_float64():

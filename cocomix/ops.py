@@ -72,9 +72,12 @@ def sparse_mix_t(values, indices, x, n_rows):
 def causal_attention(q, k, v, dropout_p=0.0):
     """softmax(q k^T / sqrt(hd) + causal mask) v for (B, H, T, hd) queries, keys and values: PyTorch's
     fused kernel (F.scaled_dot_product_attention, is_causal=True), except when training in bf16 on a
-    CPU, where that kernel's backward takes twice as long as the plain product's (docs/benchmarks.md).
-    There the scores and the mask come from one baddbmm, then their softmax times v."""
-    if q.device.type != "cpu" or q.dtype != torch.bfloat16 or not q.requires_grad or dropout_p:
+    CPU at T <= 512, where that kernel's backward takes twice as long as the plain product's
+    (docs/benchmarks.md). There the scores and the mask come from one baddbmm, then their softmax
+    times v. The softmax it keeps for the backward is B x H x T x T, where the kernel keeps one
+    number a row: hence the bound on T."""
+    plain = q.device.type == "cpu" and q.dtype == torch.bfloat16 and q.requires_grad
+    if not plain or dropout_p or q.size(2) > 512:
         return F.scaled_dot_product_attention(q, k, v, dropout_p=dropout_p, is_causal=True)
     B, H, T, hd = q.shape
     q, k, v = (t.reshape(B * H, T, hd) for t in (q, k, v))
