@@ -38,7 +38,7 @@ import subprocess
 import sys
 import time
 
-from cocomix.checks import check_config_key
+from cocomix.checks import check_config_keys
 from cocomix.interrupt import on_ctrl_c
 
 if __name__ == "__main__":  # Ctrl-C in the start-up (the imports below): one line, exit 130
@@ -516,8 +516,7 @@ def reproduce():
         ("--set", k) for k in sets
     ]
     try:  # a misspelt key is refused here, not when its stage starts train.py
-        for flag, key in keys:
-            check_config_key(flag, key, os.path.join(REPO, "train.py"))
+        check_config_keys(keys, os.path.join(REPO, "train.py"))
     except ValueError as e:
         fail(str(e))
     methods += list(ablations)

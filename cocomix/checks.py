@@ -272,15 +272,17 @@ def config_keys(script):
     return keys
 
 
-def check_config_key(flag, key, script):
-    """A one-line error (ValueError) for a key the script does not have, with the nearest ones."""
+def check_config_keys(flagged, script):
+    """A one-line error (ValueError) for the first (flag, key) in flagged whose key the script does
+    not have, with the nearest ones."""
     import difflib
 
     known = config_keys(script)
-    if key not in known:
-        near = difflib.get_close_matches(key, known, n=3)
-        hint = f"; did you mean {', '.join(near)}?" if near else ""
-        raise ValueError(f"{flag}: {os.path.basename(script)} has no config key {key!r}{hint}")
+    for flag, key in flagged:
+        if key not in known:
+            near = difflib.get_close_matches(key, known, n=3)
+            hint = f"; did you mean {', '.join(near)}?" if near else ""
+            raise ValueError(f"{flag}: {os.path.basename(script)} has no config key {key!r}{hint}")
 
 
 def moved_flag(parser, flag, to):
