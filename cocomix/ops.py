@@ -186,8 +186,8 @@ class LMHeadLoss(torch.autograd.Function):
                     gW = (x_valid.t().contiguous() @ G)[:, : ctx.V].t()
                 else:  # in fp32 G^T x is ~20% faster
                     gW = (G.t() @ x_valid)[: ctx.V]
-                # into W's layout in fp32 (at least), then scaled
-                gW = G.new_empty(gW.shape, dtype=acc).copy_(gW)
+                # in W's layout, fp32 at least (a copy only where the layout or dtype differs)
+                gW = gW.to(acc, memory_format=torch.contiguous_format)
                 grad_W = gW.mul_(scale).to(ctx.dtypes[1])
         return grad_x, grad_W, None, None, None, None, None
 
