@@ -44,12 +44,11 @@ for arg in sys.argv[1:]:
         _unknown = {k for k in _unknown if not k.startswith("_")}
         if _unknown:
             _config_error(f"{arg} sets unknown config keys: {', '.join(sorted(_unknown))}")
+        # the file's values must have the defaults' types, as --key=value ones
         for (
             _k,
             _v,
-        ) in (
-            _defaults.items()
-        ):  # the file's values must have the defaults' types, as --key=value ones
+        ) in _defaults.items():
             _new = globals()[_k]
             if type(_new) != type(_v) and not (type(_v) is float and type(_new) is int):
                 _config_error(f"{arg} sets {_k} to {_new!r}, expected a {type(_v).__name__}")

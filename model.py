@@ -405,9 +405,8 @@ class GPT(nn.Module):
         x, z = self.embed(idx, caches[-1].n // (2 if cfg.interleaved else 1)), None
         for i, (block, cache) in enumerate(zip(self.transformer.h, caches)):
             if cfg.has_insert_layer and i == cfg.insert_layer:
-                z, _, x = self.mix_concepts(
-                    x, steer
-                )  # per token: the new tokens' c_t need no cache
+                # per token: the new tokens' c_t need no cache
+                z, _, x = self.mix_concepts(x, steer)
             x = block(x, cache)
         x = x[:, 1::2] if cfg.interleaved else x
         return self.lm_head(self.transformer.ln_f(x[:, -1:] if last_only else x)), z

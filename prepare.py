@@ -605,9 +605,8 @@ def main(argv=None):
             "--source openwebtext is split as nanoGPT splits it: --val_fraction does not apply"
         )
     args.val_fraction = VAL_FRACTION if args.val_fraction is None else args.val_fraction
-    if (
-        args.source and args.doc_separator is not None
-    ):  # a named source comes with its own documents
+    # a named source comes with its own documents
+    if args.source and args.doc_separator is not None:
         parser.error(
             "--doc_separator applies to --input files; a named --source is split its own way"
         )

@@ -228,9 +228,8 @@ def run_logged(stage, cmd, log_path, env):
             cmd, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT
         )
         try:
-            while chunk := proc.stdout.read1(
-                65536
-            ):  # read1: whatever is there, so '\r' updates flow
+            # read1: whatever is there, so '\r' updates flow
+            while chunk := proc.stdout.read1(65536):
                 sys.stdout.buffer.write(chunk)
                 sys.stdout.flush()
                 log.write(chunk)
@@ -312,9 +311,8 @@ def prepare_stage(name, folder, settings, outputs, a, inputs):
         return read_json(record)
     prev, settings = read_json(attempt), json.loads(json.dumps(settings))
     resume = prev is not None and prev.get("settings") == settings
-    if (
-        prev is not None and not resume and not a.force
-    ):  # that attempt's checkpoints are work: never discarded unasked
+    # that attempt's checkpoints are work: never discarded unasked
+    if prev is not None and not resume and not a.force:
         old, new = flatten(prev.get("settings", {})), flatten(settings)
         diff = sorted(k for k in set(old) | set(new) if old.get(k) != new.get(k))
         fail(
@@ -351,9 +349,8 @@ def checkpoint_step(stage, run_dir, cfg):
         step = load_torch_file(os.path.join(run_dir, "ckpt.pt"), "checkpoint").get("iter_num")
     except (OSError, ValueError) as e:
         fail(f"stage {stage}: {e}")
-    n = lambda key, default=None: int(
-        cfg.get(key, default)
-    )  # an --ablation value is kept as written: '100'
+    # an --ablation value is kept as written: '100'
+    n = lambda key, default=None: int(cfg.get(key, default))
     if step != n("max_iters"):
         fail(
             f"stage {stage} stopped at step {step} of max_iters={cfg['max_iters']} (its checkpoint); run the same "
@@ -386,9 +383,8 @@ def read_config(path):
     """The settings a config/ file (path relative to the repo) assigns: what train.py's configurator
     sets from it, less the folders, which reproduce.py sets itself (a stage records where its inputs
     come from by their digests)."""
-    with contextlib.chdir(
-        REPO
-    ):  # config files exec their base files by paths relative to the repo, as train.py runs them
+    # config files exec their base files by paths relative to the repo, as train.py runs them
+    with contextlib.chdir(REPO):
         return {
             k: v
             for k, v in runpy.run_path(path).items()
@@ -537,9 +533,8 @@ def reproduce():
         env["OMP_NUM_THREADS"] = str(P["threads"])
         torch.set_num_threads(P["threads"])
     device = "cuda" if torch.cuda.is_available() else "cpu"
-    rel = lambda v: (
-        os.path.relpath(v, out) if isinstance(v, str) and v.startswith(out) else v
-    )  # survive a move
+    # survive a move
+    rel = lambda v: os.path.relpath(v, out) if isinstance(v, str) and v.startswith(out) else v
 
     # 1. data
     data_dir = os.path.join(out, "data")
@@ -548,9 +543,8 @@ def reproduce():
     if root and not os.path.isdir(root):
         if a.data_root:
             fail(f"--data_root {root}: not a folder")
-        print(
-            f"COCOMIX_DATA={root} is not a folder: no data folder"
-        )  # e.g. .ci/run's default on another machine
+        # e.g. .ci/run's default on another machine
+        print(f"COCOMIX_DATA={root} is not a folder: no data folder")
         root = ""
     at = lambda path: os.path.abspath(os.path.join(root, path)) if root else None
     if a.input:
@@ -871,9 +865,8 @@ def reproduce():
         f"{s['batch_size'] * s.get('gradient_accumulation_steps', 1) * s['block_size']:,} tokens; "
         f"concept source `{rel(source)}`, SAE `{rel(sae_path)}` ({n_concepts} concepts).",
     )
-    metrics = (
-        os.path.splitext(sae_path)[0] + ".metrics.jsonl"
-    )  # sae.py's log, next to its SAE (given or trained here)
+    # sae.py's log, next to its SAE (given or trained here)
+    metrics = os.path.splitext(sae_path)[0] + ".metrics.jsonl"
     sae_eval = (
         [json.loads(x)["eval"] for x in open(metrics) if '"eval"' in x][-1:]
         if os.path.exists(metrics)

@@ -355,9 +355,8 @@ class ConceptLabeler:
                 lm_loss(xb, src.lm_head.weight, tb)
                 for xb, tb in zip(x.unbind(0), targets.unbind(0))
             )
-            (g,) = torch.autograd.grad(
-                loss, h
-            )  # activation gradient only: no parameter grads exist
+            # activation gradient only: no parameter grads exist
+            (g,) = torch.autograd.grad(loss, h)
         return h.detach(), g
 
     @torch.no_grad()
@@ -372,9 +371,8 @@ class ConceptLabeler:
             # g . W_dec at the active latents only: gather K_sae decoder rows, not a dense tokens x
             # C product
             gW = gathered_dot(sae.W_dec_T.contiguous(), indices, g.float())
-            if (
-                self.rule == "attribution_pre"
-            ):  # the paper's equation: pre-activations, not post-TopK latents
+            # the paper's equation: pre-activations, not post-TopK latents
+            if self.rule == "attribution_pre":
                 a = sae.encode_pre(sae.standardise(h)[0]).gather(-1, indices)
             else:
                 a = values
@@ -388,9 +386,8 @@ class ConceptLabeler:
     def __call__(self, idx, targets):
         h, g = self.hidden_and_grad(idx, targets)
         values, indices, s = self.scores(h, g)
-        top, pos = s.masked_fill(values <= 0, float("-inf")).topk(
-            self.k_attr, dim=-1
-        )  # among the active latents
+        # among the active latents
+        top, pos = s.masked_fill(values <= 0, float("-inf")).topk(self.k_attr, dim=-1)
         labels = indices.gather(-1, pos).masked_fill(torch.isinf(top), -1)
         if self.fill == "none":
             return labels.masked_fill(top <= 0, -1)
@@ -559,9 +556,8 @@ def eval_or_describe(a):
     model = load_frozen_gpt(source, a.device)
     sae.check_host(model, layer)
     check_sae_host(sae, source)
-    block_size = a.block_size or sae.meta.get("train", {}).get(
-        "block_size"
-    )  # the windows it was trained on
+    # the windows it was trained on
+    block_size = a.block_size or sae.meta.get("train", {}).get("block_size")
     if a.describe:
         out = os.path.splitext(sae.path)[0] + ".concepts.json"
         describe(
@@ -672,14 +668,12 @@ def fit(a, sae, model, settings, same, saved):
     resume_path = out_file(a, ".resume.pt")
     buffer = activation_buffer(a, model, settings["block_size"], saved)
     if saved is None:
-        with (
-            torch.no_grad()
-        ):  # b_pre at the data's centre, so the encoder starts by looking at deviations from it
+        # b_pre at the data's centre, so the encoder starts by looking at deviations from it
+        with torch.no_grad():
             sae.pre_bias.copy_(geometric_median(buffer.pool[: min(len(buffer.pool), 32768)]))
 
-    def checkpoint(
-        state,
-    ):  # to a temporary file, then renamed: a crash while writing keeps the previous one
+    # to a temporary file, then renamed: a crash while writing keeps the previous one
+    def checkpoint(state):
         save_atomic({"settings": same, "train": state, "buffer": buffer.state_dict()}, resume_path)
 
     os.makedirs(os.path.dirname(os.path.abspath(a.sae_path)), exist_ok=True)
@@ -702,9 +696,8 @@ def fit(a, sae, model, settings, same, saved):
             checkpoint=checkpoint,
             ckpt_interval=a.ckpt_interval,
         )
-        if (
-            "stopped" not in m
-        ):  # no wall time in the file: the same training gives the same bytes (and label cache)
+        # no wall time in the file: the same training gives the same bytes (and label cache)
+        if "stopped" not in m:
             sae.meta["train_final"] = {k: v for k, v in m.items() if k != "time"}
             sae.meta["eval"] = evaluate_sae(
                 sae,
@@ -755,9 +748,8 @@ def main(argv=None):
 def train_and_write(a, model, cfg, settings, meta, same, resume_path):
     """Train the SAE (resuming from <sae>.resume.pt when there is one), then write it and its
     dictionary."""
-    saved = read_resume(
-        resume_path, same
-    )  # before anything is written, so a refusal leaves every file as it was
+    # before anything is written, so a refusal leaves every file as it was
+    saved = read_resume(resume_path, same)
     sae = SAE(cfg.n_embd, a.n_latents, a.k, meta).to(a.device)
     sae.path = a.sae_path
     m = fit(a, sae, model, settings, same, saved)
@@ -767,12 +759,10 @@ def train_and_write(a, model, cfg, settings, meta, same, resume_path):
             f"resume from {resume_path}"
         )
         raise SystemExit(130)  # stopped by Ctrl-C or SIGTERM: a shell's status for it
-    if problem := usable(
-        sae.meta["eval"]
-    ):  # e.g. a far too large --lr: say so rather than hand on a useless SAE
-        os.remove(
-            resume_path
-        )  # a finished run: nothing to resume, and a rerun with a lower --lr must not be refused
+    # e.g. a far too large --lr: say so rather than hand on a useless SAE
+    if problem := usable(sae.meta["eval"]):
+        # a finished run: nothing to resume, and a rerun with a lower --lr must not be refused
+        os.remove(resume_path)
         raise SystemExit(
             f"error: the trained SAE is unusable ({problem}); not written to {a.sae_path}: lower --lr "
             f"(it was {settings['lr']:.3g}) or check the host"
@@ -790,9 +780,8 @@ def train_and_write(a, model, cfg, settings, meta, same, resume_path):
         device=a.device,
         out=out,
     )
-    os.remove(
-        resume_path
-    )  # only now: a crash in evaluate or describe resumes at the end instead of retraining
+    # only now: a crash in evaluate or describe resumes at the end instead of retraining
+    os.remove(resume_path)
     print(f"wrote {a.sae_path}, {out_file(a, '.metrics.jsonl')}, {out}")
 
 

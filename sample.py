@@ -144,9 +144,8 @@ def load_source_and_sae(args, train_config, model, what="--steer_source"):
 def concepts_path(args, sae_path):
     if args.concepts:
         return args.concepts
-    sae_path = sae_file(
-        sae_path
-    )  # an OpenAI name: its downloaded file, which sae.py --describe wrote next to
+    # an OpenAI name: its downloaded file, which sae.py --describe wrote next to
+    sae_path = sae_file(sae_path)
     for p in (
         (sae_path + ".concepts.json", os.path.splitext(sae_path)[0] + ".concepts.json")
         if sae_path
@@ -339,9 +338,8 @@ def check_args(args):
     """The sampling settings, before any model is loaded."""
     if args.num_samples < 1 or args.max_new_tokens < 0:
         raise UsageError("--num_samples must be >= 1 and --max_new_tokens >= 0")
-    if not args.temperature >= 0 or args.temperature == float(
-        "inf"
-    ):  # a negative one would sample the least likely
+    # a negative one would sample the least likely
+    if not args.temperature >= 0 or args.temperature == float("inf"):
         raise UsageError(f"--temperature must be >= 0 (0 = greedy), got {args.temperature}")
     if args.top_k < 0 or args.shift < 0 or args.inspect_top < 1 or args.width < 0:
         raise UsageError("--top_k, --shift and --width must be >= 0, --inspect_top >= 1")

@@ -44,9 +44,8 @@ def hf_reference(tmp_path):
     torch.manual_seed(0)
     hc = transformers.GPT2Config(n_positions=64, n_embd=48, n_layer=2, n_head=4, vocab_size=50257)
     ref = transformers.GPT2LMHeadModel(hc).eval()
-    for p in (
-        ref.parameters()
-    ):  # random biases and LayerNorm gains too, not just the init's zeros and ones
+    # random biases and LayerNorm gains too, not just the init's zeros and ones
+    for p in ref.parameters():
         p.data.add_(0.02 * torch.randn_like(p))
     return ref
 
@@ -245,9 +244,8 @@ def test_concept_loss_equals_separate_cross_entropies():
     torch.manual_seed(0)
     z = torch.randn(10, 30, requires_grad=True)
     labels = torch.randint(0, 30, (10, 4))
-    separate = (
-        sum(F.cross_entropy(z, labels[:, j]) for j in range(4)) / 4
-    )  # the released code's way
+    # the released code's way
+    separate = sum(F.cross_entropy(z, labels[:, j]) for j in range(4)) / 4
     torch.testing.assert_close(concept_loss_reference(z, labels), separate)
     # invalid labels (-1) are ignored: the mean is over the valid ones
     labels[0, 2:] = -1
@@ -304,9 +302,8 @@ def test_concept_head_op_equals_reference():
         )
         return values.detach(), indices, loss.detach(), grads
 
-    with (
-        torch.no_grad()
-    ):  # the fixture is what it claims: labels inside the TopK, and a label-less row
+    # the fixture is what it claims: labels inside the TopK, and a label-less row
+    with torch.no_grad():
         top = F.linear(x0, W0, b0).topk(k, dim=-1).indices
         labels[0, 9, 0] = top[0, 9, 0]
     for lam, kk in ((0.7, k), (0.0, k), (0.7, 0)):
@@ -335,9 +332,8 @@ def test_concept_head_op_equals_reference():
                     lam,
                     kk,
                 )
-    assert (
-        out[3][0][1, 3].abs().max() == 0 and ref[3][0][1, 3].abs().max() == 0
-    )  # no labels, k = 0: no gradient
+    # no labels, k = 0: no gradient
+    assert out[3][0][1, 3].abs().max() == 0 and ref[3][0][1, 3].abs().max() == 0
 
 
 def test_concept_recall():
@@ -541,9 +537,8 @@ def test_preset_budgets(monkeypatch):
     src = open(os.path.join(ROOT, "train.py")).read()
     defaults = src[src.index("# ---") : src.index("config_keys = ")]  # train.py's settings block
     configurator = open(os.path.join(ROOT, "configurator.py")).read()
-    monkeypatch.chdir(
-        ROOT
-    )  # config files exec their base files from the repo root, as train.py runs them
+    # config files exec their base files from the repo root, as train.py runs them
+    monkeypatch.chdir(ROOT)
     files = sorted(f[:-3] for f in os.listdir(os.path.join(ROOT, "config")) if f.endswith(".py"))
     assert files == sorted(PRESETS), (
         "a preset without its row in PRESETS, or a row without its file"
@@ -552,9 +547,8 @@ def test_preset_budgets(monkeypatch):
         monkeypatch.setattr(sys, "argv", ["train.py", f"config/{name}.py"])
         c = {}
         exec(defaults, c)
-        exec(
-            configurator, c
-        )  # train.py's own reading of the file: unknown keys and wrong types fail here
+        # train.py's own reading of the file: unknown keys and wrong types fail here
+        exec(configurator, c)
         step = c["batch_size"] * c["block_size"] * c["gradient_accumulation_steps"]
         got = (
             c["max_iters"] * step,
@@ -798,9 +792,8 @@ def test_sigterm_saves_a_checkpoint_and_resumes(data_dir, tmp_path):
         *TINY,
     )
     steps = [r["train_step"] for r in read_log(out) if "train_step" in r]
-    assert steps[-2:] == [stopped + 1, stopped + 2] and steps == sorted(
-        set(steps)
-    )  # on from where it stopped
+    # on from where it stopped
+    assert steps[-2:] == [stopped + 1, stopped + 2] and steps == sorted(set(steps))
 
 
 @pytest.mark.parametrize("mode", ["ntp", "mix=none"])
@@ -909,10 +902,11 @@ def test_bad_inputs_fail_clearly_and_touch_nothing(data_dir, tmp_path):
     for s in ("train", "val"):
         (other_vocab / f"{s}.bin").write_bytes(np.ones(1000, np.uint16).tobytes())
     (other_vocab / "meta.json").write_text(json.dumps({"tokenizer": "gpt2", "vocab_size": 32000}))
+    # GPT-2 ids as uint32; a val.bin of another corpus
     wide, mixed = (
         tmp_path / "uint32",
         tmp_path / "mixed",
-    )  # GPT-2 ids as uint32; a val.bin of another corpus
+    )
     for d, dtype, n_val in ((wide, "uint32", 1000), (mixed, "uint16", 900)):
         d.mkdir()
         for s in ("train", "val"):
@@ -1062,10 +1056,11 @@ def test_label_scores_are_fp32_under_autocast():
     labeler = ConceptLabeler(source, sae, 1, k_attr=4)
     idx = torch.randint(0, 50257, (2, 12))
     h, g = labeler.hidden_and_grad(idx, idx)
+    # not bf16-representable, so a bf16 encoder would change them
     h, g = (
         h + torch.randn_like(h) * 1e-3,
         g,
-    )  # not bf16-representable, so a bf16 encoder would change them
+    )
     fp32 = labeler.scores(h, g)
     with torch.autocast("cpu", dtype=torch.bfloat16):
         bf16 = labeler.scores(h, g)
@@ -1120,9 +1115,8 @@ def test_attribution_pre_scores_a_latent_by_its_pre_activation():
     values, indices = sae.encode(h)[:2]
     pre = sae.encode(h, return_pre=True)[4]
     assert ((values > 0).sum(-1) < 4).all()  # every token short of k_attr firing latents
-    s = (pre * (g @ sae.W_dec_T.t())).gather(
-        -1, indices
-    )  # dense g . W_dec, then the top-k latents' scores
+    # dense g . W_dec, then the top-k latents' scores
+    s = (pre * (g @ sae.W_dec_T.t())).gather(-1, indices)
     signed_zeros = torch.zeros_like(pre) * (g @ sae.W_dec_T.t())  # as the released code's
     expected = cuda_topk(signed_zeros.scatter_(-1, indices, s), 4).indices
     labels = paper(idx, idx)

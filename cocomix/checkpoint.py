@@ -24,9 +24,8 @@ def read_checkpoint(path, known_args, device="cpu"):
         and isinstance(ckpt.get("model_args"), dict)
     ):
         raise ValueError(f"{path}: not a cocomix checkpoint (no 'model' and 'model_args' entries)")
-    if (
-        ckpt["model_args"].get("mix") == "pause"
-    ):  # written before the pause baseline had its own key
+    # written before the pause baseline had its own key
+    if ckpt["model_args"].get("mix") == "pause":
         ckpt["model_args"] = dict(ckpt["model_args"], mix="interleave", pause=True)
     if unknown := sorted(set(ckpt["model_args"]) - set(known_args)):
         raise ValueError(
@@ -41,9 +40,8 @@ def load_weights(model, state_dict, path):
     ValueError naming the file."""
     sd = {}
     for k, v in state_dict.items():
-        k = k.removeprefix("_orig_mod.").removeprefix(
-            "module."
-        )  # torch.compile's and DDP's prefixes
+        # torch.compile's and DDP's prefixes
+        k = k.removeprefix("_orig_mod.").removeprefix("module.")
         sd[RENAMED.get(k, k)] = v
     if model.config.mix == "none":  # older mix='none' checkpoints carry an unused compression layer
         sd = {k: v for k, v in sd.items() if k not in ("mixer.W_cmp_T", "mixer.b_cmp")}

@@ -149,6 +149,7 @@ def check_source(source, vocab_size, block_size, concept_source):
 
 # a resume continues the run exactly only with the same model, objective and batches: other values
 # are refused
+# decay_all: other optimizer parameter groups
 RESUME_SAME = (
     "mode",
     "label_rule",
@@ -163,7 +164,7 @@ RESUME_SAME = (
     "gradient_accumulation_steps",
     "data_order",
     "decay_all",
-)  # decay_all: other optimizer parameter groups
+)
 # the optimisation may change on purpose (a longer schedule, a lower rate): allowed, with a warning
 RESUME_WARN = (
     "learning_rate",

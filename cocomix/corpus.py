@@ -51,9 +51,8 @@ def read_meta(data_dir):
     """meta.json of a data folder, checked to describe GPT-2 BPE tokens; {} with a warning when
     absent."""
     path = os.path.join(data_dir, "meta.json")
-    if not os.path.exists(
-        path
-    ):  # prepare.py writes it last: without it the files cannot be checked against each other
+    # prepare.py writes it last: without it the files cannot be checked against each other
+    if not os.path.exists(path):
         if os.path.isdir(data_dir):  # (a missing folder is load_tokens' error)
             warnings.warn(
                 f"{data_dir} has no meta.json: an unfinished prepare.py run, or token files of another tool; "
@@ -79,9 +78,8 @@ def read_meta(data_dir):
     return meta
 
 
-FULL_DIGEST_BYTES = (
-    1 << 30
-)  # token files up to 1 GiB are hashed whole, larger ones by sampled blocks
+# token files up to 1 GiB are hashed whole, larger ones by sampled blocks
+FULL_DIGEST_BYTES = 1 << 30
 SAMPLED_BLOCKS, BLOCK_BYTES = 1024, 1 << 20
 
 
@@ -123,9 +121,8 @@ def load_tokens(data_dir, split, min_tokens=2, need="2"):
         )
     n = os.path.getsize(path) // 2
     expected = (meta.get("splits") or {}).get(split, {}).get("tokens")
-    if (
-        expected is not None and expected != n
-    ):  # e.g. a crash of prepare.py between its files, or a hand-made mix
+    # e.g. a crash of prepare.py between its files, or a hand-made mix
+    if expected is not None and expected != n:
         raise ValueError(
             f"{path} holds {n} tokens but meta.json says {expected}: not the files prepare.py wrote "
             "together; re-run it"

@@ -126,9 +126,8 @@ def evaluate_tokens(
         logits, _ = model(win[:, :-1])
         nll = F.cross_entropy(logits.float().transpose(1, 2), win[:, 1:], reduction="none")
         for r, (_, skip) in enumerate(group):
-            total_nll += (
-                nll[r, skip:].sum().item()
-            )  # a Python float: float64 accumulation over the stream
+            # a Python float: float64 accumulation over the stream
+            total_nll += nll[r, skip:].sum().item()
             total += nll.size(1) - skip
     model.train(was_training)
     loss = total_nll / total
@@ -160,9 +159,8 @@ def read_text(path):
 
 
 def count_words(text):
-    return len(
-        re.split(r"\s+", text)
-    )  # lm-eval's count: leading/trailing whitespace adds an empty word
+    # lm-eval's count: leading/trailing whitespace adds an empty word
+    return len(re.split(r"\s+", text))
 
 
 def evaluate_text(
@@ -179,9 +177,8 @@ def evaluate_text(
     """A UTF-8 text file as one document: loss, ppl and bpb of all its tokens, and (when not cut by
     max_tokens) word_ppl and byte_ppl."""
     text = read_text(path)
-    tokens = np.array(
-        [EOT] + enc.encode_ordinary(text), dtype=np.int64
-    )  # EOT: the first token gets predicted too
+    # EOT: the first token gets predicted too
+    tokens = np.array([EOT] + enc.encode_ordinary(text), dtype=np.int64)
     if len(tokens) < 2:
         raise EvalError(f"{path} is empty")
     if token_bytes is None:
@@ -189,9 +186,8 @@ def evaluate_text(
     out = evaluate_tokens(
         model, tokens, block_size, batch_size, device, max_tokens, token_bytes, progress
     )
-    if (
-        out["tokens"] == len(tokens) - 1
-    ):  # the whole text: per-word and per-byte figures mean something
+    # the whole text: per-word and per-byte figures mean something
+    if out["tokens"] == len(tokens) - 1:
         nll = out["loss"] * out["tokens"]
         out.update(
             words=count_words(text),
@@ -402,9 +398,8 @@ def file_kind(path):
     ext = os.path.splitext(path)[1].lower()
     if ext in TEXT_EXTS:
         first = next((line.strip() for line in read_text(path).split("\n") if line.strip()), "")
-        wiki = (
-            re.fullmatch(r"= [^=].* =", first) is not None
-        )  # WikiText's files open with " = Title = "
+        # WikiText's files open with " = Title = "
+        wiki = re.fullmatch(r"= [^=].* =", first) is not None
         return ("wikitext" if wiki else "text"), None
     if ext not in (".jsonl", ".json"):
         return None, f"not .jsonl, .json or {', '.join(TEXT_EXTS)}"

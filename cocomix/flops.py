@@ -46,9 +46,8 @@ def flops_per_token(model, T):
     # causal attention: half the T x T (or 2T x 2T) square
     flops += 6 * 2 * d * T * L_below / 2 + 6 * 2 * d * (seq * T) * L_above * seq / 2
     if cfg.n_concepts:
-        flops += 6 * d * cfg.n_concepts + (
-            6 * cfg.concept_topk * d if cfg.mix != "none" else 0
-        )  # none: no compression
+        # none: no compression
+        flops += 6 * d * cfg.n_concepts + (6 * cfg.concept_topk * d if cfg.mix != "none" else 0)
     return flops
 
 
@@ -63,9 +62,8 @@ def stage_flops(model, T):
     cfg = model.config
     d, L, below = cfg.n_embd, cfg.n_layer, cfg.insert_layer
     seq = 2 if cfg.interleaved else 1
-    block = lambda n: (
-        3 * (24 * d * d + 2 * d * n)
-    )  # one block at context n: matmuls + half the attention square
+    # one block at context n: matmuls + half the attention square
+    block = lambda n: 3 * (24 * d * d + 2 * d * n)
     f = {
         "below": below * block(T),
         "above": (L - below) * seq * block(seq * T),

@@ -89,9 +89,8 @@ class LabelCache:
         self.table = self._open(
             self.base + ".bin", np.dtype(self.meta["label_dtype"]), (n_windows, block_size, K)
         )
-        self.done = self._open(
-            self.base + ".done", np.dtype(np.uint64), (n_windows, 2)
-        )  # (tokens, labels) hashes
+        # (tokens, labels) hashes
+        self.done = self._open(self.base + ".done", np.dtype(np.uint64), (n_windows, 2))
         self.n_concepts, self.off = C, False
         self.hits = self.misses = self.rejected = (
             0  # windows served from disk / computed / found tampered, by this process

@@ -60,9 +60,8 @@ def sparse_mix_t(values, indices, x, n_rows):
     row: no N*K x d intermediate."""
     flat = indices.reshape(-1)
     order = flat.argsort()
-    offsets = torch.searchsorted(
-        flat[order], torch.arange(n_rows, device=x.device)
-    )  # where row c's bag starts
+    # where row c's bag starts
+    offsets = torch.searchsorted(flat[order], torch.arange(n_rows, device=x.device))
     rows = order // indices.size(-1)  # the n of each sorted (n, k)
     return F.embedding_bag(
         rows, x, offsets, per_sample_weights=values.reshape(-1)[order].to(x.dtype), mode="sum"
@@ -215,9 +214,8 @@ def lm_loss(x, W, targets, chunk=None, teacher=None, lam_kd=0.1):
         return out[0] if teacher is None else out
     n = (targets >= 0).sum().clamp(min=1)
     ce = kl = 0.0
-    acc = lambda a: a.to(
-        torch.promote_types(a.dtype, torch.float32)
-    )  # softmax and sums: at least fp32
+    # softmax and sums: at least fp32
+    acc = lambda a: a.to(torch.promote_types(a.dtype, torch.float32))
     for s in range(0, x.size(0), chunk):
         logits, t = acc(x[s : s + chunk] @ W.t()), targets[s : s + chunk]
         ce = ce + F.cross_entropy(logits, t, ignore_index=-1, reduction="sum")
@@ -290,9 +288,8 @@ class FusedConceptHead(torch.autograd.Function):
         valid = labels >= 0
         n = valid.sum().clamp(min=1)
         p_label = p.gather(-1, labels.clamp(min=0)).to(acc)
-        loss = (
-            -(p_label.clamp(min=torch.finfo(p.dtype).tiny).log() * valid).sum() / n
-        )  # below the smallest normal: 87 nats
+        # below the smallest normal: 87 nats
+        loss = -(p_label.clamp(min=torch.finfo(p.dtype).tiny).log() * valid).sum() / n
         ctx.save_for_backward(x, Wc, p, indices, labels, n)
         ctx.dtypes = x.dtype, W.dtype, b.dtype
         ctx.mark_non_differentiable(indices)
@@ -306,9 +303,8 @@ class FusedConceptHead(torch.autograd.Function):
         s = g.to(acc) / n  # fp32: not rounded to p's dtype
         valid = labels >= 0
         cnt = valid.sum(-1, keepdim=True).to(acc)
-        x1 = torch.cat(
-            (x.to(acc), torch.ones_like(cnt)), 1
-        )  # [x | 1]: the bias is the weight of a 1
+        # [x | 1]: the bias is the weight of a 1
+        x1 = torch.cat((x.to(acc), torch.ones_like(cnt)), 1)
         # dz's sparse part: -s at each valid label, g_values at the TopK's indices
         idx = torch.cat((labels.clamp(min=0), indices), 1)
         w = torch.cat((-s * valid, g_values.to(acc)), 1)

@@ -26,9 +26,8 @@ def evaluate_run(model, data_dir, ev, device):
             model, load_tokens(data_dir, "val"), T, B, device, ev["max_tokens"], tb
         )
         out = {"params": model.get_num_params(), "val": val}
-        if ev.get(
-            "suite"
-        ):  # the paper's zero-shot table: every benchmark file of the folder (scripts/eval.py --suite)
+        # the paper's zero-shot table: every benchmark file of the folder (scripts/eval.py --suite)
+        if ev.get("suite"):
             out["suite"], out["suite_skipped"], out["suite_failed"] = evaluate_suite(
                 model, ev["suite"], enc, T, B, device, token_bytes=tb, progress=False
             )
@@ -187,9 +186,8 @@ def report(out_dir, runs, methods, seeds, notes):
                 f"{stats([r[0] for r in got], 0) if got else 'not reached'} ({len(got)}/{len(reach)} seeds) | "
                 f"{stats([100 * r[1] for r in got], 1) + '%' if got else '–'} |"
             )
-        if (
-            "cocomix" in methods and "pause" in methods
-        ):  # the same interleaved student, concepts vs a learned vector
+        # the same interleaved student, concepts vs a learned vector
+        if "cocomix" in methods and "pause" in methods:
             d = dval("cocomix", "pause")
             lines += [
                 "",
@@ -197,9 +195,8 @@ def report(out_dir, runs, methods, seeds, notes):
                 f"predicted concepts instead of one learned vector): Δ val loss {stats(d, 4)}, CoCoMix lower on "
                 f"{sum(x < 0 for x in d)}/{len(d)} seeds.",
             ]
-        if (
-            "kd" in methods
-        ):  # the paper's other baseline, with the same teacher; the target is to beat both
+        # the paper's other baseline, with the same teacher; the target is to beat both
+        if "kd" in methods:
             for m in (m for m in methods if m.startswith("cocomix")):
                 d = dval(m, "kd")
                 lines += [

@@ -154,9 +154,8 @@ def sae_loss(sae, x, dead, k_aux, aux_coef):
     aux = torch.zeros((), device=x.device)
     n_dead = int(dead.sum())
     if aux_coef > 0 and n_dead > 0:
-        e = (
-            x - x_hat.detach()
-        )  # AuxK trains the dead latents only; the main path is not pushed by it
+        # AuxK trains the dead latents only; the main path is not pushed by it
+        e = x - x_hat.detach()
         aux_values, aux_indices = pre.masked_fill(~dead, float("-inf")).topk(
             min(k_aux, n_dead), dim=-1
         )
@@ -192,18 +191,16 @@ def train_sae(
     ckpt_interval steps, at the end and on SIGINT/SIGTERM, which stop training after that step
     (metrics say "stopped"); `state` resumes one."""
     k_aux = k_aux or sae.d // 2
-    opt = torch.optim.Adam(
-        sae.parameters(), lr=lr, betas=(0.9, 0.999), eps=6.25e-10
-    )  # Gao et al.'s eps
+    # Gao et al.'s eps
+    opt = torch.optim.Adam(sae.parameters(), lr=lr, betas=(0.9, 0.999), eps=6.25e-10)
     since_fired = torch.zeros(sae.n_latents, dtype=torch.long, device=sae.pre_bias.device)
     start, tokens, m, t0 = 0, 0, None, time.time()
     if state is not None:
         sae.load_state_dict(state["sae"])
         opt.load_state_dict(state["opt"])
         since_fired.copy_(state["since_fired"])
-        torch.set_rng_state(
-            state["torch_rng"]
-        )  # unused by the loop today; kept so that adding noise stays exact
+        # unused by the loop today; kept so that adding noise stays exact
+        torch.set_rng_state(state["torch_rng"])
         start, tokens, m = state["step"], state["tokens"], state["metrics"]
     # signals only set a flag: the step in progress finishes, so the saved state is a consistent one
     stop = []

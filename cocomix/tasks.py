@@ -109,9 +109,8 @@ def read_query_choices(item, sep):
             "or pass --mc_sep='' to use them as they are"
         )
     if q.startswith("Question:") and not q.rstrip().endswith("Answer:"):
-        q = (
-            q.rstrip() + "\nAnswer:"
-        )  # llm-foundry's ARC/PIQA files: their task adds this answer prompt
+        # llm-foundry's ARC/PIQA files: their task adds this answer prompt
+        q = q.rstrip() + "\nAnswer:"
     pairs, lengths = choice_pairs(q, choices, sep)
     return pairs, gold, lengths
 
@@ -147,9 +146,8 @@ def hellaswag_clean(text):
 
 def read_hellaswag(item, sep):
     if "ctx_a" in item and "ctx_b" in item:
-        ctx = (
-            item["ctx_a"] + " " + item["ctx_b"].capitalize()
-        )  # capitalize() lowercases the rest: as lm-eval
+        # capitalize() lowercases the rest: as lm-eval
+        ctx = item["ctx_a"] + " " + item["ctx_b"].capitalize()
     elif "ctx" in item:
         ctx = item["ctx"]
     else:
@@ -178,9 +176,8 @@ def read_siqa(item, sep):
 
 def read_arc(item, sep):
     q = item["question"]
-    choices = (
-        q.get("choices") if isinstance(q, dict) else item.get("choices")
-    )  # AI2's release nests them
+    # AI2's release nests them
+    choices = q.get("choices") if isinstance(q, dict) else item.get("choices")
     if isinstance(choices, dict):  # Hugging Face: {"text": [...], "label": [...]}
         texts, labels = choices.get("text"), choices.get("label")
     elif isinstance(choices, list) and all(isinstance(c, dict) for c in choices):

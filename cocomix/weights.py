@@ -14,18 +14,20 @@ import sys
 
 import torch
 
+# downloaded by GPT.from_pretrained when online
 GPT2_NAMES = (
     "gpt2",
     "gpt2-medium",
     "gpt2-large",
     "gpt2-xl",
-)  # downloaded by GPT.from_pretrained when online
+)
+# stored (in, out)
 GPT2_CONV1D = (
     "attn.c_attn.weight",
     "attn.c_proj.weight",
     "mlp.c_fc.weight",
     "mlp.c_proj.weight",
-)  # stored (in, out)
+)
 SAFETENSORS_DTYPES = {
     "F64": torch.float64,
     "F32": torch.float32,
@@ -103,9 +105,8 @@ def save_safetensors(tensors, path, metadata=None):
         header["__metadata__"] = {str(k): str(v) for k, v in metadata.items()}
     for name, t in tensors.items():
         t = t.detach().cpu().contiguous()
-        raw = (
-            t.reshape(-1).view(torch.uint8).numpy().tobytes()
-        )  # native byte order: little-endian on x86/ARM
+        # native byte order: little-endian on x86/ARM
+        raw = t.reshape(-1).view(torch.uint8).numpy().tobytes()
         header[name] = {
             "dtype": names[t.dtype],
             "shape": list(t.shape),
@@ -134,9 +135,8 @@ def load_hf_state_dict(path):
     raise FileNotFoundError(f"{path}: neither model.safetensors nor pytorch_model.bin found")
 
 
-CACHE_DIR = os.path.join(
-    os.path.expanduser("~"), ".cache", "cocomix"
-)  # every download: GPT-2, SAEs, texts
+# every download: GPT-2, SAEs, texts
+CACHE_DIR = os.path.join(os.path.expanduser("~"), ".cache", "cocomix")
 
 
 def download(url, path, hint):
@@ -160,9 +160,8 @@ def download(url, path, hint):
                 while chunk := r.read(1 << 20):
                     f.write(chunk)
                     bar.update(len(chunk))
-            if (
-                total is not None and bar.n != total
-            ):  # a connection closed early reads as a short, clean end
+            # a connection closed early reads as a short, clean end
+            if total is not None and bar.n != total:
                 raise OSError(f"connection closed after {bar.n:,} of {total:,} bytes")
         os.replace(tmp, path)
     except (urllib.error.URLError, OSError) as e:
@@ -347,9 +346,8 @@ def source_sha256(path):
     path = gpt2_folder(path)
     if os.path.exists(os.path.join(path, "config.json")):
         weights = os.path.join(path, "model.safetensors")
-        weights = (
-            weights if os.path.exists(weights) else os.path.join(path, "pytorch_model.bin")
-        )  # load_hf_state_dict's order
+        # load_hf_state_dict's order
+        weights = weights if os.path.exists(weights) else os.path.join(path, "pytorch_model.bin")
         both = file_sha256(os.path.join(path, "config.json")) + file_sha256(weights)
         return hashlib.sha256(both.encode()).hexdigest()
     return file_sha256(os.path.join(path, "ckpt.pt") if os.path.isdir(path) else path)
@@ -400,9 +398,8 @@ def copy_gpt2_weights(model, path):
     with torch.no_grad():
         for k, p in own.items():
             w = sd[k].t() if k.endswith(GPT2_CONV1D) else sd[k]  # HF's Conv1D stores (in, out)
-            if (
-                not w.is_floating_point()
-            ):  # integer weights would be copied as numbers, silently wrong
+            # integer weights would be copied as numbers, silently wrong
+            if not w.is_floating_point():
                 raise ValueError(
                     f"{path}: {k} has dtype {w.dtype}; GPT-2 weights are floating point"
                 )

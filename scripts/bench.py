@@ -387,9 +387,8 @@ class Stages:
         self.device, self.chain, self.time = device, [], {}
 
     def clock(self, name, fn):
-        with torch.profiler.record_function(
-            "stage:" + name
-        ):  # where transient_peak finds the stage
+        # where transient_peak finds the stage
+        with torch.profiler.record_function("stage:" + name):
             t0 = time.perf_counter()
             out = fn()
             sync(self.device)
@@ -459,9 +458,8 @@ def staged_step(model, opt, X, Y, ctx, labels=None, lam=0.1):
         _, values, indices, concept_loss = model.mixer.predict(x, labels=labels, fused=True)
         return values, indices, mu, std, lam * concept_loss
 
-    def mixing(
-        h, values, indices, mu, std
-    ):  # the rest of GPT.mix_concepts, from the concept stage's TopK
+    # the rest of GPT.mix_concepts, from the concept stage's TopK
+    def mixing(h, values, indices, mu, std):
         if cfg.mix == "none":
             return h
         c = model.mixer.compress(values, indices, mu, std)
@@ -801,10 +799,11 @@ def bench_vs_nanogpt(args):
     theirs.load_state_dict(ours.state_dict())  # the same weights: the first losses must agree
     # and as nanoGPT configures itself: its vocabulary padded to 50,304 (a multiple of 64)
     padded, opt_padded = nanogpt_model(nano, dict(cfg, vocab_size=50304), dev)
+    # both train below: the loss check takes these
     first = (
         copy.deepcopy(ours),
         copy.deepcopy(theirs),
-    )  # both train below: the loss check takes these
+    )
     opt_ours = optimizer(ours)
     coco = student(args, "cocomix", dev)
     matched = copy.copy(args)
@@ -833,10 +832,11 @@ def bench_vs_nanogpt(args):
             f"ntp d={matched.n_embd}": train_step(ntp, opt_ntp, X, Y, ctx),
             "cocomix": train_step(coco, opt_coco, X, Y, ctx, labels, args.lam),
         }
+        # the initial weights, same batch: the same loss up to the precision
         with (
             torch.no_grad(),
             ctx,
-        ):  # the initial weights, same batch: the same loss up to the precision
+        ):
             same = abs(student_loss(first[0], X, Y).item() - first[1](X, Y)[1].item())
         peak = {k: transient_peak(fn, dev)[0] for k, fn in steps.items()}
         kept = {
@@ -967,9 +967,8 @@ def main(argv=None):
     if args.side:
         return side_times(args)
     if args.vs_nanogpt:
-        if (
-            args.compile
-        ):  # both steps eager: nanoGPT's compile is its own train.py's, not its model's
+        # both steps eager: nanoGPT's compile is its own train.py's, not its model's
+        if args.compile:
             raise SystemExit(
                 "error: --vs_nanogpt times eager steps; --compile does not apply to it"
             )

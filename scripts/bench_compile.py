@@ -213,9 +213,8 @@ def gpu_mfu(args):
         GPTConfig(n_layer=args.src_layer, n_head=args.src_head, n_embd=args.src_embd, block_size=T)
     ).to(dev)
     coco = student(args, "cocomix", dev)
-    if (
-        compiled
-    ):  # the source's blocks in place: whichever way the labeler walks them, they run compiled
+    # the source's blocks in place: whichever way the labeler walks them, they run compiled
+    if compiled:
         for block in labeler.source.transformer.h:
             block.compile()
     with ctx:

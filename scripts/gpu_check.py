@@ -68,9 +68,8 @@ def check_ops(dev, small):
     t = torch.randint(0, V, (N,), device=dev)
     t[::7] = -1
     tx, tW = torch.randn(N, 48, device=dev), torch.randn(V, 48, device=dev) * 0.1
-    with torch.autocast(
-        dev, enabled=False
-    ):  # the float64 reference's gradients, from the full logits
+    # the float64 reference's gradients, from the full logits
+    with torch.autocast(dev, enabled=False):
         ref = torch.autograd.grad(lm_loss_reference(x.double(), Wh.double(), t), (x, Wh))
         ref_kd = torch.autograd.grad(
             lm_loss_reference(x.double(), Wh.double(), t, (tx.double(), tW.double()), 0.1)[0],
@@ -163,9 +162,8 @@ def run_until(cmd, seconds, grace=30):
     exit, so a rerun resumes there), and with SIGKILL if it is still running `grace` seconds later.
     Returns (exit status, or None if stopped at the deadline; the output, stdout and stderr
     together)."""
-    with (
-        tempfile.TemporaryFile() as out
-    ):  # a file, not a pipe: a long output cannot block the child
+    # a file, not a pipe: a long output cannot block the child
+    with tempfile.TemporaryFile() as out:
         proc = subprocess.Popen(cmd, cwd=REPO, stdout=out, stderr=subprocess.STDOUT)
         try:
             rc = proc.wait(timeout=seconds)

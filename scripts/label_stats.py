@@ -60,9 +60,8 @@ def main(argv=None):
         fp32 = {f: l(x, y).sort(-1).values for f, l in fills.items()}
         with torch.autocast("cpu", dtype=torch.bfloat16):
             bf16 = lab(x, y).sort(-1).values
-        diff_bf16 += int(
-            (fp32["none"][..., :, None] != bf16[..., None, :]).all(-1).sum()
-        )  # not in the other set
+        # not in the other set
+        diff_bf16 += int((fp32["none"][..., :, None] != bf16[..., None, :]).all(-1).sum())
         valid += int((fp32["none"] >= 0).sum())
         for f in fills:
             differ[f] += int((fp32[f] != fp32["released"]).any(-1).sum())

@@ -16,9 +16,8 @@ from model import GPT, GPTConfig
 from sae import SAE
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))  # the repository
-ENV = dict(
-    os.environ
-)  # TIKTOKEN_CACHE_DIR, where set (offline), reaches the scripts run as subprocesses
+# TIKTOKEN_CACHE_DIR, where set (offline), reaches the scripts run as subprocesses
+ENV = dict(os.environ)
 T = 16  # block_size of the small token files' tests
 # train.py's flags for a model that trains in seconds
 TINY = [
@@ -56,9 +55,8 @@ def write_data(data_dir, seed=0, n_train=1200, n_val=400):
     reads)."""
     os.makedirs(data_dir, exist_ok=True)
     rng = np.random.default_rng(seed)
-    vocab = rng.choice(
-        50257, 300, replace=False
-    )  # a small vocabulary, so the tiny source sees repeats
+    # a small vocabulary, so the tiny source sees repeats
+    vocab = rng.choice(50257, 300, replace=False)
     for split, n in (("train", n_train), ("val", n_val)):
         rng.choice(vocab, n).astype(np.uint16).tofile(os.path.join(data_dir, f"{split}.bin"))
     meta = {

@@ -35,9 +35,8 @@ def test_compile_cli():
         64,
         2,
     )
-    assert (
-        bench_compile.parse(["--gpu_mfu", "--device=cuda"]).batch_size == 16
-    )  # the CUDA run's defaults
+    # the CUDA run's defaults
+    assert bench_compile.parse(["--gpu_mfu", "--device=cuda"]).batch_size == 16
     for argv in ([], ["--check", "--gpu_mfu"]):
         with pytest.raises(SystemExit):
             bench_compile.parse(argv)
@@ -204,9 +203,8 @@ def test_gpu_check_dry_run(tmp_path):
 
     root = ROOT
     offline_text = os.path.join(os.environ.get("COCOMIX_DATA", ""), "tinyshakespeare", "input.txt")
-    comparing = os.path.isfile(
-        offline_text
-    )  # else the tiny preset would download its text: part 4 skipped
+    # else the tiny preset would download its text: part 4 skipped
+    comparing = os.path.isfile(offline_text)
     p = subprocess.run(
         [
             "bash",
@@ -295,9 +293,8 @@ def test_vs_nanogpt(tmp_path, capsys):
     )
     with pytest.raises(SystemExit, match="no nanoGPT model.py"):
         bench.main(["--vs_nanogpt", str(tmp_path / "nowhere"), *FAST])
-    with pytest.raises(
-        SystemExit, match="--compile does not apply"
-    ):  # it was ignored: eager steps timed
+    # it was ignored: eager steps timed
+    with pytest.raises(SystemExit, match="--compile does not apply"):
         bench.main(["--vs_nanogpt", str(tmp_path), "--compile", *FAST])
 
 
@@ -334,9 +331,8 @@ print(sum(faults[-6:]))
         )
         for m in ("default", "heap")
     }
-    assert n["default"] > 600_000 and n["heap"] < n["default"] / 5, (
-        n
-    )  # the heap still grows now and then
+    # the heap still grows now and then
+    assert n["default"] > 600_000 and n["heap"] < n["default"] / 5, n
 
 
 def test_keep_freed_memory_elsewhere_does_nothing(monkeypatch):

@@ -131,9 +131,8 @@ def test_last_window_keeps_a_full_context(model):
         .sum()
         .item()
     )
-    tail = logprobs(
-        model, [int(t) for t in tokens[3:20]]
-    )  # 16 inputs, predicting tokens 4..19; the last 3 count
+    # 16 inputs, predicting tokens 4..19; the last 3 count
+    tail = logprobs(model, [int(t) for t in tokens[3:20]])
     want = first - sum(tail[p, int(tokens[p + 4])].item() for p in (13, 14, 15))
     cold = first - sum(
         logprobs(model, [int(t) for t in tokens[16:20]])[p, int(tokens[p + 17])].item()
@@ -167,9 +166,8 @@ def test_bpb_of_text_file(model, tmp_path):
         model, np.array([EOT] + enc.encode_ordinary(text)), 64, 4, "cpu", progress=False
     )
     assert out["loss"] == ref["loss"]
-    words = len(
-        text.split()
-    )  # no leading or trailing whitespace here: lm-eval's count is the plain word count
+    # no leading or trailing whitespace here: lm-eval's count is the plain word count
+    words = len(text.split())
     assert out["words"] == words and len(re.split(r"\s+", text)) == words
     assert out["word_ppl"] == pytest.approx(math.exp(out["loss"] * ntok / words), rel=1e-9)
     assert out["byte_ppl"] == pytest.approx(math.exp(out["loss"] * ntok / nbytes), rel=1e-9)
@@ -664,9 +662,8 @@ def test_lambada_readers_agree(model, tmp_path):
         for t in texts
     ]
     for form, lines in forms.items():
-        path = write_jsonl(
-            tmp_path / f"lambada_{form}.jsonl", lines
-        )  # {"text"}: LAMBADA only by its name
+        # {"text"}: LAMBADA only by its name
+        path = write_jsonl(tmp_path / f"lambada_{form}.jsonl", lines)
         assert E.file_kind(str(path)) == ("lambada", None)
         out = E.evaluate_lambada(model, path, enc, 64, 2, "cpu", progress=False)
         assert out["acc"] == sum(g for _, g in hand) / 2

@@ -53,10 +53,11 @@ def test_round_trip_is_exact(tmp_path, capsys, bias):
     idx = torch.randint(0, 50257, (3, 48), generator=torch.Generator().manual_seed(1))
     assert torch.equal(logits(back, idx), logits(model, idx))
     sd = load_safetensors(out / "model.safetensors")
+    # Conv1D: (in, out)
     assert "lm_head.weight" not in sd and sd["transformer.h.0.attn.c_attn.weight"].shape == (
         32,
         96,
-    )  # Conv1D: (in, out)
+    )
     if not bias:  # zero biases stand in for the missing ones
         assert (
             not sd["transformer.h.1.mlp.c_fc.bias"].any() and not sd["transformer.ln_f.bias"].any()
@@ -79,9 +80,8 @@ def test_transformers_loads_the_folder(tmp_path):
     idx = torch.randint(0, 50257, (2, 48), generator=torch.Generator().manual_seed(2))
     with torch.no_grad():
         theirs = hf(idx).logits
-    torch.testing.assert_close(
-        theirs, logits(model, idx), rtol=0, atol=1e-5
-    )  # other kernels, same function
+    # other kernels, same function
+    torch.testing.assert_close(theirs, logits(model, idx), rtol=0, atol=1e-5)
     tok = transformers.AutoTokenizer.from_pretrained(str(tmp_path / "hf"))
     enc = corpus.tokenizer()
     text = "Héllo wörld — naïve café ☕\n\n  it's 1,234.5 <|endoftext|>  trailing "

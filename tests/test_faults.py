@@ -27,13 +27,14 @@ from cocomix.weights import save_atomic
 from tests.fixtures import ENV, ROOT, TINY, read_log, run, signal_in_final_eval
 
 STEPS = 8
+# differ between runs of one computation
 TIMES = (
     "time",
     "time_source",
     "time_student",
     "label_hits",
     "label_computed",
-)  # differ between runs of one computation
+)
 
 
 def hooked(script, hook, *args):
@@ -92,9 +93,8 @@ def same_state(a, b):
     for i in sa:
         for key, v in sa[i].items():
             assert torch.equal(v, sb[i][key]), (i, key)
-    assert torch.equal(
-        ca["rng"]["torch"], cb["rng"]["torch"]
-    )  # numpy's and Python's: unseeded, never drawn from
+    # numpy's and Python's: unseeded, never drawn from
+    assert torch.equal(ca["rng"]["torch"], cb["rng"]["torch"])
 
 
 # -----------------------------------------------------------------------------
@@ -249,14 +249,12 @@ def test_reproduce_stop_reaches_a_stage_that_ignores_sigint(tmp_path):
         preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_IGN),
     )
     try:
-        while (
-            "started" not in p.stdout.readline()
-        ):  # the stage's output, not run_logged's echo of its command
+        # the stage's output, not run_logged's echo of its command
+        while "started" not in p.stdout.readline():
             pass
         p.send_signal(signal.SIGTERM)
-        _, err = p.communicate(
-            timeout=30
-        )  # SIGINT, ignored, would leave it waiting for the 60 s stage
+        # SIGINT, ignored, would leave it waiting for the 60 s stage
+        _, err = p.communicate(timeout=30)
     finally:
         p.kill()
     assert p.returncode == 130 and "interrupted in stage train x" in err, err
@@ -342,9 +340,8 @@ def test_tampered_labels_are_recomputed_not_served(data_dir, sae_run, reference,
         filled = np.flatnonzero(done[:, 0])
         assert len(filled) >= 4
         shifted, negative, too_big, marks = np.array_split(filled, 4)
-        table[shifted] = np.where(
-            table[shifted] >= 0, (table[shifted] + 1) % 64, table[shifted]
-        )  # other valid ids
+        # other valid ids
+        table[shifted] = np.where(table[shifted] >= 0, (table[shifted] + 1) % 64, table[shifted])
         table[negative, 5] = -5
         table[too_big, 7] = 64  # C = 64
         done[marks, 0] ^= np.uint64(12345)
@@ -717,9 +714,8 @@ def make_files(root, data_dir, src, sae):
     (root / "raises.py").write_text("max_iters = 1 // 0\n")
     (root / "concepts.json").write_text(json.dumps({"concepts": [1, 2, 3]}))
     copy_data(data_dir, root / "fresh")
-    shutil.copytree(
-        os.path.dirname(src), root / "resumed"
-    )  # a finished run to resume with other settings
+    # a finished run to resume with other settings
+    shutil.copytree(os.path.dirname(src), root / "resumed")
 
 
 def cases(root, data, src, sae, other, cocomix_run):
@@ -912,11 +908,12 @@ def outcomes(data_dir, sae_run, other_source, reference, tmp_path_factory):
     src, sae, _ = sae_run
     root = tmp_path_factory.mktemp("cases")
     make_files(root, data_dir, src, sae)
+    # one folder per run: two would meet at its lock
     for name in (
         "resumed_data",
         "resumed_batch",
         "resumed_lr",
-    ):  # one folder per run: two would meet at its lock
+    ):
         shutil.copytree(root / "resumed", root / name)
     table = cases(root, data_dir, src, sae, other_source, reference)
     assert sorted(table) == sorted(CASE_IDS)
@@ -946,9 +943,8 @@ def test_bad_input_is_one_line_and_writes_nothing(outcomes, case):
         ), p.stderr[-2000:]
         return
     one_line_error(p, message)
-    assert (
-        "weights_only" not in p.stderr
-    )  # torch's advice to load with pickle code enabled is never passed on
+    # torch's advice to load with pickle code enabled is never passed on
+    assert "weights_only" not in p.stderr
     assert not any(root.glob("out/*"))  # train.py: no out_dir left behind
     for name, content in before.items():
         assert open(root / name / "ckpt.pt", "rb").read() == content

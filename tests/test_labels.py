@@ -259,8 +259,7 @@ def test_train_same_losses_with_and_without_cache(setup, tmp_path):
     assert numbers(logs["cold"]) == numbers(logs["off"])
     assert numbers(logs["warm"]) == numbers(logs["off"])
     last = lambda log: [r for r in log if "label_hits" in r][-1]
-    assert (
-        last(logs["cold"])["label_computed"] > 0 and last(logs["cold"])["label_hits"] > 0
-    )  # eval windows repeat
+    # eval windows repeat
+    assert last(logs["cold"])["label_computed"] > 0 and last(logs["cold"])["label_hits"] > 0
     assert last(logs["warm"])["label_computed"] == 0
     assert not any("label_hits" in r for r in logs["off"])

@@ -58,9 +58,8 @@ def test_import_directions_and_no_circle():
             assert not {d for d in deps if d.startswith("scripts")}, f"{m} imports scripts/"
     state = {}
 
-    def visit(
-        m, path
-    ):  # depth-first search; a module met again on the current path closes a circle
+    # depth-first search; a module met again on the current path closes a circle
+    def visit(m, path):
         state[m] = "open"
         for d in graph[m]:
             assert state.get(d) != "open", "import circle: " + " -> ".join(path + [d])

@@ -132,11 +132,12 @@ def test_val_is_never_empty(tmp_path):
 
 
 def test_plan_split_token_tail():
+    # doc 0 is cut: on both sides
     assert P.plan_split([10, 6], [0.5, 0.5], 0.01) == (
         "tokens",
         [(0, 8, "train"), (8, 16, "val")],
         {"train": 1, "val": 2},
-    )  # doc 0 is cut: on both sides
+    )
     n = 1_000_000
     mode, ranges, docs = P.plan_split([n], [0.0], 0.01)
     assert ranges == [(0, n - 10_000, "train"), (n - 10_000, n, "val")]
@@ -375,9 +376,8 @@ def test_download_cut_short_is_not_cached(tmp_path):
     )
     with pytest.raises(RuntimeError, match="closed after 10 of 1,000 bytes"):
         download(url, str(path), "--input FILE")
-    assert not path.exists() and not list(
-        (tmp_path / "cache").iterdir()
-    )  # no file, no temporary left
+    # no file, no temporary left
+    assert not path.exists() and not list((tmp_path / "cache").iterdir())
     assert open(download(url, str(path), "--input FILE"), "rb").read() == b"y" * 1000
     thread.join(5)
     server.close()

@@ -16,9 +16,10 @@ from cocomix.report import paired_t, report, stats, tokens_to_reach
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TIKTOKEN_DIR = os.path.join(REPO, "..", "shared", "tiktoken")
+# as .ci/run
 DATA_ROOT = os.environ.get(
     "COCOMIX_DATA", os.path.abspath(os.path.join(REPO, "..", "shared", "data"))
-)  # as .ci/run
+)
 
 
 def run(*args, timeout=600, **env_over):
@@ -74,9 +75,8 @@ def test_tiny_end_to_end(tmp_path):
 
     root = tmp_path / "data" if "--data_root" in args[-1] else os.path.abspath(DATA_ROOT)
     inputs = json.loads((out / "data" / "stage.json").read_text())["settings"]["inputs"]
-    assert inputs == [[os.path.join(root, "tinyshakespeare", "input.txt"), mock.ANY]], (
-        inputs
-    )  # from the data folder
+    # from the data folder
+    assert inputs == [[os.path.join(root, "tinyshakespeare", "input.txt"), mock.ANY]], inputs
 
     from reproduce import PRESETS
 
@@ -99,11 +99,12 @@ def test_tiny_end_to_end(tmp_path):
         cells = dict(zip(header, rows[m]))
         for key in ("params", "tokens", "val loss", "val ppl", "val bpb", "wall (s)", "tokens/s"):
             assert math.isfinite(number(cells[key])), (m, key, cells[key])
+        # '–' only where the preset's file is missing
         for key in (
             "OOD loss",
             "LAMBADA acc",
             "LAMBADA ppl",
-        ):  # '–' only where the preset's file is missing
+        ):
             there = os.path.isfile(
                 os.path.join(root, PRESETS["tiny"]["ood" if key == "OOD loss" else "lambada"])
             )
@@ -139,9 +140,8 @@ def test_tiny_end_to_end(tmp_path):
     r = run(*args, timeout=120)
     assert r.returncode == 0, r.stderr[-3000:]
     assert "== stage" not in r.stdout, r.stdout
-    assert (
-        r.stdout.count("skip ") >= 2 + 1 + 4 + 4
-    )  # data, source, sae, 4 trains, 4 evals; the report is rewritten
+    # data, source, sae, 4 trains, 4 evals; the report is rewritten
+    assert r.stdout.count("skip ") >= 2 + 1 + 4 + 4
     assert time.time() - t0 < 60
 
     # other settings in the same out_dir: a one-line error, nothing overwritten
@@ -412,9 +412,8 @@ def test_presets_name_real_flags(monkeypatch):
         src.index("# ---") : src.index("config_keys = ")
     ]  # train.py's settings block: plain literals
     configurator = open(os.path.join(REPO, "configurator.py")).read()
-    monkeypatch.chdir(
-        REPO
-    )  # the presets name their config files from the repo root, where train.py runs
+    # the presets name their config files from the repo root, where train.py runs
+    monkeypatch.chdir(REPO)
     for name, p in PRESETS.items():
         top = {k: p[k] for k in ("concept_source", "sae_path", "sae_layer", "n_concepts") if k in p}
         # max_iters as --set gives it: a key of the config file that the flags must override
@@ -440,9 +439,8 @@ def test_presets_name_real_flags(monkeypatch):
                 env["data_dir"],
                 env["out_dir"],
             ) == ("DATA", "OUT")
-            assert len(settings) > len(extra) + 5, (
-                settings
-            )  # the config file's settings are in the record
+            # the config file's settings are in the record
+            assert len(settings) > len(extra) + 5, settings
         if "sae" in p:
             try:
                 parser = sae.arg_parser()

@@ -56,9 +56,8 @@ def openai_state_dict(d=24, C=96, k=6, k_as_tensor=False, seed=0):
     sd["pre_bias"] = torch.randn(d, generator=g) * 0.1
     sd["latent_bias"] = torch.randn(C, generator=g) * 0.1
     sd["encoder.weight"] = torch.randn(C, d, generator=g) / d**0.5
-    sd["decoder.weight"] = (
-        torch.randn(d, C, generator=g) * 0.3
-    )  # deliberately not unit norm: loading must not touch it
+    # deliberately not unit norm: loading must not touch it
+    sd["decoder.weight"] = torch.randn(d, C, generator=g) * 0.3
     sd["stats_last_nonzero"] = torch.randint(0, 100, (C,), generator=g)
     sd["latents_activation_frequency"] = torch.rand(C, generator=g)
     sd["latents_mean_square"] = torch.rand(C, generator=g)
@@ -87,9 +86,8 @@ def test_openai_format_matches_spec_formulas(tmp_path, k_as_tensor):
     assert values.shape == indices.shape == (3, 5, 6)
     torch.testing.assert_close(dense_latents(values, indices, 96), a_ref, atol=1e-5, rtol=1e-5)
     torch.testing.assert_close(h_hat, h_hat_ref, atol=1e-4, rtol=1e-5)
-    assert (
-        SAE.load(path, layer=5).meta["layer"] == 5
-    )  # the layer comes from the caller for OpenAI files
+    # the layer comes from the caller for OpenAI files
+    assert SAE.load(path, layer=5).meta["layer"] == 5
 
 
 def test_openai_non_topk_is_refused(tmp_path):
@@ -310,9 +308,8 @@ def test_cli_train_eval_describe(tmp_path, monkeypatch):
     host, data, args = tiny_host_and_data(tmp_path, monkeypatch)
     out = str(tmp_path / "sae" / "sae.pt")
     main(args + [f"--sae_path={out}"])
-    assert not os.path.exists(
-        str(tmp_path / "sae" / "sae.resume.pt")
-    )  # removed once the SAE is written
+    # removed once the SAE is written
+    assert not os.path.exists(str(tmp_path / "sae" / "sae.resume.pt"))
     sae = SAE.load(out)
     assert sae.meta["layer"] == 0 and sae.meta["d"] == 32 and len(sae.meta["host_sha256"]) == 64
     m = sae.meta["eval"]
@@ -326,14 +323,12 @@ def test_cli_train_eval_describe(tmp_path, monkeypatch):
     assert abs(m["ce"] - loss.item()) < 1e-4 and abs(m["delta_ce"] - (m["ce_sae"] - m["ce"])) < 1e-9
     lines = [json.loads(l) for l in open(str(tmp_path / "sae" / "sae.metrics.jsonl"))]
     assert "settings" in lines[0] and "eval" in lines[-1] and lines[-2]["step"] == 15
-    by_id = load_concepts(
-        str(tmp_path / "sae" / "sae.concepts.json"), out
-    )  # the dictionary of this very SAE
+    # the dictionary of this very SAE
+    by_id = load_concepts(str(tmp_path / "sae" / "sae.concepts.json"), out)
     other = str(tmp_path / "other_sae.pt")
     SAE(32, 128, 8, {"layer": 0}).save(other)
-    with pytest.raises(
-        ValueError, match="describes another SAE"
-    ):  # e.g. one left from an earlier SAE at that path
+    # e.g. one left from an earlier SAE at that path
+    with pytest.raises(ValueError, match="describes another SAE"):
         load_concepts(str(tmp_path / "sae" / "sae.concepts.json"), other)
     concepts = list(by_id.values())
     assert list(by_id) == [c["id"] for c in concepts] == list(range(128))
@@ -341,9 +336,8 @@ def test_cli_train_eval_describe(tmp_path, monkeypatch):
     assert live and all(
         len(c["examples"]) <= 10 and "[[" in c["examples"][0]["context"] for c in live
     )
-    assert (
-        abs(sum(c["freq"] for c in concepts) - m["l0"]) < 1e-6
-    )  # each token fires l0 latents on average
+    # each token fires l0 latents on average
+    assert abs(sum(c["freq"] for c in concepts) - m["l0"]) < 1e-6
     assert all(isinstance(concept_name(c), str) and concept_name(c) for c in concepts)
     # and the stored SAE re-evaluates to the same numbers
     again = evaluate_sae(sae, host.eval(), 0, str(data), tokens=1024, block_size=32)
@@ -425,9 +419,8 @@ def test_resume_is_exact(tmp_path, monkeypatch, how):
     resume = torch.load(str(resume_path), weights_only=True)
     assert resume["train"]["step"] == (16 if how == "crash" else 21) and not out.exists()
     held = (resume["buffer"]["ids"] // 32).unique()
-    assert (
-        len(held) < resume["buffer"]["next"] // 32 and held.min() > 0
-    )  # the oldest chunks are gone from the pool
+    # the oldest chunks are gone from the pool
+    assert len(held) < resume["buffer"]["next"] // 32 and held.min() > 0
     main(args + [f"--sae_path={out}"])
     assert not resume_path.exists()
     ref, cut = (

@@ -69,9 +69,8 @@ def tiny(kind="interleave", seed=0, vocab_size=512, **kw):
     with torch.no_grad():  # random biases and gains too, so no part of the model is a no-op
         for p in model.parameters():
             p.add_(0.05 * torch.randn_like(p))
-        if (
-            hasattr(model, "mixer") and model.config.mix != "none"
-        ):  # concepts strong enough that steering shows in greedy text
+        # concepts strong enough that steering shows in greedy text
+        if hasattr(model, "mixer") and model.config.mix != "none":
             model.mixer.W_cmp_T.mul_(20)
     return model
 
@@ -123,12 +122,10 @@ def test_cached_greedy_generation_equals_uncached_past_block_size(kind):
     uncached = model.generate(idx, n, temperature=0, use_cache=False)
     assert cached.shape == (2, 45)
     assert torch.equal(cached, uncached)
-    if (
-        kind != "pause"
-    ):  # (a random pause model reads the same pause vector everywhere and repeats one token)
-        assert (
-            len(set(uncached[:, 5:].flatten().tolist())) > 2
-        )  # not a degenerate constant sequence
+    # (a random pause model reads the same pause vector everywhere and repeats one token)
+    if kind != "pause":
+        # not a degenerate constant sequence
+        assert len(set(uncached[:, 5:].flatten().tolist())) > 2
     # a prompt already longer than the window, and sampling with a seed
     long = prompt(T=40)
     assert torch.equal(
@@ -152,9 +149,8 @@ def test_shifted_cache_rebuild(kind):
     exact = model.generate(idx, 50, temperature=0, use_cache=False)
     shifted = model.generate(idx, 50, temperature=0, shift=8)
     assert shifted.shape == exact.shape
-    assert torch.equal(
-        shifted[:, :33], exact[:, :33]
-    )  # the token after a full window is still exact
+    # the token after a full window is still exact
+    assert torch.equal(shifted[:, :33], exact[:, :33])
     # reference for the shifted semantics: recompute over the context the rebuild keeps
     ref, bs, s = idx.clone(), 32, 8
     for _ in range(50):
@@ -471,9 +467,8 @@ def test_cli_cached_and_uncached_agree_and_steering_prints_side_by_side(
         "source steered 2:8",
     ]
     header = next(line for line in text.splitlines() if line.startswith("model "))
-    assert (
-        f"model steered {c}:10,{c2}:-4" in header and "source steered 2:8" in header
-    )  # one row, side by side
+    # one row, side by side
+    assert f"model steered {c}:10,{c2}:-4" in header and "source steered 2:8" in header
     assert runs[1][3] != runs[0][3]
     # inspection of both student runs, names from <sae_path>.concepts.json, the steered one showing
     # concept 3 on top
@@ -482,9 +477,8 @@ def test_cli_cached_and_uncached_agree_and_steering_prints_side_by_side(
         "== concepts: model steered"
     )
     tops = lambda part: [m.group(1) for m in re.finditer(r"\s(\d+):[+-]\d+\.\d\d", part)]
-    assert (
-        tops(steered_part).count(str(c)) > tops(base_part).count(str(c)) + 5
-    )  # z[..., c] * 10 tops the list
+    # z[..., c] * 10 tops the list
+    assert tops(steered_part).count(str(c)) > tops(base_part).count(str(c)) + 5
     page = html_path.read_text()
     assert page.startswith("<!DOCTYPE html>") and "sea" in page
 
@@ -575,9 +569,8 @@ def sae_reference(source, sae, idx, cid, layer=1):
 
 def test_windowed_aligns_tokens_and_keeps_half_a_window_of_context():
     idx = torch.arange(3 * 77).view(3, 77)
-    seen = lambda w: torch.stack(
-        (w, torch.arange(1, w.size(1) + 1).expand_as(w)), -1
-    )  # (token, context length)
+    # (token, context length)
+    seen = lambda w: torch.stack((w, torch.arange(1, w.size(1) + 1).expand_as(w)), -1)
     out = inspect_html.windowed(seen, idx, 32)
     assert torch.equal(out[..., 0], idx)
     ctx = out[0, :, 1]
@@ -596,9 +589,8 @@ def test_measure_steering_counts_what_it_says(tmp_path):
     sae, enc, args = StubSAE(32, 64, 4, layer=1), tokenizer(), measure_args()
     prompts = ["The", "Once upon a time"]
     c = strongest_concept(student, torch.tensor([enc.encode("Once upon a time")]))
-    with (
-        torch.no_grad()
-    ):  # a latent the SAE finds on the prompt, so that scaling it changes the source
+    # a latent the SAE finds on the prompt, so that scaling it changes the source
+    with torch.no_grad():
         x, _, _ = sae.standardise(source.forward_to(torch.tensor([enc.encode("The")]), 1))
         latent = int(sae.encode_pre(x)[0, -1].argmax())
     top_texts = {" the", ",", "."}
@@ -638,9 +630,8 @@ def test_measure_steering_counts_what_it_says(tmp_path):
                 with torch.no_grad():
                     z = student.hidden_states(row, steer)[1][0, new]
                 assert r["student"][i] == (z.topk(4).indices == cid).any(-1).float().mean()
-        assert (
-            res["steered"]["seqs"] != res["unsteered"]["seqs"]
-        )  # the steering did change the text
+        # the steering did change the text
+        assert res["steered"]["seqs"] != res["unsteered"]["seqs"]
     # the unsteered run is the same whichever steering it is paired with (another concept, another
     # factor)
     c2 = (c + 1) % student.config.n_concepts
@@ -696,12 +687,10 @@ def test_strong_steer_puts_a_constant_concept_in_every_topk():
     )
     base, steered = res["unsteered"]["student"], res["steered"]["student"]
     assert bool((steered == 1).all())
-    assert (
-        0 < base.mean() < 1
-    )  # not vacuous: without the steer the concept is in some TopKs, not all
-    assert (
-        res["unsteered"]["sae"] is None and res["unsteered"]["tokens"] is None
-    )  # no SAE, no dictionary given
+    # not vacuous: without the steer the concept is in some TopKs, not all
+    assert 0 < base.mean() < 1
+    # no SAE, no dictionary given
+    assert res["unsteered"]["sae"] is None and res["unsteered"]["tokens"] is None
     d, se = steering.paired_difference(base, steered, res["unsteered"]["prompt"])
     assert abs(d - (1 - base.mean().item())) < 1e-12 and se >= 0
 
