@@ -292,7 +292,8 @@ class GPT(nn.Module):
         T = idx.size(1)
         if pos_offset + T > self.config.block_size:
             raise ValueError(
-                f"sequence of length {pos_offset + T} is longer than block_size={self.config.block_size}"
+                f"sequence of length {pos_offset + T} is longer than "
+                f"block_size={self.config.block_size}"
             )
         pos = torch.arange(pos_offset, pos_offset + T, dtype=torch.long, device=idx.device)
         return self.transformer.drop(self.transformer.wte(idx) + self.transformer.wpe(pos))

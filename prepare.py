@@ -151,7 +151,8 @@ def scan_files(paths, doc_separator=None):
     empty = [i["path"] for i in infos if i["documents"] == 0]
     if len(empty) == len(infos):
         raise PrepareError(
-            f"no text: all {len(infos)} input file(s) are empty or whitespace ({', '.join(empty[:3])})"
+            f"no text: all {len(infos)} input file(s) are empty or whitespace "
+            f"({', '.join(empty[:3])})"
         )
     for path in empty:
         print(f"warning: skipping empty file {path}", file=sys.stderr)
@@ -237,14 +238,14 @@ def split_rule(mode):
         )
     if mode == "documents":
         return (
-            "whole documents: a document goes to val if int.from_bytes(sha256(document UTF-8)[:8], 'big') "
-            "/ 2**64 < val_fraction; if none does, the document with the smallest hash goes to val "
-            f"(used when there are >= {MIN_DOCS_FOR_DOC_SPLIT} documents)"
+            "whole documents: a document goes to val if int.from_bytes(sha256(document "
+            "UTF-8)[:8], 'big') / 2**64 < val_fraction; if none does, the document with the "
+            f"smallest hash goes to val (used when there are >= {MIN_DOCS_FOR_DOC_SPLIT} documents)"
         )
     return (
-        "token tail: documents are concatenated in input order, each followed by <|endoftext|>, and the "
-        f"last max(ceil(val_fraction * tokens), {MIN_VAL_TOKENS}) tokens, capped at half of the tokens, go "
-        f"to val (used when there are < {MIN_DOCS_FOR_DOC_SPLIT} documents)"
+        "token tail: documents are concatenated in input order, each followed by <|endoftext|>, "
+        f"and the last max(ceil(val_fraction * tokens), {MIN_VAL_TOKENS}) tokens, capped at half "
+        f"of the tokens, go to val (used when there are < {MIN_DOCS_FOR_DOC_SPLIT} documents)"
     )
 
 
@@ -435,8 +436,8 @@ def _write_corpus(
         os.replace(tmp["meta"], out / "meta.json")
     except OSError as e:  # a full disk, a read-only folder
         raise PrepareError(
-            f"cannot write in {out} ({e.strerror or e}; {weights.free_bytes(tmp['stream']):,} bytes "
-            "free there); its temporary files are removed"
+            f"cannot write in {out} ({e.strerror or e}; {weights.free_bytes(tmp['stream']):,} "
+            "bytes free there); its temporary files are removed"
         ) from None
     finally:
         for path in tmp.values():

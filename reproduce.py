@@ -186,8 +186,9 @@ def changed_file(name, record, rec, outputs, inputs):
             if rel in old and old[rel] != h:
                 path = os.path.normpath(os.path.join(os.path.dirname(record), rel))
                 return (
-                    f"stage {name}: {path} is not the file the stage {'wrote' if key == 'outputs' else 'read'} "
-                    "(its SHA-256 differs from stage.json's); use another --out_dir, or --force to redo the stage"
+                    f"stage {name}: {path} is not the file the stage "
+                    f"{'wrote' if key == 'outputs' else 'read'} (its SHA-256 differs from "
+                    "stage.json's); use another --out_dir, or --force to redo the stage"
                 )
     return None
 
@@ -316,8 +317,8 @@ def prepare_stage(name, folder, settings, outputs, a, inputs):
         old, new = flatten(prev.get("settings", {})), flatten(settings)
         diff = sorted(k for k in set(old) | set(new) if old.get(k) != new.get(k))
         fail(
-            f"stage {name}: {folder} holds an interrupted attempt with other settings ({', '.join(diff)}); "
-            "use another --out_dir, or --force to discard it"
+            f"stage {name}: {folder} holds an interrupted attempt with other settings "
+            f"({', '.join(diff)}); use another --out_dir, or --force to discard it"
         )
     resume = resume and any(f == "ckpt.pt" or f.endswith(".resume.pt") for f in os.listdir(folder))
     for f in os.listdir(folder):
@@ -353,8 +354,8 @@ def checkpoint_step(stage, run_dir, cfg):
     n = lambda key, default=None: int(cfg.get(key, default))
     if step != n("max_iters"):
         fail(
-            f"stage {stage} stopped at step {step} of max_iters={cfg['max_iters']} (its checkpoint); run the same "
-            f"command again to resume it; see {run_dir}/train.log"
+            f"stage {stage} stopped at step {step} of max_iters={cfg['max_iters']} (its "
+            f"checkpoint); run the same command again to resume it; see {run_dir}/train.log"
         )
     return {
         "iter_num": step,
@@ -454,7 +455,8 @@ def reproduce():
         action="extend",
         default=[],
         metavar="KEY=VALUE",
-        help="extra CoCoMix runs with these train.py keys, e.g. label_rule=activation mix=add lam=0",
+        help="extra CoCoMix runs with these train.py keys, e.g. label_rule=activation mix=add "
+        "lam=0",
     )
     p.add_argument(
         "--set",
@@ -463,8 +465,9 @@ def reproduce():
         default=[],
         metavar="KEY=VALUE",
         dest="overrides",
-        help="student train.py keys for every method, e.g. max_iters=288 learning_rate=3e-3 (the budget, "
-        "the schedule); use a new --out_dir, or --force, since the finished runs had other settings",
+        help="student train.py keys for every method, e.g. max_iters=288 learning_rate=3e-3 (the "
+        "budget, the schedule); use a new --out_dir, or --force, since the finished runs had "
+        "other settings",
     )
     p.add_argument(
         "--concept_source",
@@ -555,14 +558,14 @@ def reproduce():
         inputs = [at(x) for x in P["input"]] if root else None
         if not (inputs and all(os.path.exists(x) for x in inputs)) and "offline_fallback" in P:
             print(
-                f"no {', '.join(P['input'])} in a data folder (--data_root, COCOMIX_DATA): prepare.py "
-                f"--{P['offline_fallback'].replace(':', ' ')}"
+                f"no {', '.join(P['input'])} in a data folder (--data_root, COCOMIX_DATA): "
+                f"prepare.py --{P['offline_fallback'].replace(':', ' ')}"
             )
             inputs = P["offline_fallback"]
         elif not inputs:
             fail(
-                f"preset {a.preset} reads {', '.join(P['input'])} from the data folder: give --data_root DIR or set "
-                "COCOMIX_DATA to a folder holding it, or give --input FILES"
+                f"preset {a.preset} reads {', '.join(P['input'])} from the data folder: give "
+                "--data_root DIR or set COCOMIX_DATA to a folder holding it, or give --input FILES"
             )
     if isinstance(inputs, list):
         if missing := [x for x in inputs if not os.path.exists(x)]:
@@ -702,7 +705,8 @@ def reproduce():
                 None
                 if os.path.exists(sae_path)
                 else fail(
-                    f"stage sae stopped before the end; run the same command again to resume it; see {sae_dir}/sae.log"
+                    "stage sae stopped before the end; run the same command again to resume it; "
+                    f"see {sae_dir}/sae.log"
                 )
             ),
         )
@@ -742,8 +746,8 @@ def reproduce():
         )
     )
     print(
-        f"NTP baseline width {width}: parameter-matched to the CoCoMix student (d={student['n_embd']}, "
-        f"{n_concepts} concepts)"
+        f"NTP baseline width {width}: parameter-matched to the CoCoMix student "
+        f"(d={student['n_embd']}, {n_concepts} concepts)"
     )
     method_cfg = {
         "ntp": (dict(mode="ntp", n_embd=width), ("data",)),
@@ -793,8 +797,8 @@ def reproduce():
     ood, lambada, notes = (a.ood if a.ood is not None else at(P["ood"])), at(P["lambada"]), []
     if not root:
         notes.append(
-            f"- No data folder (--data_root, COCOMIX_DATA): no {'OOD loss or ' if ood is None else ''}"
-            "LAMBADA numbers."
+            "- No data folder (--data_root, COCOMIX_DATA): no "
+            f"{'OOD loss or ' if ood is None else ''}LAMBADA numbers."
         )
     if ood and not os.path.isfile(ood):
         notes.append(f"- OOD text {ood} is not there: no OOD loss.")
@@ -826,14 +830,16 @@ def reproduce():
         )
     elif P.get("suite"):
         notes.append(
-            f"- No benchmark folder {suite or P['suite']} under the data folder: no zero-shot suite."
+            f"- No benchmark folder {suite or P['suite']} under the data folder: no zero-shot "
+            "suite."
         )
     notes += (
         [f"- OOD: `{os.path.basename(ood)}`, first {ev['max_tokens']:,} tokens."] if ood else []
     )
     notes += (
         [
-            f"- LAMBADA: first {ev['lambada_max'] or 'all'} examples, contexts cut to the model's window."
+            f"- LAMBADA: first {ev['lambada_max'] or 'all'} examples, contexts cut to the model's "
+            "window."
         ]
         if lambada
         else []
@@ -875,7 +881,8 @@ def reproduce():
     for e in sae_eval:
         notes.insert(
             1,
-            f"- SAE on held-out text: FVU {e['fvu']:.3f}, L0 {e['l0']:.1f}, dead fraction {e['dead']:.3f}.",
+            f"- SAE on held-out text: FVU {e['fvu']:.3f}, L0 {e['l0']:.1f}, dead fraction "
+            f"{e['dead']:.3f}.",
         )
     # derived from the records above in a second or two: always written, so it follows this file's
     # report code

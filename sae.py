@@ -170,14 +170,16 @@ class SAE(nn.Module):
             sae = cls._from_openai(obj, path)
         else:
             raise ValueError(
-                f"{path}: not an SAE file (neither our 'state_dict' format nor OpenAI's 'encoder.weight' keys)"
+                f"{path}: not an SAE file (neither our 'state_dict' format nor OpenAI's "
+                "'encoder.weight' keys)"
             )
         if host is not None:  # the paper's SAEs were trained on GPT-2 small
             sae.meta.setdefault("host", host)
         if layer is not None:
             if sae.meta.get("layer") not in (None, layer):
                 raise ValueError(
-                    f"{path}: the file says layer {sae.meta['layer']}, but layer={layer} was asked for"
+                    f"{path}: the file says layer {sae.meta['layer']}, but layer={layer} was asked "
+                    "for"
                 )
             sae.meta["layer"] = layer
         sae.path = path
@@ -501,8 +503,8 @@ def arg_parser():
         "--ckpt_interval",
         type=int,
         default=500,
-        help="steps between saves of <sae>.resume.pt "
-        "(0: only at the end and on SIGINT/SIGTERM); a run with that file and the same settings resumes",
+        help="steps between saves of <sae>.resume.pt (0: only at the end and on SIGINT/SIGTERM); "
+        "a run with that file and the same settings resumes",
     )
     p.add_argument("--seed", type=int, default=1337)
     p.add_argument("--device", default="cpu")
@@ -513,7 +515,10 @@ def check_args(a):
     """Settings that are wrong whatever the host and data: a one-line message for the first, or
     None."""
     if a.n_latents <= 0 or not 0 < a.k <= a.n_latents:
-        return f"--n_latents must be positive and --k in [1, n_latents], got n_latents={a.n_latents}, k={a.k}"
+        return (
+            "--n_latents must be positive and --k in [1, n_latents], got "
+            f"n_latents={a.n_latents}, k={a.k}"
+        )
     if (
         min(a.tokens, a.batch_size, a.buffer, a.host_batch, a.eval_tokens, a.log_interval) <= 0
         or a.ckpt_interval < 0
@@ -531,7 +536,10 @@ def check_args(a):
         and not (a.lr > 0 and math.isfinite(a.lr))
         or not (a.aux_coef >= 0 and math.isfinite(a.aux_coef))
     ):
-        return f"--lr must be a positive number and --aux_coef >= 0, got lr={a.lr}, aux_coef={a.aux_coef}"
+        return (
+            f"--lr must be a positive number and --aux_coef >= 0, got lr={a.lr}, "
+            f"aux_coef={a.aux_coef}"
+        )
     return check_device(a.device)
 
 
@@ -539,7 +547,10 @@ def usable(m):
     """A one-line reason why a trained SAE's held-out metrics make it useless, or None: it
     reconstructs worse than the mean activation would (FVU > 1), or no latent fires."""
     if not m["fvu"] <= 1 or m["l0"] == 0 or m["dead"] >= 1.0:
-        return f"FVU {m['fvu']:.4g}, L0 {m['l0']:.3g}, {m['dead']:.0%} of the latents never fire on held-out text"
+        return (
+            f"FVU {m['fvu']:.4g}, L0 {m['l0']:.3g}, {m['dead']:.0%} of the latents never fire "
+            "on held-out text"
+        )
     return None
 
 
@@ -630,7 +641,8 @@ def read_resume(path, same):
         old = saved["settings"]
     except Exception as e:
         raise SystemExit(
-            f"error: {path} is not a readable resume file ({type(e).__name__}); delete it to start over"
+            f"error: {path} is not a readable resume file ({type(e).__name__}); delete it to start "
+            "over"
         )
     diff = [
         f"{k}={same.get(k)!r} (resume file: {old.get(k)!r})"
@@ -639,7 +651,8 @@ def read_resume(path, same):
     ]
     if diff:
         raise SystemExit(
-            f"error: {path} was written with other settings: {', '.join(diff)}; use those or delete it"
+            f"error: {path} was written with other settings: {', '.join(diff)}; use those or "
+            "delete it"
         )
     return saved
 
@@ -731,7 +744,8 @@ def main(argv=None):
         raise SystemExit(f"error: --layer={a.layer} is outside the host's {cfg.n_layer} blocks")
     if (a.block_size or 0) > cfg.block_size:
         raise SystemExit(
-            f"error: --block_size={a.block_size} is longer than the host's context ({cfg.block_size})"
+            f"error: --block_size={a.block_size} is longer than the host's context "
+            f"({cfg.block_size})"
         )
     settings, meta = run_settings(a, cfg)
     same, resume_path = resume_key(settings, meta), out_file(a, ".resume.pt")
@@ -764,8 +778,8 @@ def train_and_write(a, model, cfg, settings, meta, same, resume_path):
         # a finished run: nothing to resume, and a rerun with a lower --lr must not be refused
         os.remove(resume_path)
         raise SystemExit(
-            f"error: the trained SAE is unusable ({problem}); not written to {a.sae_path}: lower --lr "
-            f"(it was {settings['lr']:.3g}) or check the host"
+            f"error: the trained SAE is unusable ({problem}); not written to {a.sae_path}: lower "
+            f"--lr (it was {settings['lr']:.3g}) or check the host"
         )
     sae.save(a.sae_path)
     print(json.dumps(sae.meta["eval"]))

@@ -53,8 +53,8 @@ def check_steerable(model, flag):
         )
     if model.config.mix == "none":
         raise UsageError(
-            f"{flag}: this student (mix='none') predicts concepts but never mixes them back into its "
-            "hidden states, so steering them changes nothing it generates"
+            f"{flag}: this student (mix='none') predicts concepts but never mixes them back into "
+            "its hidden states, so steering them changes nothing it generates"
         )
 
 
@@ -72,7 +72,8 @@ def parse_steer(specs, n_latents, what):
                 raise UsageError(f"{what}: concept id {i} is outside [0, {n_latents})")
             if not -STEER_RANGE <= f <= STEER_RANGE:
                 raise UsageError(
-                    f"{what}: factor {f} for concept {i} is outside [-{STEER_RANGE:g}, {STEER_RANGE:g}]"
+                    f"{what}: factor {f} for concept {i} is outside [-{STEER_RANGE:g}, "
+                    f"{STEER_RANGE:g}]"
                 )
             steer[i] = f
     return steer
@@ -245,8 +246,8 @@ def arg_parser():
     p.add_argument(
         "--concept_source",
         default="",
-        help="concept source for --steer_source: ckpt.pt, its folder or a "
-        "GPT-2 folder (default: the checkpoint's training config, the SAE's host, or the model itself if plain)",
+        help="concept source for --steer_source: ckpt.pt, its folder or a GPT-2 folder (default: "
+        "the checkpoint's training config, the SAE's host, or the model itself if plain)",
     )
     p.add_argument(
         "--sae_path", default="", help="SAE file (default: the checkpoint's training config)"
@@ -259,7 +260,8 @@ def arg_parser():
     p.add_argument(
         "--concepts",
         default="",
-        help="concept dictionary JSON (default: the one sae.py --describe wrote next to the SAE, if there)",
+        help="concept dictionary JSON (default: the one sae.py --describe wrote next to the SAE, "
+        "if there)",
     )
     p.add_argument(
         "--html",
@@ -290,7 +292,8 @@ def load_model(args):
     path = os.path.join(args.out_dir, "ckpt.pt") if os.path.isdir(args.out_dir) else args.out_dir
     if not os.path.exists(path):
         raise UsageError(
-            f"no checkpoint at {path}: pass --out_dir=DIR with DIR/ckpt.pt, or --init_from=GPT2_FOLDER"
+            f"no checkpoint at {path}: pass --out_dir=DIR with DIR/ckpt.pt, or "
+            "--init_from=GPT2_FOLDER"
         )
     model, ckpt = load_checkpoint(path, args.device)
     return model.eval(), ckpt.get("config", {}) or {}
@@ -376,7 +379,8 @@ def run(args):
         steer = parse_steer(args.steer, cfg.n_concepts, "--steer")
     if inspect and not has_concept_head(model):
         raise UsageError(
-            "--inspect/--html need a model with a concept head (a CoCoMix checkpoint with n_concepts > 0)"
+            "--inspect/--html need a model with a concept head (a CoCoMix checkpoint with "
+            "n_concepts > 0)"
         )
 
     source = sae = layer = None
@@ -386,8 +390,8 @@ def run(args):
         src_steer = parse_steer(args.steer_source, sae.n_latents, "--steer_source")
     kind = "plain GPT" if not cfg.has_insert_layer else f"CoCoMix mix={cfg.mix}"
     print(
-        f"# {kind}, {cfg.n_layer} layers, d={cfg.n_embd}; {'KV cache' if not args.no_cache else 'no cache'}; "
-        f"prompt {len(ids)} tokens",
+        f"# {kind}, {cfg.n_layer} layers, d={cfg.n_embd}; "
+        f"{'KV cache' if not args.no_cache else 'no cache'}; prompt {len(ids)} tokens",
         file=sys.stderr,
     )
 

@@ -32,7 +32,10 @@ def check_config(c):
         min(c["batch_size"], c["block_size"], c["gradient_accumulation_steps"], c["max_iters"] + 1)
         <= 0
     ):
-        return "batch_size, block_size and gradient_accumulation_steps must be positive, max_iters non-negative"
+        return (
+            "batch_size, block_size and gradient_accumulation_steps must be positive, "
+            "max_iters non-negative"
+        )
     if c["mode"] in ("cocomix", "kd") and not c["concept_source"]:
         return f"mode={c['mode']} needs --concept_source (a checkpoint of ours or a GPT-2 folder)"
     if c["mode"] == "cocomix" and not c["sae_path"]:
@@ -74,8 +77,8 @@ def check_config(c):
         and not os.path.isdir(c["init_from"])
     ):
         return (
-            f"init_from must be 'scratch', 'resume', a GPT-2 name ({', '.join(GPT2_NAMES)}) or a GPT-2 folder, "
-            f"got {c['init_from']!r}"
+            f"init_from must be 'scratch', 'resume', a GPT-2 name ({', '.join(GPT2_NAMES)}) or a "
+            f"GPT-2 folder, got {c['init_from']!r}"
         )
     return check_device(c["device"])
 
@@ -143,7 +146,10 @@ def check_source(source, vocab_size, block_size, concept_source):
             f"the data is GPT-2 BPE ({vocab_size})"
         )
     if source.config.block_size < block_size:
-        return f"block_size={block_size} is longer than the concept source's context ({source.config.block_size})"
+        return (
+            f"block_size={block_size} is longer than the concept source's context "
+            f"({source.config.block_size})"
+        )
     return None
 
 
@@ -201,7 +207,10 @@ def check_resume(checkpoint, model_args, config, ckpt_path, inputs):
     and the same files behind its paths (inputs: input_hashes). Changed optimisation settings are
     printed as warnings."""
     if missing := [k for k in RESUME_KEYS if k not in checkpoint]:
-        return f"{ckpt_path} cannot be resumed: it has no {', '.join(missing)} (not a checkpoint train.py wrote)"
+        return (
+            f"{ckpt_path} cannot be resumed: it has no {', '.join(missing)} (not a checkpoint "
+            "train.py wrote)"
+        )
     changed = {
         k: (checkpoint["model_args"].get(k), v)
         for k, v in model_args.items()
@@ -230,7 +239,8 @@ def check_resume(checkpoint, model_args, config, ckpt_path, inputs):
     if checkpoint["iter_num"] > config["max_iters"]:
         return (
             f"max_iters={config['max_iters']} is below the step of {ckpt_path} "
-            f"({checkpoint['iter_num']}): nothing to train; give max_iters >= {checkpoint['iter_num']}"
+            f"({checkpoint['iter_num']}): nothing to train; give max_iters >= "
+            f"{checkpoint['iter_num']}"
         )
     if warn := [
         f"{k}={config[k]!r} (checkpoint: {old[k]!r})"
@@ -238,8 +248,8 @@ def check_resume(checkpoint, model_args, config, ckpt_path, inputs):
         if k in old and k in config and old[k] != config[k]
     ]:
         print(
-            f"warning: resuming {ckpt_path} with other settings: {', '.join(warn)}; the run is no longer the one "
-            "an uninterrupted run would give",
+            f"warning: resuming {ckpt_path} with other settings: {', '.join(warn)}; the run is no "
+            "longer the one an uninterrupted run would give",
             file=sys.stderr,
         )
     return None

@@ -30,8 +30,8 @@ def tokenizer():
         return tiktoken.get_encoding("gpt2")
     except Exception as e:  # tiktoken raises several kinds when it cannot download
         raise TokenizerError(
-            f"GPT-2's tokenizer is unavailable ({type(e).__name__}); offline, set TIKTOKEN_CACHE_DIR "
-            "to a folder holding tiktoken's gpt2 files"
+            f"GPT-2's tokenizer is unavailable ({type(e).__name__}); offline, set "
+            "TIKTOKEN_CACHE_DIR to a folder holding tiktoken's gpt2 files"
         ) from None
 
 
@@ -55,8 +55,8 @@ def read_meta(data_dir):
     if not os.path.exists(path):
         if os.path.isdir(data_dir):  # (a missing folder is load_tokens' error)
             warnings.warn(
-                f"{data_dir} has no meta.json: an unfinished prepare.py run, or token files of another tool; "
-                "their dtype and sizes are not checked",
+                f"{data_dir} has no meta.json: an unfinished prepare.py run, or token files of "
+                "another tool; their dtype and sizes are not checked",
                 stacklevel=3,
             )
         return {}
@@ -69,7 +69,8 @@ def read_meta(data_dir):
         raise ValueError(f"{path}: not a JSON object; re-run prepare.py")
     if meta.get("tokenizer", "gpt2") != "gpt2":
         raise ValueError(
-            f"{data_dir} was prepared with tokenizer {meta['tokenizer']!r}; this project uses GPT-2 BPE"
+            f"{data_dir} was prepared with tokenizer {meta['tokenizer']!r}; this project uses "
+            "GPT-2 BPE"
         )
     if meta.get("vocab_size", VOCAB_SIZE) != VOCAB_SIZE:
         raise ValueError(
@@ -109,11 +110,13 @@ def load_tokens(data_dir, split, min_tokens=2, need="2"):
     path = os.path.join(data_dir, f"{split}.bin")
     if not os.path.exists(path):
         raise FileNotFoundError(
-            f"{path} not found: prepare a corpus first, e.g. python prepare.py --input FILES --out_dir {data_dir}"
+            f"{path} not found: prepare a corpus first, e.g. python prepare.py --input FILES "
+            f"--out_dir {data_dir}"
         )
     if meta.get("dtype", "uint16") != "uint16":
         raise ValueError(
-            f"{data_dir}/meta.json says the tokens are {meta['dtype']}; this project reads uint16 token files"
+            f"{data_dir}/meta.json says the tokens are {meta['dtype']}; this project reads uint16 "
+            "token files"
         )
     if os.path.getsize(path) % 2:
         raise ValueError(
@@ -124,8 +127,8 @@ def load_tokens(data_dir, split, min_tokens=2, need="2"):
     # e.g. a crash of prepare.py between its files, or a hand-made mix
     if expected is not None and expected != n:
         raise ValueError(
-            f"{path} holds {n} tokens but meta.json says {expected}: not the files prepare.py wrote "
-            "together; re-run it"
+            f"{path} holds {n} tokens but meta.json says {expected}: not the files prepare.py "
+            "wrote together; re-run it"
         )
     if n < min_tokens:
         raise ValueError(f"{path} holds {n} tokens, fewer than {need} = {min_tokens}")

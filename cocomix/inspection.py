@@ -63,8 +63,8 @@ def inspect_tokens(model, ids, n_prompt, steer=None, top=3, names=None):
 
 def format_inspection(rows, enc, title):
     lines = [
-        f"== concepts: {title} (top {len(rows[0]['concepts']) if rows else 0} predicted at insert_layer; "
-        f"'>' marks generated tokens) =="
+        f"== concepts: {title} (top {len(rows[0]['concepts']) if rows else 0} predicted at "
+        "insert_layer; '>' marks generated tokens) =="
     ]
     for r in rows:
         cs = ", ".join(
@@ -119,8 +119,8 @@ def html_page(runs, enc):
     out = [
         HTML_HEAD,
         "<h1>Predicted concepts per token</h1>",
-        "<p>Each token is coloured by its top predicted concept (logits of the concept head at insert_layer); "
-        "hover for the top concepts. Dotted underline: prompt.</p>",
+        "<p>Each token is coloured by its top predicted concept (logits of the concept head at "
+        "insert_layer); hover for the top concepts. Dotted underline: prompt.</p>",
     ]
     for n, (title, rows) in enumerate(runs):
         out.append(f'<h2>{html.escape(title)}</h2><div class="text">')
@@ -157,7 +157,8 @@ def inspect_runs(model, runs, n_prompt, enc, names, top=3, html_path=""):
     at html_path."""
     if names and len(names) != model.config.n_concepts:
         print(
-            f"# warning: the concept dictionary has {len(names)} entries, the model {model.config.n_concepts} concepts",
+            f"# warning: the concept dictionary has {len(names)} entries, the model "
+            f"{model.config.n_concepts} concepts",
             file=sys.stderr,
         )
     pages = []

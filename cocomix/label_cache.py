@@ -183,8 +183,8 @@ class LabelCache:
     def _turn_off(self, e):
         self.off = True
         print(
-            f"warning: label cache off ({e.strerror or e}; {self.base}.*): labels are computed for every batch "
-            "from now on",
+            f"warning: label cache off ({e.strerror or e}; {self.base}.*): labels are computed for "
+            "every batch from now on",
             file=sys.stderr,
         )
 
@@ -211,8 +211,8 @@ class LabelCache:
         if tampered := int(((marks[:, 0] == fps) & ~intact).sum()):
             if not self.rejected:
                 print(
-                    f"warning: {self.base}.bin: stored labels of {tampered} window(s) fail their checksum or range "
-                    "(edited or damaged); recomputed",
+                    f"warning: {self.base}.bin: stored labels of {tampered} window(s) fail their "
+                    "checksum or range (edited or damaged); recomputed",
                     file=sys.stderr,
                 )
             self.rejected += tampered

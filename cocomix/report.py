@@ -129,9 +129,9 @@ def report(out_dir, runs, methods, seeds, notes):
         "",
         *notes,
         "",
-        f"Mean ± sample std over seeds {', '.join(map(str, seeds))}. Val: the prepared val split, up to "
-        "the evaluation's max_tokens (cocomix/evaluate.py, evaluate_tokens); OOD: loss on another "
-        "text; wall: the train.py process, tokens/s = training tokens / wall.",
+        f"Mean ± sample std over seeds {', '.join(map(str, seeds))}. Val: the prepared val split, "
+        "up to the evaluation's max_tokens (cocomix/evaluate.py, evaluate_tokens); OOD: loss on "
+        "another text; wall: the train.py process, tokens/s = training tokens / wall.",
         "",
         "| method | params | tokens | val loss | val ppl | val bpb | OOD loss | LAMBADA acc "
         "| LAMBADA ppl | wall (s) | tokens/s |",
@@ -154,11 +154,12 @@ def report(out_dir, runs, methods, seeds, notes):
             "",
             "## Paired differences to NTP (same seed, same batches)",
             "",
-            "Δ val loss: method − NTP on the val split (negative = better). Δ train loss: mean over the run "
-            "of the per-step next-token loss difference (train.py's log, every log_interval steps; the "
-            "concept/KD terms are not included). t (p): two-sided paired t-test of Δ val loss over seeds. "
-            "Tokens to NTP's final val loss: on the eval curves of "
-            "train.py's val estimate, linearly interpolated; 'fewer' = 1 − that / NTP's budget.",
+            "Δ val loss: method − NTP on the val split (negative = better). Δ train loss: mean "
+            "over the run of the per-step next-token loss difference (train.py's log, every "
+            "log_interval steps; the concept/KD terms are not included). t (p): two-sided paired "
+            "t-test of Δ val loss over seeds. Tokens to NTP's final val loss: on the eval curves "
+            "of train.py's val estimate, linearly interpolated; 'fewer' = 1 − that / NTP's "
+            "budget.",
             "",
             "| method | Δ val loss | t (p) | Δ train loss | wins (val): Δ per seed "
             "| tokens to NTP final val loss | fewer tokens |",
@@ -183,7 +184,8 @@ def report(out_dir, runs, methods, seeds, notes):
             efficiency[m] = (got, len(reach))
             lines.append(
                 f"| {m} | {stats(d, 4)} | {t_test(d)} | {stats(dtrain, 4)} | {wins(d)} | "
-                f"{stats([r[0] for r in got], 0) if got else 'not reached'} ({len(got)}/{len(reach)} seeds) | "
+                f"{stats([r[0] for r in got], 0) if got else 'not reached'} "
+                f"({len(got)}/{len(reach)} seeds) | "
                 f"{stats([100 * r[1] for r in got], 1) + '%' if got else '–'} |"
             )
         # the same interleaved student, concepts vs a learned vector
@@ -191,9 +193,9 @@ def report(out_dir, runs, methods, seeds, notes):
             d = dval("cocomix", "pause")
             lines += [
                 "",
-                f"**CoCoMix vs pause** (the same interleaved architecture and width; the slot holds the "
-                f"predicted concepts instead of one learned vector): Δ val loss {stats(d, 4)}, CoCoMix lower on "
-                f"{sum(x < 0 for x in d)}/{len(d)} seeds.",
+                "**CoCoMix vs pause** (the same interleaved architecture and width; the slot "
+                "holds the predicted concepts instead of one learned vector): Δ val loss "
+                f"{stats(d, 4)}, CoCoMix lower on {sum(x < 0 for x in d)}/{len(d)} seeds.",
             ]
         # the paper's other baseline, with the same teacher; the target is to beat both
         if "kd" in methods:
@@ -201,18 +203,19 @@ def report(out_dir, runs, methods, seeds, notes):
                 d = dval(m, "kd")
                 lines += [
                     "",
-                    f"**{m} vs KD** (same seed, same batches): Δ val loss {stats(d, 4)}, t {t_test(d)}, "
-                    f"{m} lower on {wins(d, ' seeds')}.",
+                    f"**{m} vs KD** (same seed, same batches): Δ val loss {stats(d, 4)}, t "
+                    f"{t_test(d)}, {m} lower on {wins(d, ' seeds')}.",
                 ]
         if "cocomix" in efficiency:
             got, n = efficiency["cocomix"]
             lines += [
                 "",
-                "**Sample efficiency** (paper: CoCoMix reaches NTP's final val perplexity with 21.5% fewer "
-                "tokens at 1.38B/200B tokens): "
+                "**Sample efficiency** (paper: CoCoMix reaches NTP's final val perplexity with "
+                "21.5% fewer tokens at 1.38B/200B tokens): "
                 + (
-                    f"CoCoMix reaches NTP's final val loss with {stats([100 * r[1] for r in got], 1)}% fewer tokens "
-                    f"({len(got)}/{n} seeds reach it)."
+                    "CoCoMix reaches NTP's final val loss with "
+                    f"{stats([100 * r[1] for r in got], 1)}% fewer tokens ({len(got)}/{n} seeds "
+                    "reach it)."
                     if got
                     else "CoCoMix never reaches NTP's final val loss within the budget."
                 ),
@@ -223,8 +226,9 @@ def report(out_dir, runs, methods, seeds, notes):
             back = [1 - t / curves["ntp", s][-1][0] for t, s in zip(back, seeds) if t is not None]
             if back:
                 lines[-1] += (
-                    f" NTP reaches CoCoMix's final val loss with {stats([100 * b for b in back], 1)}% fewer "
-                    f"tokens ({len(back)}/{n} seeds reach it)."
+                    " NTP reaches CoCoMix's final val loss with "
+                    f"{stats([100 * b for b in back], 1)}% fewer tokens ({len(back)}/{n} seeds "
+                    "reach it)."
                 )
     try:
         import matplotlib

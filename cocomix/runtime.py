@@ -123,7 +123,8 @@ def init_processes(device, backend, gradient_accumulation_steps):
         torch.cuda.set_device(device)
     if gradient_accumulation_steps % world_size:
         raise ValueError(
-            f"gradient_accumulation_steps={gradient_accumulation_steps} must be divisible by the {world_size} processes"
+            f"gradient_accumulation_steps={gradient_accumulation_steps} must be divisible by the "
+            f"{world_size} processes"
         )
     return True, rank, local_rank, world_size, device
 
@@ -161,7 +162,8 @@ def hold_lock(path):
         except OSError as e:
             os.close(fd)
             print(
-                f"warning: cannot lock {path} ({e.strerror}); nothing stops a second run on this folder",
+                f"warning: cannot lock {path} ({e.strerror}); nothing stops a second run on this "
+                "folder",
                 file=sys.stderr,
             )
             return lambda: None

@@ -54,7 +54,8 @@ def load_safetensors(path):
         (n,) = struct.unpack("<Q", raw)
         if n > size - 8 or n > 100_000_000:
             raise ValueError(
-                f"{path}: safetensors header length {n} runs past the end of the file ({size} bytes)"
+                f"{path}: safetensors header length {n} runs past the end of the file ({size} "
+                "bytes)"
             )
         try:
             header = json.loads(f.read(n))
@@ -166,7 +167,8 @@ def download(url, path, hint):
         os.replace(tmp, path)
     except (urllib.error.URLError, OSError) as e:
         raise RuntimeError(
-            f"could not download {url} ({getattr(e, 'reason', e)}); offline? use a local copy: {hint}"
+            f"could not download {url} ({getattr(e, 'reason', e)}); offline? use a local copy: "
+            f"{hint}"
         ) from None
     finally:
         if os.path.exists(tmp):
@@ -276,8 +278,8 @@ def check_digest(obj, path, what):
     if "digest" in obj:
         if obj["digest"] != content_digest(obj):
             raise ValueError(
-                f"{path}: its tensors do not match the digest it was saved with (changed or damaged "
-                f"since it was written); not a trustworthy {what}"
+                f"{path}: its tensors do not match the digest it was saved with (changed or "
+                f"damaged since it was written); not a trustworthy {what}"
             )
     elif ("model_args" in obj or "state_dict" in obj or "train" in obj) and path not in _noted:
         _noted.add(path)
@@ -371,7 +373,8 @@ def read_gpt2_config(path):
     ):
         if hf.get(key, gpt2) != gpt2:
             raise ValueError(
-                f"{path}: config.json sets {key}={hf[key]}; only GPT-2's own ({key}={gpt2}) is supported"
+                f"{path}: config.json sets {key}={hf[key]}; only GPT-2's own ({key}={gpt2}) is "
+                "supported"
             )
     return hf, path
 
@@ -393,7 +396,8 @@ def copy_gpt2_weights(model, path):
     missing, unexpected = set(own) - set(sd), set(sd) - set(own)
     if missing or unexpected:
         raise ValueError(
-            f"{path}: not a GPT-2 checkpoint (missing {sorted(missing)[:3]}, unexpected {sorted(unexpected)[:3]})"
+            f"{path}: not a GPT-2 checkpoint (missing {sorted(missing)[:3]}, unexpected "
+            f"{sorted(unexpected)[:3]})"
         )
     with torch.no_grad():
         for k, p in own.items():

@@ -545,19 +545,22 @@ def bench_split(args):
             )
         total = t_student + t.get("labels", 0)
         print(
-            f"\n{args.mode} step in stages, {dtype}, device={dev}, {tokens} tokens/step, medians of {n} steps"
+            f"\n{args.mode} step in stages, {dtype}, device={dev}, {tokens} tokens/step, medians "
+            f"of {n} steps"
         )
         print(f"{'stage':<42} {'ms':>9} {'% step':>7} {'GFLOP':>8} {'TFLOP/s':>8} {'peak MB':>8}")
         for name, (sec, f, peak) in rows.items():
             print(
                 f"{name:<42} {sec * 1e3:>9.1f} {sec / total:>7.1%} {f * tokens / 1e9:>8.2f} "
-                f"{f * tokens / 1e12 / max(sec, 1e-9):>8.3f} {'-' if peak is None else f'{peak / 2**20:.0f}':>8}"
+                f"{f * tokens / 1e12 / max(sec, 1e-9):>8.3f} "
+                f"{'-' if peak is None else f'{peak / 2**20:.0f}':>8}"
             )
         print(f"{'whole step, unstaged (train.py path)':<42} {whole * 1e3:>9.1f}")
         keep = persistent_bytes(model, opt, *(labeler,) * (labeler is not None))
         print(
-            f"peak MB: bytes in tensors allocated during the step and alive at their peak inside the stage, on top "
-            f"of {keep / 2**20:.0f} MB of weights and AdamW moments{' (student), source and SAE' if labeler else ''}"
+            "peak MB: bytes in tensors allocated during the step and alive at their peak inside "
+            f"the stage, on top of {keep / 2**20:.0f} MB of weights and AdamW "
+            f"moments{' (student), source and SAE' if labeler else ''}"
         )
 
 
@@ -575,10 +578,10 @@ def bench_bars(args):
     f_lab, f_src = sum(label_flops(labeler, T).values()), flops_per_token(labeler.source, T)
     src = labeler.source.config
     print(
-        f"device={dev}, student {args.n_layer}L d={args.n_embd} C={args.n_concepts} K={args.concept_topk} "
-        f"insert {args.insert_layer}; source {src.n_layer}L d={src.n_embd}, SAE {labeler.sae.n_latents} latents "
-        f"k={labeler.sae.k} on block {labeler.layer}; {tokens} tokens/step, medians of {args.rounds} rounds of "
-        f"{args.steps} step(s)"
+        f"device={dev}, student {args.n_layer}L d={args.n_embd} C={args.n_concepts} "
+        f"K={args.concept_topk} insert {args.insert_layer}; source {src.n_layer}L d={src.n_embd}, "
+        f"SAE {labeler.sae.n_latents} latents k={labeler.sae.k} on block {labeler.layer}; {tokens} "
+        f"tokens/step, medians of {args.rounds} rounds of {args.steps} step(s)"
     )
     for dtype in args.dtypes.split(","):
         ctx = autocast(dev, dtype)
@@ -607,16 +610,16 @@ def bench_bars(args):
         }
         t = alternate({k: v[0] for k, v in variants.items()}, args, dev)
         print(
-            f"\n{dtype}\n{'variant':<28} {'step ms':>9} {'tok/s':>8} {'GFLOP/tok':>10} {'TFLOP/s':>8} "
-            f"{'peak MB':>8} {'kept MB':>8}"
+            f"\n{dtype}\n{'variant':<28} {'step ms':>9} {'tok/s':>8} {'GFLOP/tok':>10} "
+            f"{'TFLOP/s':>8} {'peak MB':>8} {'kept MB':>8}"
         )
         peak = {}
         for k, (step, f, keep) in variants.items():
             kept = persistent_bytes(*keep)
             peak[k] = transient_peak(step, dev)[0] + kept
             print(
-                f"{k:<28} {t[k] * 1e3:>9.1f} {tokens / t[k]:>8.0f} {f / 1e9:>10.4f} {f * tokens / t[k] / 1e12:>8.3f} "
-                f"{peak[k] / 2**20:>8.0f} {kept / 2**20:>8.0f}"
+                f"{k:<28} {t[k] * 1e3:>9.1f} {tokens / t[k]:>8.0f} {f / 1e9:>10.4f} "
+                f"{f * tokens / t[k] / 1e12:>8.3f} {peak[k] / 2**20:>8.0f} {kept / 2**20:>8.0f}"
             )
         fly, cache = (
             t["cocomix, labels on the fly"] / t["ntp"],
@@ -626,9 +629,9 @@ def bench_bars(args):
         lab = t["labels alone"] / t["source fwd+bwd (training)"]
         bar = lambda x, limit: f"{x:.2f} {'met' if x <= limit else 'NOT met'} (bar <= {limit})"
         print(
-            f"cocomix/ntp step time, labels on the fly: {fly:.2f}x; / FLOP ratio with the label FLOPs "
-            f"({rf_fly:.2f}x) = {bar(fly / rf_fly, 1.15)}; "
-            f"/ student FLOP ratio ({rf_cache:.2f}x) = {fly / rf_cache:.2f}"
+            f"cocomix/ntp step time, labels on the fly: {fly:.2f}x; / FLOP ratio with the label "
+            f"FLOPs ({rf_fly:.2f}x) = {bar(fly / rf_fly, 1.15)}; / student FLOP ratio "
+            f"({rf_cache:.2f}x) = {fly / rf_cache:.2f}"
         )
         print(
             f"cocomix/ntp step time, cached labels: {cache:.2f}x; / FLOP ratio ({rf_cache:.2f}x) = "
@@ -674,15 +677,17 @@ def bench_throughput(args):
         f"medians of {args.rounds} alternating rounds of {args.steps} step(s)"
     )
     print(
-        f"{'variant':<20} {'params':>9} {'step ms':>9} {'tok/s':>9} {'GFLOP/tok':>10} {'TFLOP/s':>8} {'MFU':>6}"
+        f"{'variant':<20} {'params':>9} {'step ms':>9} {'tok/s':>9} {'GFLOP/tok':>10} "
+        f"{'TFLOP/s':>8} {'MFU':>6}"
     )
     for name in steps:
         m = models[name.split("/")[0]]
         fpt = flops_per_token(m, T)
         mfu = estimate_mfu(m, tokens, T, t[name], dev)
         print(
-            f"{name:<20} {m.get_num_params() / 1e6:>8.2f}M {t[name] * 1e3:>9.1f} {tokens / t[name]:>9.0f} "
-            f"{fpt / 1e9:>10.4f} {fpt * tokens / t[name] / 1e12:>8.3f} {mfu:>6.1%}"
+            f"{name:<20} {m.get_num_params() / 1e6:>8.2f}M {t[name] * 1e3:>9.1f} "
+            f"{tokens / t[name]:>9.0f} {fpt / 1e9:>10.4f} {fpt * tokens / t[name] / 1e12:>8.3f} "
+            f"{mfu:>6.1%}"
         )
     dts = args.dtypes.split(",")
     for mode in models:
@@ -695,7 +700,8 @@ def bench_throughput(args):
         for dt in dts:
             r = t[f"cocomix/{dt}"] / t[f"ntp/{dt}"]
             print(
-                f"{dt}: cocomix/ntp step time {r:.2f}x, FLOPs {rf:.2f}x, time ratio / FLOP ratio {r / rf:.2f}"
+                f"{dt}: cocomix/ntp step time {r:.2f}x, FLOPs {rf:.2f}x, time ratio / FLOP ratio "
+                f"{r / rf:.2f}"
             )
 
 
@@ -717,8 +723,9 @@ def bench_mixing(args):
 
     t = alternate({"sparse": sparse, "dense": dense}, args, dev)
     print(
-        f"mixing fwd+bwd, C={C} K={K} d={d} tokens={N} on {dev}: sparse {t['sparse'] * 1e3:.1f} ms, "
-        f"dense {t['dense'] * 1e3:.1f} ms, speed-up {t['dense'] / t['sparse']:.1f}x (medians of {args.rounds})"
+        f"mixing fwd+bwd, C={C} K={K} d={d} tokens={N} on {dev}: sparse {t['sparse'] * 1e3:.1f} "
+        f"ms, dense {t['dense'] * 1e3:.1f} ms, speed-up {t['dense'] / t['sparse']:.1f}x (medians "
+        f"of {args.rounds})"
     )
 
 
@@ -742,12 +749,14 @@ def bench_kd(args):
         t = alternate(steps, args, dev)
         tokens = args.batch_size * args.block_size
         print(
-            f"{dtype}: KD step, student {args.n_layer}L d={args.n_embd}, teacher {args.src_layer}L d={args.src_embd}, "
-            f"{tokens} tokens; medians of {args.rounds} x {args.steps} steps, alternating"
+            f"{dtype}: KD step, student {args.n_layer}L d={args.n_embd}, teacher {args.src_layer}L "
+            f"d={args.src_embd}, {tokens} tokens; medians of {args.rounds} x {args.steps} steps, "
+            "alternating"
         )
         for k in steps:
             print(
-                f"  {k:<12} {t[k] * 1e3:9.1f} ms  {tokens / t[k]:8.0f} tok/s  peak {peak[k] / 2**20:7.0f} MiB"
+                f"  {k:<12} {t[k] * 1e3:9.1f} ms  {tokens / t[k]:8.0f} tok/s  peak "
+                f"{peak[k] / 2**20:7.0f} MiB"
             )
         print(
             f"  chunked / full logits: time {t['chunked'] / t['full logits']:.2f}, "
@@ -818,9 +827,8 @@ def bench_vs_nanogpt(args):
     ).to(dev)
     print(
         f"device={dev}: {args.n_layer} layers, d={args.n_embd}, {args.n_head} heads, block {T}, "
-        f"batch {args.batch_size} "
-        f"({tokens} tokens), vocab 50257 (nanoGPT also at its 50304); medians of {args.rounds} alternating rounds of "
-        f"{args.steps} step(s) after {args.warmup}"
+        f"batch {args.batch_size} ({tokens} tokens), vocab 50257 (nanoGPT also at its 50304); "
+        f"medians of {args.rounds} alternating rounds of {args.steps} step(s) after {args.warmup}"
     )
     for dtype in args.dtypes.split(","):
         ctx = autocast(dev, dtype)
@@ -854,8 +862,8 @@ def bench_vs_nanogpt(args):
         )
         for k in steps:
             print(
-                f"{k:<14} {t[k] * 1e3:>9.1f} {tokens / t[k]:>8.0f} {(peak[k] + kept[k]) / 2**20:>9.0f} "
-                f"{faults[k]:>12.0f}"
+                f"{k:<14} {t[k] * 1e3:>9.1f} {tokens / t[k]:>8.0f} "
+                f"{(peak[k] + kept[k]) / 2**20:>9.0f} {faults[k]:>12.0f}"
             )
         rf = flops_per_token(coco, T) / flops_per_token(ntp, T)
         mem = lambda k: peak[k] + kept[k]
@@ -871,10 +879,10 @@ def bench_vs_nanogpt(args):
         )
         shipped, shipped_faults = bench_as_shipped(args, dtype)
         print(
-            f"as each repository runs by default (a process each, taking turns; nanoGPT: vocabulary "
-            f"50304, its optimizer, glibc's allocator): ours vs nanoGPT "
-            f"{shipped['nanogpt'] / shipped['ours']:.2f}x the speed "
-            f"({shipped['ours'] * 1e3:.0f} vs {shipped['nanogpt'] * 1e3:.0f} ms; page faults per step "
+            "as each repository runs by default (a process each, taking turns; nanoGPT: "
+            "vocabulary 50304, its optimizer, glibc's allocator): ours vs nanoGPT "
+            f"{shipped['nanogpt'] / shipped['ours']:.2f}x the speed ({shipped['ours'] * 1e3:.0f} "
+            f"vs {shipped['nanogpt'] * 1e3:.0f} ms; page faults per step "
             f"{shipped_faults['ours']:.0f} vs {shipped_faults['nanogpt']:.0f})"
         )
 

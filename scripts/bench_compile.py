@@ -156,9 +156,10 @@ def compile_check(args):
             graphs_after=counters["stats"]["unique_graphs"] - warm,
         )
         print(
-            f"  compiled fwd+loss+bwd: first step {t0:.1f} s, loss {loss.item():.5f} (eager {ref.item():.5f}); "
-            f"{warm} graph(s) after warm-up (train + eval), {counters['stats']['unique_graphs'] - warm} more after "
-            f"4 further train steps and an eval; recompiles: {n_warm} in warm-up, {len(recompiles) - n_warm} after"
+            f"  compiled fwd+loss+bwd: first step {t0:.1f} s, loss {loss.item():.5f} (eager "
+            f"{ref.item():.5f}); {warm} graph(s) after warm-up (train + eval), "
+            f"{counters['stats']['unique_graphs'] - warm} more after 4 further train steps and an "
+            f"eval; recompiles: {n_warm} in warm-up, {len(recompiles) - n_warm} after"
         )
         for r in recompiles:
             print("    " + " | ".join(line.strip() for line in r.splitlines()[:3])[:300])
@@ -253,13 +254,14 @@ def gpu_mfu(args):
     t = alternate({k: v[0] for k, v in variants.items()}, args, dev)
     peak = device_peak_flops(dev)
     print(
-        f"\n{torch.cuda.get_device_name(dev) if cuda else 'cpu'}, torch {torch.__version__}, bf16 autocast, "
-        f"compile={compiled}, {tokens} tokens/step (batch {args.batch_size} x {T}), LM-head loss in chunks of "
-        f"{default_lm_chunk(dev)} rows (ops.lm_loss's default here), peak {peak / 1e12:.0f} TFLOP/s, "
-        f"medians of {args.rounds} x {args.steps} steps"
+        f"\n{torch.cuda.get_device_name(dev) if cuda else 'cpu'}, torch {torch.__version__}, bf16 "
+        f"autocast, compile={compiled}, {tokens} tokens/step (batch {args.batch_size} x {T}), "
+        f"LM-head loss in chunks of {default_lm_chunk(dev)} rows (ops.lm_loss's default here), "
+        f"peak {peak / 1e12:.0f} TFLOP/s, medians of {args.rounds} x {args.steps} steps"
     )
     print(
-        f"{'variant':<36} {'step ms':>9} {'tok/s':>9} {'GFLOP/tok':>10} {'MFU':>6} {'MFU +labels':>11} {'peak GiB':>9}"
+        f"{'variant':<36} {'step ms':>9} {'tok/s':>9} {'GFLOP/tok':>10} {'MFU':>6} "
+        f"{'MFU +labels':>11} {'peak GiB':>9}"
     )
     results = {}
     for k, (step, f) in variants.items():

@@ -137,9 +137,9 @@ def export(ckpt_path, out_dir):
             else f"a CoCoMix student ({c.n_concepts} concepts, mix={c.mix})"
         )
         raise ValueError(
-            f"{ckpt_path} is {what}, not a GPT-2 model: Hugging Face's GPT-2 has no concept head or "
-            "concept slots, so only NTP and KD students (and concept sources) export; "
-            "evaluate it with python -m scripts.eval"
+            f"{ckpt_path} is {what}, not a GPT-2 model: Hugging Face's GPT-2 has no concept head "
+            "or concept slots, so only NTP and KD students (and concept sources) export; evaluate "
+            "it with python -m scripts.eval"
         )
     model.eval()
     os.makedirs(out_dir, exist_ok=True)
@@ -176,7 +176,8 @@ def main(argv=None):
         sys.exit(1)
     print(
         f"wrote {out}: GPT-2 with {model.get_num_params() / 1e6:.2f}M parameters, block_size "
-        f"{model.config.block_size}; the round trip through GPT.from_pretrained gives identical logits"
+        f"{model.config.block_size}; the round trip through GPT.from_pretrained gives identical "
+        "logits"
     )
 
 

@@ -67,23 +67,24 @@ def main(argv=None):
             differ[f] += int((fp32[f] != fp32["released"]).any(-1).sum())
     slots = tokens * a.k_attr
     print(
-        f"{a.split}: {n_windows} windows of {T}, {tokens:,} tokens, SAE k={sae.k}, C={sae.n_latents}, layer {layer}, "
-        f"k_attr={a.k_attr}"
+        f"{a.split}: {n_windows} windows of {T}, {tokens:,} tokens, SAE k={sae.k}, "
+        f"C={sae.n_latents}, layer {layer}, k_attr={a.k_attr}"
     )
     print(
-        f"tokens with fewer than k_attr active latents of positive score: {short:,} ({short / tokens:.3%}); "
-        f"with fewer than k_attr active latents at all: {no_active:,}"
+        f"tokens with fewer than k_attr active latents of positive score: {short:,} "
+        f"({short / tokens:.3%}); with fewer than k_attr active latents at all: {no_active:,}"
     )
     print(
-        f"label slots that are -1 under label_fill='none': {slots - valid:,} of {slots:,} ({1 - valid / slots:.3%})"
+        f"label slots that are -1 under label_fill='none': {slots - valid:,} of {slots:,} "
+        f"({1 - valid / slots:.3%})"
     )
     print(
         "tokens whose labels differ from label_fill='released': "
         + ", ".join(f"{f} {n:,}" for f, n in differ.items())
     )
     print(
-        f"bf16 source pass vs all-fp32 labels (label_fill='none'): {diff_bf16:,} of {slots:,} label slots differ "
-        f"({diff_bf16 / slots:.3%})"
+        f"bf16 source pass vs all-fp32 labels (label_fill='none'): {diff_bf16:,} of {slots:,} "
+        f"label slots differ ({diff_bf16 / slots:.3%})"
     )
 
 

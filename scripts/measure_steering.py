@@ -230,14 +230,15 @@ def run_measurements(args, model, train_config, enc, amp):
             format_measurement(
                 res,
                 f"concept {cid} [{concept_name(entry) or 'no dictionary'}] x{factor:g} on the "
-                f"{where}: {len(prompts)} prompts x {args.num_samples} samples x {args.max_new_tokens} tokens",
+                f"{where}: {len(prompts)} prompts x {args.num_samples} samples x "
+                f"{args.max_new_tokens} tokens",
             )
         )
         results[flag] = res
     print(
-        "# fraction of generated tokens on which the concept fires; ± is one standard error of the paired difference "
-        "over prompts;\n# student TopK: the student's predicted concepts, steered as it generated (unsteered on the "
-        "source's text)"
+        "# fraction of generated tokens on which the concept fires; ± is one standard error of "
+        "the paired difference over prompts;\n# student TopK: the student's predicted concepts, "
+        "steered as it generated (unsteered on the source's text)"
     )
     return results
 

@@ -254,9 +254,9 @@ def test_gpu_check_stops_at_its_deadline(tmp_path):
     spec.loader.exec_module(gpu_check)
     saved = tmp_path / "saved"
     polite = (
-        "import signal, sys, time\n"
-        "def stop(*_):\n    open(sys.argv[1], 'w').write('checkpoint'); print('saved', flush=True); sys.exit(3)\n"
-        "signal.signal(signal.SIGTERM, stop)\nprint('training', flush=True)\ntime.sleep(60)\n"
+        "import signal, sys, time\ndef stop(*_):\n    open(sys.argv[1], 'w').write('checkpoint'); "
+        "print('saved', flush=True); sys.exit(3)\nsignal.signal(signal.SIGTERM, "
+        "stop)\nprint('training', flush=True)\ntime.sleep(60)\n"
     )
     rc, out = gpu_check.run_until([sys.executable, "-c", polite, str(saved)], seconds=4, grace=20)
     assert rc is None and saved.read_text() == "checkpoint" and out.split() == ["training", "saved"]

@@ -555,7 +555,8 @@ READER_CASES = [
             (
                 [
                     (
-                        "Q: Tracy didn't go home that evening. What does Tracy need to do before this?\nA:",
+                        "Q: Tracy didn't go home that evening. What does Tracy need to do before "
+                        "this?\nA:",
                         " " + a,
                     )
                     for a in ("make a new plan", "go home", "find somewhere to go")
@@ -682,7 +683,8 @@ WIKI_ARTICLES = [
     " = Beta = \n \n Second article 's text : short . \n",
 ]
 WIKI_DETOKENIZED = [
-    ' = Alpha =\n\nThe cat-like animal, named "Tom", sat (quietly).\n\n== History ==\n\nIt was 1,000 years old.\n',
+    ' = Alpha =\n\nThe cat-like animal, named "Tom", sat (quietly).\n\n== History ==\n\nIt was '
+    "1,000 years old.\n",
     " = Beta =\n\nSecond article's text: short.\n",
 ]
 
@@ -844,7 +846,8 @@ def test_lambada_file_errors(model, tmp_path, lines, msg):
         ({"text": "a b"}, r"mc\.jsonl: a lambada file, expected winogrande or"),
         (
             {"foo": 1, "bar": 2},
-            r"mc\.jsonl:1: unknown benchmark format \(keys bar, foo\); expected one of: .*\{query, choices, gold\}",
+            r"mc\.jsonl:1: unknown benchmark format \(keys bar, foo\); expected one of: "
+            r".*\{query, choices, gold\}",
         ),
     ],
 )
@@ -1206,7 +1209,8 @@ def test_lambada_flag_refuses_rows_that_are_not_lambada(model, tmp_path):
     rows = [
         {"text": " = Valkyria Chronicles III = \n"},
         {
-            "text": " Senjō no Valkyria 3 : Unrecorded Chronicles is a tactical role @-@ playing game .\n"
+            "text": " Senjō no Valkyria 3 : Unrecorded Chronicles is a tactical role @-@ playing "
+            "game .\n"
         },
     ]
     for skip in (0, 1):

@@ -111,9 +111,9 @@ def test_cocomix_and_pause_are_refused(tmp_path, capsys, overrides, what):
     assert e.value.code == 1 and len(err.splitlines()) == 1
     assert (
         err
-        == f"error: {path} is {what}, not a GPT-2 model: Hugging Face's GPT-2 has no concept head or "
-        "concept slots, so only NTP and KD students (and concept sources) export; "
-        "evaluate it with python -m scripts.eval"
+        == f"error: {path} is {what}, not a GPT-2 model: Hugging Face's GPT-2 has no concept head "
+        "or concept slots, so only NTP and KD students (and concept sources) export; evaluate "
+        "it with python -m scripts.eval"
     )
     assert not (tmp_path / "hf").exists()  # refused before anything is written
 

@@ -40,7 +40,10 @@ TIMES = (
 def hooked(script, hook, *args):
     """argv running `hook` (Python code) first, then `script` as __main__ with args, as `python
     script args`."""
-    code = f"import runpy, sys\n{hook}\nsys.argv[0] = {script!r}\nrunpy.run_path({script!r}, run_name='__main__')"
+    code = (
+        f"import runpy, sys\n{hook}\nsys.argv[0] = {script!r}\nrunpy.run_path({script!r}, "
+        "run_name='__main__')"
+    )
     return [sys.executable, "-c", code, *args]
 
 
@@ -237,9 +240,10 @@ def test_reproduce_stop_reaches_a_stage_that_ignores_sigint(tmp_path):
     # a stage before its handlers exist
     stage = "import time; print('sta' 'rted', flush=True); time.sleep(60)"
     code = (
-        f"import signal, sys; sys.path.insert(0, {ROOT!r}); import reproduce\n"
-        "signal.signal(signal.SIGTERM, signal.default_int_handler)\n"
-        f"reproduce.run_logged('train x', [sys.executable, '-c', {stage!r}], {str(tmp_path / 'log')!r}, None)"
+        f"import signal, sys; sys.path.insert(0, {ROOT!r}); import "
+        "reproduce\nsignal.signal(signal.SIGTERM, "
+        "signal.default_int_handler)\nreproduce.run_logged('train x', [sys.executable, '-c', "
+        f"{stage!r}], {str(tmp_path / 'log')!r}, None)"
     )
     p = subprocess.Popen(
         [sys.executable, "-c", code],
@@ -402,7 +406,8 @@ def small_disk(tmp_path):
             pytest.skip("no mount command: cannot make a small disk to fill")
         if r.returncode:
             pytest.skip(
-                f"cannot mount a small tmpfs here (needs root where mounting is allowed): {r.stderr.strip()}"
+                "cannot mount a small tmpfs here (needs root where mounting is allowed): "
+                f"{r.stderr.strip()}"
             )
         mounted.append(d)
         return d

@@ -240,8 +240,8 @@ def test_data_folder_errors(tmp_path):
     counts as none."""
     out, nowhere = tmp_path / "out", tmp_path / "nowhere"
     msg = (
-        "error: preset cpu reads gutenberg from the data folder: give --data_root DIR or set COCOMIX_DATA to a "
-        "folder holding it, or give --input FILES"
+        "error: preset cpu reads gutenberg from the data folder: give --data_root DIR or set "
+        "COCOMIX_DATA to a folder holding it, or give --input FILES"
     )
     r = run("--preset=cpu", f"--out_dir={out}", "--data_root=", timeout=120)
     assert r.returncode == 1 and r.stderr.strip() == msg, r.stderr
@@ -376,14 +376,14 @@ def test_report_numbers_from_records(tmp_path, monkeypatch):
     assert cells[5] == "350 (1/2 seeds)" and cells[6] == "12.5%"  # 1 - 350 / 400
     assert f"Δ val loss {stats([-0.2, -0.2], 4)}, CoCoMix lower on 2/2 seeds" in text
     assert (
-        f"**cocomix vs KD** (same seed, same batches): Δ val loss {stats([-0.05, 0.05], 4)}, t +0.0 (p = 1), "
-        "cocomix lower on "
-        "1/2 seeds (-0.050, +0.050)." in text
+        f"**cocomix vs KD** (same seed, same batches): Δ val loss {stats([-0.05, 0.05], 4)}, t "
+        "+0.0 (p = 1), cocomix lower on 1/2 seeds (-0.050, +0.050)." in text
     )
     # mean -0.1, std 0.1 / sqrt(2): t = -2 on 1 degree of freedom, p = 1 - 2 atan(2) / pi = 0.295
     assert (
-        f"**cocomix[mix=add,lam=0] vs KD** (same seed, same batches): Δ val loss {stats([-0.15, -0.05], 4)}, "
-        "t -2.0 (p = 0.3), cocomix[mix=add,lam=0] lower on 2/2 seeds (-0.150, -0.050)." in text
+        "**cocomix[mix=add,lam=0] vs KD** (same seed, same batches): Δ val loss "
+        f"{stats([-0.15, -0.05], 4)}, t -2.0 (p = 0.3), cocomix[mix=add,lam=0] lower on 2/2 seeds "
+        "(-0.150, -0.050)." in text
     )
     assert "pause vs KD" not in text and "kd vs KD" not in text
     assert (
