@@ -7,8 +7,8 @@ The paper's comparison at small scale, in one command:
     python reproduce.py --preset=tiny --ablation label_rule=activation mix=add lam=0
 
 Data: --data_root (default: the environment variable COCOMIX_DATA), a folder laid out like our
-offline copy: tinyshakespeare/input.txt, gutenberg/*.txt, lambada/lambada_test.jsonl (and benchmarks/ for
-the gpu preset's zero-shot suite). Without one,
+offline copy: tinyshakespeare/input.txt, gutenberg/*.txt, lambada/lambada_test.jsonl (and
+benchmarks/ for the gpu preset's zero-shot suite). Without one,
 the tiny preset downloads TinyShakespeare and has no OOD or LAMBADA numbers; the cpu preset needs
 it (or --input). The tokenizer: tiktoken's, offline from TIKTOKEN_CACHE_DIR (see corpus.py).
 
@@ -341,8 +341,8 @@ def resumable(cmd, folder):
 
 
 def checkpoint_step(stage, run_dir, cfg):
-    """A train.py stage is finished when its checkpoint is of step max_iters (train.py exits 130 after
-    SIGINT or SIGTERM too, with a checkpoint of where it stopped): the record then holds the
+    """A train.py stage is finished when its checkpoint is of step max_iters (train.py exits 130
+    after SIGINT or SIGTERM too, with a checkpoint of where it stopped): the record then holds the
     checkpoint's budget."""
     from cocomix.weights import load_torch_file
 

@@ -9,8 +9,8 @@ their GPT-2 SAEs load directly.
     x_hat = W_dec a + b_pre                        decoder.weight is d x C, unit-norm columns
     h_hat = x_hat * std + mu
 
-Train on a GPT checkpoint's activations, evaluate (both in cocomix/sae_train.py), and describe the latents
-(cocomix/dictionary.py):
+Train on a GPT checkpoint's activations, evaluate (both in cocomix/sae_train.py), and describe the
+latents (cocomix/dictionary.py):
 
     python sae.py --concept_source=out/source/ckpt.pt --data_dir=data/gutenberg --layer=2 \
         --sae_path=out/source/sae.pt
@@ -241,7 +241,8 @@ class SAE(nn.Module):
         return sae
 
     def check_host(self, host, layer):
-        """Refuse a concept source (GPT, GPTConfig or model_args dict) whose width or layer differs."""
+        """Refuse a concept source (GPT, GPTConfig or model_args dict) whose width or layer
+        differs."""
         cfg = getattr(host, "config", host)
         d = cfg["n_embd"] if isinstance(cfg, dict) else cfg.n_embd
         trained = self.meta.get("layer")

@@ -145,8 +145,8 @@ def test_causal_attention_in_bf16_training_is_the_fused_kernels_function():
 
 
 def test_lm_loss_in_bf16_matches_float64():
-    """Under bf16 autocast lm_loss makes its GEMMs in bf16 with the vocabulary padded to a multiple of
-    64 (here 1000 -> 1024) and the weight gradient as (x^T G)^T: the loss and both gradients stay
+    """Under bf16 autocast lm_loss makes its GEMMs in bf16 with the vocabulary padded to a multiple
+    of 64 (here 1000 -> 1024) and the weight gradient as (x^T G)^T: the loss and both gradients stay
     within bf16 rounding of the float64 full-logit ones, and ignored rows get no gradient."""
     torch.manual_seed(0)
     N, V, d = 300, 1000, 32
@@ -166,15 +166,16 @@ def test_lm_loss_in_bf16_matches_float64():
 
 
 def dense_mix(values, indices, W):
-    """The released code's way, written independently of cocomix/ops.py: a dense N x C masked matrix times
-    W."""
+    """The released code's way, written independently of cocomix/ops.py: a dense N x C masked matrix
+    times W."""
     dense = torch.zeros(values.size(0), W.size(0), dtype=values.dtype).scatter(1, indices, values)
     return dense @ W
 
 
 def test_ops_references_are_the_plain_expressions():
-    """cocomix/ops.py's readable references (the dense masked product, index_add_ for the mixing backward,
-    full-logit cross-entropy and KL) agree with independent expressions and with the fast ops."""
+    """cocomix/ops.py's readable references (the dense masked product, index_add_ for the mixing
+    backward, full-logit cross-entropy and KL) agree with independent expressions and with the fast
+    ops."""
     torch.manual_seed(0)
     N, K, C, d = 9, 3, 20, 5
     values = torch.randn(N, K, dtype=torch.float64)
@@ -343,7 +344,8 @@ def test_concept_recall():
 
 
 def kd_loss(student_logits, teacher_logits, targets=None):
-    """Mean over valid tokens of KL(p_teacher || p_student), from full logits (ops.kl_rows per row)."""
+    """Mean over valid tokens of KL(p_teacher || p_student), from full logits (ops.kl_rows per
+    row)."""
     s, t = student_logits.flatten(0, -2), teacher_logits.flatten(0, -2)
     valid = (
         torch.ones(len(s), dtype=s.dtype)
@@ -968,12 +970,12 @@ def cuda_topk(x, k):
 
 
 def released_labels(source, sae, layer, idx, targets, k_attr, topk=torch.topk):
-    """The released code's label algorithm, ported independently of sae.ConceptLabeler: differentiate the
-    whole model's mean next-token loss (parameters and all) to the output of block `layer`, encode
-    it with the SAE into dense latents over all C, attribution = (g W_dec) * latents, and top-k
-    over all C latents, where inactive ones score +0.0 or -0.0, by the sign of g . W_dec_j. topk:
-    torch.topk as run here, or cuda_topk, as on the GPU the released runs used. Returns (labels,
-    their scores)."""
+    """The released code's label algorithm, ported independently of sae.ConceptLabeler:
+    differentiate the whole model's mean next-token loss (parameters and all) to the output of block
+    `layer`, encode it with the SAE into dense latents over all C, attribution = (g W_dec) *
+    latents, and top-k over all C latents, where inactive ones score +0.0 or -0.0, by the sign of g
+    . W_dec_j. topk: torch.topk as run here, or cuda_topk, as on the GPU the released runs used.
+    Returns (labels, their scores)."""
     seen = {}
 
     def keep(module, inp, out):
@@ -996,8 +998,8 @@ def released_labels(source, sae, layer, idx, targets, k_attr, topk=torch.topk):
 
 @pytest.mark.parametrize("fill", ["released", "none", "active"])
 def test_labels_equal_the_released_algorithm(fill):
-    """sae.ConceptLabeler's labels (activation-gradient shortcut, K_sae scores per token) against the
-    released algorithm ported above, on every token of a random source and k=8 SAE, where many
+    """sae.ConceptLabeler's labels (activation-gradient shortcut, K_sae scores per token) against
+    the released algorithm ported above, on every token of a random source and k=8 SAE, where many
     tokens have fewer than K_attr positive scores: label_fill='released' gives exactly the released
     labels everywhere, 'none' the released labels where they are defined (positive score) and -1
     elsewhere, 'active' the released labels where defined and then the best remaining active

@@ -1,8 +1,8 @@
 """
 Which concepts a CoCoMix student predicts, token by token: a table for the terminal and a
 self-contained HTML page (inline CSS, no scripts) with every token coloured by its top concept and
-its top concepts on hover. sample.py's --inspect and --html; scripts/measure_steering.py reads the same concept
-logits.
+its top concepts on hover. sample.py's --inspect and --html; scripts/measure_steering.py reads the
+same concept logits.
 """
 
 import html

@@ -1,6 +1,6 @@
 """
-The concept-label cache: the labels of a window of tokens are computed once (sae.ConceptLabeler) and read
-by every later run, DDP rank and ablation with the same concept source, SAE and label settings.
+The concept-label cache: the labels of a window of tokens are computed once (sae.ConceptLabeler) and
+read by every later run, DDP rank and ablation with the same concept source, SAE and label settings.
 
 Batches are drawn from a fixed grid of block_size windows (train.py), and a window's labels depend
 only on its tokens, the source, the SAE and the label settings, so they can be kept next to the
@@ -48,8 +48,8 @@ def label_identity(labeler, source_path, sae_path, dtype):
 
 
 class LabelCache:
-    """Concept labels of the block_size windows of one token file (window w: tokens [w T, w T + T + 1)),
-    computed on first use and kept next to that file:
+    """Concept labels of the block_size windows of one token file (window w: tokens [w T, w T + T +
+    1)), computed on first use and kept next to that file:
 
         labels-<digest>.json   what the labels depend on (`label_identity`, block_size, the token file);
                                <digest> is a hash of it, so other settings never open the same files
@@ -57,12 +57,13 @@ class LabelCache:
         labels-<digest>.done   per window: keyed hashes of the tokens its labels were computed from and of
                                the labels as stored, 0 = none
 
-    A window's stored labels are used only when its .done entry holds the hash of the tokens asked for and
-    the hash of the labels found, both keyed with <digest>, and every label lies in [-1, C): a changed
-    token file, files renamed from another cache, labels written but never marked (a crash) or edited
-    afterwards all read as misses and are recomputed, never served. Processes (DDP ranks) share the
-    files: they only ever write the same values for the same window. A full disk turns the cache off (with
-    a warning), never the run: the labels are then computed as without one."""
+    A window's stored labels are used only when its .done entry holds the hash of the tokens asked
+    for and the hash of the labels found, both keyed with <digest>, and every label lies in [-1, C):
+    a changed token file, files renamed from another cache, labels written but never marked (a
+    crash) or edited afterwards all read as misses and are recomputed, never served. Processes (DDP
+    ranks) share the files: they only ever write the same values for the same window. A full disk
+    turns the cache off (with a warning), never the run: the labels are then computed as without
+    one."""
 
     def __init__(self, labeler, data_dir, split, block_size, identity):
         self.labeler = labeler

@@ -25,7 +25,8 @@ from torch.autograd.function import once_differentiable
 
 
 def sparse_mix_reference(values, indices, W):
-    """The dense masked product: scatter the K values of each row into a zero N x C matrix, times W."""
+    """The dense masked product: scatter the K values of each row into a zero N x C matrix, times
+    W."""
     dense = torch.zeros(*values.shape[:-1], W.size(0), dtype=values.dtype, device=values.device)
     return dense.scatter_add(-1, indices, values) @ W
 
@@ -69,12 +70,12 @@ def sparse_mix_t(values, indices, x, n_rows):
 
 
 def causal_attention(q, k, v, dropout_p=0.0):
-    """softmax(q k^T / sqrt(hd) + causal mask) v for (B, H, T, hd) queries, keys and values: PyTorch's
-    fused kernel (F.scaled_dot_product_attention, is_causal=True), except when training in bf16 on a
-    CPU at T <= 512, where that kernel's backward takes twice as long as the plain product's
-    (docs/benchmarks.md). There the scores and the mask come from one baddbmm, then their softmax
-    times v. The softmax it keeps for the backward is B x H x T x T, where the kernel keeps one
-    number a row: hence the bound on T."""
+    """softmax(q k^T / sqrt(hd) + causal mask) v for (B, H, T, hd) queries, keys and values:
+    PyTorch's fused kernel (F.scaled_dot_product_attention, is_causal=True), except when training in
+    bf16 on a CPU at T <= 512, where that kernel's backward takes twice as long as the plain
+    product's (docs/benchmarks.md). There the scores and the mask come from one baddbmm, then their
+    softmax times v. The softmax it keeps for the backward is B x H x T x T, where the kernel keeps
+    one number a row: hence the bound on T."""
     plain = q.device.type == "cpu" and q.dtype == torch.bfloat16 and q.requires_grad
     if not plain or dropout_p or q.size(2) > 512:
         return F.scaled_dot_product_attention(q, k, v, dropout_p=dropout_p, is_causal=True)
@@ -323,7 +324,8 @@ class FusedConceptHead(torch.autograd.Function):
 
 
 def fused_concept_head(x, W, b, k, labels):
-    """(values, indices, L_concept) of x (..., d) and labels (..., K_attr) through FusedConceptHead."""
+    """(values, indices, L_concept) of x (..., d) and labels (..., K_attr) through
+    FusedConceptHead."""
     values, indices, loss = FusedConceptHead.apply(
         x.reshape(-1, x.size(-1)), W, b, k, labels.reshape(-1, labels.size(-1))
     )

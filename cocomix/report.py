@@ -75,7 +75,8 @@ def t_test(d):
 
 
 def tokens_to_reach(curve, target):
-    """First point where the val-loss curve [(tokens, loss)] reaches target, linearly interpolated."""
+    """First point where the val-loss curve [(tokens, loss)] reaches target, linearly
+    interpolated."""
     for i, (t, loss) in enumerate(curve):
         if loss <= target:
             if i == 0:

@@ -55,9 +55,9 @@ def keep_freed_memory(device="cpu"):
     freed memory there, instead of glibc's default of mapping every block over 32 MB afresh and
     unmapping it when freed. A CPU step frees and allocates such tensors (activations, the LM head's
     logit chunks) many times, and each fresh mapping is page-faulted and zeroed by the kernel: on a
-    2-core CPU that was a third of the step (docs/benchmarks.md). The process then holds on to its peak
-    memory. Returns whether it was applied: False for a GPU (its tensors are not glibc's) or without
-    glibc."""
+    2-core CPU that was a third of the step (docs/benchmarks.md). The process then holds on to its
+    peak memory. Returns whether it was applied: False for a GPU (its tensors are not glibc's) or
+    without glibc."""
     if torch.device(device).type != "cpu":
         return False
     try:
@@ -105,7 +105,8 @@ def load_optimizer_state(optimizer, state):
 
 
 def init_processes(device, backend, gradient_accumulation_steps):
-    """(ddp, rank, local_rank, world_size, device): one process, or one of torchrun's (RANK is set)."""
+    """(ddp, rank, local_rank, world_size, device): one process, or one of torchrun's (RANK is
+    set)."""
     if int(os.environ.get("RANK", -1)) == -1:
         return False, 0, 0, 1, device
     from torch.distributed import init_process_group

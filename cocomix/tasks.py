@@ -1,7 +1,7 @@
 """
-The benchmark files scripts/eval.py scores, read into (context, continuation) string pairs. JSON Lines, one
-reader per format, the format recognised from the first object's keys; the queries are built as
-lm-eval's task files build them:
+The benchmark files scripts/eval.py scores, read into (context, continuation) string pairs. JSON
+Lines, one reader per format, the format recognised from the first object's keys; the queries are
+built as lm-eval's task files build them:
   {"query", "choices", "gold"}        as given (lm-eval and llm-foundry files). llm-foundry's ARC and
                                       PIQA queries ("Question: ...") lack the answer prompt their task
                                       files add: "\\nAnswer:" is appended to a query that starts with

@@ -226,7 +226,8 @@ def load_torch_file(path, what, map_location="cpu", verify=True):
 def save_atomic(obj, path):
     """torch.save through a temporary file renamed into place: a crash or a full disk leaves the
     previous file as it was and no temporary one. A failed write is an OSError with a one-line
-    message. A dict is saved with the content digest of its tensors, which load_torch_file checks."""
+    message. A dict is saved with the content digest of its tensors, which load_torch_file
+    checks."""
     if isinstance(obj, dict):
         obj = {**obj, "digest": content_digest(obj)}
     write_atomic(path, lambda tmp: torch.save(obj, tmp))
@@ -356,7 +357,8 @@ def source_sha256(path):
 
 
 def read_gpt2_config(path):
-    """(Hugging Face config.json of a GPT-2 folder, the folder); a GPT-2 name is downloaded first."""
+    """(Hugging Face config.json of a GPT-2 folder, the folder); a GPT-2 name is downloaded
+    first."""
     path = gpt2_folder(path)
     with open(os.path.join(path, "config.json")) as f:
         hf = json.load(f)
@@ -380,7 +382,8 @@ def read_gpt2_config(path):
 
 
 def copy_gpt2_weights(model, path):
-    """Hugging Face GPT-2 weights from the folder `path` into our GPT (same names, bar HF's layout)."""
+    """Hugging Face GPT-2 weights from the folder `path` into our GPT (same names, bar HF's
+    layout)."""
     sd = load_hf_state_dict(path)
     sd = {k.removeprefix("transformer."): v for k, v in sd.items()}
     # the published gpt2 files carry attention-mask buffers; they are not weights

@@ -11,14 +11,14 @@ which are measured within one process, rather than the absolute times.
     python -m scripts.bench --vs_nanogpt=PATH --n_embd=192 --batch_size=16 --dtypes=float32,bfloat16
                                                           # NTP step against nanoGPT's model.py; CoCoMix vs NTP
 
-torch.compile's graph-break check and the compiled GPU MFU measurement are in bench_compile.py, which
-shares this file's options and helpers.
+torch.compile's graph-break check and the compiled GPU MFU measurement are in bench_compile.py,
+which shares this file's options and helpers.
 
 Defaults: a student of 4 layers, d=256, block 256, batch 8, C=8192 concepts, K=32, insert layer 1; a
 concept source of 6 layers, d=256, with an SAE of 8192 latents (k=32) on block 2. Source and SAE get
-random weights unless --source_ckpt / --sae_path name trained ones: the work of a step does not depend
-on the weights. CoCoMix steps are train.py's: labels, the student's loss with the chunked LM head,
-backward, gradient clipping, AdamW. `--tiny` shrinks every model to a smoke-test size.
+random weights unless --source_ckpt / --sae_path name trained ones: the work of a step does not
+depend on the weights. CoCoMix steps are train.py's: labels, the student's loss with the chunked LM
+head, backward, gradient clipping, AdamW. `--tiny` shrinks every model to a smoke-test size.
 """
 
 import argparse
@@ -96,8 +96,8 @@ def options(doc):
 
 def settle(args, long_run=False):
     """--tiny's sizes, then the defaults left open (long_run: the CUDA MFU run's batch and step
-    counts); on a CPU, the allocator as train.py sets it (cocomix/runtime.py, keep_freed_memory) unless
-    --no_cpu_heap."""
+    counts); on a CPU, the allocator as train.py sets it (cocomix/runtime.py, keep_freed_memory)
+    unless --no_cpu_heap."""
     if not args.no_cpu_heap:
         keep_freed_memory(args.device)
     if args.tiny:
@@ -906,9 +906,9 @@ def nanogpt_step(theirs, opt, X, Y, ctx):
 
 def side_times(args):
     """--side: one repository's NTP step as it runs by default, alone in this process; prints its
-    seconds and page faults per step as JSON. nanoGPT: its padded vocabulary (50,304), its own optimizer choice and
-    glibc's default allocator (the parent passes --no_cpu_heap); ours: train.py's step (the chunked
-    LM head, fused AdamW, the heap setting of cpu_heap=True)."""
+    seconds and page faults per step as JSON. nanoGPT: its padded vocabulary (50,304), its own
+    optimizer choice and glibc's default allocator (the parent passes --no_cpu_heap); ours:
+    train.py's step (the chunked LM head, fused AdamW, the heap setting of cpu_heap=True)."""
     dev, ctx = args.device, autocast(args.device, args.dtypes)
     X, Y = batch(args, dev)
     if args.side == "nanogpt":

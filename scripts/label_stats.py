@@ -1,5 +1,6 @@
 """
-Concept-label statistics on a trained concept source and SAE, over every block_size window of a split:
+Concept-label statistics on a trained concept source and SAE, over every block_size window of a
+split:
 
     python -m scripts.label_stats --concept_source=out/reproduce_cpu/source/ckpt.pt \
         --sae_path=out/reproduce_cpu/sae/sae.pt \

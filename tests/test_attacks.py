@@ -1,7 +1,8 @@
-"""The attack suite, round three (the first two are in test_faults.py): a resume that must apply what
-it says it applied, stages that must not trust a swapped file nor delete a live run's files, and
-one-line errors, quiet Ctrl-C and clean full-disk failures in every entry point. Each case runs the
-scripts as subprocesses on tiny models, or calls the checks directly where that says the same."""
+"""The attack suite, round three (the first two are in test_faults.py): a resume that must apply
+what it says it applied, stages that must not trust a swapped file nor delete a live run's files,
+and one-line errors, quiet Ctrl-C and clean full-disk failures in every entry point. Each case runs
+the scripts as subprocesses on tiny models, or calls the checks directly where that says the
+same."""
 
 import json
 import os
@@ -64,8 +65,9 @@ def ckpt(out):
 
 
 def test_resume_applies_its_optimizer_settings(data_dir, finished, tmp_path):
-    """--beta1, --beta2 and --weight_decay changed on resume reach the optimizer's param groups (they
-    used to be overwritten by the checkpoint's, though the warning and the config said otherwise)."""
+    """--beta1, --beta2 and --weight_decay changed on resume reach the optimizer's param groups
+    (they used to be overwritten by the checkpoint's, though the warning and the config said
+    otherwise)."""
     out = copy_run(finished, tmp_path)
     old = ckpt(out)["optimizer"]["param_groups"]
     assert old[0]["betas"] == (0.9, 0.95) and old[0]["weight_decay"] == 0.1
@@ -550,7 +552,8 @@ def test_reproduce_stage_refuses_a_swapped_output_or_input(tmp_path, capsys):
 
 def test_a_token_file_replaced_in_place_is_refused(data_dir, tmp_path):
     """train.bin with two tokens swapped (same size, every id valid, meta.json untouched): refused
-    by load_tokens, which train.py (fresh or resumed), sae.py, eval and reproduce.py read through."""
+    by load_tokens, which train.py (fresh or resumed), sae.py, eval and reproduce.py read
+    through."""
     import numpy as np
 
     from cocomix.corpus import load_tokens

@@ -139,8 +139,9 @@ def test_staged_step_is_train_step(mode, mix, dtype, labels):
 
 
 def test_flops_and_mfu(monkeypatch):
-    """flops_per_token's numbers are those GPT.flops_per_token gave before it moved to cocomix/flops.py; the
-    peak of the GPU by its longest matching name ("L4" is in "NVIDIA L40S" too)."""
+    """flops_per_token's numbers are those GPT.flops_per_token gave before it moved to
+    cocomix/flops.py; the peak of the GPU by its longest matching name ("L4" is in "NVIDIA L40S"
+    too)."""
     gpt2 = GPT(GPTConfig(n_layer=12, n_head=12, n_embd=768, block_size=1024))
     # 6 x (12 blocks of 12 d^2 + the d x V head) + causal attention, 6 x d x T per block
     assert (
@@ -300,10 +301,10 @@ def test_vs_nanogpt(tmp_path, capsys):
 
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="glibc's allocator")
 def test_keep_freed_memory_stops_page_faults():
-    """train.py's cpu_heap (cocomix/runtime.py, keep_freed_memory): once a step-like cycle of 200-300 MB
-    tensors has run, later cycles mostly reuse the heap's pages. With glibc's defaults every cycle
-    maps and page-faults its tensors afresh (~200,000 minor faults each). Counted in fresh
-    processes, one per setting."""
+    """train.py's cpu_heap (cocomix/runtime.py, keep_freed_memory): once a step-like cycle of
+    200-300 MB tensors has run, later cycles mostly reuse the heap's pages. With glibc's defaults
+    every cycle maps and page-faults its tensors afresh (~200,000 minor faults each). Counted in
+    fresh processes, one per setting."""
     code = """
 import resource, sys, torch
 from cocomix.runtime import keep_freed_memory

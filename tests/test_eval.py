@@ -122,7 +122,8 @@ def test_evaluate_tokens_matches_hand_loop(model, n, block_size, batch_size, max
 
 
 def test_last_window_keeps_a_full_context(model):
-    """The tail's first target is predicted from the block_size tokens before it, not from nothing."""
+    """The tail's first target is predicted from the block_size tokens before it, not from
+    nothing."""
     tokens = np.random.default_rng(1).integers(0, 50257, size=16 + 1 + 3)
     out = E.evaluate_tokens(model, tokens, 16, 4, "cpu", progress=False)
     first = (
@@ -278,9 +279,9 @@ def test_lambada_matches_hand_computation(model, tmp_path):
 
 def lm_eval_encode(context, continuation):
     """lm-eval's tokenization of a (context, continuation) request, written out here apart from
-    the evaluation: trailing whitespace of the context joins the continuation, the two are encoded as one
-    string, and the continuation is what lies past the context's own token count. An empty context
-    is <|endoftext|>."""
+    the evaluation: trailing whitespace of the context joins the continuation, the two are encoded
+    as one string, and the continuation is what lies past the context's own token count. An empty
+    context is <|endoftext|>."""
     if context == "":
         return [EOT], enc.encode_ordinary(continuation)
     n = len(context) - len(context.rstrip())
@@ -757,9 +758,9 @@ def test_crlf_and_lf_files_score_the_same(model, tmp_path):
 
 
 def test_lambada_pair_is_joined_by_one_space(model, tmp_path):
-    """llm-foundry's {"context", "continuation"} LAMBADA is joined with one space, as llm-foundry and
-    lm-eval do, also where the continuation starts with "\n\n" (item 4462 of the test set): the same
-    request and the same score as OpenAI's {"text"} form of the passage."""
+    """llm-foundry's {"context", "continuation"} LAMBADA is joined with one space, as llm-foundry
+    and lm-eval do, also where the continuation starts with "\n\n" (item 4462 of the test set): the
+    same request and the same score as OpenAI's {"text"} form of the passage."""
     ctx, cont = "She raised her brows when she returned and saw the", "\n\nrecorder"
     pair = write_jsonl(tmp_path / "lambada_foundry.jsonl", [{"context": ctx, "continuation": cont}])
     text = write_jsonl(tmp_path / "lambada_openai.jsonl", [{"text": f"{ctx} {cont}"}])

@@ -1,6 +1,6 @@
-"""The repository's shape: the method in a few root files, support code in the cocomix package (which
-never imports a root module), entry points in scripts/ (each answering --help), no import circle and
-no sys.path edits anywhere."""
+"""The repository's shape: the method in a few root files, support code in the cocomix package
+(which never imports a root module), entry points in scripts/ (each answering --help), no import
+circle and no sys.path edits anywhere."""
 
 import ast
 import glob

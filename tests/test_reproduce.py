@@ -1,4 +1,5 @@
-"""reproduce.py end to end on the tiny preset (~2 minutes on a 2-core CPU), plus its small helpers."""
+"""reproduce.py end to end on the tiny preset (~2 minutes on a 2-core CPU), plus its small
+helpers."""
 
 import csv
 import json

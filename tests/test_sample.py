@@ -1,5 +1,6 @@
-"""Tests of KV-cache generation, concept steering and its measurement (scripts/measure_steering.py), inspection
-(cocomix/inspection.py) and the command line (sample.py). Run: python -m pytest tests/test_sample.py -q"""
+"""Tests of KV-cache generation, concept steering and its measurement (scripts/measure_steering.py),
+inspection (cocomix/inspection.py) and the command line (sample.py). Run: python -m pytest
+tests/test_sample.py -q"""
 
 import dataclasses
 import html
@@ -219,8 +220,8 @@ def test_parse_steer_checks_ids_and_range():
 
 
 class StubSAE:
-    """The SAE API sample.py's steering relies on (standardise, encode_pre, topk, decode_sparse, check_host,
-    k, n_latents, meta, path)."""
+    """The SAE API sample.py's steering relies on (standardise, encode_pre, topk, decode_sparse,
+    check_host, k, n_latents, meta, path)."""
 
     def __init__(self, d, n_latents, k, layer, seed=0):
         g = torch.Generator().manual_seed(seed)
