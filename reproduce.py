@@ -1,9 +1,12 @@
 """
 The paper's comparison at small scale, in one command:
 
-    python reproduce.py --preset=tiny                  # smoke test: 1 minute on an idle 2-core CPU, ~3 loaded
-    python reproduce.py --preset=cpu --seeds 1,2,3     # gutenberg, source + SAE ~50 min, ~25-30 min per seed, 2 cores
-    python reproduce.py --preset=gpu                   # the 69M setup, GPT-2 + OpenAI SAE, one H100
+    # smoke test: 1 minute on an idle 2-core CPU, ~3 loaded
+    python reproduce.py --preset=tiny
+    # gutenberg, source + SAE ~50 min, ~25-30 min per seed, 2 cores
+    python reproduce.py --preset=cpu --seeds 1,2,3
+    # the 69M setup, GPT-2 + OpenAI SAE, one H100
+    python reproduce.py --preset=gpu
     python reproduce.py --preset=tiny --ablation label_rule=activation mix=add lam=0
 
 Data: --data_root (default: the environment variable COCOMIX_DATA), a folder laid out like our
@@ -17,10 +20,11 @@ finished stage with other settings stops the run: use another --out_dir, or --fo
   1. data     prepare.prepare(--input) -> OUT/data
   2. source   the concept source, train.py on the preset's source config -> OUT/source
               (or --concept_source FILE: a trained one, recorded by its SHA-256)
-  3. sae      sae.py on the source + its concept dictionary -> OUT/sae (or --sae_path FILE, likewise)
+  3. sae      sae.py on the source + its concept dictionary -> OUT/sae
+              (or --sae_path FILE, likewise)
   4. train    every method x seed for the same token budget and batches -> OUT/runs/{method}_s{seed}
-  5. eval     val loss/ppl/bpb, out-of-domain loss, LAMBADA, the zero-shot suite (gpu preset: benchmarks/ under
-              the data folder) -> OUT/runs/*/eval.json
+  5. eval     val loss/ppl/bpb, out-of-domain loss, LAMBADA, the zero-shot suite
+              (gpu preset: benchmarks/ under the data folder) -> OUT/runs/*/eval.json
   6. report   OUT/results.md, OUT/curves.csv (and OUT/curves.png with matplotlib), always rewritten
 Stages 5 and 6 are report.py's.
 """
@@ -698,7 +702,8 @@ def reproduce():
                 else ["sae.py", "--describe", f"--sae_path={sae_path}", D]
             ),
         ]
-        # sae.py stopped by a signal exits 130 (run_logged says so); this catches any other early end
+        # sae.py stopped by a signal exits 130 (run_logged says so); this catches any other early
+        # end
         cmds.insert(
             1,
             lambda: (

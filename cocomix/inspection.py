@@ -89,15 +89,17 @@ HTML_HEAD = """<!DOCTYPE html>
 <html><head><meta charset="utf-8"><title>CoCoMix concepts</title>
 <style>
 body { font-family: sans-serif; margin: 2em; max-width: 70em; }
-.text { font-family: monospace; white-space: pre-wrap; line-height: 1.9; border: 1px solid #ccc; padding: 1em; }
-# rNtM link lands 40% down the window, context above it, and near the top does not scroll */
-/* scroll-margin: a
-.tok { position: relative; border-radius: 3px; padding: 1px 0; cursor: default; scroll-margin-top: 40vh; }
+.text { font-family: monospace; white-space: pre-wrap; line-height: 1.9; border: 1px solid #ccc;
+  padding: 1em; }
+/* scroll-margin: a #rNtM link lands 40% down the window, context above it, and near the top does
+   not scroll */
+.tok { position: relative; border-radius: 3px; padding: 1px 0; cursor: default;
+  scroll-margin-top: 40vh; }
 .nl { color: #999; }
 .tok.prompt { text-decoration: underline dotted #888; }
 .tok:hover { outline: 2px solid #333; }
-.tok .tip { display: none; position: absolute; left: 0; top: 1.8em; z-index: 10; background: #222; color: #eee;
-  font-size: 12px; padding: 6px 8px; border-radius: 4px; white-space: pre; }
+.tok .tip { display: none; position: absolute; left: 0; top: 1.8em; z-index: 10; background: #222;
+  color: #eee; font-size: 12px; padding: 6px 8px; border-radius: 4px; white-space: pre; }
 .tok:hover .tip, .tok:target .tip { display: block; }
 .tok:target { outline: 2px solid #c00; }
 table { border-collapse: collapse; margin-top: 1em; font-size: 13px; }

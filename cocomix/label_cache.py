@@ -48,14 +48,15 @@ def label_identity(labeler, source_path, sae_path, dtype):
 
 
 class LabelCache:
-    """Concept labels of the block_size windows of one token file (window w: tokens [w T, w T + T +
-    1)), computed on first use and kept next to that file:
+    """Concept labels of the block_size windows of one token file (window w: the tokens
+    [w T, w T + T + 1)), computed on first use and kept next to that file:
 
-        labels-<digest>.json   what the labels depend on (`label_identity`, block_size, the token file);
-                               <digest> is a hash of it, so other settings never open the same files
+        labels-<digest>.json   what the labels depend on (`label_identity`, block_size, the token
+                               file); <digest> is a hash of it, so other settings never open the
+                               same files
         labels-<digest>.bin    n_windows x T x k_attr labels (-1 = none), int16 while C <= 32768
-        labels-<digest>.done   per window: keyed hashes of the tokens its labels were computed from and of
-                               the labels as stored, 0 = none
+        labels-<digest>.done   per window: keyed hashes of the tokens its labels were computed from
+                               and of the labels as stored, 0 = none
 
     A window's stored labels are used only when its .done entry holds the hash of the tokens asked
     for and the hash of the labels found, both keyed with <digest>, and every label lies in [-1, C):

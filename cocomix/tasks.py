@@ -2,10 +2,11 @@
 The benchmark files scripts/eval.py scores, read into (context, continuation) string pairs. JSON
 Lines, one reader per format, the format recognised from the first object's keys; the queries are
 built as lm-eval's task files build them:
-  {"query", "choices", "gold"}        as given (lm-eval and llm-foundry files). llm-foundry's ARC and
-                                      PIQA queries ("Question: ...") lack the answer prompt their task
-                                      files add: "\\nAnswer:" is appended to a query that starts with
-                                      "Question:" and does not end with "Answer:" (lm-eval's prompt).
+  {"query", "choices", "gold"}        as given (lm-eval and llm-foundry files). llm-foundry's ARC
+                                      and PIQA queries ("Question: ...") lack the answer prompt
+                                      their task files add: "\\nAnswer:" is appended to a query
+                                      that starts with "Question:" and does not end with "Answer:"
+                                      (lm-eval's prompt).
   {"context_options", "continuation", "gold"}  WinoGrande / Winograd (llm-foundry)
   {"sentence", "option1", "option2", "answer"}  WinoGrande (Hugging Face), answer "1" or "2"
   {"ctx_a", "ctx_b" | "ctx", "endings", "label"} HellaSwag: query = activity_label + ": " + ctx_a +
@@ -13,11 +14,12 @@ built as lm-eval's task files build them:
                                       (-> ". "), other [bracketed] WikiHow markup and double spaces
   {"context", "question", "answerA", "answerB", "answerC", "label"}  SIQA, label 1-based:
                                       "Q: {context} {question}\\nA:"
-  {"question", "choices", "answerKey"} ARC (Hugging Face; or AI2's {"question": {"stem", "choices"}}):
+  {"question", "choices", "answerKey"} ARC (Hugging Face; or AI2's
+                                      {"question": {"stem", "choices"}}):
                                       "Question: {question}\\nAnswer:"
   {"goal", "sol1", "sol2", "label"}   PIQA: "Question: {goal}\\nAnswer:"
-  {"text"} / {"context", "continuation"}  LAMBADA (the pair joined by one space);  {"page"}  WikiText
-                                      articles
+  {"text"} / {"context", "continuation"}  LAMBADA (the pair joined by one space)
+  {"page"}                            WikiText articles
 Refused by name, not read as the format whose keys they share (refused_format): CommonsenseQA
 (Hugging Face's or the original form, ARC's keys), OpenBookQA (Hugging Face's or AI2's form), MMLU.
 """
@@ -102,8 +104,8 @@ def read_query_choices(item, sep):
         raise ValueError("'query' must be a string and 'choices' a list of non-empty strings")
     gold = as_index(item, "gold", len(choices))
     if sep and all(c[0].isspace() for c in choices):
-        # an older convention of this evaluation (the space inside the choice): with a separator too it would be
-        # doubled
+        # an older convention of this evaluation (the space inside the choice): with a separator
+        # too it would be doubled
         raise ValueError(
             f"every choice starts with whitespace and the separator is {sep!r}: strip the choices, "
             "or pass --mc_sep='' to use them as they are"
@@ -282,8 +284,8 @@ def refusal(name):
     return f"{name}: not implemented here (refused rather than scored as another benchmark)"
 
 
-# What each kind is scored as: lm-eval's task of the paper's benchmark, its requests built as lm-eval
-# builds them (the module docstring)
+# What each kind is scored as: lm-eval's task of the paper's benchmark, its requests built as
+# lm-eval builds them (the module docstring)
 LM_EVAL_TASKS = {
     "lambada": "lambada_openai",
     "wikitext": "wikitext",

@@ -3,13 +3,18 @@ Benchmarks of the student and of its concept labels. Every timing runs its varia
 (A, B, A, B, ...) and reports medians, because the machines are shared and noisy: read the ratios,
 which are measured within one process, rather than the absolute times.
 
-    python -m scripts.bench --dtypes=float32,bfloat16 --compare   # tokens/s and MFU per precision, NTP and CoCoMix
-    python -m scripts.bench --split --mode=cocomix                # one step in stages: time, FLOPs, peak memory
-    python -m scripts.bench --bars --dtypes=bfloat16              # CoCoMix/NTP time vs FLOPs, label cost, memory
-    python -m scripts.bench --mixing --n_embd=512                 # sparse top-k mixing vs the dense masked product
-    python -m scripts.bench --kd --dtypes=bfloat16                # KD's step: full logits vs the chunked CE + KL
+    # tokens/s and MFU per precision, NTP and CoCoMix
+    python -m scripts.bench --dtypes=float32,bfloat16 --compare
+    # one step in stages: time, FLOPs, peak memory
+    python -m scripts.bench --split --mode=cocomix
+    # CoCoMix/NTP time vs FLOPs, label cost, memory
+    python -m scripts.bench --bars --dtypes=bfloat16
+    # sparse top-k mixing vs the dense masked product
+    python -m scripts.bench --mixing --n_embd=512
+    # KD's step: full logits vs the chunked CE + KL
+    python -m scripts.bench --kd --dtypes=bfloat16
+    # NTP step against nanoGPT's model.py; CoCoMix vs NTP
     python -m scripts.bench --vs_nanogpt=PATH --n_embd=192 --batch_size=16 --dtypes=float32,bfloat16
-                                                          # NTP step against nanoGPT's model.py; CoCoMix vs NTP
 
 torch.compile's graph-break check and the compiled GPU MFU measurement are in bench_compile.py,
 which shares this file's options and helpers.

@@ -2,10 +2,14 @@
 torch.compile: graph-break check and compiled GPU MFU. It shares bench.py's options (model sizes,
 --device, --tiny, --source_ckpt, --sae_path, --steps/--warmup/--rounds) and its helpers.
 
-    python -m scripts.bench_compile --check --tiny                # graph breaks and recompiles under torch.compile
-    python -m scripts.bench_compile --check --tiny --backend=aot_eager   # the same graphs, compiled quicker
-    python -m scripts.bench_compile --gpu_mfu                     # CUDA: GPT-2 124M NTP and the 69M CoCoMix MFU
-    python -m scripts.bench_compile --gpu_mfu --device=cpu --tiny # smoke test of that path (eager; --compile compiles)
+    # graph breaks and recompiles under torch.compile
+    python -m scripts.bench_compile --check --tiny
+    # the same graphs, compiled quicker
+    python -m scripts.bench_compile --check --tiny --backend=aot_eager
+    # CUDA: GPT-2 124M NTP and the 69M CoCoMix MFU
+    python -m scripts.bench_compile --gpu_mfu
+    # smoke test of that path (eager; --compile compiles)
+    python -m scripts.bench_compile --gpu_mfu --device=cpu --tiny
 """
 
 import argparse

@@ -6,7 +6,8 @@ lm-evaluation-harness's definitions (cocomix/evaluate.py states them).
     python -m scripts.eval --ckpt=out/x/ckpt.pt --data_dir=data/gutenberg --split=val
     python -m scripts.eval --ckpt=out/x/ckpt.pt --text a.txt b.txt --lambada=lambada_test.jsonl
     python -m scripts.eval --init_from=/path/to/gpt2 --mc=piqa.jsonl --out=results.json
-    python -m scripts.eval --ckpt=out/x/ckpt.pt --suite=benchmarks/   # -> out/x/eval_suite.json, .md
+    # writes out/x/eval_suite.json and .md
+    python -m scripts.eval --ckpt=out/x/ckpt.pt --suite=benchmarks/
 """
 
 import argparse

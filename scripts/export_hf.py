@@ -5,7 +5,8 @@ folder: config.json, model.safetensors and GPT-2's tokenizer files, so lm-evalua
 
     python -m scripts.export_hf --ckpt=out/ntp/ckpt.pt                    # -> out/ntp/hf
     lm_eval --model hf --model_args pretrained=out/ntp/hf --tasks lambada_openai,piqa
-    python -m scripts.eval --init_from=out/ntp/hf --suite=benchmarks/     # reads it back, no transformers needed
+    # reads it back, no transformers needed
+    python -m scripts.eval --init_from=out/ntp/hf --suite=benchmarks/
 
 CoCoMix students (and the pause baseline) are refused: their concept head and the concept slots
 interleaved with the tokens have no place in GPT-2's architecture, so any GPT-2 loader would compute

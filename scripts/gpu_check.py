@@ -1,12 +1,15 @@
 """
 The prepared GPU check: one command on a fresh one-GPU machine, no network, a few minutes.
 
-    bash scripts/gpu_check.sh --data_root=DIR          # DIR: gutenberg/ (and tinyshakespeare/, lambada/)
-    bash scripts/gpu_check.sh --dry_run                # everything at smoke-test size, on the CPU if no GPU
+    # DIR: gutenberg/ (and tinyshakespeare/, lambada/)
+    bash scripts/gpu_check.sh --data_root=DIR
+    # everything at smoke-test size, on the CPU if no GPU
+    bash scripts/gpu_check.sh --dry_run
 
 In order, each part's figures going into OUT/gpu_check.json and OUT/gpu_check.md as it finishes:
- 1. correctness on the device: sparse mixing and the LM-head loss (fp32, bf16, fp16, KD) against their
-    plain references (cocomix/ops.py), and the concept labels against the same labels made on the CPU;
+ 1. correctness on the device: sparse mixing and the LM-head loss (fp32, bf16, fp16, KD) against
+    their plain references (cocomix/ops.py), and the concept labels against the same labels made on
+    the CPU;
  2. the compiled student against eager: losses and every parameter gradient, NTP and CoCoMix, then
     bench_compile.py's graph-break and recompile check;
  3. MFU: GPT-2 124M NTP and the paper's 69M CoCoMix student, bf16, torch.compile, fused AdamW

@@ -5,7 +5,8 @@ the softmax in bf16 and subtracts the one-hot from it) and the released code's p
 F.cross_entropy in fp32, whose logit gradient p - onehot is rounded to bf16 once). Near p_t = 1 the
 first rounds p_t to bf16's 8 bits before the subtraction, the second after it.
 
-    python -m scripts.lm_head_precision                   # GPT-2's width and vocabulary, 1024 tokens
+    # GPT-2's width and vocabulary, 1024 tokens
+    python -m scripts.lm_head_precision
 
 Synthetic weights and activations (GPT-2's initialisation scale), each token given a margin for a
 random target so that p_target spans (0, 1); the error is ||g - g_fp64|| / ||g_fp64|| over the

@@ -673,13 +673,15 @@ def test_lambada_readers_agree(model, tmp_path):
 
 
 WIKI_RAW = (
-    ' \n = Alpha = \n \n The cat @-@ like animal , named " Tom " , sat ( quietly ) . \n \n = = History = = \n'
+    ' \n = Alpha = \n \n The cat @-@ like animal , named " Tom " , sat ( quietly ) . \n \n '
+    "= = History = = \n"
     " \n It was 1 @,@ 000 years old . \n \n = Beta = \n \n Second article 's text : short . \n"
 )
 # the articles (cut at " = Title = ", not at the "= = Sub = =" heading) and, by hand, lm-eval's
 # detokenized text
 WIKI_ARTICLES = [
-    ' = Alpha = \n \n The cat @-@ like animal , named " Tom " , sat ( quietly ) . \n \n = = History = = \n'
+    ' = Alpha = \n \n The cat @-@ like animal , named " Tom " , sat ( quietly ) . \n \n '
+    "= = History = = \n"
     " \n It was 1 @,@ 000 years old . \n ",
     " = Beta = \n \n Second article 's text : short . \n",
 ]
@@ -813,8 +815,8 @@ def test_lambada_file_errors(model, tmp_path, lines, msg):
         ({"query": "q", "choices": [" a", " b"], "gold": True}, r"mc\.jsonl:1: gold=True"),
         ({"query": "q", "choices": [" a", " b"]}, r"mc\.jsonl:1: missing key\(s\) 'gold'"),
         ({"query": "q", "choices": [], "gold": 0}, r"mc\.jsonl:1: 'query' must be a string"),
-        # an older convention of this evaluation (the space inside the choice) would now get a second space:
-        # refused
+        # an older convention of this evaluation (the space inside the choice) would now get a
+        # second space: refused
         (
             {"query": "q", "choices": [" a", " b"], "gold": 0},
             r"mc\.jsonl:1: every choice starts with whitespace.*--mc_sep=''",
