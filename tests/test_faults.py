@@ -671,16 +671,16 @@ def test_safetensors_overlap_and_integer_weights(tmp_path):
     assert GPT.from_pretrained(str(folder)).config.n_embd == 8  # a tied copy is fine
     # an SAE trained on a GPT-2 folder records the folder's hash (it used to record none), so an SAE
     # made on one GPT-2 folder is refused for another of the same width
-    import sae as S
+    from cocomix.sae_cli import arg_parser, run_settings
     from cocomix.weights import source_sha256
-    from sae import check_sae_host
+    from sae import SAE, check_sae_host
 
-    _, meta = S.run_settings(
-        S.arg_parser().parse_args([f"--concept_source={folder}", "--data_dir=d", "--layer=0"]),
+    _, meta = run_settings(
+        arg_parser().parse_args([f"--concept_source={folder}", "--data_dir=d", "--layer=0"]),
         GPT.from_pretrained(str(folder)).config,
     )
     assert meta["host_sha256"] == source_sha256(str(folder)) and len(meta["host_sha256"]) == 64
-    sae = S.SAE(8, 16, 2, meta)
+    sae = SAE(8, 16, 2, meta)
     check_sae_host(sae, str(folder))
     other = tmp_path / "gpt2_other"
     shutil.copytree(folder, other)

@@ -405,7 +405,7 @@ def test_presets_name_real_flags(monkeypatch):
     sae.py's parser. And what a stage records as its settings is what train.py runs with. A misspelt
     key in the `gpu` preset (which CI cannot run: it needs GPT-2 and OpenWebText) would otherwise
     surface only on a GPU."""
-    import sae
+    from cocomix.sae_cli import arg_parser
     from reproduce import PRESETS, flags, train_command
 
     src = open(os.path.join(REPO, "train.py")).read()
@@ -444,7 +444,7 @@ def test_presets_name_real_flags(monkeypatch):
             assert len(settings) > len(extra) + 5, settings
         if "sae" in p:
             try:
-                parser = sae.arg_parser()
+                parser = arg_parser()
                 parser.allow_abbrev = (
                     False  # a misspelt prefix (--eval_token) would be taken for the full flag
                 )
