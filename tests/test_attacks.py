@@ -150,7 +150,7 @@ def test_kill_during_the_final_evaluation_keeps_the_last_steps(data_dir, tmp_pat
 def test_reproduce_stage_leaves_a_live_runs_files_alone(tmp_path, capsys):
     """A user's train.py holds runs/ntp_s1 when reproduce.py reaches that stage: the stage is
     refused, and the run's ckpt.pt and log.jsonl are still there (they were removed first)."""
-    import reproduce
+    from cocomix import stages
 
     folder = tmp_path / "run"
     folder.mkdir()
@@ -171,7 +171,7 @@ def test_reproduce_stage_leaves_a_live_runs_files_alone(tmp_path, capsys):
     try:
         assert holder.stdout.readline().strip() == "held"
         with pytest.raises(SystemExit):
-            reproduce.command_stage(
+            stages.command_stage(
                 "train ntp seed 1",
                 str(folder),
                 {"lr": 1},
@@ -511,14 +511,14 @@ def test_reproduce_stage_refuses_a_swapped_output_or_input(tmp_path, capsys):
     """A finished stage whose checkpoint was replaced (S4: KD's ckpt.pt copied over NTP's; S5: the
     source retrained by hand) or whose input changed is refused naming the stage and the file; the
     same bytes skip it."""
-    import reproduce
+    from cocomix import stages
 
     folder, src = tmp_path / "run", tmp_path / "source.pt"
     src.write_bytes(b"source weights")
     write = "import sys; open(sys.argv[1], 'w').write('ntp weights')"
 
     def stage():
-        return reproduce.command_stage(
+        return stages.command_stage(
             "train ntp seed 1",
             str(folder),
             {"lr": 1},

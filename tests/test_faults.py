@@ -241,9 +241,9 @@ def test_reproduce_stop_reaches_a_stage_that_ignores_sigint(tmp_path):
     # a stage before its handlers exist
     stage = "import time; print('sta' 'rted', flush=True); time.sleep(60)"
     code = (
-        f"import signal, sys; sys.path.insert(0, {ROOT!r}); import "
-        "reproduce\nsignal.signal(signal.SIGTERM, "
-        "signal.default_int_handler)\nreproduce.run_logged('train x', [sys.executable, '-c', "
+        f"import signal, sys; sys.path.insert(0, {ROOT!r}); from cocomix import "
+        "stages\nsignal.signal(signal.SIGTERM, "
+        "signal.default_int_handler)\nstages.run_logged('train x', [sys.executable, '-c', "
         f"{stage!r}], {str(tmp_path / 'log')!r}, None)"
     )
     p = subprocess.Popen(
@@ -270,7 +270,7 @@ def test_reproduce_resumes_an_interrupted_stage_and_trusts_only_the_checkpoint(t
     by a signal) leaves the stage unfinished, whatever its log says; the rerun resumes from that
     checkpoint (never deletes it) and records the checkpoint's budget; an interrupted attempt with
     other settings is refused unless --force."""
-    import reproduce
+    from cocomix import stages
 
     fake = tmp_path / "fake_train.py"  # stands in for train.py: stops at step 4, or resumes to 10
     fake.write_text(
@@ -284,16 +284,16 @@ def test_reproduce_resumes_an_interrupted_stage_and_trusts_only_the_checkpoint(t
 
     def stage(settings, force=False):
         a.force = force
-        return reproduce.command_stage(
+        return stages.command_stage(
             "train x",
             folder,
             settings,
             [os.path.join(folder, "ckpt.pt")],
-            [reproduce.resumable([str(fake), folder], folder)],
+            [stages.resumable([str(fake), folder], folder)],
             a,
             env,
             "train.log",
-            lambda: reproduce.checkpoint_step("train x", folder, cfg),
+            lambda: stages.checkpoint_step("train x", folder, cfg),
         )
 
     with pytest.raises(SystemExit):
