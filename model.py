@@ -543,8 +543,7 @@ def load_checkpoint(path, device="cpu"):
 
 
 def load_frozen_gpt(path, device="cpu"):
-    """A frozen plain GPT: our ckpt.pt or its folder, a Hugging Face GPT-2 folder, or a GPT-2
-    name."""
+    """A frozen plain GPT: our ckpt.pt or its folder, a Hugging Face GPT-2 folder, a GPT-2 name."""
     if path in GPT2_NAMES or os.path.exists(os.path.join(path, "config.json")):
         model = GPT.from_pretrained(path)
     else:

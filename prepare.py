@@ -481,8 +481,7 @@ def prepare(
     doc_separator=None,
     verbose=True,
 ):
-    """Prepares local text files/folders into out_dir; returns the meta dict (see module
-    docstring)."""
+    """Prepares local text files/folders into out_dir; returns the meta dict (module docstring)."""
     settings = make_settings(val_fraction, doc_separator)
     paths = find_input_files([inputs] if isinstance(inputs, (str, Path)) else inputs)
     infos = scan_files(paths, doc_separator)

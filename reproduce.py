@@ -26,7 +26,7 @@ finished stage with other settings stops the run: use another --out_dir, or --fo
   5. eval     val loss/ppl/bpb, out-of-domain loss, LAMBADA, the zero-shot suite
               (gpu preset: benchmarks/ under the data folder) -> OUT/runs/*/eval.json
   6. report   OUT/results.md, OUT/curves.csv (and OUT/curves.png with matplotlib), always rewritten
-Stages 5 and 6 are report.py's; the stage machinery (skip, resume, refuse, lock) is cocomix/stages.py.
+Stages 5 and 6 are report.py's; skipping, resuming, refusing and locking are cocomix/stages.py's.
 """
 
 import argparse

@@ -247,8 +247,7 @@ class SAE(nn.Module):
         return sae
 
     def check_host(self, host, layer):
-        """Refuse a concept source (GPT, GPTConfig or model_args dict) whose width or layer
-        differs."""
+        """Refuse a concept source (GPT, GPTConfig or model_args) of another width or layer."""
         cfg = getattr(host, "config", host)
         d = cfg["n_embd"] if isinstance(cfg, dict) else cfg.n_embd
         trained = self.meta.get("layer")

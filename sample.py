@@ -59,8 +59,7 @@ def check_steerable(model, flag):
 
 
 def parse_steer(specs, n_latents, what):
-    """['3:2.5,7:-1', '9:4'] -> {3: 2.5, 7: -1.0, 9: 4.0}, checked against n_latents and [-10,
-    10]."""
+    """['3:2.5,7:-1', '9:4'] -> {3: 2.5, 7: -1.0, 9: 4.0}, checked against n_latents and ±10."""
     steer = {}
     for spec in specs:
         for item in filter(None, (s.strip() for s in spec.split(","))):

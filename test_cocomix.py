@@ -166,8 +166,7 @@ def test_lm_loss_in_bf16_matches_float64():
 
 
 def dense_mix(values, indices, W):
-    """The released code's way, written independently of cocomix/ops.py: a dense N x C masked matrix
-    times W."""
+    """The released code's way, not cocomix/ops.py's: a dense N x C masked matrix times W."""
     dense = torch.zeros(values.size(0), W.size(0), dtype=values.dtype).scatter(1, indices, values)
     return dense @ W
 
@@ -344,8 +343,7 @@ def test_concept_recall():
 
 
 def kd_loss(student_logits, teacher_logits, targets=None):
-    """Mean over valid tokens of KL(p_teacher || p_student), from full logits (ops.kl_rows per
-    row)."""
+    """Mean over valid tokens of KL(p_teacher || p_student), full logits (ops.kl_rows per row)."""
     s, t = student_logits.flatten(0, -2), teacher_logits.flatten(0, -2)
     valid = (
         torch.ones(len(s), dtype=s.dtype)

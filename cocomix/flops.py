@@ -25,8 +25,7 @@ CPU_PEAK_FLOPS = 1e12  # a rough figure for a few cores with AVX-512; only a yar
 
 
 def device_peak_flops(device=None):
-    """The device's dense bf16 peak FLOP/s: PEAK_FLOPS by GPU name, 100 TFLOP/s for an unlisted
-    GPU."""
+    """The device's dense bf16 peak FLOP/s: PEAK_FLOPS by GPU name, 100 TFLOP/s for another GPU."""
     if device is not None and str(device).startswith("cuda") and torch.cuda.is_available():
         name = torch.cuda.get_device_name(device)
         keys = [key for key in PEAK_FLOPS if key in name]  # the longest: "L4" is in "L40S" too

@@ -25,8 +25,7 @@ from torch.autograd.function import once_differentiable
 
 
 def sparse_mix_reference(values, indices, W):
-    """The dense masked product: scatter the K values of each row into a zero N x C matrix, times
-    W."""
+    """The dense masked product: the K values of each row scattered into zero N x C, times W."""
     dense = torch.zeros(*values.shape[:-1], W.size(0), dtype=values.dtype, device=values.device)
     return dense.scatter_add(-1, indices, values) @ W
 
@@ -324,8 +323,7 @@ class FusedConceptHead(torch.autograd.Function):
 
 
 def fused_concept_head(x, W, b, k, labels):
-    """(values, indices, L_concept) of x (..., d) and labels (..., K_attr) through
-    FusedConceptHead."""
+    """(values, indices, L_concept) of x (..., d) and labels (..., K_attr): FusedConceptHead."""
     values, indices, loss = FusedConceptHead.apply(
         x.reshape(-1, x.size(-1)), W, b, k, labels.reshape(-1, labels.size(-1))
     )

@@ -75,8 +75,7 @@ def t_test(d):
 
 
 def tokens_to_reach(curve, target):
-    """First point where the val-loss curve [(tokens, loss)] reaches target, linearly
-    interpolated."""
+    """Where the val-loss curve [(tokens, loss)] first reaches target, linearly interpolated."""
     for i, (t, loss) in enumerate(curve):
         if loss <= target:
             if i == 0:

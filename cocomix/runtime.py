@@ -105,8 +105,7 @@ def load_optimizer_state(optimizer, state):
 
 
 def init_processes(device, backend, gradient_accumulation_steps):
-    """(ddp, rank, local_rank, world_size, device): one process, or one of torchrun's (RANK is
-    set)."""
+    """(ddp, rank, local_rank, world_size, device): one process, or one of torchrun's (RANK set)."""
     if int(os.environ.get("RANK", -1)) == -1:
         return False, 0, 0, 1, device
     from torch.distributed import init_process_group

@@ -80,8 +80,7 @@ def arg_parser():
 
 
 def check_args(a):
-    """Settings that are wrong whatever the host and data: a one-line message for the first, or
-    None."""
+    """Settings wrong whatever the host and data: a one-line message for the first, or None."""
     if a.n_latents <= 0 or not 0 < a.k <= a.n_latents:
         return (
             "--n_latents must be positive and --k in [1, n_latents], got "
@@ -123,8 +122,7 @@ def usable(m):
 
 
 def out_file(a, suffix):
-    """The files of a training run sit next to --sae_path: <sae>.metrics.jsonl, .resume.pt,
-    .concepts.json."""
+    """A training run's files next to --sae_path: <sae>.metrics.jsonl, .resume.pt, .concepts.json"""
     return os.path.splitext(a.sae_path)[0] + suffix
 
 

@@ -54,8 +54,7 @@ def read_log(run_dir):
 
 
 def flatten(d, prefix=""):
-    """{'train': {'lr': 1}} -> {'train.lr': 1}: names the setting that differs, not just its
-    section."""
+    """{'train': {'lr': 1}} -> {'train.lr': 1}: names the setting that differs, not its section."""
     out = {}
     for k, v in d.items():
         out.update(flatten(v, f"{prefix}{k}.") if isinstance(v, dict) else {f"{prefix}{k}": v})
@@ -114,8 +113,7 @@ def done(name, record, settings, outputs, force, inputs=()):
 
 
 def run_logged(stage, cmd, log_path, env):
-    """Runs cmd from the repo root, streaming its output (progress bars included) to us and
-    log_path."""
+    """Runs cmd from the repo root, its output (progress bars too) streamed to us and log_path."""
     print(" ".join(cmd), flush=True)
     with open(log_path, "ab") as log:
         log.write((" ".join(cmd) + "\n").encode())

@@ -357,8 +357,7 @@ def source_sha256(path):
 
 
 def read_gpt2_config(path):
-    """(Hugging Face config.json of a GPT-2 folder, the folder); a GPT-2 name is downloaded
-    first."""
+    """(config.json of a Hugging Face GPT-2 folder, the folder); a GPT-2 name downloads first."""
     path = gpt2_folder(path)
     with open(os.path.join(path, "config.json")) as f:
         hf = json.load(f)
@@ -382,8 +381,7 @@ def read_gpt2_config(path):
 
 
 def copy_gpt2_weights(model, path):
-    """Hugging Face GPT-2 weights from the folder `path` into our GPT (same names, bar HF's
-    layout)."""
+    """Hugging Face GPT-2 weights from the folder `path` into our GPT (same names, HF's layout)."""
     sd = load_hf_state_dict(path)
     sd = {k.removeprefix("transformer."): v for k, v in sd.items()}
     # the published gpt2 files carry attention-mask buffers; they are not weights

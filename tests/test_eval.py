@@ -122,8 +122,7 @@ def test_evaluate_tokens_matches_hand_loop(model, n, block_size, batch_size, max
 
 
 def test_last_window_keeps_a_full_context(model):
-    """The tail's first target is predicted from the block_size tokens before it, not from
-    nothing."""
+    """The tail's first target is predicted from the block_size tokens before it, not from none."""
     tokens = np.random.default_rng(1).integers(0, 50257, size=16 + 1 + 3)
     out = E.evaluate_tokens(model, tokens, 16, 4, "cpu", progress=False)
     first = (

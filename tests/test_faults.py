@@ -188,8 +188,7 @@ def test_stop_during_the_final_evaluation_keeps_the_final_checkpoint(data_dir, t
 
 
 def test_scattered_non_finite_steps_do_not_stop_the_run(data_dir, tmp_path):
-    """Ten non-finite gradients spread over a run are skipped one by one (only 10 in a row stop
-    it)."""
+    """Ten non-finite gradients spread over a run are skipped one by one (10 in a row stop it)."""
     out = str(tmp_path / "run")
     bad = list(range(2, 21, 2))  # 10 steps, never two in a row
     p = spawn(
