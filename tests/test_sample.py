@@ -350,6 +350,13 @@ def test_html_page_is_self_contained_and_has_the_tokens(tmp_path):
         and ":target .tip" in page
     )
     assert page.count("\u21b5</span>\n") == 2
+    # the style sheet: every comment closed, and the token and tooltip rules outside comments (a
+    # comment once broken across lines hid them, and the page showed no tooltips)
+    style = page[page.index("<style>") : page.index("</style>")]
+    rules = re.sub(r"/\*.*?\*/", "", style, flags=re.S)
+    assert "/*" not in rules and "*/" not in rules and rules.count("{") == rules.count("}")
+    for selector in (".tok {", ".tok .tip {", ".tok:hover .tip, .tok:target .tip {"):
+        assert selector in rules, selector
 
 
 @pytest.mark.skipif(
