@@ -59,17 +59,26 @@ def write_data(data_dir, seed=0, n_train=1200, n_val=400):
     vocab = rng.choice(50257, 300, replace=False)
     for split, n in (("train", n_train), ("val", n_val)):
         rng.choice(vocab, n).astype(np.uint16).tofile(os.path.join(data_dir, f"{split}.bin"))
+    write_meta(data_dir, seed)
+    return str(data_dir)
+
+
+def write_meta(data_dir, seed=0):
+    """The meta.json prepare.py writes next to the token files already in data_dir (the fields
+    load_tokens checks)."""
+    splits = {}
+    for split in ("train", "val"):
+        splits[split] = {"tokens": os.path.getsize(os.path.join(data_dir, f"{split}.bin")) // 2}
     meta = {
         "tokenizer": "gpt2",
         "vocab_size": 50257,
         "eot_token": 50256,
         "dtype": "uint16",
         "seed": seed,
-        "splits": {"train": {"tokens": n_train}, "val": {"tokens": n_val}},
+        "splits": splits,
     }
     with open(os.path.join(data_dir, "meta.json"), "w") as f:
         json.dump(meta, f)
-    return str(data_dir)
 
 
 def write_source(path, seed=0):

@@ -16,6 +16,7 @@ from cocomix.dictionary import concept_name, load_concepts
 from cocomix.sae_train import ShuffleBuffer, evaluate_sae, train_sae
 from model import GPT, GPTConfig
 from sae import SAE, main
+from tests.fixtures import write_meta
 
 # tiktoken's gpt2 files: where TIKTOKEN_CACHE_DIR says (.ci/run sets it), else beside the checkout
 TIKTOKEN_DIR = os.environ.get("TIKTOKEN_CACHE_DIR") or os.path.join(
@@ -288,6 +289,7 @@ def tiny_host_and_data(tmp_path, monkeypatch):
     data.mkdir()
     write_tokens(data / "train.bin", 20000, 2000, 0)
     write_tokens(data / "val.bin", 3000, 2000, 1)
+    write_meta(data)
     return (
         host,
         data,
