@@ -216,8 +216,8 @@ def reproduce():
         action="extend",
         default=[],
         metavar="KEY=VALUE",
-        help="extra CoCoMix runs with these train.py keys, e.g. label_rule=activation mix=add "
-        "lam=0",
+        help="extra CoCoMix runs with these train.py keys, "
+        "e.g. label_rule=activation mix=add lam=0",
     )
     p.add_argument(
         "--set",
@@ -227,8 +227,8 @@ def reproduce():
         metavar="KEY=VALUE",
         dest="overrides",
         help="student train.py keys for every method, e.g. max_iters=288 learning_rate=3e-3 (the "
-        "budget, the schedule); use a new --out_dir, or --force, since the finished runs had "
-        "other settings",
+        "budget, the schedule); use a new --out_dir, or "
+        "--force, since the finished runs had other settings",
     )
     p.add_argument(
         "--concept_source",
@@ -592,16 +592,16 @@ def reproduce():
         )
     elif P.get("suite"):
         notes.append(
-            f"- No benchmark folder {suite or P['suite']} under the data folder: no zero-shot "
-            "suite."
+            f"- No benchmark folder {suite or P['suite']} "
+            "under the data folder: no zero-shot suite."
         )
     notes += (
         [f"- OOD: `{os.path.basename(ood)}`, first {ev['max_tokens']:,} tokens."] if ood else []
     )
     notes += (
         [
-            f"- LAMBADA: first {ev['lambada_max'] or 'all'} examples, contexts cut to the model's "
-            "window."
+            f"- LAMBADA: first {ev['lambada_max'] or 'all'} "
+            "examples, contexts cut to the model's window."
         ]
         if lambada
         else []
@@ -643,8 +643,8 @@ def reproduce():
     for e in sae_eval:
         notes.insert(
             1,
-            f"- SAE on held-out text: FVU {e['fvu']:.3f}, L0 {e['l0']:.1f}, dead fraction "
-            f"{e['dead']:.3f}.",
+            f"- SAE on held-out text: FVU {e['fvu']:.3f}, L0 "
+            f"{e['l0']:.1f}, dead fraction {e['dead']:.3f}.",
         )
     # derived from the records above in a second or two: always written, so it follows this file's
     # report code

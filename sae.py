@@ -184,8 +184,8 @@ class SAE(nn.Module):
         if layer is not None:
             if sae.meta.get("layer") not in (None, layer):
                 raise ValueError(
-                    f"{path}: the file says layer {sae.meta['layer']}, but layer={layer} was asked "
-                    "for"
+                    f"{path}: the file says layer {sae.meta['layer']}, "
+                    f"but layer={layer} was asked for"
                 )
             sae.meta["layer"] = layer
         sae.path = path
@@ -576,8 +576,8 @@ def main(argv=None):
         raise SystemExit(f"error: --layer={a.layer} is outside the host's {cfg.n_layer} blocks")
     if (a.block_size or 0) > cfg.block_size:
         raise SystemExit(
-            f"error: --block_size={a.block_size} is longer than the host's context "
-            f"({cfg.block_size})"
+            f"error: --block_size={a.block_size} is longer "
+            f"than the host's context ({cfg.block_size})"
         )
     settings, meta = run_settings(a, cfg)
     same, resume_path = resume_key(settings, meta), out_file(a, ".resume.pt")

@@ -72,8 +72,8 @@ def parse_steer(specs, n_latents, what):
                 raise UsageError(f"{what}: concept id {i} is outside [0, {n_latents})")
             if not -STEER_RANGE <= f <= STEER_RANGE:
                 raise UsageError(
-                    f"{what}: factor {f} for concept {i} is outside [-{STEER_RANGE:g}, "
-                    f"{STEER_RANGE:g}]"
+                    f"{what}: factor {f} for concept {i} is "
+                    f"outside [-{STEER_RANGE:g}, {STEER_RANGE:g}]"
                 )
             steer[i] = f
     return steer
@@ -260,8 +260,8 @@ def arg_parser():
     p.add_argument(
         "--concepts",
         default="",
-        help="concept dictionary JSON (default: the one sae.py --describe wrote next to the SAE, "
-        "if there)",
+        help="concept dictionary JSON (default: the one sae.py "
+        "--describe wrote next to the SAE, if there)",
     )
     p.add_argument(
         "--html",
@@ -379,8 +379,8 @@ def run(args):
         steer = parse_steer(args.steer, cfg.n_concepts, "--steer")
     if inspect and not has_concept_head(model):
         raise UsageError(
-            "--inspect/--html need a model with a concept head (a CoCoMix checkpoint with "
-            "n_concepts > 0)"
+            "--inspect/--html need a model with a concept "
+            "head (a CoCoMix checkpoint with n_concepts > 0)"
         )
 
     source = sae = layer = None

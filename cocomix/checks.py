@@ -208,8 +208,8 @@ def check_resume(checkpoint, model_args, config, ckpt_path, inputs):
     printed as warnings."""
     if missing := [k for k in RESUME_KEYS if k not in checkpoint]:
         return (
-            f"{ckpt_path} cannot be resumed: it has no {', '.join(missing)} (not a checkpoint "
-            "train.py wrote)"
+            f"{ckpt_path} cannot be resumed: it has no "
+            f"{', '.join(missing)} (not a checkpoint train.py wrote)"
         )
     changed = {
         k: (checkpoint["model_args"].get(k), v)

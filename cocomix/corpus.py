@@ -69,8 +69,8 @@ def read_meta(data_dir):
         raise ValueError(f"{path}: not a JSON object; re-run prepare.py")
     if meta.get("tokenizer", "gpt2") != "gpt2":
         raise ValueError(
-            f"{data_dir} was prepared with tokenizer {meta['tokenizer']!r}; this project uses "
-            "GPT-2 BPE"
+            f"{data_dir} was prepared with tokenizer "
+            f"{meta['tokenizer']!r}; this project uses GPT-2 BPE"
         )
     if meta.get("vocab_size", VOCAB_SIZE) != VOCAB_SIZE:
         raise ValueError(
@@ -115,8 +115,8 @@ def load_tokens(data_dir, split, min_tokens=2, need="2"):
         )
     if meta.get("dtype", "uint16") != "uint16":
         raise ValueError(
-            f"{data_dir}/meta.json says the tokens are {meta['dtype']}; this project reads uint16 "
-            "token files"
+            f"{data_dir}/meta.json says the tokens are "
+            f"{meta['dtype']}; this project reads uint16 token files"
         )
     if os.path.getsize(path) % 2:
         raise ValueError(

@@ -414,8 +414,8 @@ def file_kind(path):
     if fmt and fmt[1] == ("text",) and "lambada" not in os.path.basename(path).lower():
         return (
             None,
-            "{\"text\"} lines, LAMBADA's format and any corpus's: read as LAMBADA only in a file "
-            "named lambada*",
+            "{\"text\"} lines, LAMBADA's format and any corpus's: "
+            "read as LAMBADA only in a file named lambada*",
         )
     return (fmt[0], None) if fmt else (None, unknown_format(item))
 

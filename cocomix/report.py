@@ -158,8 +158,8 @@ def report(out_dir, runs, methods, seeds, notes):
             "over the run of the per-step next-token loss difference (train.py's log, every "
             "log_interval steps; the concept/KD terms are not included). t (p): two-sided paired "
             "t-test of Δ val loss over seeds. Tokens to NTP's final val loss: on the eval curves "
-            "of train.py's val estimate, linearly interpolated; 'fewer' = 1 − that / NTP's "
-            "budget.",
+            "of train.py's val estimate, linearly "
+            "interpolated; 'fewer' = 1 − that / NTP's budget.",
             "",
             "| method | Δ val loss | t (p) | Δ train loss | wins (val): Δ per seed "
             "| tokens to NTP final val loss | fewer tokens |",
@@ -214,8 +214,8 @@ def report(out_dir, runs, methods, seeds, notes):
                 "21.5% fewer tokens at 1.38B/200B tokens): "
                 + (
                     "CoCoMix reaches NTP's final val loss with "
-                    f"{stats([100 * r[1] for r in got], 1)}% fewer tokens ({len(got)}/{n} seeds "
-                    "reach it)."
+                    f"{stats([100 * r[1] for r in got], 1)}% "
+                    f"fewer tokens ({len(got)}/{n} seeds reach it)."
                     if got
                     else "CoCoMix never reaches NTP's final val loss within the budget."
                 ),
@@ -227,8 +227,8 @@ def report(out_dir, runs, methods, seeds, notes):
             if back:
                 lines[-1] += (
                     " NTP reaches CoCoMix's final val loss with "
-                    f"{stats([100 * b for b in back], 1)}% fewer tokens ({len(back)}/{n} seeds "
-                    "reach it)."
+                    f"{stats([100 * b for b in back], 1)}% fewer "
+                    f"tokens ({len(back)}/{n} seeds reach it)."
                 )
     try:
         import matplotlib

@@ -162,8 +162,8 @@ def hold_lock(path):
         except OSError as e:
             os.close(fd)
             print(
-                f"warning: cannot lock {path} ({e.strerror}); nothing stops a second run on this "
-                "folder",
+                f"warning: cannot lock {path} ({e.strerror}); "
+                "nothing stops a second run on this folder",
                 file=sys.stderr,
             )
             return lambda: None

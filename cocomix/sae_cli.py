@@ -115,8 +115,8 @@ def usable(m):
     reconstructs worse than the mean activation would (FVU > 1), or no latent fires."""
     if not m["fvu"] <= 1 or m["l0"] == 0 or m["dead"] >= 1.0:
         return (
-            f"FVU {m['fvu']:.4g}, L0 {m['l0']:.3g}, {m['dead']:.0%} of the latents never fire "
-            "on held-out text"
+            f"FVU {m['fvu']:.4g}, L0 {m['l0']:.3g}, {m['dead']:.0%} "
+            "of the latents never fire on held-out text"
         )
     return None
 
@@ -169,8 +169,8 @@ def read_resume(path, same):
         old = saved["settings"]
     except Exception as e:
         raise SystemExit(
-            f"error: {path} is not a readable resume file ({type(e).__name__}); delete it to start "
-            "over"
+            f"error: {path} is not a readable resume file "
+            f"({type(e).__name__}); delete it to start over"
         )
     diff = [
         f"{k}={same.get(k)!r} (resume file: {old.get(k)!r})"
@@ -179,7 +179,7 @@ def read_resume(path, same):
     ]
     if diff:
         raise SystemExit(
-            f"error: {path} was written with other settings: {', '.join(diff)}; use those or "
-            "delete it"
+            f"error: {path} was written with other settings: "
+            f"{', '.join(diff)}; use those or delete it"
         )
     return saved

@@ -127,8 +127,8 @@ def read_schema(item, sep):
         or not cont.strip()
     ):
         raise ValueError(
-            "'context_options' must be a list of non-empty strings and 'continuation' a non-empty "
-            "string"
+            "'context_options' must be a list of non-empty "
+            "strings and 'continuation' a non-empty string"
         )
     return [(o, " " + cont.strip()) for o in options], as_index(item, "gold", len(options)), None
 
@@ -331,8 +331,8 @@ def definition(kind, item):
 def unknown_format(item):
     expected = "; ".join("{" + ", ".join(f[2]) + "}" for f in FORMATS)
     return (
-        f"unknown benchmark format (keys {', '.join(sorted(item)) or 'none'}); expected one of: "
-        f"{expected}"
+        "unknown benchmark format (keys "
+        f"{', '.join(sorted(item)) or 'none'}); expected one of: {expected}"
     )
 
 

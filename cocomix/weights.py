@@ -54,8 +54,8 @@ def load_safetensors(path):
         (n,) = struct.unpack("<Q", raw)
         if n > size - 8 or n > 100_000_000:
             raise ValueError(
-                f"{path}: safetensors header length {n} runs past the end of the file ({size} "
-                "bytes)"
+                f"{path}: safetensors header length {n} runs "
+                f"past the end of the file ({size} bytes)"
             )
         try:
             header = json.loads(f.read(n))
@@ -167,8 +167,8 @@ def download(url, path, hint):
         os.replace(tmp, path)
     except (urllib.error.URLError, OSError) as e:
         raise RuntimeError(
-            f"could not download {url} ({getattr(e, 'reason', e)}); offline? use a local copy: "
-            f"{hint}"
+            f"could not download {url} ({getattr(e, 'reason', e)}); "
+            f"offline? use a local copy: {hint}"
         ) from None
     finally:
         if os.path.exists(tmp):
@@ -374,8 +374,8 @@ def read_gpt2_config(path):
     ):
         if hf.get(key, gpt2) != gpt2:
             raise ValueError(
-                f"{path}: config.json sets {key}={hf[key]}; only GPT-2's own ({key}={gpt2}) is "
-                "supported"
+                f"{path}: config.json sets {key}={hf[key]}; "
+                f"only GPT-2's own ({key}={gpt2}) is supported"
             )
     return hf, path
 

@@ -550,8 +550,8 @@ def bench_split(args):
             )
         total = t_student + t.get("labels", 0)
         print(
-            f"\n{args.mode} step in stages, {dtype}, device={dev}, {tokens} tokens/step, medians "
-            f"of {n} steps"
+            f"\n{args.mode} step in stages, {dtype}, device={dev}, "
+            f"{tokens} tokens/step, medians of {n} steps"
         )
         print(f"{'stage':<42} {'ms':>9} {'% step':>7} {'GFLOP':>8} {'TFLOP/s':>8} {'peak MB':>8}")
         for name, (sec, f, peak) in rows.items():
@@ -691,8 +691,8 @@ def bench_throughput(args):
         mfu = estimate_mfu(m, tokens, T, t[name], dev)
         print(
             f"{name:<20} {m.get_num_params() / 1e6:>8.2f}M {t[name] * 1e3:>9.1f} "
-            f"{tokens / t[name]:>9.0f} {fpt / 1e9:>10.4f} {fpt * tokens / t[name] / 1e12:>8.3f} "
-            f"{mfu:>6.1%}"
+            f"{tokens / t[name]:>9.0f} {fpt / 1e9:>10.4f} "
+            f"{fpt * tokens / t[name] / 1e12:>8.3f} {mfu:>6.1%}"
         )
     dts = args.dtypes.split(",")
     for mode in models:
@@ -705,8 +705,8 @@ def bench_throughput(args):
         for dt in dts:
             r = t[f"cocomix/{dt}"] / t[f"ntp/{dt}"]
             print(
-                f"{dt}: cocomix/ntp step time {r:.2f}x, FLOPs {rf:.2f}x, time ratio / FLOP ratio "
-                f"{r / rf:.2f}"
+                f"{dt}: cocomix/ntp step time {r:.2f}x, FLOPs "
+                f"{rf:.2f}x, time ratio / FLOP ratio {r / rf:.2f}"
             )
 
 
@@ -729,8 +729,8 @@ def bench_mixing(args):
     t = alternate({"sparse": sparse, "dense": dense}, args, dev)
     print(
         f"mixing fwd+bwd, C={C} K={K} d={d} tokens={N} on {dev}: sparse {t['sparse'] * 1e3:.1f} "
-        f"ms, dense {t['dense'] * 1e3:.1f} ms, speed-up {t['dense'] / t['sparse']:.1f}x (medians "
-        f"of {args.rounds})"
+        f"ms, dense {t['dense'] * 1e3:.1f} ms, speed-up "
+        f"{t['dense'] / t['sparse']:.1f}x (medians of {args.rounds})"
     )
 
 
@@ -755,8 +755,8 @@ def bench_kd(args):
         tokens = args.batch_size * args.block_size
         print(
             f"{dtype}: KD step, student {args.n_layer}L d={args.n_embd}, teacher {args.src_layer}L "
-            f"d={args.src_embd}, {tokens} tokens; medians of {args.rounds} x {args.steps} steps, "
-            "alternating"
+            f"d={args.src_embd}, {tokens} tokens; medians of "
+            f"{args.rounds} x {args.steps} steps, alternating"
         )
         for k in steps:
             print(

@@ -62,8 +62,8 @@ def table(rows, tokens_per_step):
     for r in rows:
         groups.setdefault((r["source"], r["method"], r["steps"]), []).append(r)
     lines = [
-        "| concept source | method | steps | tokens per student | Δ val loss vs NTP, by seed | "
-        "mean |",
+        "| concept source | method | steps | tokens per "
+        "student | Δ val loss vs NTP, by seed | mean |",
         "|---|---|---|---|---|---|",
     ]
     for (source, method, steps), rs in sorted(groups.items()):

@@ -119,8 +119,8 @@ def main(argv=None):
             home = os.path.dirname(os.path.abspath(args.ckpt)) if args.ckpt else args.init_from
             if not os.path.isdir(home):
                 raise EvalError(
-                    f"--init_from={args.init_from} is not a folder: give --out for the suite's "
-                    "results"
+                    f"--init_from={args.init_from} is not a "
+                    "folder: give --out for the suite's results"
                 )
             args.out = os.path.join(home, "eval_suite.json")
         info = {}

@@ -177,8 +177,8 @@ def main(argv=None):
         sys.exit(1)
     print(
         f"wrote {out}: GPT-2 with {model.get_num_params() / 1e6:.2f}M parameters, block_size "
-        f"{model.config.block_size}; the round trip through GPT.from_pretrained gives identical "
-        "logits"
+        f"{model.config.block_size}; the round trip "
+        "through GPT.from_pretrained gives identical logits"
     )
 
 

@@ -282,8 +282,8 @@ def main(argv=None):
             if v
         ]:
             raise UsageError(
-                f"{', '.join(ignored)} cannot go with --measure_steer/--measure_steer_source, "
-                "which only measure"
+                f"{', '.join(ignored)} cannot go with "
+                "--measure_steer/--measure_steer_source, which only measure"
             )
         if args.n_prompts < 1:
             raise UsageError("--n_prompts must be >= 1")

@@ -297,8 +297,8 @@ def bad_runs(data_dir, finished, source_and_sae, tmp_path_factory):
                 [*T, f"--out_dir={out('t9')}"],
                 AT_STEP_3.format(action="raise OSError(28, 'No space left on device')"),
             ),
-            f"cannot write {out('t9')}/log.jsonl (No space left on device); {out('t9')}/ckpt.pt "
-            "holds step 3",
+            f"cannot write {out('t9')}/log.jsonl (No space "
+            f"left on device); {out('t9')}/ckpt.pt holds step 3",
         ),
         "T10_out_dir_removed": (
             child(

@@ -555,8 +555,8 @@ READER_CASES = [
             (
                 [
                     (
-                        "Q: Tracy didn't go home that evening. What does Tracy need to do before "
-                        "this?\nA:",
+                        "Q: Tracy didn't go home that evening. "
+                        "What does Tracy need to do before this?\nA:",
                         " " + a,
                     )
                     for a in ("make a new plan", "go home", "find somewhere to go")
@@ -987,8 +987,8 @@ def test_suite(model, tmp_path, capsys):
         "array.json": "not JSON Lines of objects",
         "odd.jsonl": E.unknown_format({"prompt": "p"}),
         "corpus.jsonl": (
-            "{\"text\"} lines, LAMBADA's format and any corpus's: read as LAMBADA only in a file "
-            "named lambada*"
+            "{\"text\"} lines, LAMBADA's format and any corpus's: "
+            "read as LAMBADA only in a file named lambada*"
         ),
     }
     lines = table.splitlines()
@@ -1211,8 +1211,8 @@ def test_lambada_flag_refuses_rows_that_are_not_lambada(model, tmp_path):
     rows = [
         {"text": " = Valkyria Chronicles III = \n"},
         {
-            "text": " Senjō no Valkyria 3 : Unrecorded Chronicles is a tactical role @-@ playing "
-            "game .\n"
+            "text": " Senjō no Valkyria 3 : Unrecorded Chronicles "
+            "is a tactical role @-@ playing game .\n"
         },
     ]
     for skip in (0, 1):

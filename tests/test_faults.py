@@ -406,8 +406,8 @@ def small_disk(tmp_path):
             pytest.skip("no mount command: cannot make a small disk to fill")
         if r.returncode:
             pytest.skip(
-                "cannot mount a small tmpfs here (needs root where mounting is allowed): "
-                f"{r.stderr.strip()}"
+                "cannot mount a small tmpfs here (needs root "
+                f"where mounting is allowed): {r.stderr.strip()}"
             )
         mounted.append(d)
         return d

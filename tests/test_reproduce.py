@@ -383,8 +383,8 @@ def test_report_numbers_from_records(tmp_path, monkeypatch):
     # mean -0.1, std 0.1 / sqrt(2): t = -2 on 1 degree of freedom, p = 1 - 2 atan(2) / pi = 0.295
     assert (
         "**cocomix[mix=add,lam=0] vs KD** (same seed, same batches): Δ val loss "
-        f"{stats([-0.15, -0.05], 4)}, t -2.0 (p = 0.3), cocomix[mix=add,lam=0] lower on 2/2 seeds "
-        "(-0.150, -0.050)." in text
+        f"{stats([-0.15, -0.05], 4)}, t -2.0 (p = 0.3), "
+        "cocomix[mix=add,lam=0] lower on 2/2 seeds (-0.150, -0.050)." in text
     )
     assert "pause vs KD" not in text and "kd vs KD" not in text
     assert (

@@ -216,8 +216,8 @@ def test_check_host_mismatch():
     sae.check_host({"n_embd": 32}, 2)
     with pytest.raises(
         ValueError,
-        match=r"SAE x.pt was trained on layer 2 of a d=32 model; the concept source has d=64 at "
-        r"layer 2",
+        match=r"SAE x.pt was trained on layer 2 of a d=32 "
+        r"model; the concept source has d=64 at layer 2",
     ):
         sae.check_host(GPTConfig(n_layer=4, n_head=4, n_embd=64, block_size=16), 2)
     with pytest.raises(ValueError, match=r"layer 2 .* at layer 3"):
