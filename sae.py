@@ -51,19 +51,14 @@ from cocomix.sae_train import (
     train_sae,
 )
 from cocomix.weights import (
-    CACHE_DIR,
-    download,
+    download_openai_sae,
     first_line,
     load_torch_file,
+    openai_name,
     save_atomic,
     source_sha256,
 )
 from model import load_frozen_gpt, standardise
-
-OPENAI_URL = (
-    "https://openaipublic.blob.core.windows.net/sparse-autoencoder/gpt2-small/"
-    "{location}/autoencoders/{layer}.pt"
-)
 
 # -----------------------------------------------------------------------------
 # The model
@@ -261,33 +256,6 @@ class SAE(nn.Module):
                 f"SAE {self.path or '(in memory)'} was trained on {where}; "
                 f"the concept source has d={d} at layer {layer}"
             )
-
-
-def openai_name(path):
-    """'openai:<location>/<layer>' -> (location, layer), the paper's location when none is given;
-    None for a path."""
-    if not path.startswith("openai:"):
-        return None
-    location, _, layer = path.removeprefix("openai:").rpartition("/")
-    return location or "resid_post_mlp_v5_32k", int(layer)
-
-
-def sae_file(path):
-    """The file behind an SAE path: for an OpenAI name, where its download is kept (there or not
-    yet)."""
-    name = openai_name(path)
-    return os.path.join(CACHE_DIR, "openai_sae", name[0], f"{name[1]}.pt") if name else path
-
-
-def download_openai_sae(path):
-    """Fetch one of OpenAI's GPT-2 small SAEs (the paper's: openai:resid_post_mlp_v5_32k/5) into the
-    cache."""
-    location, layer = openai_name(path)
-    return download(
-        OPENAI_URL.format(location=location, layer=layer),
-        sae_file(path),
-        f"SAE.load('/path/to/{layer}.pt', layer={layer})",
-    )
 
 
 # -----------------------------------------------------------------------------

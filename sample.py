@@ -34,8 +34,9 @@ from cocomix.checks import check_device, moved_flag
 from cocomix.corpus import tokenizer
 from cocomix.dictionary import load_concepts
 from cocomix.inspection import has_concept_head, inspect_runs
+from cocomix.weights import sae_file
 from model import GPT, load_checkpoint, load_frozen_gpt
-from sae import SAE, check_sae_host, sae_file
+from sae import SAE, check_sae_host
 
 STEER_RANGE = 10.0  # |factor| <= 10, as the paper's steering experiments
 EOT = "<|endoftext|>"

@@ -176,6 +176,40 @@ def download(url, path, hint):
     return path
 
 
+# OpenAI's GPT-2 small SAEs, by name: 'openai:<location>/<layer>'
+OPENAI_SAE_URL = (
+    "https://openaipublic.blob.core.windows.net/sparse-autoencoder/gpt2-small/"
+    "{location}/autoencoders/{layer}.pt"
+)
+
+
+def openai_name(path):
+    """'openai:<location>/<layer>' -> (location, layer), the paper's location when none is given;
+    None for a path."""
+    if not path.startswith("openai:"):
+        return None
+    location, _, layer = path.removeprefix("openai:").rpartition("/")
+    return location or "resid_post_mlp_v5_32k", int(layer)
+
+
+def sae_file(path):
+    """The file behind an SAE path: for an OpenAI name, where its download is kept (there or not
+    yet)."""
+    name = openai_name(path)
+    return os.path.join(CACHE_DIR, "openai_sae", name[0], f"{name[1]}.pt") if name else path
+
+
+def download_openai_sae(path):
+    """Fetch one of OpenAI's GPT-2 small SAEs (the paper's: openai:resid_post_mlp_v5_32k/5) into the
+    cache."""
+    location, layer = openai_name(path)
+    return download(
+        OPENAI_SAE_URL.format(location=location, layer=layer),
+        sae_file(path),
+        f"SAE.load('/path/to/{layer}.pt', layer={layer})",
+    )
+
+
 def download_gpt2(name):
     """config.json and model.safetensors of a GPT-2 from the Hugging Face hub, cached."""
     cache_dir = os.path.join(CACHE_DIR, name)

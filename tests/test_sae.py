@@ -104,9 +104,9 @@ def test_openai_name_sets_the_layer_and_refuses_another(tmp_path, monkeypatch):
     """'openai:<location>/<layer>' names the layer the SAE was trained on: that layer is recorded,
     and a different layer asked for (e.g. --sae_layer=3 with .../5) is an error, not a silent
     mismatch."""
-    import sae as sae_module
+    from cocomix import weights
 
-    monkeypatch.setattr(sae_module, "CACHE_DIR", str(tmp_path))  # a cached copy: no download
+    monkeypatch.setattr(weights, "CACHE_DIR", str(tmp_path))  # a cached copy: no download
     os.makedirs(tmp_path / "openai_sae" / "loc")
     torch.save(openai_state_dict(), str(tmp_path / "openai_sae" / "loc" / "5.pt"))
     for layer in (None, 5):

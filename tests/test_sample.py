@@ -518,9 +518,9 @@ def test_concepts_of_an_openai_sae_are_found_next_to_its_download(tmp_path, monk
     """sae.py --describe writes OpenAI's SAE's dictionary next to the downloaded file; sample.py
     looked for 'openai:<location>/<layer>.concepts.json', a file that cannot exist, and named no
     concept."""
-    import sae as sae_module
+    from cocomix import weights
 
-    monkeypatch.setattr(sae_module, "CACHE_DIR", str(tmp_path))
+    monkeypatch.setattr(weights, "CACHE_DIR", str(tmp_path))
     folder = tmp_path / "openai_sae" / "resid_post_mlp_v5_32k"
     folder.mkdir(parents=True)
     (folder / "5.concepts.json").write_text("[]")
