@@ -1,6 +1,7 @@
 """
 torch.compile: graph-break check and compiled GPU MFU. It shares bench.py's options (model sizes,
---device, --tiny, --source_ckpt, --sae_path, --steps/--warmup/--rounds) and its helpers.
+--device, --tiny, --source_ckpt, --sae_path, --steps/--warmup/--rounds) and helpers, which live in
+bench_common.py.
 
     # graph breaks and recompiles under torch.compile
     python -m scripts.bench_compile --check --tiny
@@ -22,7 +23,7 @@ from cocomix.flops import device_peak_flops, flops_per_token, label_flops
 from cocomix.ops import default_lm_chunk
 from cocomix.weights import first_line
 from model import GPT, GPTConfig
-from scripts.bench import (
+from scripts.bench_common import (
     alternate,
     autocast,
     batch,

@@ -1,5 +1,6 @@
-"""bench.py's and bench_compile.py's modes at smoke-test size, so that the scripts meant for other
-machines (--gpu_mfu) or for later (--split, --bars) do not rot. One step each, no timing claims."""
+"""bench.py's, bench_nanogpt.py's and bench_compile.py's modes at smoke-test size, so that the
+scripts meant for other machines (--gpu_mfu) or for later (--split, --bars) do not rot. One step
+each, no timing claims."""
 
 import math
 import os
@@ -12,6 +13,7 @@ import torch
 import cocomix.flops as flops
 import scripts.bench as bench
 import scripts.bench_compile as bench_compile
+import scripts.bench_nanogpt as bench_nanogpt
 from model import GPT, GPTConfig
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -274,9 +276,10 @@ def test_gpu_check_stops_at_its_deadline(tmp_path):
 
 
 def test_vs_nanogpt(tmp_path, capsys):
-    """bench.py --vs_nanogpt's plumbing, with a stand-in for nanoGPT's model.py (nanoGPT's
-    interface: GPT, GPTConfig, forward(idx, targets) -> (logits, loss), configure_optimizers): same
-    weights, so the first losses agree exactly in fp32; a missing checkout is a one-line error."""
+    """bench.py --vs_nanogpt's plumbing (bench_nanogpt.py), with a stand-in for nanoGPT's model.py
+    (nanoGPT's interface: GPT, GPTConfig, forward(idx, targets) -> (logits, loss),
+    configure_optimizers): same weights, so the first losses agree exactly in fp32; a missing
+    checkout is a one-line error."""
     root = ROOT
     (tmp_path / "model.py").write_text(
         f"import sys\nsys.path.insert(0, {root!r})\nfrom model import GPT, GPTConfig\n"
@@ -292,11 +295,13 @@ def test_vs_nanogpt(tmp_path, capsys):
         and "parameter-matched ntp" in out
         and out.count("as each repository runs by default") == 2
     )
-    with pytest.raises(SystemExit, match="no nanoGPT model.py"):
-        bench.main(["--vs_nanogpt", str(tmp_path / "nowhere"), *FAST])
-    # it was ignored: eager steps timed
-    with pytest.raises(SystemExit, match="--compile does not apply"):
-        bench.main(["--vs_nanogpt", str(tmp_path), "--compile", *FAST])
+    # bench.py hands --vs_nanogpt to bench_nanogpt.py, which takes the same flags
+    for main in (bench.main, bench_nanogpt.main):
+        with pytest.raises(SystemExit, match="no nanoGPT model.py"):
+            main(["--vs_nanogpt", str(tmp_path / "nowhere"), *FAST])
+        # it was ignored: eager steps timed
+        with pytest.raises(SystemExit, match="--compile does not apply"):
+            main(["--vs_nanogpt", str(tmp_path), "--compile", *FAST])
 
 
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="glibc's allocator")
