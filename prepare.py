@@ -52,6 +52,7 @@ from tqdm import tqdm
 import cocomix.weights as weights
 from cocomix.corpus import EOT as EOT_TOKEN
 from cocomix.corpus import VOCAB_SIZE, token_file_digest, tokenizer
+from cocomix.sources import OPENWEBTEXT_SPLIT, SOURCES, fetch_source, openwebtext
 
 TOKENIZER = "gpt2"
 VAL_FRACTION = 0.01
@@ -59,21 +60,6 @@ MIN_DOCS_FOR_DOC_SPLIT = 20
 MIN_VAL_TOKENS = 1025
 CHUNK_CHARS = 1 << 18  # long documents are encoded in pieces of about this size, in parallel
 FORMAT_VERSION = 1
-
-TINYSTORIES = "https://huggingface.co/datasets/roneneldan/TinyStories/resolve/main/"
-SOURCES = {  # name -> (url, document separator, what to pass instead when offline)
-    "shakespeare": (
-        "https://raw.githubusercontent.com/karpathy/char-rnn/master/data/tinyshakespeare/input.txt",
-        None,
-        "--input PATH/TO/tinyshakespeare/input.txt",
-    ),
-    "tinystories": (
-        TINYSTORIES + "TinyStoriesV2-GPT4-valid.txt",
-        "<|endoftext|>",
-        "--input TinyStoriesV2-GPT4-valid.txt --doc_separator '<|endoftext|>'",
-    ),
-    "openwebtext": (None, None, None),  # via the optional `datasets` package
-}
 
 
 class PrepareError(Exception):
@@ -223,9 +209,6 @@ def encode_documents(docs, num_proc, progress):
 
 # -----------------------------------------------------------------------------
 # splitting
-
-
-OPENWEBTEXT_SPLIT = dict(test_size=0.0005, seed=2357, shuffle=True)  # nanoGPT's
 
 
 def split_rule(mode):
@@ -498,19 +481,7 @@ def prepare(
 
 
 # -----------------------------------------------------------------------------
-# named sources
-
-
-def fetch_source(name, cache_dir=weights.CACHE_DIR):
-    """Downloads (or finds in cache_dir) a named file source; returns (path, doc_separator)."""
-    if name not in SOURCES or SOURCES[name][0] is None:
-        raise PrepareError(f"unknown file source {name!r}; choose from {', '.join(SOURCES)}")
-    url, doc_separator, hint = SOURCES[name]
-    path = Path(cache_dir) / name / url.rsplit("/", 1)[1]
-    try:  # once: cached, atomic, with a progress bar
-        return Path(weights.download(url, str(path), hint)), doc_separator
-    except RuntimeError as e:
-        raise PrepareError(str(e)) from None
+# named sources (cocomix/sources.py: downloads, OpenWebText's split)
 
 
 def prepare_source(
@@ -523,42 +494,15 @@ def prepare_source(
     verbose=True,
 ):
     num_proc = num_proc or os.cpu_count() or 1
+    try:
+        if name != "openwebtext":
+            path, doc_separator = fetch_source(name, cache_dir)
+        else:
+            docs, inputs = openwebtext(cache_dir, num_proc)
+    except RuntimeError as e:  # offline, or without the datasets package
+        raise PrepareError(str(e)) from None
     if name != "openwebtext":
-        path, doc_separator = fetch_source(name, cache_dir)
         return prepare([path], out_dir, val_fraction, num_proc, overwrite, doc_separator, verbose)
-    try:
-        import datasets  # optional and heavy, so only imported here
-    except ImportError:
-        raise PrepareError(
-            "--source openwebtext needs the optional 'datasets' package: pip install datasets"
-        ) from None
-    try:
-        ds = datasets.load_dataset(
-            "Skylion007/openwebtext",
-            split="train",
-            num_proc=num_proc,
-            cache_dir=os.path.join(cache_dir, "openwebtext"),
-        )
-    except Exception as e:
-        raise PrepareError(
-            f"could not load openwebtext with datasets ({type(e).__name__}: {e})"
-        ) from None
-    # the dataset's fingerprint stands in for a file hash in the "already prepared" check
-    inputs = [
-        {
-            "path": "huggingface:Skylion007/openwebtext:train",
-            "rows": len(ds),
-            "sha256": ds._fingerprint,
-        }
-    ]
-    # nanoGPT's split, so the validation set is nanoGPT's and the released code's
-    parts = ds.train_test_split(**OPENWEBTEXT_SPLIT)
-    docs = (
-        (text, side)
-        for side, part in (("train", parts["train"]), ("val", parts["test"]))
-        for text in (row["text"] for row in part)
-        if text.strip()
-    )
     settings = dict(make_settings(OPENWEBTEXT_SPLIT["test_size"], None), split=OPENWEBTEXT_SPLIT)
     return write_corpus(
         docs,

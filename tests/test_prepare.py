@@ -17,6 +17,7 @@ import pytest
 import tiktoken
 
 import prepare as P
+from cocomix import sources
 
 REPO = Path(__file__).parent.parent
 DATA = Path(os.environ.get("COCOMIX_DATA", "/nonexistent"))  # the data folder, as .ci/run sets it
@@ -287,10 +288,13 @@ def test_offline_source_gives_clear_error(tmp_path, monkeypatch, capsys):
         raise urllib.error.URLError("[Errno -3] Temporary failure in name resolution")
 
     monkeypatch.setattr(urllib.request, "urlopen", offline)
-    with pytest.raises(P.PrepareError) as e:
-        P.fetch_source("shakespeare", cache_dir=tmp_path / "cache")
+    with pytest.raises(RuntimeError) as e:
+        sources.fetch_source("shakespeare", cache_dir=tmp_path / "cache")
     msg = str(e.value)
-    assert P.SOURCES["shakespeare"][0] in msg and "--input PATH/TO/tinyshakespeare/input.txt" in msg
+    assert (
+        sources.SOURCES["shakespeare"][0] in msg
+        and "--input PATH/TO/tinyshakespeare/input.txt" in msg
+    )
     assert not any(p.is_file() for p in (tmp_path / "cache").rglob("*"))  # no half-downloaded file
     with pytest.raises(SystemExit) as e:
         P.main(
@@ -343,9 +347,9 @@ def test_download_is_cached(tmp_path, monkeypatch):
     monkeypatch.setattr(
         urllib.request, "urlopen", lambda url, timeout: calls.append(url) or FakeResponse()
     )
-    path, sep = P.fetch_source("shakespeare", cache_dir=tmp_path)
+    path, sep = sources.fetch_source("shakespeare", cache_dir=tmp_path)
     assert path.read_bytes() == b"To be, or no" and sep is None and len(calls) == 1
-    assert P.fetch_source("shakespeare", cache_dir=tmp_path)[0] == path and len(calls) == 1
+    assert sources.fetch_source("shakespeare", cache_dir=tmp_path)[0] == path and len(calls) == 1
 
 
 def test_download_cut_short_is_not_cached(tmp_path):
