@@ -378,45 +378,13 @@ def _write_corpus(
             raise PrepareError("no text: every document is empty or whitespace")
         # 2) cut the stream into train and val
         mode, ranges, n_docs = plan_split(doc_lens, doc_fracs, settings["val_fraction"])
-        stream = np.memmap(tmp["stream"], dtype=np.uint16, mode="r")  # on disk, not in memory
-        n_tokens = {"train": 0, "val": 0}
-        with open(tmp["train"], "wb") as ftrain, open(tmp["val"], "wb") as fval:
-            for a, b, side in ranges:
-                stream[a:b].tofile(ftrain if side == "train" else fval)
-                n_tokens[side] += b - a
-        del stream
-        meta = {
-            "format": "nanoGPT: raw np.uint16 token ids, every document followed by eot_token",
-            "tokenizer": TOKENIZER,
-            "vocab_size": VOCAB_SIZE,
-            "eot_token": EOT_TOKEN,
-            "dtype": "uint16",
-            "splits": {
-                s: {"tokens": n_tokens[s], "documents": n_docs[s]} for s in ("train", "val")
-            },
-            "total_tokens": int(sum(doc_lens)),
-            "total_documents": len(doc_lens),
-            "split": {
-                "mode": mode,
-                "rule": split_rule(mode),
-                "val_fraction": settings["val_fraction"],
-                "min_docs_for_document_split": MIN_DOCS_FOR_DOC_SPLIT,
-                "min_val_tokens": MIN_VAL_TOKENS,
-            },
-            "settings": settings,
-            "inputs": [{k: v for k, v in i.items() if k != "chars"} for i in inputs],
-            # checked by every reader (cocomix/corpus.py): a file replaced in place is refused
-            "digests": {f"{s}.bin": token_file_digest(tmp[s]) for s in ("train", "val")},
-        }
+        n_tokens = cut_stream(tmp, ranges)
+        meta = corpus_meta(tmp, mode, n_tokens, n_docs, doc_lens, settings, inputs)
         with open(tmp["meta"], "w") as f:
             json.dump(meta, f, indent=2)
             f.write("\n")
         # 3) move into place; an old meta.json goes first so a crash never pairs it with new bins
-        if (out / "meta.json").exists():
-            os.remove(out / "meta.json")
-        os.replace(tmp["train"], out / "train.bin")
-        os.replace(tmp["val"], out / "val.bin")
-        os.replace(tmp["meta"], out / "meta.json")
+        move_into_place(tmp, out)
     except OSError as e:  # a full disk, a read-only folder
         raise PrepareError(
             f"cannot write in {out} ({e.strerror or e}; {weights.free_bytes(tmp['stream']):,} "
@@ -436,6 +404,54 @@ def _write_corpus(
             f"{time.time() - t0:.1f}s -> {out}"
         )
     return meta
+
+
+def cut_stream(tmp, ranges):
+    """Copies the ranges of the token stream (plan_split's) to the train and val files, in order;
+    returns the tokens on each side."""
+    stream = np.memmap(tmp["stream"], dtype=np.uint16, mode="r")  # on disk, not in memory
+    n_tokens = {"train": 0, "val": 0}
+    with open(tmp["train"], "wb") as ftrain, open(tmp["val"], "wb") as fval:
+        for a, b, side in ranges:
+            stream[a:b].tofile(ftrain if side == "train" else fval)
+            n_tokens[side] += b - a
+    del stream
+    return n_tokens
+
+
+def corpus_meta(tmp, mode, n_tokens, n_docs, doc_lens, settings, inputs):
+    """meta.json's content for the token files just written to tmp (module docstring)."""
+    return {
+        "format": "nanoGPT: raw np.uint16 token ids, every document followed by eot_token",
+        "tokenizer": TOKENIZER,
+        "vocab_size": VOCAB_SIZE,
+        "eot_token": EOT_TOKEN,
+        "dtype": "uint16",
+        "splits": {s: {"tokens": n_tokens[s], "documents": n_docs[s]} for s in ("train", "val")},
+        "total_tokens": int(sum(doc_lens)),
+        "total_documents": len(doc_lens),
+        "split": {
+            "mode": mode,
+            "rule": split_rule(mode),
+            "val_fraction": settings["val_fraction"],
+            "min_docs_for_document_split": MIN_DOCS_FOR_DOC_SPLIT,
+            "min_val_tokens": MIN_VAL_TOKENS,
+        },
+        "settings": settings,
+        "inputs": [{k: v for k, v in i.items() if k != "chars"} for i in inputs],
+        # checked by every reader (cocomix/corpus.py): a file replaced in place is refused
+        "digests": {f"{s}.bin": token_file_digest(tmp[s]) for s in ("train", "val")},
+    }
+
+
+def move_into_place(tmp, out):
+    """The finished files from their temporary names to out, meta.json last (it marks a finished
+    run)."""
+    if (out / "meta.json").exists():
+        os.remove(out / "meta.json")
+    os.replace(tmp["train"], out / "train.bin")
+    os.replace(tmp["val"], out / "val.bin")
+    os.replace(tmp["meta"], out / "meta.json")
 
 
 def make_settings(val_fraction, doc_separator):
@@ -518,7 +534,7 @@ def prepare_source(
 # -----------------------------------------------------------------------------
 
 
-def main(argv=None):
+def arg_parser():
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0].strip())
     what = parser.add_mutually_exclusive_group(required=True)
     what.add_argument(
@@ -544,6 +560,11 @@ def main(argv=None):
     parser.add_argument(
         "--overwrite", action="store_true", help="replace a different corpus in --out_dir"
     )
+    return parser
+
+
+def main(argv=None):
+    parser = arg_parser()
     args = parser.parse_args(argv)
     if args.source == "openwebtext" and args.val_fraction is not None:
         parser.error(
