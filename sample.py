@@ -231,6 +231,14 @@ def arg_parser():
         "s > 0 = rebuild the cache from the last block_size - s tokens",
     )
     p.add_argument(
+        "--width", type=int, default=0, help="terminal width for side-by-side output (0 = detect)"
+    )
+    return add_concept_flags(p)
+
+
+def add_concept_flags(p):
+    """The flags of steering (the model's concepts, the source's SAE latents) and inspection."""
+    p.add_argument(
         "--steer",
         action="append",
         default=[],
@@ -268,9 +276,6 @@ def arg_parser():
         "--html",
         default="",
         help="write the inspection as a self-contained HTML page (implies --inspect)",
-    )
-    p.add_argument(
-        "--width", type=int, default=0, help="terminal width for side-by-side output (0 = detect)"
     )
     return p
 
@@ -365,6 +370,52 @@ def amp_and_tokenizer(args):
         raise UsageError(str(e)) from None
 
 
+def sample_runs(args, model, ids, amp, steer, source, sae, layer, src_steer):
+    """The model's samples, then (with --steer) the steered model's, then (with --steer_source) the
+    concept source's, unsteered and steered through its SAE."""
+    # (title, model, steer or None, sequences); steered runs come next to unsteered ones with the
+    # same seed
+    runs = [("model", model, None, generate(model, ids, args, None, amp))]
+    if steer:
+        runs.append(
+            (
+                "model steered " + ",".join(f"{i}:{f:g}" for i, f in steer.items()),
+                model,
+                steer,
+                generate(model, ids, args, steer, amp),
+            )
+        )
+    if src_steer:
+        if source is not model:
+            runs.append(("concept source", source, None, generate(source, ids, args, None, amp)))
+        with SourceSteering(source, sae, layer, src_steer):
+            seqs = generate(source, ids, args, None, amp)
+        runs.append(
+            (
+                "source steered " + ",".join(f"{i}:{f:g}" for i, f in src_steer.items()),
+                source,
+                None,
+                seqs,
+            )
+        )
+    return runs
+
+
+def print_runs(runs, enc, args):
+    """One sample alone, or several runs' samples side by side, per sample index."""
+    width = args.width or shutil.get_terminal_size((160, 24)).columns
+    for s in range(args.num_samples):
+        cols = [
+            (title + (f" #{s}" if args.num_samples > 1 else ""), enc.decode(seqs[s]))
+            for title, _, _, seqs in runs
+        ]
+        if len(cols) == 1:
+            print(cols[0][1])
+            print("---------------")
+        else:
+            print(side_by_side(cols, width))
+
+
 def run(args):
     check_args(args)
     torch.manual_seed(args.seed)
@@ -396,43 +447,8 @@ def run(args):
         file=sys.stderr,
     )
 
-    # (title, model, steer or None, sequences); steered runs come next to unsteered ones with the
-    # same seed
-    runs = [("model", model, None, generate(model, ids, args, None, amp))]
-    if steer:
-        runs.append(
-            (
-                "model steered " + ",".join(f"{i}:{f:g}" for i, f in steer.items()),
-                model,
-                steer,
-                generate(model, ids, args, steer, amp),
-            )
-        )
-    if src_steer:
-        if source is not model:
-            runs.append(("concept source", source, None, generate(source, ids, args, None, amp)))
-        with SourceSteering(source, sae, layer, src_steer):
-            seqs = generate(source, ids, args, None, amp)
-        runs.append(
-            (
-                "source steered " + ",".join(f"{i}:{f:g}" for i, f in src_steer.items()),
-                source,
-                None,
-                seqs,
-            )
-        )
-
-    width = args.width or shutil.get_terminal_size((160, 24)).columns
-    for s in range(args.num_samples):
-        cols = [
-            (title + (f" #{s}" if args.num_samples > 1 else ""), enc.decode(seqs[s]))
-            for title, _, _, seqs in runs
-        ]
-        if len(cols) == 1:
-            print(cols[0][1])
-            print("---------------")
-        else:
-            print(side_by_side(cols, width))
+    runs = sample_runs(args, model, ids, amp, steer, source, sae, layer, src_steer)
+    print_runs(runs, enc, args)
 
     if inspect:
         sae_path = args.sae_path or train_config.get("sae_path", "")
