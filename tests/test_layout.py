@@ -1,6 +1,6 @@
-"""The repository's shape: the method in a few root files, support code in the cocomix package
-(which never imports a root module), entry points in scripts/ (each answering --help), no import
-circle and no sys.path edits anywhere."""
+"""The repository's shape: the method in a few root files of short functions, support code in the
+cocomix package (which never imports a root module), entry points in scripts/ (each answering
+--help, none long), no import circle and no sys.path edits anywhere."""
 
 import ast
 import glob
@@ -92,3 +92,40 @@ def test_every_script_answers_help(name):
         timeout=120,
     )
     assert p.returncode == 0 and "usage:" in p.stdout, p.stderr[-2000:]
+
+
+# the root files read top to bottom: no function or method longer than this, classes aside
+MAX_FUNCTION_LINES = 80
+MAX_SCRIPT_LINES = 550  # each scripts/ file does one job
+MAX_BENCHMARKS_LINES = 250  # docs/benchmarks.md: the current figures, older runs in its appendix
+LONG_FUNCTIONS_ALLOWED = {"reproduce"}  # reproduce() still runs all its stages in one function
+
+
+@pytest.mark.parametrize(
+    "name",
+    sorted(
+        m for m in ROOT_MODULES if not m.startswith("test_") and m not in LONG_FUNCTIONS_ALLOWED
+    ),
+)
+def test_root_functions_are_short(name):
+    """Every function and method of a root file, nested ones too, by ast (end_lineno - lineno + 1,
+    its decorators aside)."""
+    tree = ast.parse(open(os.path.join(ROOT, name + ".py")).read())
+    long = [
+        f"{name}.py:{n.lineno} {n.name} ({n.end_lineno - n.lineno + 1} lines)"
+        for n in ast.walk(tree)
+        if isinstance(n, (ast.FunctionDef, ast.AsyncFunctionDef))
+        and n.end_lineno - n.lineno + 1 > MAX_FUNCTION_LINES
+    ]
+    assert not long, f"over {MAX_FUNCTION_LINES} lines: {long}"
+
+
+def test_scripts_and_benchmarks_stay_small():
+    lines = lambda path: len(open(path, encoding="utf-8").read().splitlines())
+    long = {
+        os.path.basename(p): lines(p)
+        for p in glob.glob(os.path.join(ROOT, "scripts", "*.py"))
+        if lines(p) > MAX_SCRIPT_LINES
+    }
+    assert not long, f"scripts/ files over {MAX_SCRIPT_LINES} lines: {long}"
+    assert lines(os.path.join(ROOT, "docs", "benchmarks.md")) <= MAX_BENCHMARKS_LINES
