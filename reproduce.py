@@ -1,12 +1,14 @@
 """
 The paper's comparison at small scale, in one command:
 
-    # smoke test: 1 minute on an idle 2-core CPU, ~3 loaded
+    # smoke test: about a minute on a 2-core CPU
     python reproduce.py --preset=tiny
     # gutenberg, source + SAE ~50 min, ~25-30 min per seed, 2 cores
     python reproduce.py --preset=cpu --seeds 1,2,3
-    # the 69M setup, GPT-2 + OpenAI SAE, one H100
+    # the 69M setup, GPT-2 + OpenAI SAE, one GPU (not measured)
     python reproduce.py --preset=gpu
+
+What each preset trains, needs and costs (measured, with date and machine): the README's table.
     python reproduce.py --preset=tiny --ablation label_rule=activation mix=add lam=0
 
 Data: --data_root (default: the environment variable COCOMIX_DATA), a folder laid out like our
@@ -116,8 +118,8 @@ PRESETS = {
     ),
     # The paper's 69M setup, GPT-2 124M + OpenAI's layer-5 32k SAE as the concept source,
     # OpenWebText (needs `datasets`; train.py needs the GPT-2 weights). 1000 steps of 0.5M tokens =
-    # 0.52B tokens per method (the paper: 20B). Not measured: at a guessed ~400k tok/s (NTP) to
-    # ~150k tok/s (CoCoMix) on one H100 in bf16, ~2.5 hours for the four methods.
+    # 0.52B tokens per method (the paper: 20B). Not measured: 1.4e18 training FLOPs for the four
+    # methods, about 1 hour at 40% MFU on one H100 (the README's preset table).
     "gpu": dict(
         input="source:openwebtext",
         ood="tinyshakespeare/input.txt",

@@ -1011,7 +1011,10 @@ def test_bad_inputs_fail_clearly_and_touch_nothing(data_dir, tmp_path):
         ([f"--data_dir={other_vocab}"], "vocab_size 32000"),
         ([f"--data_dir={wide}"], "the tokens are uint32"),
         ([f"--data_dir={mixed}"], "val.bin holds 1000 tokens but meta.json says 900"),
-        ([f"--data_dir={tmp_path}/missing"], "prepare a corpus first"),
+        (
+            [f"--data_dir={tmp_path}/missing"],
+            "prepare a corpus first, e.g. python prepare.py --source shakespeare --out_dir",
+        ),
         ([f"--out_dir={bad_ckpt}", "--init_from=resume"], "not a readable checkpoint"),
     ]
     for args, msg in cases:
