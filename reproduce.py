@@ -188,6 +188,11 @@ def under(root, path):
     return os.path.abspath(os.path.join(root, path)) if root else None
 
 
+def relative(v, out):
+    """A path inside out, relative to it: a record that survives moving out."""
+    return os.path.relpath(v, out) if isinstance(v, str) and v.startswith(out) else v
+
+
 # -----------------------------------------------------------------------------
 # the flags, every one checked before the first stage: a typo costs a second, not the stages
 
@@ -286,26 +291,6 @@ def parse_flags():
     return a
 
 
-def start(a, P):
-    """Takes OUT/lock (one reproduce.py per out_dir: a second would discard the first's work in
-    progress); returns the stages' environment and the device."""
-    from cocomix.runtime import hold_lock
-
-    try:
-        hold_lock(os.path.join(a.out, "lock"))
-    except RuntimeError as e:
-        fail(str(e))
-    # child processes: unbuffered, so progress shows as it happens (and TIKTOKEN_CACHE_DIR as the
-    # user set it)
-    env = dict(os.environ, PYTHONUNBUFFERED="1")
-    import torch
-
-    if P["threads"] and "OMP_NUM_THREADS" not in os.environ:  # the user's setting wins
-        env["OMP_NUM_THREADS"] = str(P["threads"])
-        torch.set_num_threads(P["threads"])
-    return env, "cuda" if torch.cuda.is_available() else "cpu"
-
-
 def data_inputs(a, P):
     """The data folder (--data_root, else $COCOMIX_DATA; '' for none) and the data stage's input:
     a list of paths that exist, or 'source:NAME' for a named source that prepare.py downloads."""
@@ -352,6 +337,26 @@ def text_bytes(path):
         for f in fs
         if f.endswith(".txt")
     )
+
+
+def start(a, P):
+    """Takes OUT/lock (one reproduce.py per out_dir: a second would discard the first's work in
+    progress); returns the stages' environment and the device."""
+    from cocomix.runtime import hold_lock
+
+    try:
+        hold_lock(os.path.join(a.out, "lock"))
+    except RuntimeError as e:
+        fail(str(e))
+    # child processes: unbuffered, so progress shows as it happens (and TIKTOKEN_CACHE_DIR as the
+    # user set it)
+    env = dict(os.environ, PYTHONUNBUFFERED="1")
+    import torch
+
+    if P["threads"] and "OMP_NUM_THREADS" not in os.environ:  # the user's setting wins
+        env["OMP_NUM_THREADS"] = str(P["threads"])
+        torch.set_num_threads(P["threads"])
+    return env, "cuda" if torch.cuda.is_available() else "cpu"
 
 
 # -----------------------------------------------------------------------------
@@ -554,11 +559,6 @@ def stage_students(a, P, width, source, sae, data_dir, data_files, deps, env):
             )
             runs[m, seed] = {"dir": run_dir, "settings": settings, "train": rec}
     return runs
-
-
-def relative(v, out):
-    """A path inside out, relative to it: a record that survives moving out."""
-    return os.path.relpath(v, out) if isinstance(v, str) and v.startswith(out) else v
 
 
 def eval_settings(a, P, root, inputs):
