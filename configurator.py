@@ -6,7 +6,8 @@ nanoGPT's "poor man's configurator", with unknown keys rejected. Use from a scri
 after defining the defaults as globals. Arguments are either a Python config file
 (`config/cpu_cocomix.py`, executed, it may set any known key) or `--key=value`
 overrides, where value is parsed as a Python literal when it is one and must have
-the default's type (ints are accepted for floats).
+the default's type (ints are accepted for floats). `--help` (or `-h`) lists every key with its
+default and the comment beside it in the calling script, under the script's own comment headers.
 """
 
 import sys
@@ -17,6 +18,13 @@ def _config_error(msg):
     print(f"error: {msg}", file=sys.stderr)
     sys.exit(2)
 
+
+if any(arg in ("-h", "--help") for arg in sys.argv[1:]):
+    # every key with its default and comment, read from the calling script's source
+    from cocomix.checks import config_help as _config_help
+
+    print(_config_help(globals().get("__file__") or sys.argv[0], globals()))
+    sys.exit(0)
 
 for arg in sys.argv[1:]:
     if "=" not in arg:

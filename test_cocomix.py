@@ -563,6 +563,83 @@ def test_preset_budgets(monkeypatch):
         assert c["data_order"] == ("epoch" if "gpu" in name else "random"), name
 
 
+def test_train_help_lists_every_key_with_default_and_comment():
+    """python train.py --help and -h exit 0 and list every config key with its default and the
+    comment beside it, in train.py's order under its own comment headers (# I/O, # data, ...)."""
+    from cocomix.checks import config_keys
+
+    src = open(os.path.join(ROOT, "train.py")).read()
+    defaults = {}
+    exec(src[src.index("# ---") : src.index("config_keys = ")], defaults)
+    file_lines = src.splitlines()
+    for flag in ("--help", "-h"):
+        out = run("train.py", flag).stdout  # exit 0, or run() raises
+        lines = out[out.index("\n# ") + 1 :].splitlines()
+        keys = [line.split(" = ")[0].strip() for line in lines if line.startswith("  ")]
+        assert keys == config_keys(os.path.join(ROOT, "train.py")), keys
+        # headers and keys in the file's order: each help line is the next such line of train.py
+        at = 0
+        for line in lines:
+            if line.startswith("  "):
+                name, rest = line.strip().split(" = ", 1)
+                assert rest.startswith(repr(defaults[name])), line
+                where = next(
+                    i for i in range(at, len(file_lines)) if file_lines[i].startswith(name + " =")
+                )
+                # the comment beside the assignment (also inside a parenthesised value)
+                beside = [c.split("#", 1)[1] for c in file_lines[where : where + 3] if "  # " in c]
+                if "  # " in file_lines[where] or file_lines[where].endswith("("):
+                    assert beside and "#" + beside[0] in line, (line, beside)
+            else:
+                where = file_lines.index(line, at) if line else at
+            at = where
+        for header in ("# I/O", "# data", "# model", "# objective", "# system"):
+            assert header in lines, header
+    for key, default, comment in (
+        ("concept_topk", 32, "# K, concepts mixed per token"),
+        ("insert_layer", 1, "# the student's block where concepts are predicted and mixed"),
+        ("lam", 0.1, "# concept loss weight (0 = mixing only)"),
+        ("label_rule", "attribution", "# attribution | attribution_pre"),
+    ):
+        (line,) = [x for x in out.splitlines() if x.startswith(f"  {key} = ")]
+        assert line.startswith(f"  {key} = {default!r}") and comment in line, line
+
+
+def test_configurator_help_reads_the_calling_script(tmp_path):
+    """--help is generic: any script that execs configurator.py gets its own keys, defaults,
+    comments and headers, and exits 0 before running anything else."""
+    script = tmp_path / "toy.py"
+    script.write_text(
+        f"import sys; sys.path.insert(0, {ROOT!r})  # the package, as for a script in the repo\n"
+        "# -----------------\n"
+        "# group one\n"
+        "a = 1  # the a\n"
+        "b = (\n"
+        "    'x'  # the b\n"
+        ")\n"
+        "\n"
+        "# group two, whose comment\n"
+        "# spans two lines\n"
+        "c = -2.5\n"
+        "config_keys = [k for k in ('a', 'b', 'c')]\n"
+        f"exec(open({os.path.join(ROOT, 'configurator.py')!r}).read())\n"
+        "a = 99  # set after the settings: not a key\n"
+        "print('ran')\n"
+    )
+    p = run(str(script), "--help", cwd=ROOT)
+    body = p.stdout[p.stdout.index("\n# ") + 1 :].splitlines()
+    assert p.stdout.startswith("usage: python toy.py") and "ran" not in p.stdout
+    assert body == [
+        "# group one",
+        "  a = 1     # the a",
+        "  b = 'x'   # the b",
+        "",
+        "# group two, whose comment",
+        "# spans two lines",
+        "  c = -2.5",
+    ], body
+
+
 # -----------------------------------------------------------------------------
 # safe loading
 
@@ -934,7 +1011,10 @@ def test_bad_inputs_fail_clearly_and_touch_nothing(data_dir, tmp_path):
         ([f"--data_dir={other_vocab}"], "vocab_size 32000"),
         ([f"--data_dir={wide}"], "the tokens are uint32"),
         ([f"--data_dir={mixed}"], "val.bin holds 1000 tokens but meta.json says 900"),
-        ([f"--data_dir={tmp_path}/missing"], "prepare a corpus first"),
+        (
+            [f"--data_dir={tmp_path}/missing"],
+            "prepare a corpus first, e.g. python prepare.py --source shakespeare --out_dir",
+        ),
         ([f"--out_dir={bad_ckpt}", "--init_from=resume"], "not a readable checkpoint"),
     ]
     for args, msg in cases:

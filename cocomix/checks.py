@@ -283,6 +283,49 @@ def config_keys(script):
     return keys
 
 
+def config_help(script, values):
+    """--help of a nanoGPT-style script: every config key as `name = default  # its comment`, under
+    the comment lines above it (the file's group headers, `# I/O`, `# data`...), in the file's
+    order. values: the script's globals when its configurator runs, i.e. the defaults."""
+    import ast
+    import io
+    import tokenize
+
+    src = open(script).read()
+    lines = src.splitlines()
+    comments = {}  # line number -> (comment, whether it stands on a line of its own)
+    for tok in tokenize.generate_tokens(io.StringIO(src).readline):
+        if tok.type == tokenize.COMMENT:
+            comments[tok.start[0]] = (tok.string, not tok.line[: tok.start[1]].strip())
+    keys = set(config_keys(script))
+    out, last = [], 0  # last: the line where the previous statement ended
+    width = max(len(f"{k} = {values[k]!r}") for k in keys) + 4
+    for node in ast.parse(src).body:
+        name = getattr(node.targets[0], "id", "") if isinstance(node, ast.Assign) else ""
+        if name == "config_keys":  # the settings end here, as config_keys reads them
+            break
+        if name in keys:
+            for i in range(last + 1, node.lineno):  # the comment lines above it, blank lines kept
+                text, alone = comments.get(i, ("", False))
+                if alone and not set(text) <= set("# -"):  # a rule of dashes says nothing
+                    out.append(text)
+                elif not lines[i - 1].strip() and out and out[-1]:
+                    out.append("")
+            key = f"  {name} = {values[name]!r}"
+            side = [
+                comments[i][0] for i in range(node.lineno, node.end_lineno + 1) if i in comments
+            ]
+            out.append(f"{key:<{width}}{' '.join(side)}".rstrip())
+        last = node.end_lineno
+    head = (
+        f"usage: python {os.path.basename(script)} [CONFIG_FILE ...] [--key=value ...]\n\n"
+        "Each config file (config/*.py) is run and may set any key below; --key=value sets one,\n"
+        "its value a Python literal of the default's type. Later arguments win. The keys, their\n"
+        "defaults and comments, grouped as the script groups them:\n\n"
+    )
+    return head + "\n".join(out).strip("\n")
+
+
 def check_config_keys(flagged, script):
     """A one-line error (ValueError) for the first (flag, key) in flagged whose key the script does
     not have, with the nearest ones."""

@@ -110,8 +110,8 @@ def load_tokens(data_dir, split, min_tokens=2, need="2"):
     path = os.path.join(data_dir, f"{split}.bin")
     if not os.path.exists(path):
         raise FileNotFoundError(
-            f"{path} not found: prepare a corpus first, e.g. python prepare.py --input FILES "
-            f"--out_dir {data_dir}"
+            f"{path} not found: prepare a corpus first, e.g. python prepare.py --source "
+            f"shakespeare --out_dir {data_dir} (or --input FILES for your own text)"
         )
     if meta.get("dtype", "uint16") != "uint16":
         raise ValueError(

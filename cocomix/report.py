@@ -87,7 +87,8 @@ def tokens_to_reach(curve, target):
 
 def report(out_dir, runs, methods, seeds, notes):
     """runs[(method, seed)] = dict(eval=..., train=..., log=[...]) -> results.md, curves.csv,
-    curves.png."""
+    curves.png. Returns the results table as in results.md: the main table and the paired
+    differences, for the terminal."""
     curves = {
         k: [(r["tokens"], r["val/loss"]) for r in v["log"] if "val/loss" in r]
         for k, v in runs.items()
@@ -133,6 +134,9 @@ def report(out_dir, runs, methods, seeds, notes):
         "up to the evaluation's max_tokens (cocomix/evaluate.py, evaluate_tokens); OOD: loss on "
         "another text; wall: the train.py process, tokens/s = training tokens / wall.",
         "",
+    ]
+    first = len(lines)  # the table the terminal shows starts here
+    lines += [
         "| method | params | tokens | val loss | val ppl | val bpb | OOD loss | LAMBADA acc "
         "| LAMBADA ppl | wall (s) | tokens/s |",
         "|---|---|---|---|---|---|---|---|---|---|---|",
@@ -230,6 +234,7 @@ def report(out_dir, runs, methods, seeds, notes):
                     f"{stats([100 * b for b in back], 1)}% fewer "
                     f"tokens ({len(back)}/{n} seeds reach it)."
                 )
+    table = "\n".join(lines[first:])
     try:
         import matplotlib
 
@@ -291,3 +296,4 @@ def report(out_dir, runs, methods, seeds, notes):
             ]
     with open(os.path.join(out_dir, "results.md"), "w") as f:
         f.write("\n".join(lines) + "\n")
+    return table

@@ -1,4 +1,6 @@
 # The paper's 1.38B setup: 24 layers, d=2048, 16 heads, insert layer 5, 1M tokens per step.
+# python train.py config/gpu_1b_cocomix.py --concept_source=gpt2 \
+#     --sae_path=openai:resid_post_mlp_v5_32k/5     (or local copies, as in gpu_69m_cocomix.py)
 exec(open("config/gpu_69m_cocomix.py").read())
 out_dir = "out/gpu_1b_cocomix"
 n_layer = 24

@@ -1,7 +1,11 @@
 # The paper's 69M setup: 8 layers, d=512, insert layer 3, GPT-2 124M as the
 # concept source with OpenAI's layer-5 32k SAE, OpenWebText, 0.5M tokens per step.
-# python prepare.py --source openwebtext --out_dir data/openwebtext
-# python train.py config/gpu_69m_cocomix.py --concept_source=gpt2 --sae_path=PATH/5.pt
+# pip install datasets && python prepare.py --source openwebtext --out_dir data/openwebtext
+# python train.py config/gpu_69m_cocomix.py --concept_source=gpt2 \
+#     --sae_path=openai:resid_post_mlp_v5_32k/5
+# gpt2 and openai:... download when online (to ~/.cache/cocomix). Offline, give local copies:
+# --concept_source=DIR (a Hugging Face GPT-2 folder: config.json, model.safetensors) and
+# --sae_path=FILE (OpenAI's 5.pt of resid_post_mlp_v5_32k); README, "The paper's setup on one GPU".
 data_dir = "data/openwebtext"
 out_dir = "out/gpu_69m_cocomix"
 mode = "cocomix"

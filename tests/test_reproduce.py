@@ -122,6 +122,13 @@ def test_tiny_end_to_end(tmp_path):
         and "Sample efficiency" in text
         and "CoCoMix vs pause" in text
     )
+    # the same table on screen (main table and paired differences), then the file's path
+    shown = text[text.index("| method | params") : text.index("**Sample efficiency**")]
+    shown += text[text.index("**Sample efficiency**") :].split("\n")[0]
+    assert shown in r.stdout and all(
+        f"| {m} | " in shown for m in ("ntp", "cocomix", "kd", "pause")
+    )
+    assert r.stdout.rstrip().endswith(f"results: {out / 'results.md'}"), r.stdout[-500:]
 
     try:
         import matplotlib  # noqa: F401 (requirements-test.txt installs it)
