@@ -226,9 +226,14 @@ class LMHeadLoss(torch.autograd.Function):
         return grad_x, grad_W, None, None, None, None, None
 
 
+# the device type whose chunk sizes lm_loss takes on every device; None: the tensors' own. A CPU
+# trace of a GPU's step sets "cuda" (cocomix/memory.py, as_on_cuda)
+chunk_device = None
+
+
 def default_lm_chunk(device):
     """Rows per LM-head chunk: 4096 on a GPU, 1024 elsewhere (see lm_loss)."""
-    return 4096 if torch.device(device).type == "cuda" else 1024
+    return 4096 if (chunk_device or torch.device(device).type) == "cuda" else 1024
 
 
 def lm_loss(x, W, targets, chunk=None, teacher=None, lam_kd=0.1):
