@@ -6,10 +6,11 @@ shapes a GPU would see.
 """
 
 from contextlib import contextmanager
+from copy import deepcopy
 
 import torch.nn.functional as F
 from torch._subclasses.fake_tensor import FakeTensorMode
-from torch.distributed._tools.mem_tracker import MemTracker
+from torch.distributed._tools.mem_tracker import _TOTAL_KEY, MemTracker
 from torch.distributed._tools.mod_tracker import ModTracker
 
 from cocomix import ops
@@ -29,6 +30,16 @@ class _Modules(ModTracker):
             super()._fw_post_hook(mod, input, output)
 
 
+class _Tracker(MemTracker):
+    """MemTracker keeping the step's peak only: its per-module peaks, which it updates at every op
+    over every module met so far, took 70% of a 24-block step's trace."""
+
+    def _update_peak_stats(self, peak_state):
+        for dev, snap in self._curr_mem_snap.items():
+            if self._peak_mem.get(dev, 0) < snap[_TOTAL_KEY]:
+                self._peak_mem[dev], self._peak_mem_snap[dev] = snap[_TOTAL_KEY], deepcopy(snap)
+
+
 def traced_peak(fn, *modules_and_optimizers):
     """(peak bytes, {category: bytes at the peak}) of fn(), run on fake tensors. fn builds its own
     inputs (and may build models) inside; modules or optimizers made before the call and passed
@@ -36,7 +47,7 @@ def traced_peak(fn, *modules_and_optimizers):
     MemTracker's: PARAM, BUFFER, GRAD, ACT (saved for the backward), TEMP, OPT, OTH. Every device's
     bytes are added up: the fake step runs on one. Frozen modules are
     counted only when passed here (as PARAM)."""
-    tracker = MemTracker()
+    tracker = _Tracker()
     tracker._mod_tracker = _Modules()
     if modules_and_optimizers:
         tracker.track_external(*modules_and_optimizers)
@@ -127,14 +138,15 @@ def step_memory(c, vocab_size, source=None, n_concepts=0):
     return held + max(student, labeler)
 
 
-def largest_batch(c, fits):
+def largest_batch(c, fits, world_size=1):
     """The largest batch_size below c's that fits(settings) says fits, with
     gradient_accumulation_steps raised to keep the global batch (batch_size times
-    gradient_accumulation_steps): (batch_size, gradient_accumulation_steps), or None."""
+    gradient_accumulation_steps, which DDP splits over world_size processes):
+    (batch_size, gradient_accumulation_steps), or None."""
     total = c["batch_size"] * c["gradient_accumulation_steps"]
     for b in range(c["batch_size"] - 1, 0, -1):
-        if total % b == 0 and fits(
-            {**c, "batch_size": b, "gradient_accumulation_steps": total // b}
-        ):
-            return b, total // b
+        steps = total // b
+        if total % b == 0 and steps % world_size == 0:
+            if fits({**c, "batch_size": b, "gradient_accumulation_steps": steps}):
+                return b, steps
     return None
