@@ -1,8 +1,10 @@
 """
-Device memory measured without the device: a step run on fake tensors (FakeTensorMode, which
+Device memory without the device. Measured: a step run on fake tensors (FakeTensorMode, which
 allocates nothing) under PyTorch's MemTracker, which counts every tensor's storage as it is made
-and freed. That gives the peak of a full-size step on a machine too small to hold it, for the
-shapes a GPU would see.
+and freed, gives the peak of a full-size step on a machine too small to hold it, for the shapes a
+GPU would see (as_on_cuda: the choices the CUDA path makes; scripts/trace_memory.py traces the
+presets). Estimated: step_memory, the same peak from the settings alone, which train.py checks
+against a CUDA device's free memory before building the model (cocomix/checks.py, check_memory).
 """
 
 from contextlib import contextmanager
@@ -45,8 +47,8 @@ def traced_peak(fn, *modules_and_optimizers):
     inputs (and may build models) inside; modules or optimizers made before the call and passed
     here are counted too (as parameters, gradients and optimizer state). The categories are
     MemTracker's: PARAM, BUFFER, GRAD, ACT (saved for the backward), TEMP, OPT, OTH. Every device's
-    bytes are added up: the fake step runs on one. Frozen modules are
-    counted only when passed here (as PARAM)."""
+    bytes are added up: the fake step runs on one. Frozen modules (no gradients) are counted only
+    when passed here (as PARAM)."""
     tracker = _Tracker()
     tracker._mod_tracker = _Modules()
     if modules_and_optimizers:
