@@ -131,8 +131,10 @@ def step_memory(c, vocab_size, source=None, n_concepts=0):
     )  # the logit gradient, the head's and ln_f's inputs
     if C:  # the softmax p; the head's input, the standardised h and c, fp32
         student += e * n * C + 16 * n * d
-    if mode == "kd" and source is not None:  # teacher's hidden states; a chunk's fp32 log-softmaxes
-        student += 4 * n * source[1] + 14 * ops.default_lm_chunk("cuda") * Vp
+    if mode == "kd" and source is not None:
+        # the teacher's hidden states; in one chunk its logits, both fp32 log-softmaxes, q and the
+        # KL's two temporaries
+        student += 4 * n * source[1] + (e + 20) * ops.default_lm_chunk("cuda") * Vp
     labeler = 0
     if C and source is not None:
         above = source[0] - c["sae_layer"] - 1 if c["sae_layer"] >= 0 else source[0]

@@ -6,10 +6,12 @@ device memory as a GPU would see it, against the estimate train.py checks before
     python -m scripts.trace_memory                                  # every config/gpu_* preset
     python -m scripts.trace_memory config/gpu_69m_cocomix.py
 
-The step is train.py's: model.Objective's forward under bf16 autocast (after the concept labeler,
-sae.ConceptLabeler, for cocomix), the backward, gradient clipping and a fused AdamW step, with the
-AdamW moments of a step after the first. The concept source is GPT-2 124M's shape, the SAE OpenAI's
-32k at block 5, both with random weights: memory does not depend on their values.
+The step is train.py's: model.Objective's forward under autocast (bf16 for dtype 'auto'), after
+the concept labeler (sae.ConceptLabeler) for cocomix or the teacher for kd, the backward, gradient
+clipping and a fused AdamW step, with the AdamW moments of a step after the first. The concept
+source is GPT-2 124M's shape, the SAE OpenAI's 32k at block 5, both with random weights: memory
+does not depend on their values. label_fill='released' has a data-dependent shape, which fake
+tensors cannot trace.
 """
 
 import argparse
@@ -74,9 +76,9 @@ def model_args(c, n_concepts):
 
 def trace_step(c, source_args=GPT2_124M, sae_args=SAE_32K):
     """One micro-batch and optimizer step of train.py's settings c on fake tensors, as on CUDA
-    (as_on_cuda), under bf16 autocast: (peak bytes, {MemTracker category: bytes}, [the trainable
-    parameters whose gradient is missing or of another shape or dtype]). With gradient accumulation
-    the micro-batch is a later one: the gradients of the earlier ones are held through it."""
+    (as_on_cuda), under c's autocast (bf16 for 'auto'): (peak bytes, {MemTracker category: bytes},
+    [the trainable parameters whose gradient is missing or of another shape or dtype]). With
+    gradient accumulation the micro-batch is a later one: the earlier ones' gradients are held."""
     B, T, C = c["batch_size"], c["block_size"], sae_args["n_latents"]
     with fake_tensors(), as_on_cuda():
         model = GPT(GPTConfig(**model_args(c, C)))
@@ -104,11 +106,13 @@ def trace_step(c, source_args=GPT2_124M, sae_args=SAE_32K):
             )
             frozen.append(sae.requires_grad_(False))
         X, Y = torch.randint(0, VOCAB, (B, T)), torch.randint(0, VOCAB, (B, T))
+        # train.py's precision on a GPU: 'auto' is bf16 where the GPU has it
+        dtype = {"float32": None, "float16": torch.float16}.get(c["dtype"], torch.bfloat16)
         bad = []
 
         def step():  # train.py's micro-batch (step_loss) and its optimizer step
             labels, teacher = None, None
-            with torch.autocast("cpu", dtype=torch.bfloat16):
+            with torch.autocast("cpu", dtype=dtype or torch.float32, enabled=dtype is not None):
                 if labeler is not None:
                     labels = labeler(X, Y)
                 elif c["mode"] == "kd":

@@ -41,6 +41,29 @@ def test_gpu_preset_step_traces_at_full_size(path):
     assert abs(estimate - peak) <= 0.2 * peak, (estimate / GIB, peak / GIB)
 
 
+@pytest.mark.parametrize(
+    "change",
+    [
+        {"mode": "kd"},
+        {"mode": "pause"},
+        {"mode": "cocomix", "n_embd": 512, "mix": "add"},
+        {"mode": "cocomix", "n_embd": 512, "mix": "none", "dropout": 0.0},
+        {"dtype": "float32"},
+        {"mode": "cocomix", "n_embd": 512, "dtype": "float16"},
+    ],
+    ids=lambda change: "-".join(map(str, change.values())),
+)
+def test_other_objectives_and_precisions_trace_within_the_estimate(change):
+    """The estimate's other branches, at the 69M preset's size with 8 windows a micro-batch: KD's
+    teacher (GPT-2 124M's shape) and chunk, the pause tokens, CoCoMix's add and prediction-only
+    mixing, fp32 and fp16 (whose loss takes an fp32 log-softmax)."""
+    c = {**preset(os.path.join(ROOT, "config", "gpu_69m_ntp.py")), "batch_size": 8, **change}
+    peak, _, bad = trace_step(c)
+    assert bad == []
+    estimate = step_memory(c, VOCAB, *frozen_shapes(c))
+    assert abs(estimate - peak) <= 0.2 * peak, (estimate / GIB, peak / GIB)
+
+
 def test_the_trace_takes_the_cuda_chunk():
     """On a CPU trace the LM head's chunk is a GPU's, 4096 rows, and attention drops its dropout
     (CUDA's flash kernel keeps no mask); both are restored after."""
