@@ -99,13 +99,16 @@ def available_memory():
     return min(have) if have else None
 
 
+CUDA_SLACK = 1.1  # the CUDA allocator's rounding and fragmentation over the traced peak
+
+
 def check_memory(c, vocab_size, device="cpu", source=None, n_concepts=0, world_size=1):
     """A step that cannot fit in the device's memory, named by the settings that make it so, or
     None. On CUDA: cocomix/memory.py's estimate of the step (step_memory; source: the concept
     source's (n_layer, n_embd), n_concepts: C) with 10% slack for the allocator, against the free
     memory plus what this process holds already (the source and SAE, counted by the estimate); a
-    run that does not fit is refused with the largest batch_size that fits, gradient_accumulation
-    _steps raised to keep the global batch. On a CPU a lower bound: the weights, gradients and
+    run that does not fit is refused with the largest batch_size that fits, with
+    gradient_accumulation_steps raised to keep the global batch. On a CPU a lower bound: the weights, gradients and
     AdamW's two moments in fp32 (16 bytes a parameter) and one micro-batch's logits in fp32."""
     gib = lambda n: f"{n / 2**30:,.1f} GiB"
     d, L, T, B = c["n_embd"], c["n_layer"], c["block_size"], c["batch_size"]
@@ -126,8 +129,8 @@ def check_memory(c, vocab_size, device="cpu", source=None, n_concepts=0, world_s
         )
         return (
             f"batch_size={B}, block_size={T}, n_embd={d}, n_layer={L}, mode={c['mode']}: the step "
-            f"needs about {gib(need(c))} on {device} (cocomix/memory.py's estimate, 10% slack), "
-            f"{gib(have)} is free; {fix}"
+            f"needs about {gib(need(c))} on {device} (cocomix/memory.py's estimate, "
+            f"{CUDA_SLACK - 1:.0%} slack), {gib(have)} is free; {fix}"
         )
     if torch.device(device).type != "cpu":
         return None
@@ -142,9 +145,6 @@ def check_memory(c, vocab_size, device="cpu", source=None, n_concepts=0, world_s
         f"state {gib(weights)}, one micro-batch's logits {gib(logits)}), and {gib(have)} is "
         "available: lower them"
     )
-
-
-CUDA_SLACK = 1.1  # the CUDA allocator's rounding and fragmentation over the traced peak
 
 
 def check_device(device):

@@ -20,6 +20,7 @@ import os
 
 import torch
 
+from cocomix.checks import CUDA_SLACK
 from cocomix.memory import as_on_cuda, fake_tensors, largest_batch, step_memory, traced_peak
 from model import GPT, GPTConfig, Objective, teacher_of
 from sae import SAE, ConceptLabeler
@@ -137,10 +138,11 @@ def trace_step(c, source_args=GPT2_124M, sae_args=SAE_32K):
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[1])
     p.add_argument("configs", nargs="*", help="train.py config files (default: config/gpu_*.py)")
+    p.add_argument("--parts", action="store_true", help="MemTracker's categories at each peak")
     a = p.parse_args(argv)
     paths = a.configs or sorted(glob.glob(os.path.join(ROOT, "config", "gpu_*.py")))
     gib = 2**30
-    print("| preset | estimate GiB | fake-tensor GiB | batch_size fitting 80 / 40 / 24 GB |")
+    print("| preset | estimate GiB | fake-tensor GiB | batch_size fitting 80 / 40 / 24 GiB |")
     print("|---|---|---|---|")
     for path in paths:
         c = preset(path)
@@ -148,15 +150,16 @@ def main(argv=None):
         est = step_memory(c, VOCAB, *frozen_shapes(c))
         frozen = frozen_shapes(c)
         fits = []
-        for card in (80e9, 40e9, 24e9):  # the estimate with 10% slack, as train.py checks
-            fit = lambda s: 1.1 * step_memory(s, VOCAB, *frozen) <= card
+        for card in (80, 40, 24):  # GiB; the estimate with train.py's slack
+            fit = lambda s: CUDA_SLACK * step_memory(s, VOCAB, *frozen) <= card * gib
             fits.append(c["batch_size"] if fit(c) else (largest_batch(c, fit) or ("none",))[0])
         name = os.path.basename(path)[:-3]
         print(
             f"| {name} | {est / gib:.1f} | {peak / gib:.1f} | {' / '.join(map(str, fits))} |"
             + (f" missing gradients: {bad}" if bad else "")
         )
-        print({k: round(v / gib, 2) for k, v in parts.items()})
+        if a.parts:
+            print("    at the peak, GiB:", {k: round(v / gib, 2) for k, v in parts.items() if v})
 
 
 if __name__ == "__main__":

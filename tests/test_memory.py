@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from cocomix import ops
-from cocomix.checks import check_memory
+from cocomix.checks import CUDA_SLACK, check_memory
 from cocomix.memory import as_on_cuda, largest_batch, step_memory
 from cocomix.ops import fused_concept_head, lm_loss
 from scripts.trace_memory import VOCAB, frozen_shapes, preset, trace_step
@@ -95,13 +95,13 @@ def test_cuda_check_refuses_a_step_that_cannot_fit(monkeypatch):
     c = preset(os.path.join(ROOT, "config", "gpu_1b_cocomix.py"))
     frozen = frozen_shapes(c)
     args = (VOCAB, "cuda", *frozen)
-    need = 1.1 * step_memory(c, VOCAB, *frozen) / GIB
+    need = CUDA_SLACK * step_memory(c, VOCAB, *frozen) / GIB
     mock_gpu(monkeypatch, 79.0)
     assert 50 < need < 79 and check_memory(c, *args) is None
     mock_gpu(monkeypatch, 39.0)
     msg = check_memory(c, *args)
     assert msg.startswith("batch_size=8, block_size=1024, n_embd=2048, n_layer=24, mode=cocomix:")
-    b, steps = largest_batch(c, lambda s: 1.1 * step_memory(s, VOCAB, *frozen) <= 39 * GIB)
+    b, steps = largest_batch(c, lambda s: CUDA_SLACK * step_memory(s, VOCAB, *frozen) <= 39 * GIB)
     assert b * steps == 8 * 128 and b < 8
     assert f"--batch_size={b} --gradient_accumulation_steps={steps}" in msg and "\n" not in msg
     mock_gpu(monkeypatch, 20.0, reserved_gib=19.0)  # 20 free + 19 held: the same as 39 free
