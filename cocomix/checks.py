@@ -108,8 +108,9 @@ def check_memory(c, vocab_size, device="cpu", source=None, n_concepts=0, world_s
     source's (n_layer, n_embd), n_concepts: C) with 10% slack for the allocator, against the free
     memory plus what this process holds already (the source and SAE, counted by the estimate); a
     run that does not fit is refused with the largest batch_size that fits, with
-    gradient_accumulation_steps raised to keep the global batch. On a CPU a lower bound: the weights, gradients and
-    AdamW's two moments in fp32 (16 bytes a parameter) and one micro-batch's logits in fp32."""
+    gradient_accumulation_steps raised to keep the global batch. On a CPU a lower bound: the
+    weights, gradients and AdamW's two moments in fp32 (16 bytes a parameter) and one micro-batch's
+    logits in fp32."""
     gib = lambda n: f"{n / 2**30:,.1f} GiB"
     d, L, T, B = c["n_embd"], c["n_layer"], c["block_size"], c["batch_size"]
     if torch.device(device).type == "cuda":
