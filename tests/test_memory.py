@@ -13,6 +13,7 @@ from cocomix import ops
 from cocomix.checks import CUDA_SLACK, check_memory
 from cocomix.memory import as_on_cuda, largest_batch, step_memory
 from cocomix.ops import fused_concept_head, lm_loss
+from model import GPT, GPTConfig, Objective
 from scripts.trace_memory import VOCAB, frozen_shapes, preset, trace_step
 from tests.fixtures import ROOT
 
@@ -141,3 +142,12 @@ def test_ops_run_on_the_meta_device():
     (loss + values.sum()).backward()
     for p in (x, W, b):
         assert p.grad.shape == p.shape and p.grad.device.type == "meta"
+    # and a CoCoMix student's training loss, forward and backward
+    cfg = dict(block_size=64, vocab_size=1000, n_layer=2, n_head=2, n_embd=32)
+    with torch.device("meta"):
+        model = GPT(GPTConfig(**cfg, n_concepts=64, concept_topk=4, insert_layer=1))
+        X, labels = torch.randint(0, 1000, (2, 64)), torch.randint(-1, 64, (2, 64, 4))
+    loss, parts = Objective(model, "cocomix")(X, X, labels)
+    loss.backward()
+    assert set(parts) == {"ntp", "concept"} and loss.device.type == "meta"
+    assert all(p.grad is not None and p.grad.shape == p.shape for p in model.parameters())
