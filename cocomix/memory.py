@@ -126,9 +126,8 @@ def step_memory(c, vocab_size, source=None, n_concepts=0):
     wide = 2 if inserted and (mode == "pause" or c["mix"] == "interleave") else 1
     per_token_block = (8 + 15 * e + (2 if c["dropout"] > 0 else 0)) * d
     student = per_token_block * n * (i + wide * (L - i)) + e * P
-    student += n * (
-        e * Vp + e * d + 4 * d * wide
-    )  # the logit gradient, the head's and ln_f's inputs
+    # the LM head's logit gradient and input, ln_f's input
+    student += n * (e * Vp + e * d + 4 * d * wide)
     if C:  # the softmax p; the head's input, the standardised h and c, fp32
         student += e * n * C + 16 * n * d
     if mode == "kd" and source is not None:
@@ -137,6 +136,7 @@ def step_memory(c, vocab_size, source=None, n_concepts=0):
         student += 4 * n * source[1] + (e + 20) * ops.default_lm_chunk("cuda") * Vp
     labeler = 0
     if C and source is not None:
+        # blocks above the SAE's layer (all of them where the layer is the SAE file's, not known yet)
         above = source[0] - c["sae_layer"] - 1 if c["sae_layer"] >= 0 else source[0]
         labeler = max(n * (24 * source[1] * above + e * Vp), 4 * n * C + 16 * n * source[1])
     return held + max(student, labeler)
