@@ -136,7 +136,7 @@ def step_memory(c, vocab_size, source=None, n_concepts=0):
         student += 4 * n * source[1] + (e + 20) * ops.default_lm_chunk("cuda") * Vp
     labeler = 0
     if C and source is not None:
-        # blocks above the SAE's layer (all of them where the layer is the SAE file's, not known yet)
+        # blocks above the SAE's layer (all of them where the SAE file names it, unknown here)
         above = source[0] - c["sae_layer"] - 1 if c["sae_layer"] >= 0 else source[0]
         labeler = max(n * (24 * source[1] * above + e * Vp), 4 * n * C + 16 * n * source[1])
     return held + max(student, labeler)
