@@ -25,7 +25,15 @@ from cocomix.ops import (
     sparse_mix_t,
 )
 from cocomix.weights import load_safetensors
-from model import GPT, MIX_MODES, GPTConfig, concept_recall, load_checkpoint, teacher_of
+from model import (
+    GPT,
+    MIX_MODES,
+    GPTConfig,
+    Objective,
+    concept_recall,
+    load_checkpoint,
+    teacher_of,
+)
 from tests.fixtures import ENV, ROOT, TINY, read_log, run, write_data
 
 
@@ -413,6 +421,101 @@ def test_lm_loss_fp16_gradient_is_not_flushed():
         assert (
             (g.double() - r).norm() / r.norm()
         ).item() < 2e-3  # scaling before the matmul: 2-6e-2
+
+
+def fp16_logit_rows(case, N, V, g):
+    """x (N x d), W (V x d) and targets whose logits x W^T fp16 holds exactly (values on a grid of
+    2^-3 and 2^-6, or one-hot rows scaled by whole numbers), so that a loss under fp16 autocast can
+    be held to its fp64 reference at fp16's rounding of the loss alone. init: small logits, p ~ 1/V
+    (every target below fp16's smallest normal at V = 50,257); confident: the target 12-14 nats
+    above the V - 1 others (p_t >= 0.99); underflow: 20 nats below them (p_t ~ 2e-12, 0 in fp16)."""
+    t = torch.randint(0, V, (N,), generator=g)
+    if case == "init":
+        x = torch.randint(-2, 3, (N, 16), generator=g) / 8
+        W = torch.randint(-4, 5, (V, 16), generator=g) / 8
+        return x, W, t
+    margin = torch.randint(12, 15, (N, 1), generator=g) if case == "confident" else -20
+    return F.one_hot(t, V).float() * margin, torch.eye(V), t
+
+
+@pytest.mark.parametrize("case", ["init", "confident", "underflow"])
+@pytest.mark.parametrize("kd", [False, True])
+def test_lm_loss_fp16_equals_fp32_reference(case, kd):
+    """Under fp16 autocast the LM head's training loss (and KD's CE and KL) equals the fp64
+    reference of the same logits to fp16's rounding (2^-11 relative), at GPT-2's vocabulary at
+    initialisation, on confident rows and on rows whose target's probability underflows fp16. A
+    clamp of fp16's p_t at its smallest normal capped -log p_t at 9.70 nats (9.70 for 10.83 at
+    initialisation); fp16's spacing near 1 put confident rows 4% off."""
+    g = torch.Generator().manual_seed(0)
+    V = 50257 if case == "init" else 1000
+    x, W, t = fp16_logit_rows(case, 64, V, g)
+    t[5] = -1
+    teacher = (torch.randint(-2, 3, (64, 8), generator=g) / 8, torch.randn(V, 8, generator=g))
+    ref = lm_loss_reference(x.double(), W.double(), t, (teacher[0].double(), teacher[1].double()))
+    ref = ref if kd else ref[1]  # (CE + lam_kd KL, CE, KL) with the teacher, CE without
+    x, W = x.requires_grad_(), W.requires_grad_()
+    for grad in (True, False):  # training, and evaluation
+        with torch.autocast("cpu", dtype=torch.float16), torch.set_grad_enabled(grad):
+            out = lm_loss(x, W, t, chunk=48, teacher=teacher if kd else None)
+        for o, r in zip(out if kd else [out], ref if kd else [ref]):
+            assert o.dtype == torch.float32
+            assert abs(o.item() - r.item()) <= 2**-11 * r.item(), (case, kd, grad, o, r)
+
+
+@pytest.mark.parametrize("case", ["init", "confident", "underflow"])
+def test_fused_concept_head_fp16_equals_fp32_reference(case):
+    """The fused concept head's L_concept under fp16 autocast against the fp64 reference of the same
+    logits, to fp16's rounding: C = 32,768 concepts at initialisation (9.70 for 10.40 with the
+    clamp), confident labels and labels whose probability underflows fp16; its gradients stay the
+    reference's within 2% at initialisation."""
+    g = torch.Generator().manual_seed(0)
+    C = 32768 if case == "init" else 1000
+    x, W, t = fp16_logit_rows(case, 64, C, g)
+    labels = torch.stack((t, torch.full_like(t, -1)), 1)  # one label of two on each row
+    if case == "init":
+        labels[:, 1] = torch.randint(0, C, (64,), generator=g)
+    b = torch.zeros(C)
+    xd, Wd = x.double().requires_grad_(), W.double().requires_grad_()
+    ref = concept_head_reference(xd, Wd, b.double(), 8, labels)
+    ref_grads = torch.autograd.grad(ref[2], (xd, Wd))
+    x, W, b = (a.requires_grad_() for a in (x, W, b))
+    with torch.autocast("cpu", dtype=torch.float16):
+        values, indices, loss = fused_concept_head(x, W, b, 8, labels)
+    assert abs(loss.item() - ref[2].item()) <= 2**-11 * ref[2].item(), (case, loss, ref[2])
+    # the gradient p - onehot is fp16's p (as bf16's in bf16): near p = 1 its spacing, 2^-11, is
+    # ~8% of a confident row's 1 - p, so only the initialisation's is held to 2%
+    for gr, r in zip(torch.autograd.grad(loss, (x, W)), ref_grads):
+        assert case != "init" or ((gr.double() - r).norm() / r.norm()).item() < 2e-2
+
+
+def test_fp16_scaler_skips_an_overflowed_step():
+    """train.py's fp16 step (GradScaler around fused AdamW on a CPU, the gradients unscaled and
+    clipped before the step) leaves the weights alone when the scaled gradients overflow fp16, and
+    halves the scale; the next step, at a scale that fits, trains."""
+    torch.manual_seed(0)
+    model = GPT(tiny_config(n_layer=2))
+    objective = Objective(model, "ntp")
+    optimizer = model.configure_optimizers(0.1, 1e-3, (0.9, 0.95), "cpu")
+    assert optimizer.defaults["fused"]
+    # 2^40 times the loss overflows the fp16 activations' gradients; 2^4 does not
+    scaler = torch.amp.GradScaler("cpu", init_scale=2.0**40)
+    idx = torch.randint(0, 50257, (2, 16))
+    before = [p.detach().clone() for p in model.parameters()]
+    for step in range(2):
+        with torch.autocast("cpu", dtype=torch.float16):
+            loss, _ = objective(idx, idx)
+        scaler.scale(loss).backward()
+        scaler.unscale_(optimizer)
+        gnorm = torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        scaler.step(optimizer)
+        scaler.update()
+        optimizer.zero_grad(set_to_none=True)
+        same = all(torch.equal(a, p) for a, p in zip(before, model.parameters()))
+        if step == 0:
+            assert not math.isfinite(gnorm.item()) and same and scaler.get_scale() == 2.0**39
+            scaler.update(2.0**4)
+        else:
+            assert math.isfinite(gnorm.item()) and not same and scaler.get_scale() == 2.0**4
 
 
 def test_kd_fast_path_equals_full_logits():

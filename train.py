@@ -178,9 +178,6 @@ try:
     data = {s: load_tokens(data_dir, s, block_size + 2, "block_size+2") for s in ("train", "val")}
 except (OSError, ValueError) as e:
     fail(str(e))
-# a step that cannot fit in memory is refused here, naming its settings, not by the allocator later
-if device_type == "cpu" and (problem := check_memory(config, corpus.VOCAB_SIZE)):
-    fail(problem)
 micro_batches = gradient_accumulation_steps // world_size
 tokens_per_iter = gradient_accumulation_steps * batch_size * block_size
 
@@ -239,6 +236,11 @@ if mode == "cocomix":
         check_sae_host(labeler.sae, concept_source)
     except (OSError, ValueError) as e:
         fail(str(e))
+# a step that cannot fit in memory is refused here, naming its settings, not by the allocator later
+# (on CUDA from an estimate that counts the source and SAE, already there, and the student, not yet)
+source_shape = None if source is None else (source.config.n_layer, source.config.n_embd)
+if problem := check_memory(config, corpus.VOCAB_SIZE, device, source_shape, n_concepts, world_size):
+    fail(problem)
 # the SHA-256 of the files behind the paths, which a resume checks
 inputs = input_hashes(
     data_dir,

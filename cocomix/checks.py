@@ -99,17 +99,47 @@ def available_memory():
     return min(have) if have else None
 
 
-def check_memory(c, vocab_size):
-    """A CPU run whose step cannot fit in memory, named by the settings that make it so, or None.
-    A lower bound: the weights, gradients and AdamW's two moments in fp32 (16 bytes a parameter)
-    and one micro-batch's logits in fp32."""
+CUDA_SLACK = 1.1  # the CUDA allocator's rounding and fragmentation over the traced peak
+
+
+def check_memory(c, vocab_size, device="cpu", source=None, n_concepts=0, world_size=1):
+    """A step that cannot fit in the device's memory, named by the settings that make it so, or
+    None. On CUDA: cocomix/memory.py's estimate of the step (step_memory; source: the concept
+    source's (n_layer, n_embd), n_concepts: C) with 10% slack for the allocator, against the free
+    memory plus what this process holds already (the source and SAE, counted by the estimate); a
+    run that does not fit is refused with the largest batch_size that fits, with
+    gradient_accumulation_steps raised to keep the global batch. On a CPU a lower bound: the
+    weights, gradients and AdamW's two moments in fp32 (16 bytes a parameter) and one micro-batch's
+    logits in fp32."""
+    gib = lambda n: f"{n / 2**30:,.1f} GiB"
     d, L, T, B = c["n_embd"], c["n_layer"], c["block_size"], c["batch_size"]
+    if torch.device(device).type == "cuda":
+        from cocomix.memory import largest_batch, step_memory
+
+        free, _ = torch.cuda.mem_get_info(device)
+        have = free + torch.cuda.memory_reserved(device)
+        need = lambda s: CUDA_SLACK * step_memory(s, vocab_size, source, n_concepts)
+        if need(c) <= have:
+            return None
+        smaller = largest_batch(c, lambda s: need(s) <= have, world_size)
+        fix = (
+            f"use --batch_size={smaller[0]} --gradient_accumulation_steps={smaller[1]} (the same "
+            "global batch)"
+            if smaller
+            else "even batch_size=1 does not fit: lower n_embd, n_layer or block_size"
+        )
+        return (
+            f"batch_size={B}, block_size={T}, n_embd={d}, n_layer={L}, mode={c['mode']}: the step "
+            f"needs about {gib(need(c))} on {device} (cocomix/memory.py's estimate, "
+            f"{CUDA_SLACK - 1:.0%} slack), {gib(have)} is free; {fix}"
+        )
+    if torch.device(device).type != "cpu":
+        return None
     weights = 16 * (vocab_size * d + T * d + L * (12 * d * d + 13 * d) + 2 * d)
     logits = 4 * B * T * vocab_size
     have = available_memory()
     if have is None or weights + logits <= have:
         return None
-    gib = lambda n: f"{n / 2**30:,.1f} GiB"
     which = f"n_embd={d}, n_layer={L}" if weights >= logits else f"batch_size={B}, block_size={T}"
     return (
         f"{which}: the step needs at least {gib(weights + logits)} (weights, gradients and AdamW "

@@ -19,6 +19,8 @@ A fourth, causal_attention, is the same function as PyTorch's fused attention (i
 with three batched matmuls where that is faster: training in bf16 on a CPU.
 """
 
+from contextlib import nullcontext
+
 import torch
 import torch.nn.functional as F
 from torch.autograd.function import once_differentiable
@@ -87,11 +89,38 @@ def causal_attention(q, k, v, dropout_p=0.0):
 
 def precisions(x):
     """(matmul precision, sum precision) of an op on x: autocast's dtype where autocast is on, else
-    x's; sums in at least fp32. The ops below turn autocast off inside and cast by these themselves.
-    """
+    x's; sums in at least fp32. The ops below turn autocast off inside (autocast_off) and cast by
+    these themselves. Any device: one without autocast (meta) computes in x's dtype."""
     dev = x.device.type
-    cdt = torch.get_autocast_dtype(dev) if torch.is_autocast_enabled(dev) else x.dtype
+    on = torch.amp.is_autocast_available(dev) and torch.is_autocast_enabled(dev)
+    cdt = torch.get_autocast_dtype(dev) if on else x.dtype
     return cdt, torch.promote_types(cdt, torch.float32)
+
+
+def autocast_off(device_type):
+    """Autocast turned off on device_type; nothing to turn off on a device without it (meta)."""
+    if torch.amp.is_autocast_available(device_type):
+        return torch.autocast(device_type, enabled=False)
+    return nullcontext()
+
+
+def logp_at(z, t):
+    """log softmax(z) at t, in fp32, for fp16 logits z (N x V) and indices t (N x K): N x K.
+
+    fp16's softmax cannot give the loss -log p_t: below its smallest normal, 6.1e-5 (9.70 nats;
+    every row of GPT-2's 50,257 tokens at initialisation), p_t loses precision and below 6e-8 it is
+    0; near 1 its spacing, 2^-11, is a large part of a confident row's small loss. PyTorch's
+    log-softmax reads the fp16 logits and writes fp32 in one kernel: exact, for one more pass over
+    them, made in blocks of rows whose fp32 output is at most 64 MiB. Through p itself (its largest
+    entry and the fp32 sum of the others) would save that pass, but a confident row's many small p_j
+    are fp16 subnormals, rounded by up to a few percent each: not exact."""
+    rows = max(1, 2**24 // z.size(-1))
+    return torch.cat(
+        [
+            F.log_softmax(z[s : s + rows], -1, dtype=torch.float32).gather(-1, t[s : s + rows])
+            for s in range(0, z.size(0), rows)
+        ]
+    )
 
 
 class LMHeadLoss(torch.autograd.Function):
@@ -105,7 +134,8 @@ class LMHeadLoss(torch.autograd.Function):
 
     The softmax runs in the compute precision (PyTorch's kernel sums in fp32 and rounds its output
     once, as storing an fp32 softmax in bf16 would). The loss is -log p_target from it, within
-    bf16's rounding of p (<= 0.004 nats per row, unbiased); evaluation (no autograd) is exact.
+    bf16's rounding of p (<= 0.004 nats per row, unbiased); in fp16, whose p_t underflows, from an
+    fp32 log-softmax at the target (logp_at). Evaluation (no autograd) is exact.
 
     With a frozen teacher (teacher_x: N x d_t, teacher_W: V x d_t) the loss is KD's
     CE + lam_kd * KL(p_teacher || p_student), whose gradient in the student's logits is
@@ -116,7 +146,7 @@ class LMHeadLoss(torch.autograd.Function):
     def forward(ctx, x, W, targets, chunk, teacher_x=None, teacher_W=None, lam_kd=0.0):
         dev = x.device.type
         cdt, acc = precisions(x)
-        with torch.autocast(dev, enabled=False):
+        with autocast_off(dev):
             xc, V = x.to(cdt), W.size(0)
             # the vocabulary padded with zero rows to a multiple of 64, as nanoGPT pads its own: the
             # CPU GEMMs are 5-20% faster there (docs/benchmarks.md). The padded logits are set to
@@ -140,13 +170,18 @@ class LMHeadLoss(torch.autograd.Function):
                 rows = torch.arange(len(t), device=x.device)
                 target_logit = logits[rows, t].to(acc)
                 if teacher_x is None:
+                    # fp16: log p_t in fp32 from the logits, before they become p (logp_at)
+                    if cdt == torch.float16:
+                        logp_t = logp_at(logits, t[:, None]).squeeze(-1)
                     # softmax in place: the chunk's logits become p without a second chunk-sized
                     # buffer and a copy back (~3x faster on a CPU, docs/benchmarks.md)
                     p = torch.ops.aten._softmax.out(logits, -1, False, out=logits)
-                    # log-sum-exp = x_t - log p_t; p_t below the smallest normal number would make
-                    # it infinite, and only a row more than ~87 nats wrong gets there: it counts as
-                    # 87
-                    lse = target_logit - p[rows, t].to(acc).clamp(min=torch.finfo(cdt).tiny).log()
+                    if cdt != torch.float16:
+                        # in bf16 and fp32 p_t below the smallest normal number (1e-38) would make
+                        # log p_t infinite, and only a row more than ~87 nats wrong gets there: it
+                        # counts as 87
+                        logp_t = p[rows, t].to(acc).clamp(min=torch.finfo(cdt).tiny).log()
+                    lse = target_logit - logp_t  # log-sum-exp = x_t - log p_t
                 else:
                     logits, padded = logits[:, :V], logits[:, V:]
                     padded.zero_()  # their gradient
@@ -175,7 +210,7 @@ class LMHeadLoss(torch.autograd.Function):
         G, x_valid, Wc, valid, n = ctx.saved_tensors
         acc = torch.promote_types(G.dtype, torch.float32)
         scale = g.to(acc) / n  # in fp32 (at least), after the matmuls
-        with torch.autocast(G.device.type, enabled=False):
+        with autocast_off(G.device.type):
             # ignored rows: 0
             grad_x = ((G @ Wc).to(acc) * (valid[:, None] * scale)).to(ctx.dtypes[0])
             # a frozen head (the concept labeler's source) needs no weight gradient
@@ -191,9 +226,14 @@ class LMHeadLoss(torch.autograd.Function):
         return grad_x, grad_W, None, None, None, None, None
 
 
+# the device type whose chunk sizes lm_loss takes on every device; None: the tensors' own. A CPU
+# trace of a GPU's step sets "cuda" (cocomix/memory.py, as_on_cuda)
+chunk_device = None
+
+
 def default_lm_chunk(device):
     """Rows per LM-head chunk: 4096 on a GPU, 1024 elsewhere (see lm_loss)."""
-    return 4096 if torch.device(device).type == "cuda" else 1024
+    return 4096 if (chunk_device or torch.device(device).type) == "cuda" else 1024
 
 
 def lm_loss(x, W, targets, chunk=None, teacher=None, lam_kd=0.1):
@@ -267,7 +307,8 @@ class FusedConceptHead(torch.autograd.Function):
 
     The forward keeps only z's softmax p, in z's precision (bf16 under autocast; PyTorch's kernel
     sums in fp32); the loss is -log p at the labels, within bf16's rounding of p (<= 0.004 nats per
-    label, unbiased), and in fp32 the reference's to float precision. The gradient in z would be
+    label, unbiased; in fp16 from an fp32 log-softmax at the labels, logp_at), and in fp32 the
+    reference's to float precision. The gradient in z would be
         dz = s (cnt p - onehot(labels)) + TopK's gradient g_values at its indices
     (s = g / n, n: all valid labels, cnt: a row's valid labels). The backward never forms it: its
     dense part s diag(cnt) p reaches x and [W | b] through two matmuls, s cnt (p W) and
@@ -280,16 +321,19 @@ class FusedConceptHead(torch.autograd.Function):
     def forward(ctx, x, W, b, k, labels):
         dev = x.device.type
         cdt, acc = precisions(x)
-        with torch.autocast(dev, enabled=False):
+        with autocast_off(dev):
             Wc = W.to(cdt)
             z = torch.addmm(b.to(cdt), x.to(cdt), Wc.t())
             values, indices = torch.topk(z, k, dim=-1)
             p = torch.softmax(z, dim=-1)
         valid = labels >= 0
         n = valid.sum().clamp(min=1)
-        p_label = p.gather(-1, labels.clamp(min=0)).to(acc)
-        # below the smallest normal: 87 nats
-        loss = -(p_label.clamp(min=torch.finfo(p.dtype).tiny).log() * valid).sum() / n
+        if cdt == torch.float16:  # log p in fp32 from the logits (logp_at)
+            logp_label = logp_at(z, labels.clamp(min=0))
+        else:  # in bf16 and fp32 below the smallest normal (1e-38): 87 nats
+            p_label = p.gather(-1, labels.clamp(min=0)).to(acc)
+            logp_label = p_label.clamp(min=torch.finfo(p.dtype).tiny).log()
+        loss = -(logp_label * valid).sum() / n
         ctx.save_for_backward(x, Wc, p, indices, labels, n)
         ctx.dtypes = x.dtype, W.dtype, b.dtype
         ctx.mark_non_differentiable(indices)
@@ -308,7 +352,7 @@ class FusedConceptHead(torch.autograd.Function):
         # dz's sparse part: -s at each valid label, g_values at the TopK's indices
         idx = torch.cat((labels.clamp(min=0), indices), 1)
         w = torch.cat((-s * valid, g_values.to(acc)), 1)
-        with torch.autocast(x.device.type, enabled=False):
+        with autocast_off(x.device.type):
             grad_x = (p @ Wc).to(acc) * (s * cnt) + sparse_mix(w, idx, Wc.to(acc))
             grad_Wb = sparse_mix_t(w, idx, x1, Wc.size(0)).add_(
                 (p.t() @ (x1 * cnt).to(p.dtype)).to(acc) * s
