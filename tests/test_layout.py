@@ -98,14 +98,11 @@ def test_every_script_answers_help(name):
 MAX_FUNCTION_LINES = 80
 MAX_SCRIPT_LINES = 550  # each scripts/ file does one job
 MAX_BENCHMARKS_LINES = 250  # docs/benchmarks.md: the current figures, older runs in its appendix
-LONG_FUNCTIONS_ALLOWED = {"reproduce"}  # reproduce() still runs all its stages in one function
 
 
 @pytest.mark.parametrize(
     "name",
-    sorted(
-        m for m in ROOT_MODULES if not m.startswith("test_") and m not in LONG_FUNCTIONS_ALLOWED
-    ),
+    sorted(m for m in ROOT_MODULES if not m.startswith("test_")),
 )
 def test_root_functions_are_short(name):
     """Every function and method of a root file, nested ones too, by ast (end_lineno - lineno + 1,
