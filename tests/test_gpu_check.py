@@ -107,7 +107,7 @@ def test_lm_reference_grads_in_chunks():
 def test_largest_parts_fit_40_gib(part):
     """The device memory of the check's largest parts at the sizes of the GPU run, traced on fake
     CPU tensors (nothing allocated), with the LM-head chunk CUDA uses: the ops part (its float64
-    references in chunks: the whole-logit ones needed 43 GiB and, with KD, 105 GiB) and one bf16
+    references in chunks) and one bf16
     step of part 1's student (69M CoCoMix, micro-batch 16 x 1024, labels from part 1's random
     source and SAE, AdamW). Each under 40 GiB."""
     from model import GPT, GPTConfig
