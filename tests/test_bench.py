@@ -45,15 +45,42 @@ def test_compile_cli():
             bench.parse([flag])
 
 
-def test_cocomix_student_is_one_graph(capsys):
-    """Dynamo traces the CoCoMix student's forward + loss (sparse mixing is a plain embedding_bag)
-    as one graph; the full compiled run is `bench_compile.py --check`."""
+@pytest.mark.parametrize("mode", ["ntp", "cocomix"])
+def test_compiled_objective_is_one_graph_and_eager(mode, capsys):
+    """train.py's objective (model.Objective, what compile=True compiles): dynamo traces the
+    student's forward + loss as one graph, no break (sparse mixing is a plain embedding_bag), and
+    compiled with aot_eager it gives eager's loss, parts and gradients, in training and in eval
+    mode (without
+    autograd, as train.py evaluates). The full compiled run is `bench_compile.py --check`."""
+    from model import Objective
+
     args = bench.parse(["--tiny"])
     X, Y = bench.batch(args, "cpu")
-    model = bench.student(args, "cocomix", "cpu")
+    model = bench.student(args, mode, "cpu")
     labels = torch.randint(0, args.n_concepts, (*X.shape, args.k_attr))
-    ex = bench_compile.explain(bench.student_loss, model, X, Y, labels)
+    labels = labels if mode == "cocomix" else None
+    objective = Objective(model, mode)
+    ex = bench_compile.explain(objective, X, Y, labels)
     assert (ex.graph_count, ex.graph_break_count) == (1, 0), capsys.readouterr().out
+    torch._dynamo.reset()
+    compiled = torch.compile(objective, backend="aot_eager")
+    for train in (True, False):
+        objective.train(train)
+        results = []
+        for fn in (objective, compiled):
+            with torch.set_grad_enabled(train):  # evaluation without autograd, as train.py's
+                loss, parts = fn(X, Y, labels)
+            grads = torch.autograd.grad(loss, list(model.parameters())) if train else []
+            results.append((loss, parts, grads))
+        (loss, parts, grads), (c_loss, c_parts, c_grads) = results
+        torch.testing.assert_close(c_loss, loss, rtol=1e-5, atol=1e-6)
+        assert parts.keys() == c_parts.keys() and ("recall" in parts) == (mode == "cocomix") * (
+            not train
+        )
+        for k in parts:
+            torch.testing.assert_close(c_parts[k], parts[k], rtol=1e-5, atol=1e-6)
+        for a, b in zip(c_grads, grads):
+            torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-6)
 
 
 def test_split(capsys):
