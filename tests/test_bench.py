@@ -83,6 +83,24 @@ def test_compiled_objective_is_one_graph_and_eager(mode, capsys):
             torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-6)
 
 
+def test_compile_is_on_for_the_gpu_presets_only(monkeypatch):
+    """torch.compile where it pays (docs/benchmarks.md): every config/gpu_* preset turns it on, and
+    train.py's default, which the CPU presets keep, is off (slower or no faster on a CPU, and a
+    first step of minutes)."""
+    import glob
+    import re
+
+    monkeypatch.chdir(ROOT)  # the presets read each other by relative path
+    presets = sorted(glob.glob("config/gpu_*.py"))
+    assert len(presets) == 6
+    for path in presets + sorted(glob.glob("config/cpu_*.py")):
+        cfg = {}
+        exec(open(path).read(), {}, cfg)
+        assert cfg.get("compile", False) == path.startswith("config/gpu_"), path
+    train = open("train.py").read()
+    assert re.search(r"^compile = False$", train, re.M)
+
+
 def test_split(capsys):
     # that the staged step computes train_step's loss and gradients: test_staged_step_is_train_step
     bench.main(["--split", "--mode=cocomix", "--dtypes=float32", *FAST])
