@@ -377,7 +377,12 @@ def check_training(dev, small, out_dir):
     shutil.rmtree(os.path.join(root, "out"), ignore_errors=True)  # a rerun starts afresh
     # the whole run's time limit: twice its budget, or 5 minutes at smoke-test size
     limit = 300 if small else 2 * budget()["1 training (train.py, 69M CoCoMix)"]
-    rc, output = run_until([sys.executable, "-c", PEAK_HOOK, *flags], limit)
+    env = dict(os.environ)
+    if not env.get("TIKTOKEN_CACHE_DIR"):
+        # no tokenizer files: train.py's download of them (for bits per byte) is refused at once
+        # instead of waiting on a network an offline machine does not answer
+        env["HTTPS_PROXY"] = env["HTTP_PROXY"] = "http://127.0.0.1:9"
+    rc, output = run_until([sys.executable, "-c", PEAK_HOOK, *flags], limit, env=env)
     if rc != 0:
         tail = [line for line in output.splitlines() if line.strip() and "PEAK_BYTES" not in line]
         tail = tail[-1:] or ["no output"]
@@ -412,7 +417,7 @@ def check_training(dev, small, out_dir):
     return res
 
 
-def run_until(cmd, seconds, grace=30):
+def run_until(cmd, seconds, grace=30, env=None):
     """Runs cmd from the repo root until it ends or `seconds` pass, then stops it with SIGTERM,
     which reproduce.py passes on to its running stage (train.py and sae.py save a checkpoint and
     exit, so a rerun resumes there), and with SIGKILL if it is still running `grace` seconds later.
@@ -420,7 +425,7 @@ def run_until(cmd, seconds, grace=30):
     together)."""
     # a file, not a pipe: a long output cannot block the child
     with tempfile.TemporaryFile() as out:
-        proc = subprocess.Popen(cmd, cwd=REPO, stdout=out, stderr=subprocess.STDOUT)
+        proc = subprocess.Popen(cmd, cwd=REPO, stdout=out, stderr=subprocess.STDOUT, env=env)
         try:
             rc = proc.wait(timeout=seconds)
         except subprocess.TimeoutExpired:
@@ -543,7 +548,7 @@ def main(argv=None):
     if a.compare_minutes and not a.data_root:
         sys.exit("error: --compare_minutes needs the data folder: set COCOMIX_DATA or --data_root")
     if not os.environ.get("TIKTOKEN_CACHE_DIR"):
-        print("note: TIKTOKEN_CACHE_DIR is not set: offline, train.py logs no bits per byte")
+        print("note: TIKTOKEN_CACHE_DIR is not set: part 1's train.py logs no bits per byte")
     os.makedirs(a.out_dir, exist_ok=True)
     small = a.dry_run
     plan = budget()
