@@ -63,8 +63,8 @@ def parse(argv=None):
     p.add_argument(
         "--variants",
         default="ntp,cached,on_the_fly",
-        help="--gpu_mfu: which steps, of ntp (GPT-2 124M), cached and on_the_fly (the CoCoMix "
-        "student with cached labels or labels made each step)",
+        help="--gpu_mfu: which steps, of ntp (GPT-2 124M), ntp_eager (the same, not compiled), "
+        "cached and on_the_fly (the CoCoMix student with cached labels or labels made each step)",
     )
     p.add_argument("--modes", default="ntp,cocomix", help="--vs_eager: comma-separated objectives")
     args = p.parse_args(argv)
@@ -228,11 +228,13 @@ def gpu_mfu(args):
     X, Y = batch(args, dev)
     tokens = X.numel()
     want = args.variants.split(",")
-    if unknown := set(want) - {"ntp", "cached", "on_the_fly"}:
+    if unknown := set(want) - {"ntp", "ntp_eager", "cached", "on_the_fly"}:
         raise SystemExit(f"--variants: unknown {', '.join(sorted(unknown))}")
     loss_fn = torch.compile(student_loss) if compiled else student_loss
     cfg, variants = f"{args.n_layer}L d={args.n_embd}", {}  # name: (step, student FLOPs/token)
     f_lab = 0
+    if "ntp_eager" in want and "ntp" not in want:
+        raise SystemExit("--variants: ntp_eager goes with ntp (the same model, eager)")
     if "ntp" in want:
         torch.manual_seed(0)
         ntp = GPT(
@@ -240,8 +242,14 @@ def gpu_mfu(args):
                 n_layer=args.src_layer, n_head=args.src_head, n_embd=args.src_embd, block_size=T
             )
         ).to(dev)
+        opt_ntp = optimizer(ntp)
         variants[f"ntp {args.src_layer}L d={args.src_embd}"] = (
-            train_step(ntp, optimizer(ntp), X, Y, ctx, loss_fn=loss_fn),
+            train_step(ntp, opt_ntp, X, Y, ctx, loss_fn=loss_fn),
+            flops_per_token(ntp, T),
+        )
+    if "ntp_eager" in want:  # the same model's step without torch.compile, in the same turns
+        variants[f"ntp {args.src_layer}L d={args.src_embd}, eager"] = (
+            train_step(ntp, opt_ntp, X, Y, ctx, loss_fn=student_loss),
             flops_per_token(ntp, T),
         )
     if "cached" in want or "on_the_fly" in want:
