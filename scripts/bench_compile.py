@@ -11,6 +11,8 @@ bench_common.py.
     python -m scripts.bench_compile --gpu_mfu
     # smoke test of that path (eager; --compile compiles)
     python -m scripts.bench_compile --gpu_mfu --device=cpu --tiny
+    # compiled (inductor) against eager: first step and steady step, NTP and CoCoMix, per precision
+    python -m scripts.bench_compile --vs_eager --dtypes=float32,bfloat16
 """
 
 import argparse
@@ -49,13 +51,26 @@ def parse(argv=None):
         "--gpu_mfu", action="store_true", help="GPT-2 124M NTP and the 69M CoCoMix student's MFU"
     )
     p.add_argument(
+        "--vs_eager",
+        action="store_true",
+        help="train steps compiled against eager: first step, steady step, ratio",
+    )
+    p.add_argument(
         "--backend",
         default="inductor",
-        help="torch.compile backend for --check (aot_eager is quick)",
+        help="torch.compile backend for --check and --vs_eager (aot_eager is quick)",
     )
+    p.add_argument("--dtypes", default="float32", help="--vs_eager: comma-separated precisions")
+    p.add_argument(
+        "--variants",
+        default="ntp,cached,on_the_fly",
+        help="--gpu_mfu: which steps, of ntp (GPT-2 124M), ntp_eager (the same, not compiled), "
+        "cached and on_the_fly (the CoCoMix student with cached labels or labels made each step)",
+    )
+    p.add_argument("--modes", default="ntp,cocomix", help="--vs_eager: comma-separated objectives")
     args = p.parse_args(argv)
-    if args.check == args.gpu_mfu:
-        p.error("give one of --check, --gpu_mfu")
+    if args.check + args.gpu_mfu + args.vs_eager != 1:
+        p.error("give one of --check, --gpu_mfu, --vs_eager")
     return settle(args, long_run=args.gpu_mfu and "cuda" in args.device and not args.tiny)
 
 
@@ -213,40 +228,52 @@ def gpu_mfu(args):
     T, ctx = args.block_size, autocast(dev, "bfloat16")
     X, Y = batch(args, dev)
     tokens = X.numel()
-    labeler = bench_labeler(args, dev)
-    torch.manual_seed(0)
-    ntp = GPT(
-        GPTConfig(n_layer=args.src_layer, n_head=args.src_head, n_embd=args.src_embd, block_size=T)
-    ).to(dev)
-    coco = student(args, "cocomix", dev)
-    # the source's blocks in place: whichever way the labeler walks them, they run compiled
-    if compiled:
-        for block in labeler.source.transformer.h:
-            block.compile()
-    with ctx:
-        cached = labeler(X, Y)
-    f_ntp, f_coco, f_lab = (
-        flops_per_token(ntp, T),
-        flops_per_token(coco, T),
-        sum(label_flops(labeler, T).values()),
-    )
+    want = args.variants.split(",")
+    if unknown := set(want) - {"ntp", "ntp_eager", "cached", "on_the_fly"}:
+        raise SystemExit(f"--variants: unknown {', '.join(sorted(unknown))}")
     loss_fn = torch.compile(student_loss) if compiled else student_loss
-    opt_coco = optimizer(coco)
-    cfg = f"{args.n_layer}L d={args.n_embd}"
-    variants = {  # name: (step, FLOPs per token of the student)
-        f"ntp {args.src_layer}L d={args.src_embd}": (
-            train_step(ntp, optimizer(ntp), X, Y, ctx, loss_fn=loss_fn),
-            f_ntp,
-        ),
-        f"cocomix {cfg}, cached labels": (
-            train_step(coco, opt_coco, X, Y, ctx, cached, loss_fn=loss_fn),
-            f_coco,
-        ),
-        f"cocomix {cfg}, labels on the fly": (
-            train_step(coco, opt_coco, X, Y, ctx, labeler, loss_fn=loss_fn),
-            f_coco,
-        ),
-    }
+    cfg, variants = f"{args.n_layer}L d={args.n_embd}", {}  # name: (step, student FLOPs/token)
+    f_lab = 0
+    if "ntp_eager" in want and "ntp" not in want:
+        raise SystemExit("--variants: ntp_eager goes with ntp (the same model, eager)")
+    if "ntp" in want:
+        torch.manual_seed(0)
+        ntp = GPT(
+            GPTConfig(
+                n_layer=args.src_layer, n_head=args.src_head, n_embd=args.src_embd, block_size=T
+            )
+        ).to(dev)
+        opt_ntp = optimizer(ntp)
+        variants[f"ntp {args.src_layer}L d={args.src_embd}"] = (
+            train_step(ntp, opt_ntp, X, Y, ctx, loss_fn=loss_fn),
+            flops_per_token(ntp, T),
+        )
+    if "ntp_eager" in want:  # the same model's step without torch.compile, in the same turns
+        variants[f"ntp {args.src_layer}L d={args.src_embd}, eager"] = (
+            train_step(ntp, opt_ntp, X, Y, ctx, loss_fn=student_loss),
+            flops_per_token(ntp, T),
+        )
+    if "cached" in want or "on_the_fly" in want:
+        labeler = bench_labeler(args, dev)
+        coco = student(args, "cocomix", dev)
+        # the source's blocks in place: whichever way the labeler walks them, they run compiled
+        if compiled and "on_the_fly" in want:
+            for block in labeler.source.transformer.h:
+                block.compile()
+        with ctx:
+            cached = labeler(X, Y)
+        f_coco, f_lab = flops_per_token(coco, T), sum(label_flops(labeler, T).values())
+        opt_coco = optimizer(coco)
+        if "cached" in want:
+            variants[f"cocomix {cfg}, cached labels"] = (
+                train_step(coco, opt_coco, X, Y, ctx, cached, loss_fn=loss_fn),
+                f_coco,
+            )
+        if "on_the_fly" in want:
+            variants[f"cocomix {cfg}, labels on the fly"] = (
+                train_step(coco, opt_coco, X, Y, ctx, labeler, loss_fn=loss_fn),
+                f_coco,
+            )
     t0 = time.perf_counter()
     for name, (
         step,
@@ -292,8 +319,66 @@ def gpu_mfu(args):
     return results
 
 
+# -----------------------------------------------------------------------------
+# compiled against eager: does torch.compile pay at this size, on this device?
+
+
+def vs_eager(args):
+    """train.py's step (the loss compiled as train.py compiles its objective; labels a cached
+    tensor, so that only the student differs) eager and compiled, in turns (bench.alternate):
+    the first compiled step (the compile) and the median steady step of each, per objective and
+    precision. A ratio above 1 means the compiled step is slower."""
+    dev = args.device
+    X, Y = batch(args, dev)
+    labels = torch.randint(0, args.n_concepts, (*X.shape, args.k_attr), device=dev)
+    print(
+        f"{torch.cuda.get_device_name(dev) if 'cuda' in dev else 'cpu'}, torch {torch.__version__}"
+        f", {torch.get_num_threads()} threads; student {args.n_layer}L d={args.n_embd}, batch "
+        f"{args.batch_size} x {args.block_size}, C={args.n_concepts}, backend={args.backend}; "
+        f"medians of {args.rounds} rounds x {args.steps} steps"
+    )
+    print(
+        f"{'objective':<9} {'dtype':<9} {'eager ms':>9} {'compiled ms':>12} {'ratio':>6} "
+        f"{'first compiled step s':>22}"
+    )
+    results = {}
+    for mode in args.modes.split(","):
+        for dt in args.dtypes.split(","):
+            torch._dynamo.reset()
+            lab = labels if mode == "cocomix" else None
+            steps = {}
+            for name, fn in (
+                ("eager", student_loss),
+                ("compiled", torch.compile(student_loss, backend=args.backend)),
+            ):
+                model = student(args, mode, dev)
+                steps[name] = train_step(
+                    model, optimizer(model), X, Y, autocast(dev, dt), lab, args.lam, fn
+                )
+            t0 = time.perf_counter()
+            steps["compiled"]()
+            sync(dev)
+            first = time.perf_counter() - t0
+            t = alternate(steps, args, dev)
+            ratio = t["compiled"] / t["eager"]
+            print(
+                f"{mode:<9} {dt:<9} {t['eager'] * 1e3:>9.1f} {t['compiled'] * 1e3:>12.1f} "
+                f"{ratio:>6.2f} {first:>22.1f}",
+                flush=True,
+            )
+            results[f"{mode} {dt}"] = {
+                "eager_ms": t["eager"] * 1e3,
+                "compiled_ms": t["compiled"] * 1e3,
+                "ratio": ratio,
+                "first_compiled_step_s": first,
+            }
+    return results
+
+
 def main(argv=None):
     args = parse(argv)
+    if args.vs_eager:
+        return vs_eager(args)
     return compile_check(args) if args.check else gpu_mfu(args)
 
 
