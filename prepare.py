@@ -47,11 +47,11 @@ if __name__ == "__main__":  # Ctrl-C in the start-up (the imports below): one li
     on_ctrl_c("temporary files removed; a data folder without meta.json is unfinished")
 
 import numpy as np
-from tqdm import tqdm
 
 import cocomix.weights as weights
 from cocomix.corpus import EOT as EOT_TOKEN
 from cocomix.corpus import VOCAB_SIZE, token_file_digest, tokenizer
+from cocomix.progress import progress_bar
 
 TOKENIZER = "gpt2"
 VAL_FRACTION = 0.01
@@ -379,7 +379,7 @@ def _write_corpus(
         doc_lens, doc_fracs = [], []
         with (
             open(tmp["stream"], "wb") as f,
-            tqdm(
+            progress_bar(
                 total=total_chars,
                 unit="char",
                 unit_scale=True,

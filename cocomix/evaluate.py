@@ -62,9 +62,9 @@ import sys
 import numpy as np
 import torch
 import torch.nn.functional as F
-from tqdm import tqdm
 
 from cocomix.corpus import EOT, token_byte_lengths
+from cocomix.progress import progress_bar
 from cocomix.tasks import (
     CHOICE_KINDS,
     EvalError,
@@ -115,7 +115,7 @@ def evaluate_tokens(
         # targets
         windows.append((n - 1 - block_size, block_size - (n - 1 - done)) if windows else (0, 0))
     total_nll, total = 0.0, 0
-    for b in tqdm(
+    for b in progress_bar(
         range(0, len(windows), batch_size), desc="tokens", disable=not progress, leave=False
     ):
         group = windows[b : b + batch_size]
@@ -257,7 +257,7 @@ def evaluate_documents(
     words and bytes counted on the original article. dict(loss, ppl, word_ppl, byte_ppl, bpb, n,
     ...)."""
     nll = tokens = words = nbytes = 0
-    for doc in tqdm(docs, desc="documents", disable=not progress, leave=False):
+    for doc in progress_bar(docs, desc="documents", disable=not progress, leave=False):
         ids = np.array([EOT] + enc.encode_ordinary(wikitext_detokenize(doc)), dtype=np.int64)
         r = evaluate_tokens(model, ids, block_size, batch_size, device, progress=False)
         nll += r["loss"] * r["tokens"]
@@ -320,7 +320,9 @@ def score_continuations(
         seqs.append(seq[-(block_size + 1) :])  # cut the context from the left
     order = sorted(range(len(seqs)), key=lambda i: -len(seqs[i]))  # similar lengths share a batch
     results = [None] * len(seqs)
-    for b in tqdm(range(0, len(order), batch_size), desc=desc, disable=not progress, leave=False):
+    for b in progress_bar(
+        range(0, len(order), batch_size), desc=desc, disable=not progress, leave=False
+    ):
         idx = order[b : b + batch_size]
         T = len(seqs[idx[0]]) - 1
         inp = torch.zeros(len(idx), T, dtype=torch.long)
