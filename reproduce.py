@@ -532,6 +532,7 @@ def reproduce():
             cmd, cfg = train_command(
                 P["student"], {**sets, **over, "seed": seed}, data_dir, run_dir
             )
+            cmd += [f"--wandb_run_name={m}_s{seed}"]  # with --set wandb_log=True; not a setting
             settings = {
                 "train": {k: rel(v) for k, v in cfg.items()},
                 "deps": {k: deps[k] for k in needs},

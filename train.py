@@ -53,6 +53,7 @@ from cocomix.runtime import (
     to_device,
     trim_log,
 )
+from cocomix.tracking import start_run
 from cocomix.weights import first_line, save_atomic
 from model import GPT, GPTConfig, Objective, load_checkpoint, load_frozen_gpt, teacher_of
 from sae import check_sae_host, make_labeler
@@ -123,9 +124,12 @@ compile = False
 backend = "auto"  # DDP backend: nccl on CUDA, gloo on CPU
 # CPU with glibc: large tensors from the heap, not fresh page-faulted mappings (~1.4x faster steps)
 cpu_heap = True
-progress = (
-    True  # tqdm's bar on a terminal; in a file or pipe, a plain line every log_interval steps
-)
+# Weights & Biases (pip install wandb): every record of log.jsonl also logged to a W&B run
+wandb_log = False
+wandb_project = "cocomix"
+wandb_run_name = ""  # '' = out_dir's name
+# tqdm's bar on a terminal; in a file or a pipe, a plain line every log_interval steps
+progress = True
 # -----------------------------------------------------------------------------
 config_keys = [
     k
@@ -430,6 +434,8 @@ def save_checkpoint(why=""):
 
 
 def log(record):
+    if track:
+        track(record)
     path = os.path.join(out_dir, "log.jsonl")
     try:
         with open(path, "a") as f:
@@ -454,6 +460,9 @@ if master:
         f"mode={mode} params={params:.2f}M device={device} dtype={dtype} world={world_size} "
         f"tokens/iter={tokens_per_iter:,}"
     )
+track = None  # with wandb_log, log() sends each record to a W&B run too (cocomix/tracking.py)
+if wandb_log and master:
+    track = start_run(out_dir, wandb_project, wandb_run_name, config, init_from == "resume")
 pbar = None
 if master and progress and not eval_only:
     pbar = progress_bar(
