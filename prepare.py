@@ -120,7 +120,7 @@ def find_input_files(inputs):
 
 def decode_utf8(data, path):
     try:
-        return data.decode("utf-8")
+        return data.decode("utf-8-sig")  # a leading BOM dropped, as Python's utf-8-sig reads it
     except UnicodeDecodeError as e:
         raise PrepareError(
             f"{path} is not UTF-8 text (byte 0x{data[e.start]:02x} at offset {e.start})"

@@ -840,6 +840,7 @@ def test_ddp_sigterm_to_one_process_stops_every_process_at_one_step(data_dir, tm
     """SIGTERM to rank 1 alone (as a scheduler may send it) stops both processes after the same
     step: rank 0 saves that step's checkpoint and says so, and no process is left waiting in an
     all-reduce its peer never joins (where each process decided alone, rank 0 died there)."""
+    import re
     import signal
     import time
 
@@ -865,8 +866,11 @@ def test_ddp_sigterm_to_one_process_stops_every_process_at_one_step(data_dir, tm
         ranks[env.get("RANK")] = int(pid)
     os.kill(ranks["1"], signal.SIGTERM)
     stdout, stderr = p.communicate(timeout=300)
-    # torchrun reports each process's exit status 130, a stop's; no error came from train.py
-    assert stderr.count("exitcode  : 130") == 2, stderr[-3000:]
+    # torchrun reports each process's exit status: 130, a stop's, or -15 for the process still
+    # shutting down when the other exited (torchrun then sends the rest SIGTERM; both have passed
+    # the barrier after rank 0's checkpoint by then); no error came from train.py
+    codes = re.findall(r"exitcode  : (-?\d+)", stderr)
+    assert sorted(codes) in (["130", "130"], ["-15", "130"]), stderr[-3000:]
     assert "terminate called" not in stderr and 'train.py", line' not in stderr, stderr[-3000:]
     _, ckpt = load_checkpoint(os.path.join(out, "ckpt.pt"))
     steps = [r["train_step"] for r in read_log(out) if "train_step" in r]
