@@ -32,7 +32,7 @@ for arg in sys.argv[1:]:
             _config_error(f"expected --key=value, got {arg!r}")
         # a config file: its assignments become this script's settings
         try:
-            with open(arg) as f:
+            with open(arg, encoding="utf-8-sig") as f:  # a BOM, as a Windows editor leaves
                 _src = f.read()
         except OSError as e:
             _config_error(f"cannot read config file {arg}: {e.strerror}")

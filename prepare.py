@@ -47,11 +47,11 @@ if __name__ == "__main__":  # Ctrl-C in the start-up (the imports below): one li
     on_ctrl_c("temporary files removed; a data folder without meta.json is unfinished")
 
 import numpy as np
-from tqdm import tqdm
 
 import cocomix.weights as weights
 from cocomix.corpus import EOT as EOT_TOKEN
 from cocomix.corpus import VOCAB_SIZE, token_file_digest, tokenizer
+from cocomix.progress import progress_bar
 from cocomix.sources import OPENWEBTEXT_SPLIT, SOURCES, fetch_source, openwebtext
 
 TOKENIZER = "gpt2"
@@ -106,7 +106,7 @@ def find_input_files(inputs):
 
 def decode_utf8(data, path):
     try:
-        return data.decode("utf-8")
+        return data.decode("utf-8-sig")  # a leading BOM dropped, as Python's utf-8-sig reads it
     except UnicodeDecodeError as e:
         raise PrepareError(
             f"{path} is not UTF-8 text (byte 0x{data[e.start]:02x} at offset {e.start})"
@@ -362,7 +362,7 @@ def _write_corpus(
         doc_lens, doc_fracs = [], []
         with (
             open(tmp["stream"], "wb") as f,
-            tqdm(
+            progress_bar(
                 total=total_chars,
                 unit="char",
                 unit_scale=True,

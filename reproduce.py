@@ -537,6 +537,7 @@ def stage_students(a, P, width, source, sae, data_dir, data_files, deps, env):
             over, needs = method_cfg[m]
             extra = {**a.sets, **over, "seed": seed}
             cmd, cfg = train_command(P["student"], extra, data_dir, run_dir)
+            cmd += [f"--wandb_run_name={name}"]  # with --set wandb_log=True; not a setting
             settings = {
                 "train": {k: relative(v, a.out) for k, v in cfg.items()},
                 "deps": {k: deps[k] for k in needs},

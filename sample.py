@@ -307,7 +307,7 @@ def load_model(args):
 
 def read_prompt(start):
     if start.startswith("FILE:"):
-        with open(start[5:], encoding="utf-8") as f:
+        with open(start[5:], encoding="utf-8-sig") as f:  # a BOM is not text
             return f.read()
     return start
 
@@ -446,6 +446,13 @@ def run(args):
         f"{'KV cache' if not args.no_cache else 'no cache'}; prompt {len(ids)} tokens",
         file=sys.stderr,
     )
+    if len(ids) > cfg.block_size:  # model.generate reads the window's last tokens only
+        kept = cfg.block_size - (args.shift if not args.no_cache else 0)
+        print(
+            f"# the prompt's {len(ids)} tokens are more than block_size={cfg.block_size}: "
+            f"the first {len(ids) - kept} are dropped, the model sees the last {kept}",
+            file=sys.stderr,
+        )
 
     runs = sample_runs(args, model, ids, amp, steer, source, sae, layer, src_steer)
     print_runs(runs, enc, args)

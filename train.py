@@ -39,6 +39,7 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 import cocomix.corpus as corpus
 from cocomix.checks import check_config, check_memory, check_resume, check_source, input_hashes
 from cocomix.corpus import load_tokens, token_byte_lengths
+from cocomix.progress import progress_bar
 from cocomix.runtime import (
     auto_device,
     auto_dtype,
@@ -52,6 +53,7 @@ from cocomix.runtime import (
     to_device,
     trim_log,
 )
+from cocomix.tracking import start_run
 from cocomix.weights import first_line, save_atomic
 from model import GPT, GPTConfig, Objective, load_checkpoint, load_frozen_gpt, teacher_of
 from sae import check_sae_host, make_labeler
@@ -122,7 +124,12 @@ compile = False
 backend = "auto"  # DDP backend: nccl on CUDA, gloo on CPU
 # CPU with glibc: large tensors from the heap, not fresh page-faulted mappings (~1.4x faster steps)
 cpu_heap = True
-progress = True  # tqdm progress bar
+# Weights & Biases (pip install wandb): every record of log.jsonl also logged to a W&B run
+wandb_log = False
+wandb_project = "cocomix"
+wandb_run_name = ""  # '' = out_dir's name
+# tqdm's bar on a terminal; in a file or a pipe, a plain line every log_interval steps
+progress = True
 # -----------------------------------------------------------------------------
 config_keys = [
     k
@@ -429,6 +436,8 @@ def save_checkpoint(why=""):
 
 
 def log(record):
+    if track:
+        track(record)
     path = os.path.join(out_dir, "log.jsonl")
     try:
         with open(path, "a") as f:
@@ -453,13 +462,21 @@ if master:
         f"mode={mode} params={params:.2f}M device={device} dtype={dtype} world={world_size} "
         f"tokens/iter={tokens_per_iter:,}"
     )
+track = None  # with wandb_log, log() sends each record to a W&B run too (cocomix/tracking.py)
+if wandb_log and master:
+    track = start_run(out_dir, wandb_project, wandb_run_name, config, init_from == "resume")
 pbar = None
 if master and progress and not eval_only:
-    from tqdm import tqdm
-
-    pbar = tqdm(total=max_iters, initial=iter_num, dynamic_ncols=True, file=sys.stdout)
+    pbar = progress_bar(
+        total=max_iters,
+        initial=iter_num,
+        desc="step",
+        dynamic_ncols=True,
+        file=sys.stdout,
+        every=log_interval,
+    )
 say = pbar.write if pbar else print
-t_start, skipped_in_a_row = time.time(), 0
+t_start, skipped_in_a_row, stop = time.time(), 0, False
 while True:
     lr = lr_at(iter_num)
     for group in optimizer.param_groups:
@@ -504,9 +521,13 @@ while True:
         scaler.scale(loss / micro_batches).backward()
         for key, v in {"loss": loss.detach(), **parts}.items():  # means over the micro-batches
             sums[key] = sums.get(key, 0.0) + v.float() / micro_batches
-    if ddp:  # the mean over all processes, so every rank takes the same skip decision
-        torch.distributed.all_reduce(sums["loss"])
-        sums["loss"] /= world_size
+    if ddp:  # the mean over all processes, so every rank takes the same skip decision; with it,
+        # whether any process was asked to stop (SIGINT, SIGTERM), so that all stop after the same
+        # step: one leaving alone would leave the others waiting in their next all-reduce
+        sums["stop"] = torch.full((), float(bool(stop_requested)), device=device)
+        both = torch.stack([sums["loss"], sums["stop"]])
+        torch.distributed.all_reduce(both)
+        sums["loss"], sums["stop"] = both[0] / world_size, both[1]
     gnorm = torch.zeros((), device=device)
     if grad_clip:
         scaler.unscale_(optimizer)
@@ -514,6 +535,7 @@ while True:
     gnorm, *values = torch.stack([gnorm.float(), *sums.values()]).tolist()  # the one host sync
     parts_sum = dict(zip(sums, values))
     loss_sum = parts_sum.pop("loss")
+    stop = parts_sum.pop("stop") > 0 if ddp else bool(stop_requested)
     iter_num += 1
     # fp16's scaler handles its own overflows; anywhere else a non-finite step is skipped, and ten
     # in a row stop the run
@@ -536,9 +558,9 @@ while True:
         if iter_num % log_interval == 0:
             log({"train_step": iter_num, "loss": loss_sum, "lr": lr, **parts_sum})
         if pbar:
-            pbar.update(1)
             pbar.set_postfix(loss=f"{loss_sum:.4f}", lr=f"{lr:.2e}")
-    if stop_requested:
+            pbar.update(1)
+    if stop:
         break
 
 # the last step's checkpoint, whether the run ended or was stopped (again at the end when the final
@@ -554,6 +576,10 @@ if master and not eval_only:
 if pbar:
     pbar.close()
 if ddp:
+    # every process waits here until rank 0 has evaluated and saved: all leave the process group
+    # together, none tearing down its end (and its interpreter) while a peer is still in it or its
+    # own last all-reduce is still being released (scripts/ddp_stress.sh repeats the DDP tests)
+    torch.distributed.barrier()
     destroy_process_group()
-if stop_requested and iter_num < max_iters:  # stopped by Ctrl-C or SIGTERM: a shell's status for it
+if stop and iter_num < max_iters:  # stopped by Ctrl-C or SIGTERM: a shell's status for it
     sys.exit(130)

@@ -11,6 +11,7 @@ import sys
 
 import torch
 
+from cocomix.tracking import wandb_missing
 from cocomix.weights import GPT2_NAMES, file_sha256, source_sha256
 
 MODES = ("ntp", "cocomix", "kd", "pause")
@@ -21,6 +22,8 @@ DATA_ORDERS = ("random", "epoch")
 
 def check_config(c):
     """Settings that are wrong whatever the data and models: c is train.py's config dict."""
+    if c["wandb_log"] and (problem := wandb_missing()):
+        return problem
     if c["mode"] not in MODES:
         return f"mode must be one of {', '.join(MODES)}, got {c['mode']!r}"
     if c["mode"] == "cocomix" and c["mix"] not in STUDENT_MIX:

@@ -62,16 +62,18 @@ import sys
 import numpy as np
 import torch
 import torch.nn.functional as F
-from tqdm import tqdm
 
 from cocomix.corpus import EOT, token_byte_lengths
+from cocomix.progress import progress_bar
 from cocomix.tasks import (
     CHOICE_KINDS,
     EvalError,
+    benchmark_ext,
     definition,
     find_format,
     read_benchmark,
     read_items,
+    read_text,
     refusal,
     refused_format,
     unknown_format,
@@ -115,7 +117,7 @@ def evaluate_tokens(
         # targets
         windows.append((n - 1 - block_size, block_size - (n - 1 - done)) if windows else (0, 0))
     total_nll, total = 0.0, 0
-    for b in tqdm(
+    for b in progress_bar(
         range(0, len(windows), batch_size), desc="tokens", disable=not progress, leave=False
     ):
         group = windows[b : b + batch_size]
@@ -143,19 +145,6 @@ def check_tokens(tokens, vocab_size, name):
     top = int(np.max(tokens)) if len(tokens) else 0
     if top >= vocab_size:
         raise EvalError(f"{name} holds token id {top}, outside the model's vocab_size={vocab_size}")
-
-
-def read_text(path):
-    """A UTF-8 file's text with universal newlines, as Python's text mode (and so lm-eval) reads it:
-    "\r\n" and a lone "\r" become "\n", so a CRLF copy of a file scores as its LF copy does. A
-    one-line EvalError if unreadable."""
-    try:
-        with open(path, "rb") as f:
-            return f.read().decode("utf-8").replace("\r\n", "\n").replace("\r", "\n")
-    except OSError as e:
-        raise EvalError(f"cannot read {path}: {e.strerror}") from None
-    except UnicodeDecodeError as e:
-        raise EvalError(f"{path} is not UTF-8 text (byte offset {e.start})") from None
 
 
 def count_words(text):
@@ -257,7 +246,7 @@ def evaluate_documents(
     words and bytes counted on the original article. dict(loss, ppl, word_ppl, byte_ppl, bpb, n,
     ...)."""
     nll = tokens = words = nbytes = 0
-    for doc in tqdm(docs, desc="documents", disable=not progress, leave=False):
+    for doc in progress_bar(docs, desc="documents", disable=not progress, leave=False):
         ids = np.array([EOT] + enc.encode_ordinary(wikitext_detokenize(doc)), dtype=np.int64)
         r = evaluate_tokens(model, ids, block_size, batch_size, device, progress=False)
         nll += r["loss"] * r["tokens"]
@@ -320,7 +309,9 @@ def score_continuations(
         seqs.append(seq[-(block_size + 1) :])  # cut the context from the left
     order = sorted(range(len(seqs)), key=lambda i: -len(seqs[i]))  # similar lengths share a batch
     results = [None] * len(seqs)
-    for b in tqdm(range(0, len(order), batch_size), desc=desc, disable=not progress, leave=False):
+    for b in progress_bar(
+        range(0, len(order), batch_size), desc=desc, disable=not progress, leave=False
+    ):
         idx = order[b : b + batch_size]
         T = len(seqs[idx[0]]) - 1
         inp = torch.zeros(len(idx), T, dtype=torch.long)
@@ -394,8 +385,10 @@ TEXT_EXTS = (".txt", ".raw", ".tokens")
 
 def file_kind(path):
     """(what a benchmark file holds: 'lambada', 'wikitext', 'text' or one of CHOICE_KINDS, None) or
-    (None, why it is not one). Unreadable or non-UTF-8 files are errors, not skips."""
-    ext = os.path.splitext(path)[1].lower()
+    (None, why it is not a benchmark format we know). A .gz file is its content's. A file that is
+    not what its name says (a .jsonl file that is not JSON Lines of objects), unreadable or not
+    UTF-8 is an EvalError: a failure, not a skip."""
+    ext = benchmark_ext(path)
     if ext in TEXT_EXTS:
         first = next((line.strip() for line in read_text(path).split("\n") if line.strip()), "")
         # WikiText's files open with " = Title = "
@@ -404,10 +397,11 @@ def file_kind(path):
     if ext not in (".jsonl", ".json"):
         return None, f"not .jsonl, .json or {', '.join(TEXT_EXTS)}"
     item = first_object(path)
-    if item is None:
-        return None, "its first line is not JSON (JSON Lines expected)"
     if not isinstance(item, dict):
-        return None, "not JSON Lines of objects"
+        why = "its first line is not JSON" if item is None else "not JSON Lines of objects"
+        if ext == ".json":  # a JSON document (results, a config) may share a benchmark's folder
+            return None, "not JSON Lines of objects"
+        raise EvalError(f"{path}: {why} (JSON Lines expected)")
     if name := refused_format(item):
         return None, refusal(name)
     fmt = find_format(item)
@@ -432,8 +426,7 @@ def first_object(path):
 def file_definition(path, kind):
     """What a file of this kind is scored as (tasks.definition): lm-eval's task of the paper's
     benchmark, or a variant."""
-    ext = os.path.splitext(path)[1].lower()
-    return definition(kind, {} if ext in TEXT_EXTS else first_object(path))
+    return definition(kind, {} if benchmark_ext(path) in TEXT_EXTS else first_object(path))
 
 
 def evaluate_file(
@@ -459,7 +452,7 @@ def evaluate_file(
         return evaluate_text(
             model, path, enc, max_tokens=max_tokens, token_bytes=token_bytes, **common
         )
-    if os.path.splitext(path)[1].lower() in TEXT_EXTS:
+    if benchmark_ext(path) in TEXT_EXTS:
         docs = wikitext_articles(read_text(path))[:max_examples]
     else:
         docs = read_benchmark(path, ("wikitext",), max_examples=max_examples)[1]
@@ -526,7 +519,8 @@ def evaluate_suite(
             failed.append((name, str(e)))
             continue
         row = dict(r, file=name, definition=file_definition(path, kind))
-        put(results, f"{kind}:{os.path.splitext(name)[0]}", f"{kind}:{name}", row)  # .raw, .jsonl
+        stem = os.path.splitext(name.removesuffix(".gz").removesuffix(".GZ"))[0]
+        put(results, f"{kind}:{stem}", f"{kind}:{name}", row)  # .raw, .jsonl, .jsonl.gz
     if not results and not failed:
         raise EvalError(f"--suite {folder}: no benchmark file found ({len(skipped)} other entries)")
     return results, skipped, failed

@@ -15,9 +15,9 @@ import time
 import numpy as np
 import torch
 import torch.nn.functional as F
-from tqdm import tqdm
 
 from cocomix.corpus import load_tokens
+from cocomix.progress import progress_bar
 
 # -----------------------------------------------------------------------------
 # Activations: the host's hidden states on windows of the token files
@@ -209,7 +209,9 @@ def train_sae(
         if checkpoint
         else {}
     )
-    bar = tqdm(range(start, steps), initial=start, total=steps, disable=not progress, desc="sae")
+    bar = progress_bar(
+        range(start, steps), initial=start, total=steps, disable=not progress, desc="sae"
+    )
     try:
         for step in bar:
             x = next(batches)
@@ -256,6 +258,7 @@ def train_sae(
             if stop:
                 return {**m, "stopped": step + 1}
     finally:
+        bar.close()  # a stopped run's last line too
         for s, h in handlers.items():
             signal.signal(s, h)
     return m

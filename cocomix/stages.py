@@ -115,6 +115,8 @@ def done(name, record, settings, outputs, force, inputs=()):
 def run_logged(stage, cmd, log_path, env):
     """Runs cmd from the repo root, its output (progress bars too) streamed to us and log_path."""
     print(" ".join(cmd), flush=True)
+    # the program's output is our pipe: its progress is a bar only if ours goes to a terminal
+    env = {"COCOMIX_PROGRESS": "bar" if sys.stdout.isatty() else "lines", **env}
     with open(log_path, "ab") as log:
         log.write((" ".join(cmd) + "\n").encode())
         proc = subprocess.Popen(

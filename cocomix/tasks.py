@@ -24,7 +24,9 @@ Refused by name, not read as the format whose keys they share (refused_format): 
 (Hugging Face's or the original form, ARC's keys), OpenBookQA (Hugging Face's or AI2's form), MMLU.
 """
 
+import gzip
 import json
+import os
 import re
 
 
@@ -32,35 +34,48 @@ class EvalError(Exception):
     """An expected failure (bad input file, wrong data): main prints it as one line and exits 1."""
 
 
-def read_jsonl(path, max_examples=None):
-    """The (line number, object) pairs of a JSONL file (blank lines skipped); errors name the file
-    and line."""
-    items = []
+def benchmark_ext(path):
+    """A benchmark file's extension, lower case, that of its content for a .gz file: '.jsonl' for
+    both arc.jsonl and arc.jsonl.gz."""
+    name = os.path.basename(os.fspath(path)).lower()
+    return os.path.splitext(name.removesuffix(".gz"))[1]
+
+
+def read_text(path):
+    """A benchmark file's text as lm-eval's loader reads it: UTF-8 with a leading BOM dropped (a
+    Windows editor's leftover), a .gz file as its content, and universal newlines as Python's text
+    mode ("\r\n" and a lone "\r" become "\n"), so a CRLF or BOM copy of a file scores as the file
+    does. A one-line EvalError if unreadable."""
     try:
-        f = open(path, encoding="utf-8")
-    except OSError as e:
-        raise EvalError(f"cannot read {path}: {e.strerror}") from None
-    with f:
-        lineno = 0
+        with open(path, "rb") as f:
+            data = f.read()
+        if os.fspath(path).lower().endswith(".gz"):
+            data = gzip.decompress(data)
+    except (OSError, EOFError) as e:  # EOFError: a gzip stream cut short
+        raise EvalError(f"cannot read {path}: {getattr(e, 'strerror', None) or e}") from None
+    try:
+        text = data.decode("utf-8-sig")
+    except UnicodeDecodeError as e:
+        raise EvalError(f"{path} is not UTF-8 text (byte offset {e.start})") from None
+    return text.replace("\r\n", "\n").replace("\r", "\n")
+
+
+def read_jsonl(path, max_examples=None):
+    """The (line number, object) pairs of a JSONL file, read by read_text (blank lines skipped);
+    errors name the file and line."""
+    items = []
+    for lineno, line in enumerate(read_text(path).split("\n"), 1):
+        if not line.strip():
+            continue
         try:
-            for lineno, line in enumerate(f, 1):
-                if not line.strip():
-                    continue
-                try:
-                    item = json.loads(line)
-                except ValueError as e:
-                    raise EvalError(
-                        f"{path}:{lineno}: malformed JSON ({getattr(e, 'msg', e)})"
-                    ) from None
-                if not isinstance(item, dict):
-                    raise EvalError(
-                        f"{path}:{lineno}: expected a JSON object, got {type(item).__name__}"
-                    )
-                items.append((lineno, item))
-                if max_examples is not None and len(items) >= max_examples:
-                    break
-        except UnicodeDecodeError:
-            raise EvalError(f"{path}:{lineno + 1}: not UTF-8 text") from None
+            item = json.loads(line)
+        except ValueError as e:
+            raise EvalError(f"{path}:{lineno}: malformed JSON ({getattr(e, 'msg', e)})") from None
+        if not isinstance(item, dict):
+            raise EvalError(f"{path}:{lineno}: expected a JSON object, got {type(item).__name__}")
+        items.append((lineno, item))
+        if max_examples is not None and len(items) >= max_examples:
+            break
     if not items:
         raise EvalError(f"{path}: no examples")
     return items

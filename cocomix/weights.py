@@ -146,7 +146,7 @@ def download(url, path, hint):
     import urllib.error
     import urllib.request
 
-    from tqdm import tqdm
+    from cocomix.progress import progress_bar
 
     if os.path.exists(path):
         return path
@@ -155,7 +155,7 @@ def download(url, path, hint):
     try:
         with urllib.request.urlopen(url, timeout=60) as r, open(tmp, "wb") as f:
             total = int(r.headers.get("Content-Length") or 0) or None
-            with tqdm(
+            with progress_bar(
                 total=total, unit="B", unit_scale=True, desc=f"downloading {os.path.basename(path)}"
             ) as bar:
                 while chunk := r.read(1 << 20):

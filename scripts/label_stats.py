@@ -43,9 +43,9 @@ def main(argv=None):
     n_windows = (len(data) - 1) // T
     tokens = short = no_active = diff_bf16 = valid = 0
     differ = {f: 0 for f in fills}
-    from tqdm import tqdm
+    from cocomix.progress import progress_bar
 
-    for w0 in tqdm(range(0, n_windows, a.batch_size), desc="windows", unit="batch"):
+    for w0 in progress_bar(range(0, n_windows, a.batch_size), desc="windows", unit="batch"):
         ws = range(w0, min(w0 + a.batch_size, n_windows))
         x = torch.from_numpy(np.stack([data[w * T : w * T + T].astype(np.int64) for w in ws]))
         y = torch.from_numpy(

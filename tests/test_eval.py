@@ -1222,3 +1222,42 @@ def test_lambada_flag_refuses_rows_that_are_not_lambada(model, tmp_path):
     path = write_jsonl(tmp_path / "lambada_wiki.jsonl", [{"text": "Senjō no Valkyria ."}])
     with pytest.raises(E.EvalError, match=r":1: not a LAMBADA passage: it ends in"):
         E.evaluate_lambada(model, path, enc, 64, 2, "cpu", progress=False)
+
+
+def test_suite_reads_bom_and_gz_files_as_the_plain_files(model, tmp_path):
+    """A UTF-8 BOM (a Windows editor's leftover) and gzip change no number, as lm-eval's loader
+    reads them: a BOM'd wiki.test.raw is still WikiText (split into articles, detokenized), a BOM'd
+    .jsonl and a .jsonl.gz are their plain file. A broken .jsonl fails --suite, named, exit 1."""
+    import gzip
+
+    cases = {name: lines for name, lines, *_ in READER_CASES if name in ("arc.jsonl", "piqa.jsonl")}
+    plain, odd = tmp_path / "plain", tmp_path / "odd"
+    plain.mkdir(), odd.mkdir()
+    bom = "\ufeff".encode()
+    (plain / "wiki.test.raw").write_text(WIKI_RAW, encoding="utf-8")
+    (odd / "wiki.test.raw").write_bytes(bom + WIKI_RAW.encode())
+    for name, lines in cases.items():
+        data = write_jsonl(plain / name, lines).read_bytes()
+        if name == "arc.jsonl":
+            (odd / name).write_bytes(bom + data)
+        else:
+            (odd / (name + ".gz")).write_bytes(gzip.compress(bom + data))
+    res = {}
+    for folder in (plain, odd):
+        results, skipped, failed = E.evaluate_suite(
+            model, folder, enc, 64, 4, "cpu", progress=False
+        )
+        assert not skipped and not failed, (skipped, failed)
+        res[folder] = {k: {m: v for m, v in r.items() if m != "file"} for k, r in results.items()}
+    assert set(res[plain]) == {"wikitext:wiki.test", "arc:arc", "piqa:piqa"}
+    assert res[odd] == res[plain]
+    # a file that is not what its name says is a failure, not a skip
+    (odd / "broken.jsonl").write_text("not json\n")
+    ckpt = tmp_path / "ckpt.pt"
+    save_atomic({"model": model.state_dict(), "model_args": MODEL_ARGS}, ckpt)
+    with pytest.raises(SystemExit) as e:
+        eval_cli.main([f"--ckpt={ckpt}", f"--suite={odd}", "--device=cpu"])
+    assert e.value.code == 1
+    record = json.loads((tmp_path / "eval_suite.json").read_text())
+    assert [f["file"] for f in record["failed"]] == ["broken.jsonl"]
+    assert "its first line is not JSON" in record["failed"][0]["why"]

@@ -596,6 +596,17 @@ def test_settings_checks(arg, message):
     assert check_config({k: train_defaults()[k] for k in keys}) is None
 
 
+def test_config_file_with_a_bom_reads_as_without(tmp_path):
+    """A config file saved with a UTF-8 BOM (a Windows editor's) sets what it says, not a syntax
+    error on its first character."""
+    cfg = tmp_path / "cfg.py"
+    cfg.write_bytes("\ufeffn_layer = 3\nlearning_rate = 3e-4\n".encode())
+    env = train_defaults()
+    with mock.patch.object(sys, "argv", ["train.py", str(cfg)]):
+        exec(open(os.path.join(ROOT, "configurator.py")).read(), env)
+    assert (env["n_layer"], env["learning_rate"]) == (3, 3e-4)
+
+
 def write_safetensors(tensors, path, offsets=None):
     """A .safetensors file written by hand (F32 and I32 only), with the data offsets given or
     packed."""

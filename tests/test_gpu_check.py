@@ -162,14 +162,26 @@ def test_stops_at_its_deadline(tmp_path):
         "print('saved', flush=True); sys.exit(3)\nsignal.signal(signal.SIGTERM, "
         "stop)\nprint('training', flush=True)\ntime.sleep(60)\n"
     )
-    rc, out = gpu_check.run_until([sys.executable, "-c", polite, str(saved)], seconds=4, grace=20)
+
+    def started_run(cmd, first, **kw):
+        # bounded retry: on a loaded machine the deadline may pass before the child has set its
+        # handler (then it has not printed its first line, and the run shows nothing)
+        for _ in range(3):
+            rc, out = gpu_check.run_until(cmd, **kw)
+            if out.startswith(first):
+                break
+        return rc, out
+
+    rc, out = started_run(
+        [sys.executable, "-c", polite, str(saved)], "training", seconds=4, grace=20
+    )
     assert rc is None and saved.read_text() == "checkpoint" and out.split() == ["training", "saved"]
     stubborn = (
         "import signal, time\nsignal.signal(signal.SIGTERM, signal.SIG_IGN)\n"
         "print('busy', flush=True)\ntime.sleep(60)\n"
     )
-    t0 = time.time()
-    rc, out = gpu_check.run_until([sys.executable, "-c", stubborn], seconds=2, grace=1)
+    t0 = time.time()  # 20 s: far above the 3 s a try takes, below the 60 s a lost SIGKILL waits
+    rc, out = started_run([sys.executable, "-c", stubborn], "busy", seconds=2, grace=1)
     assert rc is None and out.strip() == "busy" and time.time() - t0 < 20
     assert gpu_check.run_until(
         [sys.executable, "-c", "print('done'); raise SystemExit(4)"], seconds=30

@@ -478,3 +478,18 @@ def test_openwebtext_uses_nanogpts_split(tmp_path, monkeypatch):
         assert got == want, side
     assert meta["split"]["mode"] == "source" and "seed=2357" in meta["split"]["rule"]
     assert meta["splits"]["val"]["documents"] == 1
+
+
+def test_a_bom_changes_no_token(tmp_path):
+    """A text file with a UTF-8 BOM gives the tokens of the same file without it: the BOM is not
+    text (it would be a token of its own at the start of the first document)."""
+    text = "First Citizen:\nBefore we proceed any further, hear me speak.\n" * 40
+    plain = write(tmp_path / "plain" / "input.txt", text)
+    bom = tmp_path / "bom" / "input.txt"
+    bom.parent.mkdir()
+    bom.write_bytes("\ufeff".encode() + plain.read_bytes())
+    for src in (plain, bom):
+        P.prepare([str(src)], str(src.parent / "out"), verbose=False)
+    for split in ("train", "val"):
+        assert np.array_equal(load(plain.parent / "out", split), load(bom.parent / "out", split))
+    assert len(load(plain.parent / "out", "train")) > 0

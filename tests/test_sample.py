@@ -426,6 +426,29 @@ def test_cli_prints_text(tmp_path):
     assert p.stdout.count("Once upon a time") == 2 and "---------------" in p.stdout
 
 
+@pytest.mark.parametrize("extra,kept", [([], 32), (["--shift=8"], 24), (["--no_cache"], 32)])
+def test_cli_says_when_the_prompt_is_longer_than_the_window(tmp_path, capsys, extra, kept):
+    """A prompt past block_size: one line with its length and how many of its last tokens the
+    model sees (block_size, or block_size - shift for a cached shifted window); a BOM at the start
+    of a prompt file is not a token."""
+    out, model = save_ckpt(tmp_path)
+    bs = model.config.block_size
+    words = " ".join(f"w{i}" for i in range(300))
+    n = len(tokenizer().encode(words))
+    assert bs == 32 and n > bs
+    (tmp_path / "prompt.txt").write_bytes("\ufeff".encode() + words.encode())
+    common = [f"--out_dir={out}", "--max_new_tokens=2", "--temperature=0", *extra]
+    sample.main(common + ["--start=FILE:" + str(tmp_path / "prompt.txt")])
+    err = capsys.readouterr().err
+    lines = [line for line in err.splitlines() if "block_size" in line]
+    assert lines == [
+        f"# the prompt's {n} tokens are more than block_size={bs}: "
+        f"the first {n - kept} are dropped, the model sees the last {kept}"
+    ], err
+    sample.main(common + ["--start=short"])
+    assert "block_size" not in capsys.readouterr().err
+
+
 def test_cli_cached_and_uncached_agree_and_steering_prints_side_by_side(
     tmp_path, capsys, monkeypatch
 ):
