@@ -116,7 +116,10 @@ def run_logged(stage, cmd, log_path, env):
     """Runs cmd from the repo root, its output (progress bars too) streamed to us and log_path."""
     print(" ".join(cmd), flush=True)
     # the program's output is our pipe: its progress is a bar only if ours goes to a terminal
-    env = {"COCOMIX_PROGRESS": "bar" if sys.stdout.isatty() else "lines", **env}
+    env = {
+        "COCOMIX_PROGRESS": "bar" if sys.stdout.isatty() else "lines",
+        **(os.environ if env is None else env),
+    }
     with open(log_path, "ab") as log:
         log.write((" ".join(cmd) + "\n").encode())
         proc = subprocess.Popen(

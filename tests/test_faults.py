@@ -254,8 +254,8 @@ def test_reproduce_stop_reaches_a_stage_that_ignores_sigint(tmp_path):
     )
     try:
         # the stage's output, not run_logged's echo of its command
-        while "started" not in p.stdout.readline():
-            pass
+        while "started" not in (line := p.stdout.readline()):
+            assert line, f"the stage ended before it started: {p.stderr.read()[-2000:]}"
         p.send_signal(signal.SIGTERM)
         # SIGINT, ignored, would leave it waiting for the 60 s stage
         _, err = p.communicate(timeout=30)

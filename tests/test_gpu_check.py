@@ -13,8 +13,9 @@ import pytest
 import torch
 
 import scripts.gpu_check as gpu_check
+import scripts.gpu_check_ops as gpu_check_ops
 from cocomix.memory import fake_tensors, traced_peak
-from cocomix.ops import default_lm_chunk, lm_loss
+from cocomix.ops import default_lm_chunk, lm_loss, lm_loss_reference
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 GiB = 2**30
@@ -97,9 +98,9 @@ def test_lm_reference_grads_in_chunks():
     teacher = (torch.randn(40, 5, generator=g), torch.randn(30, 5, generator=g))
     for kd in (None, teacher):
         xr, Wr = x.double().requires_grad_(), W.double().requires_grad_()
-        loss = gpu_check.lm_loss_reference(xr, Wr, t, *((kd, 0.1) if kd else ()))
+        loss = lm_loss_reference(xr, Wr, t, *((kd, 0.1) if kd else ()))
         want = torch.autograd.grad(loss[0] if kd else loss, (xr, Wr))
-        got = gpu_check.lm_reference_grads(x, W, t, kd, 0.1, rows=16)
+        got = gpu_check_ops.lm_reference_grads(x, W, t, kd, 0.1, rows=16)
         for a, b in zip(got, want):
             torch.testing.assert_close(a, b.to(a.dtype))  # in x and W's fp32
 
@@ -111,14 +112,16 @@ def test_largest_parts_fit_40_gib(part):
     references in chunks) and one bf16
     step of part 1's student (69M CoCoMix, micro-batch 16 x 1024, labels from part 1's random
     source and SAE, AdamW). Each under 40 GiB."""
-    from model import GPT, GPTConfig
+    from model import GPT, GPTConfig, training_loss
     from sae import SAE, ConceptLabeler
 
     chunk = default_lm_chunk("cuda")
     t0 = time.time()
     with fake_tensors():
         if part == "ops":
-            peak, kinds = traced_peak(functools.partial(gpu_check.check_ops, "cpu", False, chunk))
+            peak, kinds = traced_peak(
+                functools.partial(gpu_check_ops.check_ops, "cpu", False, chunk)
+            )
         else:
             # the labels first, outside the trace (MemTracker cannot hook the frozen source's
             # outputs): their pass ends before the student's forward, and frees what it made
@@ -136,7 +139,7 @@ def test_largest_parts_fit_40_gib(part):
 
             def step():
                 with torch.autocast("cpu", torch.bfloat16):
-                    loss = gpu_check.bench.training_loss(
+                    loss = training_loss(
                         model, X, X, "cocomix", labels, None, 0.1, 0.1, head_loss=head
                     )[0]
                 loss.backward()
