@@ -34,7 +34,7 @@ from model import (
     load_checkpoint,
     teacher_of,
 )
-from tests.fixtures import ENV, ROOT, TINY, read_log, run, write_data
+from tests.fixtures import ENV, ROOT, TINY, read_log, run, wait_for_log_lines, write_data
 
 
 def tiny_config(**kw):
@@ -933,7 +933,6 @@ def test_resume_refuses_other_files_behind_the_same_paths(data_dir, source_and_s
 
 def test_sigterm_saves_a_checkpoint_and_resumes(data_dir, tmp_path):
     import signal
-    import time
 
     out = str(tmp_path / "run")
     p = subprocess.Popen(
@@ -952,10 +951,7 @@ def test_sigterm_saves_a_checkpoint_and_resumes(data_dir, tmp_path):
         stderr=subprocess.PIPE,
         text=True,
     )
-    log = os.path.join(out, "log.jsonl")
-    deadline = time.time() + 120
-    while time.time() < deadline and not (os.path.exists(log) and sum(1 for _ in open(log)) >= 4):
-        time.sleep(0.2)
+    wait_for_log_lines(out, 4, 120)
     p.send_signal(signal.SIGTERM)
     stdout, _ = p.communicate(timeout=60)
     assert p.returncode == 130 and "checkpoint saved" in stdout
@@ -1022,7 +1018,6 @@ def test_ddp_sigterm_to_one_process_stops_every_process_at_one_step(data_dir, tm
     all-reduce its peer never joins (where each process decided alone, rank 0 died there)."""
     import re
     import signal
-    import time
 
     out = str(tmp_path / "run")
     p = subprocess.Popen(
@@ -1035,11 +1030,7 @@ def test_ddp_sigterm_to_one_process_stops_every_process_at_one_step(data_dir, tm
         stderr=subprocess.PIPE,
         text=True,
     )
-    log = os.path.join(out, "log.jsonl")
-    # a bounded wait for the third step (not a timing condition: the signal may come at any step)
-    deadline = time.time() + 300
-    while time.time() < deadline and not (os.path.exists(log) and sum(1 for _ in open(log)) >= 4):
-        time.sleep(0.2)
+    wait_for_log_lines(out, 4, 300)  # the third step
     ranks = {}
     for pid in open(f"/proc/{p.pid}/task/{p.pid}/children").read().split():
         env = dict(v.split("=", 1) for v in open(f"/proc/{pid}/environ").read().split("\0") if v)

@@ -11,6 +11,7 @@ import os
 import pickle
 import struct
 import sys
+import time
 
 import torch
 
@@ -368,6 +369,11 @@ def file_sha256(path):
     for its concept source's and SAE's several times (host check, resume, label cache), and a GPT-2
     file is 0.5 GB."""
     st = os.stat(path)
+    if time.time() - st.st_mtime < 2:
+        # written just now: a rewrite within the file system's timestamp tick (a few ms) would
+        # keep size and mtime, so a file this fresh is hashed, not looked up (as git treats
+        # "racily clean" files)
+        return _file_sha256.__wrapped__(path, st.st_size, st.st_mtime_ns)
     return _file_sha256(os.path.realpath(path), st.st_size, st.st_mtime_ns)
 
 

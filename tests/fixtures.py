@@ -7,6 +7,7 @@ import json
 import os
 import subprocess
 import sys
+import time
 
 import numpy as np
 import torch
@@ -48,6 +49,14 @@ def run(*args, cwd=ROOT, check=True):
 def read_log(out_dir):
     with open(os.path.join(out_dir, "log.jsonl")) as f:
         return [json.loads(line) for line in f]
+
+
+def wait_for_log_lines(out_dir, n, seconds):
+    """Waits, at most `seconds`, until a running train.py's log.jsonl holds n records (a bounded
+    wait, not a timing condition: what follows holds at whichever step it comes)."""
+    log, deadline = os.path.join(out_dir, "log.jsonl"), time.time() + seconds
+    while time.time() < deadline and not (os.path.exists(log) and sum(1 for _ in open(log)) >= n):
+        time.sleep(0.2)
 
 
 def write_data(data_dir, seed=0, n_train=1200, n_val=400):

@@ -42,7 +42,7 @@ def test_auto_dtype_on_cuda(monkeypatch):
     assert auto_dtype("float32", "cuda") == "float32"
 
 
-def test_label_cache_identity_on_cuda(monkeypatch):
+def test_label_cache_identity_on_cuda():
     """A label cache names the kind of device that made it and, on CUDA, whether TF32 was on: an
     SAE whose weights are (fake) CUDA tensors gets another identity than on the CPU, and flipping
     TF32 changes it again, so no cache is read on a device that would round its labels otherwise."""
@@ -60,8 +60,13 @@ def test_label_cache_identity_on_cuda(monkeypatch):
 
     tf32 = torch.backends.cuda.matmul.allow_tf32
     cpu, cuda = identity("cpu"), identity("cuda")
-    monkeypatch.setattr(torch.backends.cuda.matmul, "allow_tf32", not tf32)
-    flipped = identity("cuda")
+    # set and put back by hand: cuBLASModule's attributes are not in its __dict__, which newer
+    # pytest's monkeypatch reads to restore them
+    torch.backends.cuda.matmul.allow_tf32 = not tf32
+    try:
+        flipped = identity("cuda")
+    finally:
+        torch.backends.cuda.matmul.allow_tf32 = tf32
     assert cpu["device"] == "cpu" and "tf32" not in cpu
     assert cuda["device"] == "cuda" and cuda["tf32"] == tf32 and flipped["tf32"] != tf32
     assert {k: v for k, v in cuda.items() if k not in ("device", "tf32")} == {
