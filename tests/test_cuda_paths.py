@@ -42,7 +42,7 @@ def test_auto_dtype_on_cuda(monkeypatch):
     assert auto_dtype("float32", "cuda") == "float32"
 
 
-def test_label_cache_identity_on_cuda():
+def test_label_cache_identity_on_cuda(monkeypatch):
     """A label cache names the kind of device that made it and, on CUDA, whether TF32 was on: an
     SAE whose weights are (fake) CUDA tensors gets another identity than on the CPU, and flipping
     TF32 changes it again, so no cache is read on a device that would round its labels otherwise."""
